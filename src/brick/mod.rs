@@ -1,0 +1,166 @@
+//! A brick: one worker thread per core, each pinned, each owning its partitions and its
+//! own listener, so a request is served start to finish by the core that owns its key.
+
+mod core_loop;
+mod shard;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dds_transport::{TcpConfig, TcpTransport, Transport, TransportError};
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{BrickInfo, DdsFraming};
+
+pub use shard::Shard;
+
+#[derive(Clone, Debug)]
+pub struct BrickConfig {
+    /// Holds `brick.json` (and, later, the log and checkpoints).
+    pub dir: PathBuf,
+    /// Core 0 listens here; core `i` on the next ports (or each on a free port if 0).
+    pub listen: SocketAddr,
+    pub cores: usize,
+    pub partition_bits: u8,
+    /// After the last request, poll without sleeping for this long before parking.
+    pub spin_us: u64,
+    /// Never park: for dedicated hardware.
+    pub busy_poll: bool,
+    /// Pin each worker to a CPU.
+    pub pin: bool,
+}
+
+/// What a running brick writes to `<dir>/brick.json` once every core serves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrickFile {
+    pub pid: u32,
+    pub cores: usize,
+    pub partition_bits: u8,
+    /// One address per core.
+    pub addrs: Vec<SocketAddr>,
+}
+
+pub const BRICK_FILE: &str = "brick.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrickError {
+    #[error("brick: --cores must be at least 1")]
+    NoCores,
+    #[error("brick: core {core} cannot listen: {source}")]
+    Listen {
+        core: usize,
+        #[source]
+        source: TransportError,
+    },
+    #[error("brick: {op} {path}: {source}")]
+    File {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("brick: core {core} failed: {source}")]
+    Core {
+        core: usize,
+        #[source]
+        source: TransportError,
+    },
+}
+
+impl BrickFile {
+    pub fn load(dir: &Path) -> Result<BrickFile, BrickError> {
+        let path = dir.join(BRICK_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| BrickError::File { op: "read", path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| BrickError::File { op: "parse", path, source: e.into() })
+    }
+
+    /// Written to a temporary name and renamed, so a reader sees all of it or nothing.
+    fn store(&self, dir: &Path) -> Result<(), BrickError> {
+        let path = dir.join(BRICK_FILE);
+        let tmp = dir.join(format!("{BRICK_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("brick file serialises");
+        std::fs::write(&tmp, text).map_err(|source| BrickError::File { op: "write", path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path, source })
+    }
+}
+
+/// Runs a brick until `stop` is set (the binary sets it on SIGTERM or SIGINT).
+pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError> {
+    if config.cores == 0 {
+        return Err(BrickError::NoCores);
+    }
+    std::fs::create_dir_all(&config.dir)
+        .map_err(|source| BrickError::File { op: "create", path: config.dir.clone(), source })?;
+    // Every core binds before any serves, so `Hello` can name all the ports.
+    let mut transports = Vec::with_capacity(config.cores);
+    let mut addrs = Vec::with_capacity(config.cores);
+    for core in 0..config.cores {
+        let mut addr = config.listen;
+        if addr.port() != 0 {
+            let port = addr.port() as usize + core;
+            let port = u16::try_from(port).map_err(|_| BrickError::Listen {
+                core,
+                source: TransportError::Io { op: "listen", addr, source: std::io::ErrorKind::InvalidInput.into() },
+            })?;
+            addr.set_port(port);
+        }
+        let mut transport =
+            TcpTransport::new(DdsFraming, TcpConfig::default()).map_err(|source| BrickError::Listen { core, source })?;
+        let bound = transport.listen(addr).map_err(|source| BrickError::Listen { core, source })?;
+        transports.push(transport);
+        addrs.push(bound);
+    }
+    let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+    let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let results: Vec<Result<(), BrickError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = transports
+            .into_iter()
+            .enumerate()
+            .map(|(core, transport)| {
+                let info = BrickInfo { partition_bits: config.partition_bits, core: core as u16, ports: ports.clone() };
+                let cpu = (!cpus.is_empty()).then(|| cpus[core % cpus.len()]);
+                let stop = Arc::clone(&stop);
+                let loop_config = core_loop::LoopConfig {
+                    spin: Duration::from_micros(config.spin_us),
+                    busy_poll: config.busy_poll,
+                    park: Duration::from_millis(50),
+                };
+                std::thread::Builder::new()
+                    .name(format!("dds-core-{core}"))
+                    .spawn_scoped(scope, move || {
+                        if let Some(cpu) = cpu {
+                            core_affinity::set_for_current(cpu);
+                        }
+                        let shard = Shard::new(core, config.cores, config.partition_bits);
+                        core_loop::run(core, transport, shard, info, loop_config, &stop)
+                            .map_err(|source| BrickError::Core { core, source })
+                    })
+                    .expect("spawn core thread")
+            })
+            .collect();
+        let file = BrickFile { pid: std::process::id(), cores: config.cores, partition_bits: config.partition_bits, addrs: addrs.clone() };
+        let stored = file.store(&config.dir);
+        if stored.is_ok() {
+            crate::log!("brick", "serving on {} core(s): {:?} (pid {})", config.cores, addrs, file.pid);
+        } else {
+            stop.store(true, Ordering::SeqCst);
+        }
+        let mut results: Vec<_> = handles
+            .into_iter()
+            .map(|h| {
+                let r = h.join().expect("core thread panicked");
+                // One failed core stops the brick: a brick serves all its partitions or none.
+                stop.store(true, Ordering::SeqCst);
+                r
+            })
+            .collect();
+        results.insert(0, stored);
+        results
+    });
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    crate::log!("brick", "stopped");
+    Ok(())
+}

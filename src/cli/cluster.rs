@@ -1,0 +1,346 @@
+//! `dds cluster`: a local cluster of brick processes on 127.0.0.1, its state kept in a
+//! directory (`cluster.json` plus one `brick-<i>/` per brick with its log).
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::brick::{BrickFile, BRICK_FILE};
+use crate::client::{Client, ClientConfig};
+use crate::map::{brick_of, DEFAULT_PARTITION_BITS};
+
+pub const CLUSTER_FILE: &str = "cluster.json";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+    Auto,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Start bricks in the background and return once every one serves.
+    Up(UpArgs),
+    /// Print bricks, their partitions, keys and liveness.
+    Status(DirArgs),
+    /// Stop every brick (SIGTERM, then SIGKILL after 10 s) and wait until they are gone.
+    Down(DirArgs),
+    /// SIGKILL one brick (fault injection).
+    Kill(BrickSel),
+}
+
+#[derive(Args)]
+pub struct DirArgs {
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BrickSel {
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub brick: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct UpArgs {
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub bricks: usize,
+    /// Replicas per partition (this version: 1).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Cores per brick [default: the machine's cores shared out among the bricks].
+    #[arg(long)]
+    pub cores: Option<usize>,
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    pub transport: TransportKind,
+    #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
+    pub partition_bits: u8,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterBrick {
+    pub index: usize,
+    pub dir: PathBuf,
+    pub pid: u32,
+    /// Core 0's address; the brick tells clients the others.
+    pub addr: SocketAddr,
+    pub cores: usize,
+}
+
+/// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub partition_bits: u8,
+    pub replicas: usize,
+    pub transport: TransportKind,
+    pub bricks: Vec<ClusterBrick>,
+}
+
+impl ClusterFile {
+    pub fn load(dir: &Path) -> anyhow::Result<ClusterFile> {
+        let path = dir.join(CLUSTER_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no cluster in {}: cannot read {}", dir.display(), path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    }
+
+    fn store(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(CLUSTER_FILE);
+        let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.bricks.iter().map(|b| b.addr).collect()
+    }
+
+    pub fn connect(&self) -> anyhow::Result<Client> {
+        Client::connect(&self.addrs(), ClientConfig::default()).context("connect to the cluster")
+    }
+}
+
+pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Up(args) => {
+            let cluster = up(&args)?;
+            println!(
+                "cluster up in {}: {} brick(s) x {} core(s), transport {}",
+                args.dir.display(),
+                cluster.bricks.len(),
+                cluster.bricks[0].cores,
+                transport_name(cluster.transport)
+            );
+            for b in &cluster.bricks {
+                println!("  brick {} pid {} at {}", b.index, b.pid, b.addr);
+            }
+            Ok(())
+        }
+        ClusterCommand::Status(args) => status(&args.dir),
+        ClusterCommand::Down(args) => {
+            let stopped = down(&args.dir)?;
+            println!("cluster in {} is down ({stopped} brick(s) stopped)", args.dir.display());
+            Ok(())
+        }
+        ClusterCommand::Kill(sel) => {
+            let cluster = ClusterFile::load(&sel.dir)?;
+            let Some(b) = cluster.bricks.get(sel.brick) else {
+                bail!("no brick {} in {} (it has {})", sel.brick, sel.dir.display(), cluster.bricks.len())
+            };
+            if !is_brick_process(b) {
+                bail!("brick {} (pid {}) is not running", b.index, b.pid);
+            }
+            stop_brick(b, Signal::SIGKILL, Duration::ZERO)?;
+            println!("brick {} (pid {}) killed", b.index, b.pid);
+            Ok(())
+        }
+    }
+}
+
+fn transport_name(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Tcp => "tcp",
+        TransportKind::Rdma => "rdma",
+        TransportKind::Auto => "auto",
+    }
+}
+
+/// Starts the bricks and returns once each one answers.
+pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
+    if args.bricks == 0 {
+        bail!("--bricks must be at least 1");
+    }
+    if args.replicas != 1 {
+        bail!("--replicas {}: this version keeps one copy of each partition; replication is not built yet", args.replicas);
+    }
+    let mut transport = args.transport;
+    if transport != TransportKind::Tcp {
+        eprintln!("dds: --transport {}: this build has no RDMA transport; falling back to TCP", transport_name(transport));
+        transport = TransportKind::Tcp;
+    }
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize().with_context(|| format!("resolve {}", args.dir.display()))?;
+    if let Ok(old) = ClusterFile::load(&dir) {
+        if let Some(b) = old.bricks.iter().find(|b| is_brick_process(b)) {
+            bail!(
+                "a cluster is already up in {} (brick {} pid {}); run `dds cluster down --dir {}` first",
+                dir.display(),
+                b.index,
+                b.pid,
+                dir.display()
+            );
+        }
+    }
+    let cores = args.cores.unwrap_or_else(|| (super::available_cores() / args.bricks).max(1));
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let mut children: Vec<(PathBuf, Child)> = Vec::new();
+    let started = (|| {
+        for index in 0..args.bricks {
+            let bdir = dir.join(format!("brick-{index}"));
+            std::fs::create_dir_all(&bdir).with_context(|| format!("create {}", bdir.display()))?;
+            let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
+            let log_path = bdir.join("brick.log");
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("open {}", log_path.display()))?;
+            let child = Command::new(&exe)
+                .arg("brick")
+                .arg("--dir")
+                .arg(&bdir)
+                .args(["--listen", "127.0.0.1:0", "--cores", &cores.to_string()])
+                .args(["--partition-bits", &args.partition_bits.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                // Its own process group: a Ctrl-C meant for `cluster up` or `demo` must
+                // not reach the bricks behind our back.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("start brick {index}"))?;
+            children.push((bdir, child));
+        }
+        let mut bricks = Vec::new();
+        for (index, (bdir, child)) in children.iter_mut().enumerate() {
+            let file = wait_for_brick(bdir, child).with_context(|| format!("brick {index} did not start"))?;
+            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores });
+        }
+        let cluster = ClusterFile { partition_bits: args.partition_bits, replicas: args.replicas, transport, bricks };
+        cluster.store(&dir)?;
+        cluster.connect()?;
+        anyhow::Ok(cluster)
+    })();
+    if started.is_err() {
+        for (_, child) in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    started
+}
+
+fn wait_for_brick(bdir: &Path, child: &mut Child) -> anyhow::Result<BrickFile> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("it exited with {status}; its log {} ends:\n{}", bdir.join("brick.log").display(), log_tail(bdir));
+        }
+        if let Ok(file) = BrickFile::load(bdir) {
+            if file.pid == child.id() {
+                return Ok(file);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("not serving after {START_TIMEOUT:?}; its log ends:\n{}", log_tail(bdir));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn log_tail(bdir: &Path) -> String {
+    let text = std::fs::read_to_string(bdir.join("brick.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Whether `b.pid` is alive and is this brick (not a stranger that got its pid).
+pub fn is_brick_process(b: &ClusterBrick) -> bool {
+    // Reap it if it is our child (the demo starts bricks in-process).
+    let _ = waitpid(Pid::from_raw(b.pid as i32), Some(WaitPidFlag::WNOHANG));
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", b.pid)) else { return false };
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, Some('Z' | 'X') | None) {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", b.pid)).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
+    args.contains(&b"brick".as_slice()) && args.contains(&b.dir.as_os_str().as_encoded_bytes())
+}
+
+fn stop_brick(b: &ClusterBrick, signal: Signal, grace: Duration) -> anyhow::Result<()> {
+    let pid = Pid::from_raw(b.pid as i32);
+    let _ = kill(pid, signal);
+    let deadline = Instant::now() + grace;
+    while is_brick_process(b) {
+        if Instant::now() > deadline {
+            if signal != Signal::SIGKILL {
+                eprintln!("dds: brick {} (pid {}) ignored {signal} for {grace:?}; sending SIGKILL", b.index, b.pid);
+                return stop_brick(b, Signal::SIGKILL, STOP_TIMEOUT);
+            }
+            if Instant::now() > deadline + STOP_TIMEOUT {
+                bail!("brick {} (pid {}) is still alive after SIGKILL", b.index, b.pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Stops every running brick; returns how many were running.
+pub fn down(dir: &Path) -> anyhow::Result<usize> {
+    let cluster = ClusterFile::load(dir)?;
+    let running: Vec<&ClusterBrick> = cluster.bricks.iter().filter(|b| is_brick_process(b)).collect();
+    for b in &running {
+        let _ = kill(Pid::from_raw(b.pid as i32), Signal::SIGTERM);
+    }
+    for b in &running {
+        stop_brick(b, Signal::SIGTERM, STOP_TIMEOUT)?;
+    }
+    Ok(running.len())
+}
+
+fn status(dir: &Path) -> anyhow::Result<()> {
+    let cluster = ClusterFile::load(dir)?;
+    let partitions = 1usize << cluster.partition_bits;
+    println!("cluster {}", dir.display());
+    println!(
+        "  transport {}, {} brick(s), {partitions} partitions ({} bits), {} replica(s), epoch 0 (fixed map)",
+        transport_name(cluster.transport),
+        cluster.bricks.len(),
+        cluster.partition_bits,
+        cluster.replicas
+    );
+    println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>10} {:>12} {:>6}", "brick", "pid", "state", "addr", "cores", "partitions", "keys", "bytes", "conns");
+    let mut down = 0;
+    for b in &cluster.bricks {
+        let owned = (0..partitions as u32).filter(|&p| brick_of(p, cluster.partition_bits, cluster.bricks.len()) == b.index).count();
+        let stats = if is_brick_process(b) {
+            Client::connect(&[b.addr], ClientConfig::default()).and_then(|mut c| c.stats(0)).map_err(|e| e.to_string())
+        } else {
+            Err("not running".to_string())
+        };
+        match stats {
+            Ok(cores) => {
+                let (keys, bytes, conns) = cores.iter().fold((0, 0, 0), |a, s| (a.0 + s.keys, a.1 + s.bytes, a.2 + s.connections_open));
+                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>10} {:>12} {:>6}", b.index, b.pid, "up", b.addr, b.cores, owned, keys, bytes, conns);
+            }
+            Err(why) => {
+                down += 1;
+                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10}   ({why})", b.index, b.pid, "down", b.addr, b.cores, owned);
+            }
+        }
+    }
+    if down > 0 {
+        println!("{down} brick(s) down: their partitions are unavailable (one replica per partition)");
+    }
+    Ok(())
+}

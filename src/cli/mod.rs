@@ -1,0 +1,114 @@
+//! The `dds` command line (the contract is in DESIGN.md section 5). This is binary-side
+//! code: it reports errors with `anyhow`, everything under it returns typed errors.
+
+mod bench;
+mod cluster;
+mod kv;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::brick::{self, BrickConfig};
+use crate::map::DEFAULT_PARTITION_BITS;
+
+/// An error that asks for a particular exit status (a missing key exits 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+pub struct ExitCode(pub i32, pub String);
+
+#[derive(Parser)]
+#[command(name = "dds", version, about = "A replicated, partitioned, persistent hash table")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster, load it, benchmark gets and puts, print a table, shut down.
+    Demo(bench::DemoArgs),
+    /// Manage a local cluster of brick processes kept in a directory.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Run one brick in the foreground until SIGTERM or SIGINT.
+    Brick(BrickArgs),
+    /// Store a value (from the argument, or stdin when it is left out).
+    Put(kv::PutArgs),
+    /// Print the value stored under a key (exit 1 if there is none).
+    Get(kv::KeyArgs),
+    /// Remove a key (exit 1 if there was none).
+    Del(kv::KeyArgs),
+    /// Closed-loop load against a cluster, with a latency/throughput report.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct BrickArgs {
+    /// Directory for this brick's state.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address of core 0; core i listens on port+i (port 0: any free ports).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Map authority address (used once replication lands; ignored by this version).
+    #[arg(long)]
+    meta: Option<SocketAddr>,
+    /// Worker threads, one per core [default: all cores].
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Partition count is 2^bits (the cluster's bricks must agree).
+    #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
+    partition_bits: u8,
+    /// Poll without sleeping this long after the last request.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
+    /// Never sleep in the kernel (dedicated hardware only).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Do not pin worker threads to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => bench::demo(args),
+        Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Brick(args) => run_brick(args),
+        Command::Put(args) => kv::put(args),
+        Command::Get(args) => kv::get(args),
+        Command::Del(args) => kv::del(args),
+        Command::Bench(args) => bench::bench(args),
+    }
+}
+
+fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("install signal handler")?;
+    }
+    if let Some(meta) = args.meta {
+        crate::log!("brick", "--meta {meta} noted; this version has no map authority yet");
+    }
+    let config = BrickConfig {
+        dir: args.dir,
+        listen: args.listen,
+        cores: args.cores.unwrap_or_else(available_cores),
+        partition_bits: args.partition_bits,
+        spin_us: args.spin_us,
+        busy_poll: args.busy_poll,
+        pin: !args.no_pin,
+    };
+    brick::run(&config, stop)?;
+    Ok(())
+}

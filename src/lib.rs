@@ -1,0 +1,13 @@
+//! dds: a replicated, partitioned, persistent hash table for the back ends of internet
+//! services, after the distributed data structure of Gribble et al. (OSDI 2000).
+//! See ARCHITECTURE.md for the map of this crate.
+
+#[macro_use]
+pub mod logging;
+pub mod brick;
+pub mod client;
+pub mod map;
+pub mod proto;
+
+pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request};
+pub mod cli;

@@ -1,0 +1,117 @@
+//! Wire protocol: one binary framing for requests and replies, on TCP streams and RDMA
+//! sends alike.
+//!
+//! Every frame is a fixed 28-byte little-endian header followed by the key and the value:
+//!
+//! | offset | size | field                                                       |
+//! |-------:|-----:|-------------------------------------------------------------|
+//! |      0 |    2 | magic `0xDD5A`                                              |
+//! |      2 |    1 | version (`1`)                                               |
+//! |      3 |    1 | op; bit 7 set on replies                                    |
+//! |      4 |    1 | status (replies); `0` on requests                           |
+//! |      5 |    1 | flags, reserved: must be `0`                                |
+//! |      6 |    2 | key length                                                  |
+//! |      8 |    8 | request id (echoed in the reply)                            |
+//! |     16 |    8 | map epoch                                                   |
+//! |     24 |    4 | value length                                                |
+//!
+//! The header alone decides whether a frame is well formed (lengths, op, status, which
+//! ops may carry a key or a value), so a transport can reject a bad frame before it
+//! buffers its body. Ops `0x10..=0x1f` are set aside for two-phase commit and
+//! `0x20..=0x2f` for map messages; they are rejected until they exist.
+
+mod codec;
+mod info;
+
+pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
+pub use info::{BrickInfo, CoreStats, InfoError};
+
+pub const MAGIC: u16 = 0xDD5A;
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 28;
+/// Longest key a frame may carry.
+pub const KEY_LEN_MAX: usize = 4096;
+/// Longest value a frame may carry (8 MiB).
+pub const VALUE_LEN_MAX: usize = 8 << 20;
+/// Longest frame on the wire.
+pub const FRAME_LEN_MAX: usize = HEADER_LEN + KEY_LEN_MAX + VALUE_LEN_MAX;
+/// Bit 7 of the op byte marks a reply.
+pub const REPLY_BIT: u8 = 0x80;
+
+/// Operations a client may ask of a brick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    Get = 1,
+    Put = 2,
+    Remove = 3,
+    /// Ask a brick core for its layout (cores, ports, partition bits).
+    Hello = 4,
+    /// Ask a brick core for its counters (keys, bytes, requests).
+    Stats = 5,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [Op::Get, Op::Put, Op::Remove, Op::Hello, Op::Stats];
+
+    pub fn from_u8(byte: u8) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| *op as u8 == byte)
+    }
+
+    /// Whether a request with this op carries a key.
+    pub fn request_has_key(self) -> bool {
+        matches!(self, Op::Get | Op::Put | Op::Remove)
+    }
+
+    /// Whether a request with this op may carry a value.
+    pub fn request_has_value(self) -> bool {
+        matches!(self, Op::Put)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Remove => "remove",
+            Op::Hello => "hello",
+            Op::Stats => "stats",
+        }
+    }
+}
+
+/// Outcome carried by a reply. On anything but `Ok` and `NotFound` the value holds a
+/// UTF-8 message for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    NotFound = 1,
+    /// The key's partition is owned by another core or brick than the one asked.
+    WrongShard = 2,
+    /// The request carried an older map epoch than the brick's.
+    StaleEpoch = 3,
+    /// The brick cannot serve now (shutting down, out of memory budget).
+    Unavailable = 4,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] =
+        [Status::Ok, Status::NotFound, Status::WrongShard, Status::StaleEpoch, Status::Unavailable];
+
+    pub fn from_u8(byte: u8) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| *s as u8 == byte)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Cuts dds frames out of a byte stream for a transport.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DdsFraming;
+
+impl dds_transport::Framing for DdsFraming {
+    fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, String> {
+        frame_len(buf).map_err(|e| e.to_string())
+    }
+}
