@@ -177,7 +177,7 @@ fn preload(cluster: &ClusterFile, keys: u64, value_size: usize) -> anyhow::Resul
 }
 
 fn run_load(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyhow::Result<Report> {
-    if !(load.seconds > 0.0 && load.seconds <= 86_400.0) || !(0.0..=3600.0).contains(&load.warmup) {
+    if !(load.seconds > 0.0 && load.seconds <= 86_400.0 && (0.0..=3600.0).contains(&load.warmup)) {
         bail!("--seconds must be in (0, 86400] and --warmup in [0, 3600]");
     }
     if load.clients == 0 || load.depth == 0 || load.keys == 0 {

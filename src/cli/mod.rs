@@ -2,7 +2,7 @@
 //! code: it reports errors with `anyhow`, everything under it returns typed errors.
 
 mod bench;
-mod cluster;
+pub mod cluster;
 mod kv;
 
 use std::net::SocketAddr;

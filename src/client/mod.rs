@@ -180,7 +180,7 @@ impl Client {
             config,
             last_timeout_scan: Instant::now(),
         };
-        for brick in 0..bricks.len() {
+        for (brick, &dialled) in bricks.iter().enumerate() {
             let payload = client.call(brick, 0, Op::Hello)?;
             let info = BrickInfo::decode(&payload)
                 .map_err(|e| ClientError::Protocol { brick, core: 0, what: e.to_string() })?;
@@ -191,14 +191,14 @@ impl Client {
                     what: format!("brick 0 has {} partition bits, brick {brick} has {}", client.partition_bits, info.partition_bits),
                 });
             }
-            let ip = bricks[brick].ip();
+            let ip = dialled.ip();
             let route = &mut client.bricks[brick];
             route.addrs = info.ports.iter().map(|&port| SocketAddr::new(ip, port)).collect();
             let first = route.conns[0];
             route.conns = vec![None; route.addrs.len()];
             // The connection `Hello` went over is core 0's when the brick listed the
             // address we dialled first.
-            if route.addrs[0] == bricks[brick] {
+            if route.addrs[0] == dialled {
                 route.conns[0] = first;
             }
         }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every test of dds, as CI runs it: lint, unit/property/end-to-end tests, the README's
+# main command, and the frame decoder's fuzz target. Installs what it needs.
+#   FUZZ_SECONDS=60   how long the fuzz target runs (the issue asks for at least 60)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+LOG="$(mktemp -t dds-ci-XXXXXX.log)"
+started=$SECONDS
+step() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - started))"; }
+
+step "toolchain"
+command -v cargo >/dev/null || { echo "ci: cargo not found: this machine kind ships Rust via rustup" >&2; exit 1; }
+cargo --version
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (unit, property, end-to-end on the real binary)"
+cargo test --workspace --locked 2>&1 | tee "$LOG"
+
+step "main command: cargo run --release -- demo"
+cargo run --release --locked -- demo --seconds 1
+
+step "fuzz decode_frame for ${FUZZ_SECONDS}s"
+if ! command -v cargo-fuzz >/dev/null; then
+  cargo install cargo-fuzz --locked
+fi
+# cargo-fuzz needs nightly flags (-Z sanitizer); the machine has one stable toolchain,
+# whose compiler accepts them under RUSTC_BOOTSTRAP.
+(
+  cd fuzz
+  mkdir -p corpus/decode_frame
+  RUSTC_BOOTSTRAP=1 cargo fuzz run decode_frame corpus/decode_frame seeds/decode_frame -- \
+    -max_total_time="$FUZZ_SECONDS" -dict=decode_frame.dict -print_final_stats=1 2>&1 | tail -n 25
+)
+
+passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$LOG" | awk '{s+=$1} END {print s+0}')
+step "done"
+echo "ci: $passed passed, $failed failed"

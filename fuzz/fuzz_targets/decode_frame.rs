@@ -1,0 +1,22 @@
+//! Any bytes into the frame decoder (and the payload decoders): no panic, and whatever
+//! decodes re-encodes to the very bytes it came from.
+#![no_main]
+
+use dds::proto::{decode, encode, frame_len, BrickInfo, CoreStats};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let len = frame_len(data);
+    match decode(data) {
+        Ok(Some((frame, used))) => {
+            assert_eq!(len, Ok(Some(used)));
+            let mut again = Vec::new();
+            encode(&mut again, &frame);
+            assert_eq!(&again[..], &data[..used], "re-encoding changed the frame");
+            let _ = BrickInfo::decode(frame.value);
+            let _ = CoreStats::decode(frame.value);
+        }
+        Ok(None) => assert!(matches!(len, Ok(None)) || len.unwrap().unwrap() > data.len()),
+        Err(e) => assert_eq!(len, Err(e)),
+    }
+});

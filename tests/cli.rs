@@ -1,0 +1,84 @@
+//! The `dds` command line end to end: cluster up/status/down, put/get/del, bench, demo.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn put_get_del_through_the_cli() {
+    let mut cluster = TestCluster::up(2, 1);
+    let dir = cluster.dir_arg();
+    run_ok(&["put", "greeting", "hello world", "--cluster", &dir]);
+    let out = run_ok(&["get", "greeting", "--cluster", &dir]);
+    assert_eq!(out.stdout, b"hello world", "get prints the value alone");
+
+    // A value from stdin, bytes as they are (including NUL and invalid UTF-8).
+    let binary: Vec<u8> = (0..=255u8).rev().chain([0, 0xff, b'\n']).collect();
+    let out = run_with_stdin(&["put", "bin", "--cluster", &dir], &binary);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(run_ok(&["get", "bin", "--cluster", &dir]).stdout, binary);
+
+    run_ok(&["del", "greeting", "--cluster", &dir]);
+    let out = run(&["get", "greeting", "--cluster", &dir]);
+    assert_eq!(out.status.code(), Some(1), "a missing key exits 1");
+    assert!(out.stdout.is_empty());
+    assert!(text(&out.stderr).contains("key not found"), "{}", text(&out.stderr));
+    assert_eq!(run(&["del", "greeting", "--cluster", &dir]).status.code(), Some(1));
+
+    let status = text(&run_ok(&["cluster", "status", "--dir", &dir]).stdout);
+    assert!(status.contains("2 brick(s)") && status.matches(" up ").count() == 2, "{status}");
+
+    // A second `up` in the same directory is refused while the bricks run.
+    let out = run(&["cluster", "up", "--dir", &dir]);
+    assert!(!out.status.success() && text(&out.stderr).contains("already up"), "{}", text(&out.stderr));
+    cluster.down();
+}
+
+#[test]
+fn errors_are_clear_and_nonzero() {
+    let missing = run(&["get", "k", "--cluster", "/nonexistent/dds"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing.stderr).contains("no cluster in /nonexistent/dds"), "{}", text(&missing.stderr));
+
+    let mut cluster = TestCluster::up(1, 1);
+    let dir = cluster.dir_arg();
+    let long_key = "k".repeat(5000);
+    let out = run(&["put", &long_key, "v", "--cluster", &dir]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("longer than the limit of 4096"), "{}", text(&out.stderr));
+    let out = run(&["cluster", "up", "--dir", "/tmp/never-used-dds", "--replicas", "2"]);
+    assert!(text(&out.stderr).contains("replication is not built yet"), "{}", text(&out.stderr));
+    let out = run(&["bench", "--cluster", &dir, "--rate", "1000"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--rate"), "{}", text(&out.stderr));
+    cluster.down();
+}
+
+#[test]
+fn bench_json_has_the_contract_fields() {
+    let mut cluster = TestCluster::up(2, 1);
+    let json = cluster.path().join("report.json");
+    let dir = cluster.dir_arg();
+    let out = run_ok(&[
+        "bench", "--cluster", &dir, "--workload", "mixed", "--seconds", "1", "--warmup", "0.2", "--clients", "2", "--depth", "4",
+        "--keys", "1000", "--json", json.to_str().unwrap(),
+    ]);
+    assert!(text(&out.stdout).contains("p99 us"), "{}", text(&out.stdout));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for field in ["ops_per_sec", "p50_us", "p99_us", "p999_us", "max_us", "errors", "workload", "clients", "depth", "value_size", "keys"] {
+        assert!(report.get(field).is_some(), "report lacks {field}: {report}");
+    }
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["workload"], "mixed");
+    assert!(report["ops_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["p50_us"].as_f64().unwrap() <= report["p99_us"].as_f64().unwrap());
+    cluster.down();
+}
+
+#[test]
+fn demo_prints_a_table_and_cleans_up() {
+    let out = run_ok(&["demo", "--seconds", "0.5", "--keys", "500"]);
+    let stdout = text(&out.stdout);
+    for needle in ["ops/s", "p50 us", "p99 us", "read ", "write ", " get ", " put ", "every brick exited"] {
+        assert!(stdout.contains(needle), "demo output lacks {needle:?}:\n{stdout}");
+    }
+}

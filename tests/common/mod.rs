@@ -1,0 +1,97 @@
+//! Helpers for tests that drive the real `dds` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::io::Write;
+
+use dds::cli::cluster::{is_brick_process, ClusterFile};
+use dds::{Client, ClientConfig};
+
+pub fn dds() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dds"))
+}
+
+/// Runs `dds ARGS` and returns its output; panics with both streams if it fails to start.
+pub fn run(args: &[&str]) -> Output {
+    dds().args(args).output().unwrap_or_else(|e| panic!("run dds {args:?}: {e}"))
+}
+
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = run(args);
+    assert!(out.status.success(), "dds {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
+    out
+}
+
+pub fn run_with_stdin(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = dds().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn dds");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A local cluster in a temporary directory, brought down (and checked gone) on drop.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    down: bool,
+}
+
+impl TestCluster {
+    pub fn up(bricks: usize, cores: usize) -> TestCluster {
+        let dir = tempfile::Builder::new().prefix("dds-test-").tempdir().unwrap();
+        run_ok(&["cluster", "up", "--dir", dir.path().to_str().unwrap(), "--bricks", &bricks.to_string(), "--cores", &cores.to_string()]);
+        TestCluster { dir, down: false }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn dir_arg(&self) -> String {
+        self.dir.path().to_str().unwrap().to_string()
+    }
+
+    pub fn file(&self) -> ClusterFile {
+        ClusterFile::load(self.path()).unwrap()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.file().addrs(), ClientConfig::default()).unwrap()
+    }
+
+    pub fn brick_log(&self, brick: usize) -> String {
+        std::fs::read_to_string(self.path().join(format!("brick-{brick}/brick.log"))).unwrap_or_default()
+    }
+
+    pub fn brick_dirs(&self) -> Vec<PathBuf> {
+        self.file().bricks.iter().map(|b| b.dir.clone()).collect()
+    }
+
+    /// `dds cluster down`, then checks that no brick process is left.
+    pub fn down(&mut self) {
+        let file = self.file();
+        run_ok(&["cluster", "down", "--dir", &self.dir_arg()]);
+        self.down = true;
+        for b in &file.bricks {
+            assert!(!is_brick_process(b), "brick {} (pid {}) still running after cluster down", b.index, b.pid);
+            assert!(!Path::new(&format!("/proc/{}", b.pid)).exists() || process_is_zombie(b.pid), "pid {} still exists", b.pid);
+        }
+    }
+}
+
+fn process_is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = run(&["cluster", "down", "--dir", &self.dir_arg()]);
+        }
+    }
+}
