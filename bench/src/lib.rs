@@ -5,6 +5,7 @@
 //! measure dds and its peers alike.
 
 pub mod driver;
+pub mod echo;
 pub mod report;
 pub mod workload;
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use dds_bench::echo::{EchoServer, EchoTarget};
 use dds_bench::workload::key_for;
 use dds_bench::{Done, OpKind, Progress, Report, RunConfig, Target, TargetError, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -66,11 +67,22 @@ pub struct LoadArgs {
     seed: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchTarget {
+    /// The cluster named by --cluster.
+    Dds,
+    /// The floor: an in-process echo server on the same TCP transport, exchanging as many
+    /// bytes per operation as dds does.
+    Echo,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A local cluster's directory.
+    /// A local cluster's directory (for --target dds).
     #[arg(long)]
-    cluster: PathBuf,
+    cluster: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BenchTarget::Dds)]
+    target: BenchTarget,
     #[command(flatten)]
     load: LoadArgs,
     /// Open-loop target rate (ops/s) [not built yet: the load is closed-loop].
@@ -176,7 +188,19 @@ fn preload(cluster: &ClusterFile, keys: u64, value_size: usize) -> anyhow::Resul
     Ok(())
 }
 
-fn run_load(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyhow::Result<Report> {
+fn run_dds(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyhow::Result<Report> {
+    let addrs = cluster.addrs();
+    run_load("dds", load, workload, |_| {
+        let client = Client::connect(&addrs, ClientConfig::default()).map_err(|e| TargetError::new("connect", e))?;
+        Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
+    })
+}
+
+fn run_load<T, M>(target: &str, load: &LoadArgs, workload: Workload, make_target: M) -> anyhow::Result<Report>
+where
+    T: Target,
+    M: Fn(usize) -> Result<T, TargetError> + Sync + Send,
+{
     if !(load.seconds > 0.0 && load.seconds <= 86_400.0 && (0.0..=3600.0).contains(&load.warmup)) {
         bail!("--seconds must be in (0, 86400] and --warmup in [0, 3600]");
     }
@@ -184,7 +208,7 @@ fn run_load(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyho
         bail!("--clients, --depth and --keys must be at least 1");
     }
     let config = RunConfig {
-        target: "dds".into(),
+        target: target.into(),
         workload,
         clients: load.clients,
         depth: load.depth,
@@ -195,20 +219,12 @@ fn run_load(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyho
         ops_max: load.ops_max,
         seed: load.seed,
     };
-    let addrs = cluster.addrs();
     let progress = Progress::default();
     let total = config.warmup + config.duration;
     let bar = progress_bar(total.as_millis() as u64, workload.name());
     let report = std::thread::scope(|scope| {
         let runner = scope.spawn(|| {
-            dds_bench::run(
-                &config,
-                |_| {
-                    let client = Client::connect(&addrs, ClientConfig::default()).map_err(|e| TargetError::new("connect", e))?;
-                    Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
-                },
-                &progress,
-            )
+            dds_bench::run(&config, make_target, &progress)
         });
         let started = Instant::now();
         let mut last = (started, 0u64);
@@ -241,12 +257,23 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.rate.is_some() {
         bail!("--rate (open-loop load) is not built yet; this version runs closed-loop (--clients x --depth)");
     }
-    let cluster = ClusterFile::load(&args.cluster)?;
     let workload = Workload::from(args.load.workload);
-    if workload.needs_preload() && !args.no_preload {
-        preload(&cluster, args.load.keys, args.load.value_size)?;
-    }
-    let report = run_load(&cluster, &args.load, workload)?;
+    let report = match (args.target, &args.cluster) {
+        (BenchTarget::Dds, Some(dir)) => {
+            let cluster = ClusterFile::load(dir)?;
+            if workload.needs_preload() && !args.no_preload {
+                preload(&cluster, args.load.keys, args.load.value_size)?;
+            }
+            run_dds(&cluster, &args.load, workload)?
+        }
+        (BenchTarget::Dds, None) => bail!("--target dds needs --cluster DIR"),
+        (BenchTarget::Echo, _) => {
+            let server = EchoServer::start("127.0.0.1:0".parse().expect("literal address"), Duration::from_micros(50))
+                .context("start the echo server")?;
+            let value_size = args.load.value_size;
+            run_load("echo", &args.load, workload, |_| EchoTarget::connect(server.addr, value_size))?
+        }
+    };
     print_table(std::slice::from_ref(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("write {}", path.display()))?;
@@ -293,7 +320,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 ops_max: 100_000_000,
                 seed: 1,
             };
-            reports.push(run_load(&cluster, &load, workload)?);
+            reports.push(run_dds(&cluster, &load, workload)?);
         }
         println!();
         print_table(&reports);

@@ -75,8 +75,8 @@ pub struct TcpTransport<F: Framing> {
     config: TcpConfig,
     poll: Poll,
     events: Events,
-    /// (slot or LISTENER, readable-ish, writable) of the last poll, reused.
-    ready: Vec<(Token, bool, bool)>,
+    /// (slot or LISTENER, readable, writable) of the last poll, reused.
+    ready: Vec<(Token, Readable, bool)>,
     listener: Option<TcpListener>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -86,6 +86,14 @@ pub struct TcpTransport<F: Framing> {
     /// Slots whose input was not read to the end last round (fairness bound, or paused
     /// because their replies were not being read).
     unread: Vec<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Readable {
+    No,
+    Data,
+    /// The peer closed or the socket failed: read to the end.
+    Closing,
 }
 
 enum ReadOutcome {
@@ -196,8 +204,17 @@ impl<F: Framing> TcpTransport<F> {
         }
     }
 
-    /// Delivers whole frames, then reads, up to the round's bound.
-    fn service_read<H: Handler>(&mut self, slot: u32, handler: &mut H) -> Result<(usize, ReadOutcome), CloseReason> {
+    /// Delivers whole frames, then reads, up to the round's bound. With `short_read_drains`
+    /// a read that fills less than the space offered counts as having drained the socket:
+    /// under edge-triggered epoll, bytes that arrive later raise a new event, so the read
+    /// that would only say WouldBlock is saved. Not when the peer has closed (its FIN
+    /// raises no further event) nor for connections read outside an event.
+    fn service_read<H: Handler>(
+        &mut self,
+        slot: u32,
+        short_read_drains: bool,
+        handler: &mut H,
+    ) -> Result<(usize, ReadOutcome), CloseReason> {
         let id = self.id_of(slot);
         let chunk = self.config.read_chunk_bytes;
         let outbox_max = self.config.outbox_bytes_max;
@@ -206,6 +223,7 @@ impl<F: Framing> TcpTransport<F> {
         let conn = self.slots[slot as usize].conn.as_mut().expect("service_read on an open slot");
         let mut delivered = 0;
         let mut reads = 0;
+        let mut drained = false;
         loop {
             // Deliver every whole frame already buffered.
             loop {
@@ -237,6 +255,9 @@ impl<F: Framing> TcpTransport<F> {
                     None => break,
                 }
             }
+            if drained {
+                return Ok((delivered, ReadOutcome::Drained));
+            }
             if conn.rstart == conn.rend {
                 conn.rstart = 0;
                 conn.rend = 0;
@@ -257,6 +278,7 @@ impl<F: Framing> TcpTransport<F> {
                 return Ok((delivered, ReadOutcome::MoreToRead));
             }
             reads += 1;
+            let space = conn.rbuf.len() - conn.rend;
             match conn.stream.read(&mut conn.rbuf[conn.rend..]) {
                 Ok(0) => {
                     let buffered_bytes = conn.rend - conn.rstart;
@@ -266,7 +288,10 @@ impl<F: Framing> TcpTransport<F> {
                         CloseReason::PeerClosedMidFrame { buffered_bytes }
                     });
                 }
-                Ok(n) => conn.rend += n,
+                Ok(n) => {
+                    conn.rend += n;
+                    drained = short_read_drains && n < space;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((delivered, ReadOutcome::Drained)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(CloseReason::Io(e)),
@@ -274,8 +299,8 @@ impl<F: Framing> TcpTransport<F> {
         }
     }
 
-    fn read_slot<H: Handler>(&mut self, slot: u32, handler: &mut H) -> usize {
-        let delivered = match self.service_read(slot, handler) {
+    fn read_slot<H: Handler>(&mut self, slot: u32, short_read_drains: bool, handler: &mut H) -> usize {
+        let delivered = match self.service_read(slot, short_read_drains, handler) {
             Ok((n, ReadOutcome::Drained)) => n,
             Ok((n, ReadOutcome::MoreToRead)) => {
                 let conn = self.slots[slot as usize].conn.as_mut().expect("open");
@@ -415,7 +440,8 @@ impl<F: Framing> Transport for TcpTransport<F> {
         }
         self.ready.clear();
         for event in self.events.iter() {
-            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+            let closing = event.is_read_closed() || event.is_error();
+            let readable = if closing { Readable::Closing } else if event.is_readable() { Readable::Data } else { Readable::No };
             self.ready.push((event.token(), readable, event.is_writable()));
         }
         let mut delivered = 0;
@@ -432,15 +458,15 @@ impl<F: Framing> Transport for TcpTransport<F> {
             if writable {
                 self.service_write(slot, handler);
             }
-            if readable && self.slots[slot as usize].conn.as_ref().is_some_and(|c| !c.unread && !c.paused) {
-                delivered += self.read_slot(slot, handler);
+            if readable != Readable::No && self.slots[slot as usize].conn.as_ref().is_some_and(|c| !c.unread && !c.paused) {
+                delivered += self.read_slot(slot, readable == Readable::Data, handler);
             }
         }
         let unread = std::mem::take(&mut self.unread);
         for &slot in &unread {
             if let Some(conn) = self.slots[slot as usize].conn.as_mut() {
                 conn.unread = false;
-                delivered += self.read_slot(slot, handler);
+                delivered += self.read_slot(slot, false, handler);
             }
         }
         self.flush_dirty(handler);
