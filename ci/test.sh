@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test of dds, as CI runs it: lint, unit/property/end-to-end tests, the README's
-# main command, and the frame decoder's fuzz target. Installs what it needs.
+# main command, a smoke run of the benchmark harness against Redis and memcached, and
+# the frame decoder's fuzz target. Installs what it needs (cargo-fuzz from crates.io;
+# redis-server, memcached and a font from Debian).
 #   FUZZ_SECONDS=60   how long the fuzz target runs (the issue asks for at least 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,9 @@ cargo test --workspace --locked 2>&1 | tee "$LOG"
 
 step "main command: cargo run --release -- demo"
 cargo run --release --locked -- demo --seconds 1
+
+step "bench harness smoke: ci/bench.sh --smoke (dds, Redis, memcached, echo)"
+BENCH_OUT="$(mktemp -d -t dds-bench-smoke-XXXXXX)" bash ci/bench.sh --smoke
 
 step "fuzz decode_frame for ${FUZZ_SECONDS}s"
 if ! command -v cargo-fuzz >/dev/null; then

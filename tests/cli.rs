@@ -48,8 +48,10 @@ fn errors_are_clear_and_nonzero() {
     assert!(text(&out.stderr).contains("longer than the limit of 4096"), "{}", text(&out.stderr));
     let out = run(&["cluster", "up", "--dir", "/tmp/never-used-dds", "--replicas", "2"]);
     assert!(text(&out.stderr).contains("replication is not built yet"), "{}", text(&out.stderr));
-    let out = run(&["bench", "--cluster", &dir, "--rate", "1000"]);
-    assert!(!out.status.success() && text(&out.stderr).contains("--rate"), "{}", text(&out.stderr));
+    let out = run(&["bench", "--target", "redis://nohost"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("expected HOST:PORT"), "{}", text(&out.stderr));
+    let out = run(&["bench", "--target", "dds"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("needs --cluster"), "{}", text(&out.stderr));
     cluster.down();
 }
 
@@ -81,4 +83,20 @@ fn demo_prints_a_table_and_cleans_up() {
     for needle in ["ops/s", "p50 us", "p99 us", "read ", "write ", " get ", " put ", "every brick exited"] {
         assert!(stdout.contains(needle), "demo output lacks {needle:?}:\n{stdout}");
     }
+}
+
+#[test]
+fn open_loop_bench_against_the_echo_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("echo.json");
+    run_ok(&[
+        "bench", "--target", "echo", "--workload", "ycsb-b", "--rate", "4000", "--depth", "64", "--clients", "2",
+        "--seconds", "1", "--warmup", "0", "--json", json.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["target"], "echo");
+    assert_eq!(report["rate"], 4000.0);
+    let ops = report["ops"].as_u64().unwrap();
+    assert!((3000..=4800).contains(&ops), "open loop at 4000/s for 1 s did {ops} ops");
+    assert_eq!(report["percentiles"].as_array().unwrap().len(), 10);
 }

@@ -54,6 +54,10 @@ pub struct RunConfig {
     /// Stop after this many operations in all (bounds a run on a fast machine).
     pub ops_max: u64,
     pub seed: u64,
+    /// Open loop: this many operations per second in all, on a fixed schedule; latency
+    /// counts from when an operation was due, not when it was sent (coordinated-omission
+    /// correction). `depth` still caps what one client has in flight. `None`: closed loop.
+    pub rate: Option<f64>,
 }
 
 /// Live counters for a progress line, shared with the caller.
@@ -111,6 +115,44 @@ where
     Ok(Report::new(config, elapsed, &all, errors, OpReport::from_histogram(&get, elapsed), OpReport::from_histogram(&put, elapsed)))
 }
 
+/// Puts every key of a workload once (`depth` in flight), calling `on_progress` with the
+/// count done. Any failed put fails the preload.
+pub fn preload<T: Target>(
+    target: &mut T,
+    keys: u64,
+    value_size: usize,
+    depth: usize,
+    mut on_progress: impl FnMut(u64),
+) -> Result<(), TargetError> {
+    let value: Vec<u8> = (0..value_size).map(|i| (i % 251) as u8).collect();
+    let mut key = Vec::new();
+    let mut done = Vec::new();
+    let (mut next, mut completed, mut in_flight) = (0u64, 0u64, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while completed < keys {
+        if Instant::now() > deadline {
+            return Err(TargetError::new("preload", format!("only {completed} of {keys} keys written in 600 s")));
+        }
+        while next < keys && in_flight < depth.max(1) {
+            key_for(next, &mut key);
+            target.submit(OpKind::Put, &key, &value)?;
+            next += 1;
+            in_flight += 1;
+        }
+        done.clear();
+        target.poll(&mut done, Duration::from_millis(100))?;
+        for d in &done {
+            if !d.ok {
+                return Err(TargetError::new("preload", "a put failed"));
+            }
+        }
+        completed += done.len() as u64;
+        in_flight -= done.len();
+        on_progress(completed);
+    }
+    Ok(())
+}
+
 fn client_thread<T: Target>(
     index: usize,
     config: &RunConfig,
@@ -129,6 +171,9 @@ fn client_thread<T: Target>(
     let record_from = started + config.warmup;
     let ops_share = config.ops_max.div_ceil(config.clients as u64);
     let mut submitted = 0u64;
+    // Open loop: each client keeps its share of the rate on its own schedule.
+    let interval = config.rate.map(|rate| Duration::from_secs_f64(config.clients as f64 / rate));
+    let mut next_due = Instant::now();
     loop {
         let now = Instant::now();
         let running = now < deadline && submitted < ops_share && !progress.stop.load(Ordering::Relaxed);
@@ -142,14 +187,27 @@ fn client_thread<T: Target>(
             ));
         }
         while running && in_flight.len() < config.depth && submitted < ops_share {
+            let due = match interval {
+                None => Instant::now(),
+                Some(_) if next_due > now => break,
+                Some(interval) => {
+                    let due = next_due;
+                    next_due += interval;
+                    due
+                }
+            };
             let (op, k) = gen.next(&mut rng);
             key_for(k, &mut key);
             let token = target.submit(op, &key, if op == OpKind::Put { &value } else { &[] })?;
-            in_flight.push((token, op, Instant::now()));
+            in_flight.push((token, op, due));
             submitted += 1;
         }
         done.clear();
-        target.poll(&mut done, Duration::from_millis(10))?;
+        let wait = match interval {
+            Some(_) if running => next_due.saturating_duration_since(Instant::now()).min(Duration::from_millis(10)),
+            _ => Duration::from_millis(10),
+        };
+        target.poll(&mut done, wait)?;
         let now = Instant::now();
         let mut errors = 0;
         for d in &done {
@@ -171,4 +229,88 @@ fn client_thread<T: Target>(
         progress.errors.fetch_add(errors, Ordering::Relaxed);
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Completes each operation `service` after it was submitted, except that nothing
+    /// completes before `stall_until` (a server pause).
+    struct Fake {
+        service: Duration,
+        stall_until: Instant,
+        pending: std::collections::VecDeque<(u64, Instant)>,
+        next: u64,
+    }
+
+    impl Target for Fake {
+        fn submit(&mut self, _op: OpKind, _key: &[u8], _value: &[u8]) -> Result<u64, TargetError> {
+            self.next += 1;
+            self.pending.push_back((self.next, Instant::now() + self.service));
+            Ok(self.next)
+        }
+
+        fn poll(&mut self, done: &mut Vec<Done>, timeout: Duration) -> Result<(), TargetError> {
+            std::thread::sleep(timeout.min(Duration::from_micros(200)));
+            let now = Instant::now();
+            while let Some(&(token, at)) = self.pending.front() {
+                if at > now || now < self.stall_until {
+                    break;
+                }
+                self.pending.pop_front();
+                done.push(Done { token, ok: true });
+            }
+            Ok(())
+        }
+    }
+
+    fn config(rate: Option<f64>, depth: usize) -> RunConfig {
+        RunConfig {
+            target: "fake".into(),
+            workload: Workload::Mixed,
+            clients: 2,
+            depth,
+            value_size: 8,
+            keys: 100,
+            duration: Duration::from_millis(600),
+            warmup: Duration::ZERO,
+            ops_max: 1_000_000,
+            seed: 7,
+            rate,
+        }
+    }
+
+    fn fake(stall: Duration) -> Fake {
+        Fake { service: Duration::from_micros(100), stall_until: Instant::now() + stall, pending: Default::default(), next: 0 }
+    }
+
+    #[test]
+    fn open_loop_keeps_its_rate() {
+        let report = run(&config(Some(2000.0), 64), |_| Ok(fake(Duration::ZERO)), &Progress::default()).unwrap();
+        // 2000 ops/s for 0.6 s, give or take the schedule's edges.
+        assert!((1000..=1300).contains(&report.ops), "{} ops", report.ops);
+        assert_eq!(report.errors, 0);
+    }
+
+    #[test]
+    fn open_loop_counts_a_stall_against_every_operation_it_delayed() {
+        // A 200 ms stall at the start: closed loop with depth 1 records about one slow
+        // operation per client; open loop records every operation that was due during it.
+        let stall = Duration::from_millis(200);
+        let closed = run(&config(None, 1), |_| Ok(fake(stall)), &Progress::default()).unwrap();
+        let open = run(&config(Some(2000.0), 1000), |_| Ok(fake(stall)), &Progress::default()).unwrap();
+        assert!(closed.p50_us < 10_000.0, "closed-loop p50 {} us", closed.p50_us);
+        // A third of the open-loop run was due inside the stall: its p99 sees it.
+        assert!(open.p99_us > 100_000.0, "open-loop p99 {} us hides the stall", open.p99_us);
+        assert!(open.max_us >= 190_000.0, "open-loop max {} us", open.max_us);
+    }
+
+    #[test]
+    fn closed_loop_is_bounded_by_ops_max() {
+        let mut c = config(None, 4);
+        c.ops_max = 500;
+        let report = run(&c, |_| Ok(fake(Duration::ZERO)), &Progress::default()).unwrap();
+        assert_eq!(report.ops, 500);
+    }
 }

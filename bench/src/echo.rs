@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dds_transport::{ConnId, Framing, Handler, TcpConfig, TcpTransport, Transport, TransportError};
+#[cfg(test)]
+use crate::driver::Target;
 
-use crate::driver::{Done, Target, TargetError};
+use crate::stream::{Protocol, StreamTarget};
 use crate::workload::OpKind;
 
 const HEADER_LEN: usize = 8;
@@ -92,61 +94,39 @@ impl Drop for EchoServer {
     }
 }
 
-struct Collect<'a> {
-    done: &'a mut Vec<Done>,
-    tokens: &'a mut std::collections::VecDeque<u64>,
+/// What a dds client would send for the same operation: a get sends its key and gets
+/// `value_size` bytes back; a put sends key and value and gets a header back.
+#[derive(Clone, Copy)]
+pub struct Echo {
+    pub value_size: usize,
 }
 
-impl Handler for Collect<'_> {
-    fn on_frame(&mut self, _conn: ConnId, _frame: &[u8], _out: &mut Vec<u8>) -> Result<(), String> {
-        let token = self.tokens.pop_front().ok_or("echo reply with nothing in flight")?;
-        self.done.push(Done { token, ok: true });
-        Ok(())
+impl Framing for Echo {
+    fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, String> {
+        EchoFraming.frame_len(buf)
     }
 }
 
-/// A client of the echo server that sends what dds would send for the same operation:
-/// a get sends its key and gets `value_size` bytes back; a put sends key and value and
-/// gets a header back.
-pub struct EchoTarget {
-    transport: TcpTransport<EchoFraming>,
-    conn: ConnId,
-    value_size: usize,
-    tokens: std::collections::VecDeque<u64>,
-    next: u64,
-}
-
-impl EchoTarget {
-    pub fn connect(addr: SocketAddr, value_size: usize) -> Result<EchoTarget, TargetError> {
-        let mut transport = TcpTransport::new(EchoFraming, TcpConfig::default()).map_err(|e| TargetError::new("echo", e))?;
-        let conn = transport.connect(addr, Duration::from_secs(5)).map_err(|e| TargetError::new("echo connect", e))?;
-        Ok(EchoTarget { transport, conn, value_size, tokens: Default::default(), next: 0 })
+impl Protocol for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
     }
-}
 
-impl Target for EchoTarget {
-    fn submit(&mut self, op: OpKind, key: &[u8], value: &[u8]) -> Result<u64, TargetError> {
+    fn encode(&self, op: OpKind, key: &[u8], value: &[u8], out: &mut Vec<u8>) {
         // Lengths chosen so both directions carry as many bytes as the dds frames do.
         let (len, reply_len) = match op {
             OpKind::Get => (DDS_HEADER_LEN + key.len() - HEADER_LEN, DDS_HEADER_LEN + self.value_size - HEADER_LEN),
             OpKind::Put => (DDS_HEADER_LEN + key.len() + value.len() - HEADER_LEN, DDS_HEADER_LEN - HEADER_LEN),
         };
-        let out = self.transport.outbox(self.conn).map_err(|e| TargetError::new("echo", e))?;
         push_frame(out, len, reply_len);
-        self.next += 1;
-        self.tokens.push_back(self.next);
-        Ok(self.next)
     }
 
-    fn poll(&mut self, done: &mut Vec<Done>, timeout: Duration) -> Result<(), TargetError> {
-        let mut handler = Collect { done, tokens: &mut self.tokens };
-        self.transport.poll(Some(timeout), &mut handler).map_err(|e| TargetError::new("echo poll", e))?;
-        if self.transport.peer(self.conn).is_none() {
-            return Err(TargetError::new("echo", "connection to the echo server closed"));
-        }
-        Ok(())
+    fn reply_ok(&self, _op: OpKind, _frame: &[u8]) -> Result<bool, String> {
+        Ok(true)
     }
 }
+
+pub type EchoTarget = StreamTarget<Echo>;
 
 #[cfg(test)]
 mod tests {
@@ -155,7 +135,7 @@ mod tests {
     #[test]
     fn echo_answers_with_the_asked_size() {
         let server = EchoServer::start("127.0.0.1:0".parse().unwrap(), Duration::ZERO).unwrap();
-        let mut t = EchoTarget::connect(server.addr, 64).unwrap();
+        let mut t = EchoTarget::connect(Echo { value_size: 64 }, server.addr).unwrap();
         let mut done = Vec::new();
         for i in 0..100 {
             let op = if i % 2 == 0 { OpKind::Get } else { OpKind::Put };

@@ -6,9 +6,11 @@
 
 pub mod driver;
 pub mod echo;
+pub mod plot;
 pub mod report;
+pub mod stream;
 pub mod workload;
 
-pub use driver::{run, Done, Progress, RunConfig, Target, TargetError};
+pub use driver::{preload, run, Done, Progress, RunConfig, Target, TargetError};
 pub use report::{OpReport, Report};
 pub use workload::{KeyDist, OpKind, Workload};

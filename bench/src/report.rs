@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::driver::RunConfig;
 
 /// Latency and throughput of one kind of operation.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OpReport {
     pub ops: u64,
     pub ops_per_sec: f64,
@@ -36,7 +36,7 @@ impl OpReport {
 }
 
 /// What `--json` writes. The top-level latency fields cover all operations.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub target: String,
     pub workload: String,
@@ -56,9 +56,16 @@ pub struct Report {
     pub p999_us: f64,
     pub max_us: f64,
     pub mean_us: f64,
+    /// Open-loop target rate (ops/s); absent for closed loop.
+    pub rate: Option<f64>,
+    /// `[quantile, microseconds]` pairs over all operations, for plots.
+    pub percentiles: Vec<[f64; 2]>,
     pub get: OpReport,
     pub put: OpReport,
 }
+
+/// Quantiles kept in every report.
+pub const QUANTILES: [f64; 10] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0];
 
 impl Report {
     pub(crate) fn new(config: &RunConfig, elapsed: Duration, all: &Histogram<u64>, errors: u64, get: OpReport, put: OpReport) -> Report {
@@ -82,6 +89,8 @@ impl Report {
             p999_us: total.p999_us,
             max_us: total.max_us,
             mean_us: total.mean_us,
+            rate: config.rate,
+            percentiles: QUANTILES.iter().map(|&q| [q, all.value_at_quantile(q) as f64 / 1000.0]).collect(),
             get,
             put,
         }

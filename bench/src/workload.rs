@@ -27,6 +27,11 @@ pub enum Workload {
     YcsbB,
     /// YCSB C: 100% reads, zipfian keys.
     YcsbC,
+    /// The paper's read benchmark: 100% gets, uniform keys, 150-byte values, 100 in
+    /// flight per client (those two are the defaults the CLI gives it).
+    PaperRead,
+    /// The paper's write benchmark: 100% puts, otherwise as `PaperRead`.
+    PaperWrite,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -40,8 +45,20 @@ pub enum KeyDist {
 pub const ZIPF_THETA: f64 = 0.99;
 
 impl Workload {
-    pub const ALL: [Workload; 6] =
-        [Workload::Read, Workload::Write, Workload::Mixed, Workload::YcsbA, Workload::YcsbB, Workload::YcsbC];
+    pub const ALL: [Workload; 8] = [
+        Workload::Read,
+        Workload::Write,
+        Workload::Mixed,
+        Workload::YcsbA,
+        Workload::YcsbB,
+        Workload::YcsbC,
+        Workload::PaperRead,
+        Workload::PaperWrite,
+    ];
+
+    /// The paper's value size and operations in flight per client.
+    pub const PAPER_VALUE_SIZE: usize = 150;
+    pub const PAPER_DEPTH: usize = 100;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +68,8 @@ impl Workload {
             Workload::YcsbA => "ycsb-a",
             Workload::YcsbB => "ycsb-b",
             Workload::YcsbC => "ycsb-c",
+            Workload::PaperRead => "paper-read",
+            Workload::PaperWrite => "paper-write",
         }
     }
 
@@ -61,8 +80,8 @@ impl Workload {
     /// Share of gets, in percent.
     pub fn read_percent(self) -> u32 {
         match self {
-            Workload::Read | Workload::YcsbC => 100,
-            Workload::Write => 0,
+            Workload::Read | Workload::YcsbC | Workload::PaperRead => 100,
+            Workload::Write | Workload::PaperWrite => 0,
             Workload::Mixed | Workload::YcsbA => 50,
             Workload::YcsbB => 95,
         }
@@ -70,7 +89,9 @@ impl Workload {
 
     pub fn key_dist(self) -> KeyDist {
         match self {
-            Workload::Read | Workload::Write | Workload::Mixed => KeyDist::Uniform,
+            Workload::Read | Workload::Write | Workload::Mixed | Workload::PaperRead | Workload::PaperWrite => {
+                KeyDist::Uniform
+            }
             Workload::YcsbA | Workload::YcsbB | Workload::YcsbC => KeyDist::Zipfian,
         }
     }
@@ -78,6 +99,10 @@ impl Workload {
     /// Whether the keys must exist before the run (reads of missing keys measure little).
     pub fn needs_preload(self) -> bool {
         self.read_percent() > 0
+    }
+
+    pub fn is_paper(self) -> bool {
+        matches!(self, Workload::PaperRead | Workload::PaperWrite)
     }
 }
 

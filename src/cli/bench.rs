@@ -1,13 +1,15 @@
-//! `dds bench` and `dds demo`: the dds client as a `dds_bench::Target`.
+//! `dds bench`, `dds suite` and `dds demo`: the dds client as a `dds_bench::Target`,
+//! beside Redis, memcached and the echo floor driven by the same load generator.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use dds_bench::echo::{EchoServer, EchoTarget};
-use dds_bench::workload::key_for;
+use dds_bench::echo::{Echo, EchoServer};
+use dds_bench::stream::{Memcached, Resp, StreamTarget};
 use dds_bench::{Done, OpKind, Progress, Report, RunConfig, Target, TargetError, Workload};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -23,6 +25,8 @@ pub enum WorkloadArg {
     YcsbA,
     YcsbB,
     YcsbC,
+    PaperRead,
+    PaperWrite,
 }
 
 impl From<WorkloadArg> for Workload {
@@ -34,6 +38,43 @@ impl From<WorkloadArg> for Workload {
             WorkloadArg::YcsbA => Workload::YcsbA,
             WorkloadArg::YcsbB => Workload::YcsbB,
             WorkloadArg::YcsbC => Workload::YcsbC,
+            WorkloadArg::PaperRead => Workload::PaperRead,
+            WorkloadArg::PaperWrite => Workload::PaperWrite,
+        }
+    }
+}
+
+/// A system to measure.
+#[derive(Clone, Debug)]
+pub(super) enum System {
+    /// A dds cluster, by its directory.
+    Dds(PathBuf),
+    /// The floor: an in-process echo server on the same TCP transport.
+    Echo,
+    Redis(SocketAddr),
+    Memcached(SocketAddr),
+}
+
+impl System {
+    fn parse(target: &str, cluster: Option<&PathBuf>) -> anyhow::Result<System> {
+        let addr = |rest: &str| -> anyhow::Result<SocketAddr> {
+            rest.trim_end_matches('/').parse().with_context(|| format!("--target {target}: expected HOST:PORT with an IP"))
+        };
+        Ok(match target {
+            "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR")?),
+            "echo" => System::Echo,
+            t if t.starts_with("redis://") => System::Redis(addr(&t["redis://".len()..])?),
+            t if t.starts_with("memcached://") => System::Memcached(addr(&t["memcached://".len()..])?),
+            t => bail!("--target {t}: expected dds, echo, redis://HOST:PORT or memcached://HOST:PORT"),
+        })
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            System::Dds(_) => "dds",
+            System::Echo => "echo",
+            System::Redis(_) => "redis",
+            System::Memcached(_) => "memcached",
         }
     }
 }
@@ -42,9 +83,9 @@ impl From<WorkloadArg> for Workload {
 pub struct LoadArgs {
     #[arg(long, value_enum, default_value_t = WorkloadArg::Read)]
     workload: WorkloadArg,
-    /// Bytes per value written.
-    #[arg(long, default_value_t = 64)]
-    value_size: usize,
+    /// Bytes per value written [default: 64; 150 for the paper's workloads].
+    #[arg(long)]
+    value_size: Option<usize>,
     /// Distinct keys the workload draws from.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
@@ -57,9 +98,13 @@ pub struct LoadArgs {
     /// Client threads, each with its own connections.
     #[arg(long, default_value_t = 4)]
     clients: usize,
-    /// Operations in flight per client thread.
-    #[arg(long, default_value_t = 1)]
-    depth: usize,
+    /// Operations in flight per client thread [default: 1; 100 for the paper's workloads].
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Open loop: operations per second in all, on a fixed schedule, latency counted from
+    /// when each was due (coordinated-omission correction); --depth caps in-flight ones.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Stop after this many operations in all.
     #[arg(long, default_value_t = 100_000_000)]
     ops_max: u64,
@@ -67,33 +112,62 @@ pub struct LoadArgs {
     seed: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BenchTarget {
-    /// The cluster named by --cluster.
-    Dds,
-    /// The floor: an in-process echo server on the same TCP transport, exchanging as many
-    /// bytes per operation as dds does.
-    Echo,
+impl LoadArgs {
+    fn config(&self, target: &str) -> anyhow::Result<RunConfig> {
+        let workload = Workload::from(self.workload);
+        if !(self.seconds > 0.0 && self.seconds <= 86_400.0 && (0.0..=3600.0).contains(&self.warmup)) {
+            bail!("--seconds must be in (0, 86400] and --warmup in [0, 3600]");
+        }
+        let (value_default, depth_default) =
+            if workload.is_paper() { (Workload::PAPER_VALUE_SIZE, Workload::PAPER_DEPTH) } else { (64, 1) };
+        let config = RunConfig {
+            target: target.into(),
+            workload,
+            clients: self.clients,
+            depth: self.depth.unwrap_or(depth_default),
+            value_size: self.value_size.unwrap_or(value_default),
+            keys: self.keys,
+            duration: Duration::from_secs_f64(self.seconds),
+            warmup: Duration::from_secs_f64(self.warmup),
+            ops_max: self.ops_max,
+            seed: self.seed,
+            rate: self.rate,
+        };
+        if config.clients == 0 || config.depth == 0 || config.keys == 0 {
+            bail!("--clients, --depth and --keys must be at least 1");
+        }
+        if config.value_size > crate::proto::VALUE_LEN_MAX {
+            bail!("--value-size {} is over the limit of {}", config.value_size, crate::proto::VALUE_LEN_MAX);
+        }
+        if let Some(rate) = config.rate {
+            if !(rate > 0.0 && rate.is_finite()) {
+                bail!("--rate must be a positive number of operations per second");
+            }
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// What to measure: dds (the cluster in --cluster), echo (the transport floor),
+    /// redis://HOST:PORT or memcached://HOST:PORT.
+    #[arg(long, default_value = "dds")]
+    target: String,
     /// A local cluster's directory (for --target dds).
     #[arg(long)]
     cluster: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = BenchTarget::Dds)]
-    target: BenchTarget,
     #[command(flatten)]
     load: LoadArgs,
-    /// Open-loop target rate (ops/s) [not built yet: the load is closed-loop].
-    #[arg(long)]
-    rate: Option<f64>,
     /// Do not write the keys before a workload that reads them.
     #[arg(long)]
     no_preload: bool,
     /// Write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Plot latency by percentile to STEM.svg and STEM.png.
+    #[arg(long, value_name = "STEM")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -118,7 +192,7 @@ pub struct DemoArgs {
     depth: usize,
 }
 
-/// One client thread's view of the cluster for the load generator.
+/// One client thread's view of a dds cluster for the load generator.
 struct DdsTarget {
     client: Client,
     completions: Vec<Completion>,
@@ -154,94 +228,100 @@ impl Target for DdsTarget {
 fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {msg}").expect("valid template").progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {msg}").expect("valid template").progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     bar
 }
 
-/// Writes every key of the workload once, pipelined, with a progress bar.
-fn preload(cluster: &ClusterFile, keys: u64, value_size: usize) -> anyhow::Result<()> {
-    let mut client = cluster.connect()?;
-    let bar = progress_bar(keys, "load");
-    let value: Vec<u8> = (0..value_size).map(|i| (i % 251) as u8).collect();
-    let mut key = Vec::new();
-    let mut done = Vec::new();
-    let (mut next, mut completed) = (0u64, 0u64);
-    let depth = 64;
-    while completed < keys {
-        while next < keys && client.in_flight() < depth {
-            key_for(next, &mut key);
-            client.submit(Request::Put(&key, &value))?;
-            next += 1;
-        }
-        done.clear();
-        client.poll(&mut done, Duration::from_millis(100))?;
-        for c in done.drain(..) {
-            c.result.context("preload put")?;
-            completed += 1;
-        }
-        bar.set_position(completed);
-        bar.set_message(format!("{completed}/{keys} keys"));
-    }
-    bar.finish_and_clear();
-    Ok(())
+/// Opens a target of `system` and hands it to `f` (targets differ in type, so the
+/// caller's work is generic over them).
+trait WithTarget {
+    type Out;
+    fn call<T: Target, M: Fn(usize) -> Result<T, TargetError> + Sync + Send>(self, make: M) -> anyhow::Result<Self::Out>;
 }
 
-fn run_dds(cluster: &ClusterFile, load: &LoadArgs, workload: Workload) -> anyhow::Result<Report> {
-    let addrs = cluster.addrs();
-    run_load("dds", load, workload, |_| {
-        let client = Client::connect(&addrs, ClientConfig::default()).map_err(|e| TargetError::new("connect", e))?;
-        Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
-    })
+fn with_target<W: WithTarget>(system: &System, value_size: usize, w: W) -> anyhow::Result<W::Out> {
+    match system {
+        System::Dds(dir) => {
+            let addrs = ClusterFile::load(dir)?.addrs();
+            w.call(move |_| {
+                let client = Client::connect(&addrs, ClientConfig::default()).map_err(|e| TargetError::new("connect", e))?;
+                Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
+            })
+        }
+        System::Echo => {
+            // Polls like a brick: spin 50 us after the last request, then sleep.
+            let server = EchoServer::start("127.0.0.1:0".parse().expect("literal address"), Duration::from_micros(50))
+                .context("start the echo server")?;
+            let addr = server.addr;
+            w.call(move |_| StreamTarget::connect(Echo { value_size }, addr))
+        }
+        System::Redis(addr) => w.call(|_| StreamTarget::connect(Resp, *addr)),
+        System::Memcached(addr) => w.call(|_| StreamTarget::connect(Memcached, *addr)),
+    }
 }
 
-fn run_load<T, M>(target: &str, load: &LoadArgs, workload: Workload, make_target: M) -> anyhow::Result<Report>
-where
-    T: Target,
-    M: Fn(usize) -> Result<T, TargetError> + Sync + Send,
-{
-    if !(load.seconds > 0.0 && load.seconds <= 86_400.0 && (0.0..=3600.0).contains(&load.warmup)) {
-        bail!("--seconds must be in (0, 86400] and --warmup in [0, 3600]");
-    }
-    if load.clients == 0 || load.depth == 0 || load.keys == 0 {
-        bail!("--clients, --depth and --keys must be at least 1");
-    }
-    let config = RunConfig {
-        target: target.into(),
-        workload,
-        clients: load.clients,
-        depth: load.depth,
-        value_size: load.value_size,
-        keys: load.keys,
-        duration: Duration::from_secs_f64(load.seconds),
-        warmup: Duration::from_secs_f64(load.warmup),
-        ops_max: load.ops_max,
-        seed: load.seed,
-    };
-    let progress = Progress::default();
-    let total = config.warmup + config.duration;
-    let bar = progress_bar(total.as_millis() as u64, workload.name());
-    let report = std::thread::scope(|scope| {
-        let runner = scope.spawn(|| {
-            dds_bench::run(&config, make_target, &progress)
-        });
-        let started = Instant::now();
-        let mut last = (started, 0u64);
-        while !runner.is_finished() {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = Instant::now();
-            let ops = progress.ops.load(Ordering::Relaxed);
-            let rate = (ops - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
-            last = (now, ops);
-            let phase = if now.duration_since(started) < config.warmup { "warm-up" } else { "measuring" };
-            bar.set_position(now.duration_since(started).as_millis().min(total.as_millis()) as u64);
-            bar.set_message(format!("{phase}: {ops} ops, {rate:.0} ops/s, {} errors", progress.errors.load(Ordering::Relaxed)));
-        }
+/// Writes every key of the workload once, with a progress bar.
+struct Preload {
+    keys: u64,
+    value_size: usize,
+}
+
+impl WithTarget for Preload {
+    type Out = ();
+    fn call<T: Target, M: Fn(usize) -> Result<T, TargetError> + Sync + Send>(self, make: M) -> anyhow::Result<()> {
+        let mut target = make(0)?;
+        let bar = progress_bar(self.keys, "load");
+        dds_bench::preload(&mut target, self.keys, self.value_size, 64, |n| {
+            bar.set_position(n);
+            bar.set_message(format!("{n}/{} keys", self.keys));
+        })?;
         bar.finish_and_clear();
-        runner.join().expect("bench runner panicked")
-    })?;
-    Ok(report)
+        Ok(())
+    }
+}
+
+/// Runs the load with a live progress line.
+struct Measure<'a> {
+    config: &'a RunConfig,
+}
+
+impl WithTarget for Measure<'_> {
+    type Out = Report;
+    fn call<T: Target, M: Fn(usize) -> Result<T, TargetError> + Sync + Send>(self, make: M) -> anyhow::Result<Report> {
+        let config = self.config;
+        let progress = Progress::default();
+        let total = config.warmup + config.duration;
+        let bar = progress_bar(total.as_millis() as u64, &format!("{} {}", config.target, config.workload.name()));
+        let report = std::thread::scope(|scope| {
+            let runner = scope.spawn(|| dds_bench::run(config, make, &progress));
+            let started = Instant::now();
+            let mut last = (started, 0u64);
+            while !runner.is_finished() {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = Instant::now();
+                let ops = progress.ops.load(Ordering::Relaxed);
+                let rate = (ops - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                last = (now, ops);
+                let phase = if now.duration_since(started) < config.warmup { "warm-up" } else { "measuring" };
+                bar.set_position(now.duration_since(started).as_millis().min(total.as_millis()) as u64);
+                bar.set_message(format!("{phase}: {ops} ops, {rate:.0} ops/s, {} errors", progress.errors.load(Ordering::Relaxed)));
+            }
+            bar.finish_and_clear();
+            runner.join().expect("bench runner panicked")
+        })?;
+        Ok(report)
+    }
+}
+
+/// Preloads (when the workload reads) and measures one system.
+pub(super) fn measure(system: &System, config: &RunConfig, preload: bool) -> anyhow::Result<Report> {
+    if preload && config.workload.needs_preload() {
+        with_target(system, config.value_size, Preload { keys: config.keys, value_size: config.value_size })
+            .with_context(|| format!("preload {}", system.name()))?;
+    }
+    with_target(system, config.value_size, Measure { config }).with_context(|| format!("measure {}", system.name()))
 }
 
 fn print_table(reports: &[Report]) {
@@ -254,29 +334,22 @@ fn print_table(reports: &[Report]) {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    if args.rate.is_some() {
-        bail!("--rate (open-loop load) is not built yet; this version runs closed-loop (--clients x --depth)");
-    }
-    let workload = Workload::from(args.load.workload);
-    let report = match (args.target, &args.cluster) {
-        (BenchTarget::Dds, Some(dir)) => {
-            let cluster = ClusterFile::load(dir)?;
-            if workload.needs_preload() && !args.no_preload {
-                preload(&cluster, args.load.keys, args.load.value_size)?;
-            }
-            run_dds(&cluster, &args.load, workload)?
-        }
-        (BenchTarget::Dds, None) => bail!("--target dds needs --cluster DIR"),
-        (BenchTarget::Echo, _) => {
-            let server = EchoServer::start("127.0.0.1:0".parse().expect("literal address"), Duration::from_micros(50))
-                .context("start the echo server")?;
-            let value_size = args.load.value_size;
-            run_load("echo", &args.load, workload, |_| EchoTarget::connect(server.addr, value_size))?
-        }
-    };
+    let system = System::parse(&args.target, args.cluster.as_ref())?;
+    let config = args.load.config(system.name())?;
+    let report = measure(&system, &config, !args.no_preload)?;
     print_table(std::slice::from_ref(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(stem) = &args.plot {
+        let title = format!(
+            "{} {}: {} clients x depth {}, {} B values",
+            report.target, report.workload, report.clients, report.depth, report.value_size
+        );
+        let series = dds_bench::plot::percentile_series(&[&report]);
+        for path in dds_bench::plot::chart(stem, &title, "percentile, in nines (2 = p99)", "latency (us, log)", &series)? {
+            println!("plot: {}", path.display());
+        }
     }
     if report.errors > 0 {
         bail!("{} operations failed", report.errors);
@@ -305,22 +378,23 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.depth,
         args.seconds
     );
+    let system = System::Dds(dir.path().to_path_buf());
     let result = (|| {
-        preload(&cluster, args.keys, args.value_size)?;
         let mut reports = Vec::new();
-        for workload in [Workload::Read, Workload::Write, Workload::Mixed] {
+        for (i, workload) in [WorkloadArg::Read, WorkloadArg::Write, WorkloadArg::Mixed].into_iter().enumerate() {
             let load = LoadArgs {
-                workload: WorkloadArg::Read,
-                value_size: args.value_size,
+                workload,
+                value_size: Some(args.value_size),
                 keys: args.keys,
                 seconds: args.seconds,
                 warmup: 0.5,
                 clients: args.clients,
-                depth: args.depth,
+                depth: Some(args.depth),
+                rate: None,
                 ops_max: 100_000_000,
                 seed: 1,
             };
-            reports.push(run_dds(&cluster, &load, workload)?);
+            reports.push(measure(&system, &load.config("dds")?, i == 0)?);
         }
         println!();
         print_table(&reports);
@@ -336,3 +410,5 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("\ncluster stopped; every brick exited");
     Ok(())
 }
+
+pub use super::suite::{suite, SuiteArgs};

@@ -4,6 +4,7 @@
 mod bench;
 pub mod cluster;
 mod kv;
+mod suite;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,8 +44,11 @@ enum Command {
     Get(kv::KeyArgs),
     /// Remove a key (exit 1 if there was none).
     Del(kv::KeyArgs),
-    /// Closed-loop load against a cluster, with a latency/throughput report.
+    /// Load against a cluster (or Redis, memcached, the echo floor), with a latency and
+    /// throughput report.
     Bench(bench::BenchArgs),
+    /// dds beside Redis, memcached and the echo floor, same load generator, one run.
+    Suite(bench::SuiteArgs),
 }
 
 #[derive(Args)]
@@ -89,6 +93,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Get(args) => kv::get(args),
         Command::Del(args) => kv::del(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Suite(args) => bench::suite(args),
     }
 }
 
