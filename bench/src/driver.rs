@@ -289,7 +289,7 @@ mod tests {
     fn open_loop_keeps_its_rate() {
         let report = run(&config(Some(2000.0), 64), |_| Ok(fake(Duration::ZERO)), &Progress::default()).unwrap();
         // 2000 ops/s for 0.6 s, give or take the schedule's edges.
-        assert!((1000..=1300).contains(&report.ops), "{} ops", report.ops);
+        assert!((1000..=1300).contains(&report.total.ops), "{} ops", report.total.ops);
         assert_eq!(report.errors, 0);
     }
 
@@ -300,10 +300,10 @@ mod tests {
         let stall = Duration::from_millis(200);
         let closed = run(&config(None, 1), |_| Ok(fake(stall)), &Progress::default()).unwrap();
         let open = run(&config(Some(2000.0), 1000), |_| Ok(fake(stall)), &Progress::default()).unwrap();
-        assert!(closed.p50_us < 10_000.0, "closed-loop p50 {} us", closed.p50_us);
+        assert!(closed.total.p50_us < 10_000.0, "closed-loop p50 {} us", closed.total.p50_us);
         // A third of the open-loop run was due inside the stall: its p99 sees it.
-        assert!(open.p99_us > 100_000.0, "open-loop p99 {} us hides the stall", open.p99_us);
-        assert!(open.max_us >= 190_000.0, "open-loop max {} us", open.max_us);
+        assert!(open.total.p99_us > 100_000.0, "open-loop p99 {} us hides the stall", open.total.p99_us);
+        assert!(open.total.max_us >= 190_000.0, "open-loop max {} us", open.total.max_us);
     }
 
     #[test]
@@ -311,6 +311,6 @@ mod tests {
         let mut c = config(None, 4);
         c.ops_max = 500;
         let report = run(&c, |_| Ok(fake(Duration::ZERO)), &Progress::default()).unwrap();
-        assert_eq!(report.ops, 500);
+        assert_eq!(report.total.ops, 500);
     }
 }

@@ -48,14 +48,10 @@ pub struct Report {
     pub key_dist: String,
     pub warmup_secs: f64,
     pub seconds: f64,
-    pub ops: u64,
     pub errors: u64,
-    pub ops_per_sec: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub max_us: f64,
-    pub mean_us: f64,
+    /// All operations; its fields sit at the top level of the JSON.
+    #[serde(flatten)]
+    pub total: OpReport,
     /// Open-loop target rate (ops/s); absent for closed loop.
     pub rate: Option<f64>,
     /// `[quantile, microseconds]` pairs over all operations, for plots.
@@ -69,7 +65,6 @@ pub const QUANTILES: [f64; 10] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.99
 
 impl Report {
     pub(crate) fn new(config: &RunConfig, elapsed: Duration, all: &Histogram<u64>, errors: u64, get: OpReport, put: OpReport) -> Report {
-        let total = OpReport::from_histogram(all, elapsed);
         Report {
             target: config.target.clone(),
             workload: config.workload.name().to_string(),
@@ -81,14 +76,8 @@ impl Report {
             key_dist: format!("{:?}", config.workload.key_dist()).to_lowercase(),
             warmup_secs: config.warmup.as_secs_f64(),
             seconds: elapsed.as_secs_f64(),
-            ops: total.ops,
             errors,
-            ops_per_sec: total.ops_per_sec,
-            p50_us: total.p50_us,
-            p99_us: total.p99_us,
-            p999_us: total.p999_us,
-            max_us: total.max_us,
-            mean_us: total.mean_us,
+            total: OpReport::from_histogram(all, elapsed),
             rate: config.rate,
             percentiles: QUANTILES.iter().map(|&q| [q, all.value_at_quantile(q) as f64 / 1000.0]).collect(),
             get,

@@ -12,7 +12,7 @@ pub enum OpKind {
     Put,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// 100% gets, uniform keys.
@@ -71,10 +71,6 @@ impl Workload {
             Workload::PaperRead => "paper-read",
             Workload::PaperWrite => "paper-write",
         }
-    }
-
-    pub fn parse(name: &str) -> Option<Workload> {
-        Workload::ALL.into_iter().find(|w| w.name() == name)
     }
 
     /// Share of gets, in percent.
@@ -160,7 +156,7 @@ mod tests {
     fn mixes_match_their_names() {
         let mut rng = SmallRng::seed_from_u64(1);
         for w in Workload::ALL {
-            assert_eq!(Workload::parse(w.name()), Some(w));
+            assert_eq!(<Workload as clap::ValueEnum>::from_str(w.name(), false), Ok(w), "CLI name and report name agree");
             let gen = OpGen::new(w, 1000);
             let gets = (0..10_000).filter(|_| gen.next(&mut rng).0 == OpKind::Get).count() as f64 / 100.0;
             assert!((gets - w.read_percent() as f64).abs() < 3.0, "{}: {gets}% gets", w.name());

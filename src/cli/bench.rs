@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use dds_bench::echo::{Echo, EchoServer};
 use dds_bench::stream::{Memcached, Resp, StreamTarget};
 use dds_bench::{Done, OpKind, Progress, Report, RunConfig, Target, TargetError, Workload};
@@ -16,33 +16,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::cluster::{self, ClusterFile, TransportKind, UpArgs};
 use crate::client::{Client, ClientConfig, Completion, Request};
 use crate::map::DEFAULT_PARTITION_BITS;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum WorkloadArg {
-    Read,
-    Write,
-    Mixed,
-    YcsbA,
-    YcsbB,
-    YcsbC,
-    PaperRead,
-    PaperWrite,
-}
-
-impl From<WorkloadArg> for Workload {
-    fn from(w: WorkloadArg) -> Workload {
-        match w {
-            WorkloadArg::Read => Workload::Read,
-            WorkloadArg::Write => Workload::Write,
-            WorkloadArg::Mixed => Workload::Mixed,
-            WorkloadArg::YcsbA => Workload::YcsbA,
-            WorkloadArg::YcsbB => Workload::YcsbB,
-            WorkloadArg::YcsbC => Workload::YcsbC,
-            WorkloadArg::PaperRead => Workload::PaperRead,
-            WorkloadArg::PaperWrite => Workload::PaperWrite,
-        }
-    }
-}
 
 /// A system to measure.
 #[derive(Clone, Debug)]
@@ -81,8 +54,8 @@ impl System {
 
 #[derive(Args, Clone)]
 pub struct LoadArgs {
-    #[arg(long, value_enum, default_value_t = WorkloadArg::Read)]
-    workload: WorkloadArg,
+    #[arg(long, value_enum, default_value_t = Workload::Read)]
+    workload: Workload,
     /// Bytes per value written [default: 64; 150 for the paper's workloads].
     #[arg(long)]
     value_size: Option<usize>,
@@ -114,7 +87,7 @@ pub struct LoadArgs {
 
 impl LoadArgs {
     fn config(&self, target: &str) -> anyhow::Result<RunConfig> {
-        let workload = Workload::from(self.workload);
+        let workload = self.workload;
         if !(self.seconds > 0.0 && self.seconds <= 86_400.0 && (0.0..=3600.0).contains(&self.warmup)) {
             bail!("--seconds must be in (0, 86400] and --warmup in [0, 3600]");
         }
@@ -381,7 +354,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let system = System::Dds(dir.path().to_path_buf());
     let result = (|| {
         let mut reports = Vec::new();
-        for (i, workload) in [WorkloadArg::Read, WorkloadArg::Write, WorkloadArg::Mixed].into_iter().enumerate() {
+        for (i, workload) in [Workload::Read, Workload::Write, Workload::Mixed].into_iter().enumerate() {
             let load = LoadArgs {
                 workload,
                 value_size: Some(args.value_size),

@@ -211,9 +211,9 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let cell = |si: usize, yi: usize, f: &dyn Fn(&Report) -> f64| -> Vec<f64> {
         reports.get(&(si, yi)).map(|rs| rs.iter().map(f).collect()).unwrap_or_default()
     };
-    let ops = |r: &Report| r.ops_per_sec;
-    let p50 = |r: &Report| r.p50_us;
-    let p99 = |r: &Report| r.p99_us;
+    let ops = |r: &Report| r.total.ops_per_sec;
+    let p50 = |r: &Report| r.total.p50_us;
+    let p99 = |r: &Report| r.total.p99_us;
     let ratio = |a: &[f64], b: &[f64]| -> String {
         if a.is_empty() || b.is_empty() {
             return "–".into();
@@ -296,7 +296,7 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
 /// The report of a cell whose throughput is the median one (a real run, not a blend).
 fn median_run(rs: &[Report]) -> &Report {
     let mut sorted: Vec<&Report> = rs.iter().collect();
-    sorted.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+    sorted.sort_by(|a, b| a.total.ops_per_sec.total_cmp(&b.total.ops_per_sec));
     sorted[sorted.len() / 2]
 }
 
@@ -318,7 +318,7 @@ fn plots(
             &plot::percentile_series(&rs),
         )?);
     }
-    for (what, pick) in [("p50", (|r: &Report| r.p50_us) as fn(&Report) -> f64), ("p99", |r: &Report| r.p99_us)] {
+    for (what, pick) in [("p50", (|r: &Report| r.total.p50_us) as fn(&Report) -> f64), ("p99", |r: &Report| r.total.p99_us)] {
         let series: Vec<Series> = systems
             .iter()
             .enumerate()
@@ -328,7 +328,7 @@ fn plots(
                     .iter()
                     .filter_map(|name| shapes.iter().position(|s| s.name == *name))
                     .filter_map(|si| reports.get(&(si, yi)))
-                    .map(|rs| (median(rs.iter().map(|r| r.ops_per_sec).collect()).log10(), median(rs.iter().map(pick).collect())))
+                    .map(|rs| (median(rs.iter().map(|r| r.total.ops_per_sec).collect()).log10(), median(rs.iter().map(pick).collect())))
                     .collect(),
             })
             .filter(|s| s.points.len() > 1)

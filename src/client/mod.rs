@@ -269,6 +269,9 @@ impl Client {
             let timeout = if self.state.in_flight.is_empty() { Duration::ZERO } else { timeout };
             self.transport.poll(Some(timeout), &mut self.state).map_err(ClientError::Poll)?;
             self.expire();
+        } else {
+            // Completions are waiting: return them at once, but send what was submitted.
+            self.transport.flush(&mut self.state);
         }
         let n = self.state.ready.len();
         out.extend(self.state.ready.drain(..));
