@@ -4,6 +4,7 @@
 
 #[macro_use]
 pub mod logging;
+pub mod log;
 pub mod brick;
 pub mod client;
 pub mod map;
