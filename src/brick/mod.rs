@@ -17,6 +17,29 @@ use crate::proto::{BrickInfo, DdsFraming};
 
 pub use shard::Shard;
 
+/// When a write is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After its log record is written and fdatasync'd (group commit): survives a crash
+    /// of the process and of the machine.
+    Sync,
+    /// After it is applied in memory and its record handed to the kernel: survives a
+    /// crash of the process, not of the machine. For users who rely on replication.
+    Memory,
+}
+
+/// `<dir>/layout.json`: the shape a brick's logs were written for. A core's log holds
+/// only the partitions that core owns, so a brick must restart with the same shape.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Layout {
+    pub cores: usize,
+    pub partition_bits: u8,
+}
+
+pub const LAYOUT_FILE: &str = "layout.json";
+const LOCK_FILE: &str = "LOCK";
+
 #[derive(Clone, Debug)]
 pub struct BrickConfig {
     /// Holds `brick.json` (and, later, the log and checkpoints).
@@ -31,6 +54,9 @@ pub struct BrickConfig {
     pub busy_poll: bool,
     /// Pin each worker to a CPU.
     pub pin: bool,
+    pub durability: Durability,
+    /// One port per core, overriding `listen`'s port (a restart keeps its ports).
+    pub ports: Option<Vec<u16>>,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -66,8 +92,17 @@ pub enum BrickError {
     Core {
         core: usize,
         #[source]
-        source: TransportError,
+        source: core_loop::CoreError,
     },
+    #[error("brick: {dir} is in use by another brick process")]
+    Locked { dir: PathBuf },
+    #[error(
+        "brick: {dir} holds logs written by {found_cores} core(s) with {found_bits} partition bits; \
+         start it with --cores {found_cores} --partition-bits {found_bits} (a brick's logs cannot be re-partitioned)"
+    )]
+    LayoutMismatch { dir: PathBuf, found_cores: usize, found_bits: u8 },
+    #[error("brick: --ports lists {given} port(s) for {cores} core(s)")]
+    Ports { given: usize, cores: usize },
 }
 
 impl BrickFile {
@@ -87,6 +122,46 @@ impl BrickFile {
     }
 }
 
+/// Takes the directory for this process (released when the returned lock drops).
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, BrickError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| BrickError::File { op: "open", path: path.clone(), source })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| BrickError::Locked { dir: dir.to_path_buf() })
+}
+
+/// Checks the directory's layout against the configuration, recording it the first time.
+fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
+    let path = config.dir.join(LAYOUT_FILE);
+    let want = Layout { cores: config.cores, partition_bits: config.partition_bits };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: Layout = serde_json::from_str(&text)
+                .map_err(|e| BrickError::File { op: "parse", path: path.clone(), source: e.into() })?;
+            if found != want {
+                return Err(BrickError::LayoutMismatch {
+                    dir: config.dir.clone(),
+                    found_cores: found.cores,
+                    found_bits: found.partition_bits,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = config.dir.join(format!("{LAYOUT_FILE}.tmp"));
+            let text = serde_json::to_string_pretty(&want).expect("layout serialises");
+            std::fs::write(&tmp, text).map_err(|source| BrickError::File { op: "write", path: tmp.clone(), source })?;
+            std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path, source })
+        }
+        Err(source) => Err(BrickError::File { op: "read", path, source }),
+    }
+}
+
 /// Runs a brick until `stop` is set (the binary sets it on SIGTERM or SIGINT).
 pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError> {
     if config.cores == 0 {
@@ -94,12 +169,21 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     }
     std::fs::create_dir_all(&config.dir)
         .map_err(|source| BrickError::File { op: "create", path: config.dir.clone(), source })?;
+    let _lock = lock_dir(&config.dir)?;
+    check_layout(config)?;
+    if let Some(ports) = &config.ports {
+        if ports.len() != config.cores {
+            return Err(BrickError::Ports { given: ports.len(), cores: config.cores });
+        }
+    }
     // Every core binds before any serves, so `Hello` can name all the ports.
     let mut transports = Vec::with_capacity(config.cores);
     let mut addrs = Vec::with_capacity(config.cores);
     for core in 0..config.cores {
         let mut addr = config.listen;
-        if addr.port() != 0 {
+        if let Some(ports) = &config.ports {
+            addr.set_port(ports[core]);
+        } else if addr.port() != 0 {
             let port = addr.port() as usize + core;
             let port = u16::try_from(port).map_err(|_| BrickError::Listen {
                 core,
@@ -115,6 +199,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     }
     let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
     let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
     let results: Vec<Result<(), BrickError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = transports
             .into_iter()
@@ -123,6 +208,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 let info = BrickInfo { partition_bits: config.partition_bits, core: core as u16, ports: ports.clone() };
                 let cpu = (!cpus.is_empty()).then(|| cpus[core % cpus.len()]);
                 let stop = Arc::clone(&stop);
+                let ready = ready_tx.clone();
                 let loop_config = core_loop::LoopConfig {
                     spin: Duration::from_micros(config.spin_us),
                     busy_poll: config.busy_poll,
@@ -134,29 +220,56 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         if let Some(cpu) = cpu {
                             core_affinity::set_for_current(cpu);
                         }
-                        let shard = Shard::new(core, config.cores, config.partition_bits);
-                        core_loop::run(core, transport, shard, info, loop_config, &stop)
-                            .map_err(|source| BrickError::Core { core, source })
+                        let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
+                        let mut shard = Shard::new(core, config.cores, config.partition_bits);
+                        let log_path = config.dir.join(format!("core-{core}.log"));
+                        let (log, next_lsn) = match core_loop::recover(core, &log_path, &mut shard) {
+                            Ok(recovered) => recovered,
+                            Err(e) => {
+                                stop.store(true, Ordering::SeqCst);
+                                return Err(fail(e.into()));
+                            }
+                        };
+                        let _ = ready.send(core);
+                        drop(ready);
+                        let result =
+                            core_loop::run(core, transport, shard, log, next_lsn, config.durability, info, loop_config, &stop);
+                        // One core stopping stops the brick: it serves all its partitions or none.
+                        stop.store(true, Ordering::SeqCst);
+                        result.map_err(fail)
                     })
                     .expect("spawn core thread")
             })
             .collect();
-        let file = BrickFile { pid: std::process::id(), cores: config.cores, partition_bits: config.partition_bits, addrs: addrs.clone() };
-        let stored = file.store(&config.dir);
-        if stored.is_ok() {
-            crate::log!("brick", "serving on {} core(s): {:?} (pid {})", config.cores, addrs, file.pid);
+        drop(ready_tx);
+        // brick.json says "serving": only once every core has replayed its log.
+        let all_ready = ready_rx.iter().take(config.cores).count() == config.cores;
+        let stored = if all_ready {
+            let file = BrickFile {
+                pid: std::process::id(),
+                cores: config.cores,
+                partition_bits: config.partition_bits,
+                addrs: addrs.clone(),
+            };
+            let stored = file.store(&config.dir);
+            if stored.is_ok() {
+                crate::log!(
+                    "brick",
+                    "serving on {} core(s): {:?} (pid {}, durability {:?})",
+                    config.cores,
+                    addrs,
+                    file.pid,
+                    config.durability
+                );
+            }
+            stored
         } else {
+            Ok(())
+        };
+        if !all_ready || stored.is_err() {
             stop.store(true, Ordering::SeqCst);
         }
-        let mut results: Vec<_> = handles
-            .into_iter()
-            .map(|h| {
-                let r = h.join().expect("core thread panicked");
-                // One failed core stops the brick: a brick serves all its partitions or none.
-                stop.store(true, Ordering::SeqCst);
-                r
-            })
-            .collect();
+        let mut results: Vec<_> = handles.into_iter().map(|h| h.join().expect("core thread panicked")).collect();
         results.insert(0, stored);
         results
     });

@@ -3,6 +3,7 @@
 
 use hashbrown::HashMap;
 
+use crate::log::record::Mutation;
 use crate::map::{core_of, key_hash, partition_of};
 use crate::proto::{encode, BrickInfo, CoreStats, Frame, Kind, Op, Status};
 
@@ -25,8 +26,47 @@ impl Shard {
         Shard { core, cores, partition_bits, tables, stats: CoreStats::default() }
     }
 
+    /// Applies a mutation to an owned partition; returns whether anything changed.
+    fn mutate(&mut self, partition: u32, mutation: &Mutation<'_>) -> bool {
+        let table = self.tables[partition as usize].as_mut().expect("mutate on an owned partition");
+        match *mutation {
+            Mutation::Put { key, value } => {
+                match table.get_mut(key) {
+                    Some(old) => {
+                        self.stats.bytes -= old.len() as u64;
+                        self.stats.bytes += value.len() as u64;
+                        *old = value.into();
+                    }
+                    None => {
+                        table.insert(key.into(), value.into());
+                        self.stats.keys += 1;
+                        self.stats.bytes += (key.len() + value.len()) as u64;
+                    }
+                }
+                true
+            }
+            Mutation::Remove { key } => match table.remove(key) {
+                Some(value) => {
+                    self.stats.keys -= 1;
+                    self.stats.bytes -= (key.len() + value.len()) as u64;
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Re-applies a logged mutation at start-up. The record came from this core's own
+    /// log, so its partition must be one this core owns.
+    pub fn replay(&mut self, mutation: &Mutation<'_>) {
+        let partition = partition_of(key_hash(mutation.key()), self.partition_bits);
+        assert!(self.tables[partition as usize].is_some(), "core {} log holds partition {partition} it does not own", self.core);
+        self.mutate(partition, mutation);
+    }
+
     /// Executes one request and appends its reply to `out`. `info` answers `Hello`.
-    pub fn execute(&mut self, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>) {
+    /// Returns whether the request changed the shard (and so must be logged).
+    pub fn execute(&mut self, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>) -> bool {
         let Kind::Request(op) = request.kind else {
             unreachable!("the core loop passes requests only")
         };
@@ -36,59 +76,48 @@ impl Shard {
         };
         match op {
             Op::Get | Op::Put | Op::Remove => {
-                let (core, cores) = (self.core, self.cores);
                 let partition = partition_of(key_hash(request.key), self.partition_bits);
-                let table = match self.tables[partition as usize].as_mut() {
-                    Some(table) => table,
-                    None => {
-                        let msg = format!(
-                            "partition {partition} belongs to core {} of this brick, not core {core}",
-                            core_of(partition, cores)
-                        );
-                        return reply(Status::WrongShard, msg.as_bytes());
-                    }
-                };
+                if self.tables[partition as usize].is_none() {
+                    let msg = format!(
+                        "partition {partition} belongs to core {} of this brick, not core {}",
+                        core_of(partition, self.cores),
+                        self.core
+                    );
+                    reply(Status::WrongShard, msg.as_bytes());
+                    return false;
+                }
                 match op {
-                    Op::Get => match table.get(request.key) {
-                        Some(value) => reply(Status::Ok, value),
-                        None => reply(Status::NotFound, &[]),
-                    },
-                    Op::Put => {
-                        let added = request.key.len() + request.value.len();
-                        match table.get_mut(request.key) {
-                            Some(value) => {
-                                self.stats.bytes -= value.len() as u64;
-                                self.stats.bytes += request.value.len() as u64;
-                                *value = request.value.into();
-                            }
-                            None => {
-                                table.insert(request.key.into(), request.value.into());
-                                self.stats.keys += 1;
-                                self.stats.bytes += added as u64;
-                            }
+                    Op::Get => {
+                        match self.tables[partition as usize].as_ref().expect("owned").get(request.key) {
+                            Some(value) => reply(Status::Ok, value),
+                            None => reply(Status::NotFound, &[]),
                         }
-                        reply(Status::Ok, &[])
+                        false
                     }
-                    Op::Remove => match table.remove(request.key) {
-                        Some(value) => {
-                            self.stats.keys -= 1;
-                            self.stats.bytes -= (request.key.len() + value.len()) as u64;
-                            reply(Status::Ok, &[])
-                        }
-                        None => reply(Status::NotFound, &[]),
-                    },
+                    Op::Put => {
+                        self.mutate(partition, &Mutation::Put { key: request.key, value: request.value });
+                        reply(Status::Ok, &[]);
+                        true
+                    }
+                    Op::Remove => {
+                        let removed = self.mutate(partition, &Mutation::Remove { key: request.key });
+                        reply(if removed { Status::Ok } else { Status::NotFound }, &[]);
+                        removed
+                    }
                     _ => unreachable!(),
                 }
             }
             Op::Hello => {
                 let mut payload = Vec::new();
                 info.encode(&mut payload);
-                reply(Status::Ok, &payload)
+                reply(Status::Ok, &payload);
+                false
             }
             Op::Stats => {
                 let mut payload = Vec::new();
                 self.stats.encode(&mut payload);
-                reply(Status::Ok, &payload)
+                reply(Status::Ok, &payload);
+                false
             }
         }
     }
@@ -102,7 +131,7 @@ mod tests {
     fn run(shard: &mut Shard, op: Op, key: &[u8], value: &[u8]) -> (Status, Vec<u8>) {
         let info = BrickInfo { partition_bits: 8, core: 0, ports: vec![1] };
         let mut out = Vec::new();
-        shard.execute(&Frame { kind: Kind::Request(op), request_id: 9, epoch: 0, key, value }, &info, &mut out);
+        let _ = shard.execute(&Frame { kind: Kind::Request(op), request_id: 9, epoch: 0, key, value }, &info, &mut out);
         let (frame, len) = decode(&out).unwrap().unwrap();
         assert_eq!(len, out.len());
         assert_eq!(frame.request_id, 9);

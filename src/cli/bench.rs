@@ -14,6 +14,7 @@ use dds_bench::{Done, OpKind, Progress, Report, RunConfig, Target, TargetError, 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cluster::{self, ClusterFile, TransportKind, UpArgs};
+use crate::brick::Durability;
 use crate::client::{Client, ClientConfig, Completion, Request};
 use crate::map::DEFAULT_PARTITION_BITS;
 
@@ -339,6 +340,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         cores: args.cores,
         transport: TransportKind::Tcp,
         partition_bits: DEFAULT_PARTITION_BITS,
+        durability: Durability::Sync,
     };
     let cluster = cluster::up(&up)?;
     println!(

@@ -15,7 +15,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::brick::{BrickFile, BRICK_FILE};
+use crate::brick::{BrickFile, Durability, BRICK_FILE};
 use crate::client::{Client, ClientConfig};
 use crate::map::{brick_of, DEFAULT_PARTITION_BITS};
 
@@ -41,6 +41,8 @@ pub enum ClusterCommand {
     Down(DirArgs),
     /// SIGKILL one brick (fault injection).
     Kill(BrickSel),
+    /// Start a stopped brick again on its directory and ports; it replays its log.
+    Restart(BrickSel),
 }
 
 #[derive(Args)]
@@ -73,6 +75,9 @@ pub struct UpArgs {
     pub transport: TransportKind,
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     pub partition_bits: u8,
+    /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
+    #[arg(long, value_enum, default_value_t = Durability::Sync)]
+    pub durability: Durability,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,6 +88,8 @@ pub struct ClusterBrick {
     /// Core 0's address; the brick tells clients the others.
     pub addr: SocketAddr,
     pub cores: usize,
+    /// Every core's port, kept so a restart serves where clients look.
+    pub ports: Vec<u16>,
 }
 
 /// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
@@ -90,6 +97,7 @@ pub struct ClusterBrick {
 pub struct ClusterFile {
     pub partition_bits: u8,
     pub replicas: usize,
+    pub durability: Durability,
     pub transport: TransportKind,
     pub bricks: Vec<ClusterBrick>,
 }
@@ -152,7 +160,80 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             println!("brick {} (pid {}) killed", b.index, b.pid);
             Ok(())
         }
+        ClusterCommand::Restart(sel) => {
+            let b = restart(&sel.dir, sel.brick)?;
+            println!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
+            Ok(())
+        }
     }
+}
+
+/// Starts `dds brick` in the background on `bdir`, its output appended to `brick.log`.
+fn spawn_brick(
+    exe: &Path,
+    bdir: &Path,
+    cores: usize,
+    partition_bits: u8,
+    durability: Durability,
+    ports: Option<&[u16]>,
+) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(bdir).with_context(|| format!("create {}", bdir.display()))?;
+    let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
+    let log_path = bdir.join("brick.log");
+    let log = OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("brick")
+        .arg("--dir")
+        .arg(bdir)
+        .args(["--listen", "127.0.0.1:0", "--cores", &cores.to_string()])
+        .args(["--partition-bits", &partition_bits.to_string()])
+        .args(["--durability", durability_name(durability)]);
+    if let Some(ports) = ports {
+        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+        cmd.args(["--ports", &list.join(",")]);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for `cluster up` or `demo` must not
+        // reach the bricks behind our back.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start a brick on {}", bdir.display()))?;
+    Ok(child)
+}
+
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Sync => "sync",
+        Durability::Memory => "memory",
+    }
+}
+
+/// Starts brick `index` again with its directory, cores and ports.
+pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
+    let mut cluster = ClusterFile::load(dir)?;
+    let Some(b) = cluster.bricks.get(index).cloned() else {
+        bail!("no brick {index} in {} (it has {})", dir.display(), cluster.bricks.len())
+    };
+    if is_brick_process(&b) {
+        bail!("brick {index} (pid {}) is still running; `dds cluster kill` or `down` it first", b.pid);
+    }
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let mut child = spawn_brick(&exe, &b.dir, b.cores, cluster.partition_bits, cluster.durability, Some(&b.ports))?;
+    let file = match wait_for_brick(&b.dir, &mut child) {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(format!("brick {index} did not restart")));
+        }
+    };
+    cluster.bricks[index].pid = file.pid;
+    cluster.bricks[index].addr = file.addrs[0];
+    cluster.store(dir)?;
+    Ok(cluster.bricks[index].clone())
 }
 
 fn transport_name(kind: TransportKind) -> &'static str {
@@ -195,36 +276,23 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let started = (|| {
         for index in 0..args.bricks {
             let bdir = dir.join(format!("brick-{index}"));
-            std::fs::create_dir_all(&bdir).with_context(|| format!("create {}", bdir.display()))?;
-            let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
-            let log_path = bdir.join("brick.log");
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .with_context(|| format!("open {}", log_path.display()))?;
-            let child = Command::new(&exe)
-                .arg("brick")
-                .arg("--dir")
-                .arg(&bdir)
-                .args(["--listen", "127.0.0.1:0", "--cores", &cores.to_string()])
-                .args(["--partition-bits", &args.partition_bits.to_string()])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                // Its own process group: a Ctrl-C meant for `cluster up` or `demo` must
-                // not reach the bricks behind our back.
-                .process_group(0)
-                .spawn()
+            let child = spawn_brick(&exe, &bdir, cores, args.partition_bits, args.durability, None)
                 .with_context(|| format!("start brick {index}"))?;
             children.push((bdir, child));
         }
         let mut bricks = Vec::new();
         for (index, (bdir, child)) in children.iter_mut().enumerate() {
             let file = wait_for_brick(bdir, child).with_context(|| format!("brick {index} did not start"))?;
-            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores });
+            let ports = file.addrs.iter().map(|a| a.port()).collect();
+            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
         }
-        let cluster = ClusterFile { partition_bits: args.partition_bits, replicas: args.replicas, transport, bricks };
+        let cluster = ClusterFile {
+            partition_bits: args.partition_bits,
+            replicas: args.replicas,
+            durability: args.durability,
+            transport,
+            bricks,
+        };
         cluster.store(&dir)?;
         cluster.connect()?;
         anyhow::Ok(cluster)
@@ -313,8 +381,9 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     let partitions = 1usize << cluster.partition_bits;
     println!("cluster {}", dir.display());
     println!(
-        "  transport {}, {} brick(s), {partitions} partitions ({} bits), {} replica(s), epoch 0 (fixed map)",
+        "  transport {}, durability {}, {} brick(s), {partitions} partitions ({} bits), {} replica(s), epoch 0 (fixed map)",
         transport_name(cluster.transport),
+        durability_name(cluster.durability),
         cluster.bricks.len(),
         cluster.partition_bits,
         cluster.replicas

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::brick::{self, BrickConfig};
+use crate::brick::{self, BrickConfig, Durability};
 use crate::map::DEFAULT_PARTITION_BITS;
 
 /// An error that asks for a particular exit status (a missing key exits 1).
@@ -77,6 +77,13 @@ struct BrickArgs {
     /// Do not pin worker threads to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// When a write is acknowledged: after its fdatasync (sync) or once applied in memory
+    /// and handed to the kernel (memory).
+    #[arg(long, value_enum, default_value_t = Durability::Sync)]
+    durability: Durability,
+    /// One port per core, overriding --listen's port (used by `cluster restart`).
+    #[arg(long, value_delimiter = ',')]
+    ports: Option<Vec<u16>>,
 }
 
 pub fn available_cores() -> usize {
@@ -113,6 +120,8 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         spin_us: args.spin_us,
         busy_poll: args.busy_poll,
         pin: !args.no_pin,
+        durability: args.durability,
+        ports: args.ports,
     };
     brick::run(&config, stop)?;
     Ok(())
