@@ -2,6 +2,8 @@
 //! own listener, so a request is served start to finish by the core that owns its key.
 
 mod core_loop;
+#[cfg(test)]
+mod model_tests;
 mod shard;
 
 use std::net::SocketAddr;

@@ -64,6 +64,11 @@ impl Shard {
         self.mutate(partition, mutation);
     }
 
+    /// Every key and value this core holds, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.tables.iter().flatten().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
+    }
+
     /// Executes one request and appends its reply to `out`. `info` answers `Hello`.
     /// Returns whether the request changed the shard (and so must be logged).
     pub fn execute(&mut self, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>) -> bool {
