@@ -31,8 +31,10 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+/// A logged mutation: (is a put, key, value).
+type Logged = (bool, Vec<u8>, Vec<u8>);
 
-fn apply(model: &mut Model, m: &(bool, Vec<u8>, Vec<u8>)) {
+fn apply(model: &mut Model, m: &Logged) {
     if m.0 {
         model.insert(m.1.clone(), m.2.clone());
     } else {
@@ -59,7 +61,7 @@ proptest! {
         let mut disk: Vec<u8> = Vec::new();
         let mut synced = 0usize;
         // Every record on disk: where it ends, and what it does.
-        let mut on_disk: Vec<(usize, (bool, Vec<u8>, Vec<u8>))> = Vec::new();
+        let mut on_disk: Vec<(usize, Logged)> = Vec::new();
         let mut batch = Vec::new();
         let mut batch_mutations = Vec::new();
         let mut next_lsn = 1u64;
