@@ -24,7 +24,8 @@ struct Expect {
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
-    let cluster = TestCluster::up(1, 2);
+    // Small log segments, so checkpoints and log trimming happen under the kills too.
+    let cluster = TestCluster::up_with(1, 2, &["--checkpoint-log-mb", "0.25"]);
     let dir = cluster.dir_arg();
     let mut rng = SmallRng::seed_from_u64(0xDD5);
     let mut model: HashMap<Vec<u8>, Expect> = HashMap::new();
@@ -116,12 +117,21 @@ fn acknowledged_writes_survive_sigkill() {
             e.maybe.clear();
         }
     }
+    assert!(cluster.brick_log(0).contains("checkpoint at lsn"), "no checkpoint ran during the crash test");
     println!("crash test: {ROUNDS} rounds of SIGKILL, {acked_total} acknowledged writes, {checked_total} key checks against the last acknowledged value");
     assert!(acked_total > 1000, "too few writes were acknowledged to mean anything: {acked_total}");
 }
 
+/// Core 0's newest log segment.
 fn log_path(cluster: &TestCluster) -> std::path::PathBuf {
-    cluster.path().join("brick-0/core-0.log")
+    let dir = cluster.path().join("brick-0");
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("core-0-") && p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    segments.sort();
+    segments.pop().expect("core 0 has a log segment")
 }
 
 fn load(cluster: &TestCluster, n: u32) {
@@ -171,7 +181,8 @@ fn a_flipped_byte_in_the_middle_stops_start_up_naming_the_file() {
     let out = run(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
     assert!(!out.status.success(), "a corrupt log was accepted");
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("core-0.log") && stderr.contains("corrupt record at offset"), "{stderr}");
+    let name = path.file_name().unwrap().to_str().unwrap();
+    assert!(stderr.contains(name) && stderr.contains("corrupt record at offset"), "{stderr}");
     // Nothing was cut: the log is left for an operator.
     assert_eq!(std::fs::read(&path).unwrap(), bad);
     std::fs::write(&path, &original).unwrap();
@@ -189,4 +200,48 @@ fn a_brick_directory_has_one_owner_and_one_shape() {
     cluster.down();
     let out = run(&["brick", "--dir", bdir.to_str().unwrap(), "--cores", "3"]);
     assert!(!out.status.success() && text(&out.stderr).contains("--cores 1"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn checkpoints_bound_the_log_and_recover_with_it() {
+    let mut cluster = TestCluster::up_with(1, 1, &["--checkpoint-log-mb", "0.1"]);
+    let dir = cluster.dir_arg();
+    let mut c = cluster.client();
+    // About 2.5 MiB of writes over 500 keys: many times the log bound.
+    for round in 0..5u32 {
+        for i in 0..500u32 {
+            c.put(format!("ck{i}").as_bytes(), format!("{round}:{}", "x".repeat(1000)).as_bytes()).unwrap();
+        }
+    }
+    c.remove(b"ck7").unwrap();
+    drop(c);
+    let bdir = cluster.path().join("brick-0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log_bytes = || -> u64 {
+        std::fs::read_dir(&bdir).unwrap().map(|e| e.unwrap()).filter(|e| e.path().extension().is_some_and(|x| x == "log")).map(|e| e.metadata().unwrap().len()).sum()
+    };
+    while log_bytes() > 400 << 10 {
+        assert!(Instant::now() < deadline, "log not trimmed: {} bytes", log_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(bdir.join("core-0.ckpt").exists());
+    assert!(cluster.brick_log(0).contains("checkpoint at lsn"), "{}", cluster.brick_log(0));
+    run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "0"]);
+    run_ok(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
+    let mut c = cluster.client();
+    for i in 0..500u32 {
+        let want = if i == 7 { None } else { Some(format!("4:{}", "x".repeat(1000)).into_bytes()) };
+        assert_eq!(c.get(format!("ck{i}").as_bytes()).unwrap(), want, "ck{i}");
+    }
+    drop(c);
+    // A damaged checkpoint stops start-up and names itself.
+    run_ok(&["cluster", "down", "--dir", &dir]);
+    let ckpt = bdir.join("core-0.ckpt");
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x08;
+    std::fs::write(&ckpt, &bytes).unwrap();
+    let out = run(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("core-0.ckpt"), "{}", text(&out.stderr));
+    cluster.down = true;
 }

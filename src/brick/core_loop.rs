@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use dds_transport::{CloseReason, ConnId, Handler, TcpTransport, Transport, TransportError};
 
+use std::path::{Path, PathBuf};
+
 use crate::log::record::{self, Mutation, ScanEnd};
-use crate::log::{LogError, LogFile};
+use crate::log::{self, checkpoint, LogError, LogFile};
 use crate::proto::{decode_exact, BrickInfo, DdsFraming, Kind, Op};
 
 use super::{Durability, Shard};
@@ -87,31 +89,153 @@ impl Handler for Core {
     }
 }
 
-/// Opens this core's log and replays it into `shard`: a torn tail is cut off with a log
-/// line, a corrupt record stops start-up. Returns the log and the next lsn.
-pub fn recover(core: usize, path: &std::path::Path, shard: &mut Shard) -> Result<(LogFile, u64), LogError> {
-    let (mut log, contents) = LogFile::open(path)?;
-    let mut last_lsn = 0;
-    let mut records = 0u64;
-    let end = record::scan(&contents, |r| {
-        shard.replay(&r.mutation);
-        last_lsn = r.lsn;
-        records += 1;
-    })
-    .map_err(|error| LogError::Corrupt { path: path.to_path_buf(), offset: error.offset(), error })?;
-    if let ScanEnd::TornTail { offset, error } = end {
+/// A core's durable state on disk: the active log segment and, while one is being
+/// written, a checkpoint.
+pub struct Storage {
+    dir: PathBuf,
+    core: usize,
+    active: LogFile,
+    checkpoint: Option<checkpoint::Writer>,
+    /// Active segment size that starts a checkpoint (and a new segment).
+    checkpoint_log_bytes: u64,
+}
+
+/// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
+const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
+
+fn read(path: &Path) -> Result<Vec<u8>, LogError> {
+    std::fs::read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
+}
+
+/// Loads this core's checkpoint and replays its log segments into `shard`: a torn tail
+/// of the last segment is cut off with a log line; a corrupt record, a defective
+/// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
+pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64) -> Result<(Storage, u64), LogError> {
+    let who = format_args!("core {core}").to_string();
+    let ckpt_path = log::checkpoint_path(dir, core);
+    let _ = std::fs::remove_file(ckpt_path.with_extension("ckpt.tmp"));
+    let mut start_lsn = 1;
+    if ckpt_path.exists() {
+        let bytes = read(&ckpt_path)?;
+        let mut keys = 0u64;
+        start_lsn = checkpoint::load(&bytes, |key, value| {
+            shard.replay(&Mutation::Put { key, value });
+            keys += 1;
+        })
+        .map_err(|error| LogError::CorruptCheckpoint { path: ckpt_path.clone(), error })?;
+        crate::log!(who, "{}: loaded {keys} keys, log from lsn {start_lsn}", ckpt_path.display());
+    }
+    let segments = log::segments(dir, core)?;
+    let mut next_lsn = start_lsn;
+    let mut replayed = 0u64;
+    let mut active = None;
+    for (i, (first_lsn, path)) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let next_first = segments.get(i + 1).map(|s| s.0);
+        if next_first.is_some_and(|n| n <= start_lsn) {
+            // Wholly covered by the checkpoint: left over from a crash before its delete.
+            std::fs::remove_file(path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+            continue;
+        }
+        if *first_lsn > next_lsn {
+            return Err(LogError::Gap { path: path.clone(), found: *first_lsn, expected: next_lsn });
+        }
+        let (file, contents) = if last { let (f, c) = LogFile::open(path)?; (Some(f), c) } else { (None, read(path)?) };
+        let mut expected = *first_lsn;
+        let mut out_of_order = None;
+        let end = record::scan(&contents, |r| {
+            if r.lsn != expected && out_of_order.is_none() {
+                out_of_order = Some(r.lsn);
+            }
+            expected = r.lsn + 1;
+            if r.lsn >= start_lsn {
+                shard.replay(&r.mutation);
+                replayed += 1;
+            }
+        })
+        .map_err(|error| LogError::Corrupt { path: path.clone(), offset: error.offset(), error })?;
+        if let Some(found) = out_of_order {
+            return Err(LogError::Gap { path: path.clone(), found, expected: *first_lsn });
+        }
+        next_lsn = next_lsn.max(expected);
+        if let ScanEnd::TornTail { offset, error } = end {
+            if !last {
+                // Segments are synced before the next one starts: only the last can tear.
+                return Err(LogError::Corrupt { path: path.clone(), offset, error });
+            }
+            crate::log!(who, "{}: dropping a torn tail of {} bytes at offset {offset} ({error})", path.display(), contents.len() as u64 - offset);
+        }
+        if let Some(mut file) = file {
+            if let ScanEnd::TornTail { offset, .. } = end {
+                file.truncate_to(offset)?;
+            }
+            active = Some(file);
+        }
+    }
+    let active = match active {
+        Some(file) => file,
+        None => {
+            let (file, _) = LogFile::open(&log::segment_path(dir, core, next_lsn))?;
+            checkpoint::sync_dir(file.path())?;
+            file
+        }
+    };
+    if replayed > 0 {
+        crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
+    }
+    let storage = Storage { dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes };
+    Ok((storage, next_lsn))
+}
+
+impl Storage {
+    /// One group commit.
+    fn commit(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
+        self.active.append(batch, sync)
+    }
+
+    /// Checkpoint work between rounds: start one when the active segment has grown past
+    /// its bound, copy about a chunk of partitions, finish and trim when all are copied.
+    /// Returns whether a checkpoint is still in progress.
+    fn step(&mut self, shard: &Shard, next_lsn: u64) -> Result<bool, LogError> {
+        if self.checkpoint.is_none() {
+            if self.active.len() < self.checkpoint_log_bytes {
+                return Ok(false);
+            }
+            // A new segment from `next_lsn`: everything before it is in memory now and
+            // will be in the checkpoint (or in the older segments until it is durable).
+            self.active.append(&[], true)?;
+            let (next, _) = LogFile::open(&log::segment_path(&self.dir, self.core, next_lsn))?;
+            checkpoint::sync_dir(next.path())?;
+            self.active = next;
+            self.checkpoint = Some(checkpoint::Writer::start(&log::checkpoint_path(&self.dir, self.core), next_lsn)?);
+        }
+        let writer = self.checkpoint.as_mut().expect("in progress");
+        let mut copied = 0usize;
+        while writer.next_partition < shard.partitions() && copied < CHECKPOINT_CHUNK_BYTES {
+            let p = writer.next_partition;
+            copied += shard.partition_entries(p).map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            writer.add(shard.partition_entries(p))?;
+            writer.next_partition += 1;
+        }
+        if writer.next_partition < shard.partitions() {
+            return Ok(true);
+        }
+        let started = self.checkpoint.take().expect("in progress").finish()?;
+        let mut trimmed = 0;
+        for (first_lsn, path) in log::segments(&self.dir, self.core)? {
+            if first_lsn < started {
+                std::fs::remove_file(&path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+                trimmed += 1;
+            }
+        }
+        checkpoint::sync_dir(self.active.path())?;
         crate::log!(
-            format_args!("core {core}"),
-            "{}: dropping a torn tail of {} bytes at offset {offset} ({error})",
-            path.display(),
-            contents.len() as u64 - offset
+            format_args!("core {}", self.core),
+            "checkpoint at lsn {started}: {} keys; {trimmed} old log segment(s) removed",
+            shard.stats.keys
         );
-        log.truncate_to(offset)?;
+        Ok(false)
     }
-    if records > 0 {
-        crate::log!(format_args!("core {core}"), "{}: replayed {records} records, {} keys", path.display(), shard.stats.keys);
-    }
-    Ok((log, last_lsn + 1))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +251,7 @@ pub fn run(
     core: usize,
     mut transport: TcpTransport<DdsFraming>,
     shard: Shard,
-    mut log: LogFile,
+    mut storage: Storage,
     next_lsn: u64,
     durability: Durability,
     info: BrickInfo,
@@ -137,17 +261,19 @@ pub fn run(
     let mut handler =
         Core { core, shard, info, durability, batch: Vec::new(), next_lsn, held: Vec::new(), held_at: Vec::new() };
     let mut last_work = Instant::now();
+    let mut checkpointing = false;
     while !stop.load(Ordering::Relaxed) {
         // Adaptive polling: spin while requests keep coming, then sleep in the kernel
         // so bricks and clients sharing a small machine do not starve each other.
-        let timeout = if config.busy_poll || last_work.elapsed() < config.spin { Duration::ZERO } else { config.park };
+        let busy = config.busy_poll || checkpointing || last_work.elapsed() < config.spin;
+        let timeout = if busy { Duration::ZERO } else { config.park };
         if transport.poll(Some(timeout), &mut handler)? > 0 {
             last_work = Instant::now();
         }
         if !handler.batch.is_empty() {
             // Group commit: every mutation of the round in one write and one fdatasync.
             // An error here ends the brick; nothing is retried.
-            log.append(&handler.batch, durability == Durability::Sync)?;
+            storage.commit(&handler.batch, durability == Durability::Sync)?;
             handler.batch.clear();
         }
         if !handler.held_at.is_empty() {
@@ -163,10 +289,11 @@ pub fn run(
             held_at.clear();
             transport.flush(&mut handler);
         }
+        checkpointing = storage.step(&handler.shard, handler.next_lsn)?;
     }
     if durability == Durability::Memory {
         // A clean stop leaves nothing unsynced.
-        log.append(&[], true)?;
+        storage.commit(&[], true)?;
     }
     Ok(())
 }

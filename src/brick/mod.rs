@@ -59,6 +59,8 @@ pub struct BrickConfig {
     pub durability: Durability,
     /// One port per core, overriding `listen`'s port (a restart keeps its ports).
     pub ports: Option<Vec<u16>>,
+    /// A core's active log segment past this size starts a checkpoint.
+    pub checkpoint_log_bytes: u64,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -224,8 +226,8 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         }
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits);
-                        let log_path = config.dir.join(format!("core-{core}.log"));
-                        let (log, next_lsn) = match core_loop::recover(core, &log_path, &mut shard) {
+                        let (storage, next_lsn) =
+                            match core_loop::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);
@@ -235,7 +237,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let _ = ready.send(core);
                         drop(ready);
                         let result =
-                            core_loop::run(core, transport, shard, log, next_lsn, config.durability, info, loop_config, &stop);
+                            core_loop::run(core, transport, shard, storage, next_lsn, config.durability, info, loop_config, &stop);
                         // One core stopping stops the brick: it serves all its partitions or none.
                         stop.store(true, Ordering::SeqCst);
                         result.map_err(fail)

@@ -64,6 +64,15 @@ impl Shard {
         self.mutate(partition, mutation);
     }
 
+    pub fn partitions(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Keys and values of `partition`, empty for one this core does not own.
+    pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.tables[partition].iter().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
+    }
+
     /// Every key and value this core holds, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.tables.iter().flatten().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))

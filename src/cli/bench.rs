@@ -341,6 +341,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         transport: TransportKind::Tcp,
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
+        checkpoint_log_mb: 64.0,
     };
     let cluster = cluster::up(&up)?;
     println!(

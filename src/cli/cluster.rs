@@ -78,6 +78,9 @@ pub struct UpArgs {
     /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
     #[arg(long, value_enum, default_value_t = Durability::Sync)]
     pub durability: Durability,
+    /// A core's log past this many MiB starts a checkpoint.
+    #[arg(long, default_value_t = 64.0)]
+    pub checkpoint_log_mb: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,6 +101,7 @@ pub struct ClusterFile {
     pub partition_bits: u8,
     pub replicas: usize,
     pub durability: Durability,
+    pub checkpoint_log_mb: f64,
     pub transport: TransportKind,
     pub bricks: Vec<ClusterBrick>,
 }
@@ -169,14 +173,15 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
 }
 
 /// Starts `dds brick` in the background on `bdir`, its output appended to `brick.log`.
-fn spawn_brick(
-    exe: &Path,
-    bdir: &Path,
+/// How bricks of one cluster are started.
+struct BrickShape {
     cores: usize,
     partition_bits: u8,
     durability: Durability,
-    ports: Option<&[u16]>,
-) -> anyhow::Result<Child> {
+    checkpoint_log_mb: f64,
+}
+
+fn spawn_brick(exe: &Path, bdir: &Path, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
     std::fs::create_dir_all(bdir).with_context(|| format!("create {}", bdir.display()))?;
     let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
     let log_path = bdir.join("brick.log");
@@ -185,9 +190,10 @@ fn spawn_brick(
     cmd.arg("brick")
         .arg("--dir")
         .arg(bdir)
-        .args(["--listen", "127.0.0.1:0", "--cores", &cores.to_string()])
-        .args(["--partition-bits", &partition_bits.to_string()])
-        .args(["--durability", durability_name(durability)]);
+        .args(["--listen", "127.0.0.1:0", "--cores", &shape.cores.to_string()])
+        .args(["--partition-bits", &shape.partition_bits.to_string()])
+        .args(["--durability", durability_name(shape.durability)])
+        .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()]);
     if let Some(ports) = ports {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         cmd.args(["--ports", &list.join(",")]);
@@ -221,7 +227,13 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
         bail!("brick {index} (pid {}) is still running; `dds cluster kill` or `down` it first", b.pid);
     }
     let exe = std::env::current_exe().context("locate the dds binary")?;
-    let mut child = spawn_brick(&exe, &b.dir, b.cores, cluster.partition_bits, cluster.durability, Some(&b.ports))?;
+    let shape = BrickShape {
+        cores: b.cores,
+        partition_bits: cluster.partition_bits,
+        durability: cluster.durability,
+        checkpoint_log_mb: cluster.checkpoint_log_mb,
+    };
+    let mut child = spawn_brick(&exe, &b.dir, &shape, Some(&b.ports))?;
     let file = match wait_for_brick(&b.dir, &mut child) {
         Ok(file) => file,
         Err(e) => {
@@ -271,12 +283,19 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         }
     }
     let cores = args.cores.unwrap_or_else(|| (super::available_cores() / args.bricks).max(1));
+    super::mib_to_bytes(args.checkpoint_log_mb)?;
+    let shape = BrickShape {
+        cores,
+        partition_bits: args.partition_bits,
+        durability: args.durability,
+        checkpoint_log_mb: args.checkpoint_log_mb,
+    };
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
         for index in 0..args.bricks {
             let bdir = dir.join(format!("brick-{index}"));
-            let child = spawn_brick(&exe, &bdir, cores, args.partition_bits, args.durability, None)
+            let child = spawn_brick(&exe, &bdir, &shape, None)
                 .with_context(|| format!("start brick {index}"))?;
             children.push((bdir, child));
         }
@@ -290,6 +309,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             partition_bits: args.partition_bits,
             replicas: args.replicas,
             durability: args.durability,
+            checkpoint_log_mb: args.checkpoint_log_mb,
             transport,
             bricks,
         };

@@ -84,6 +84,18 @@ struct BrickArgs {
     /// One port per core, overriding --listen's port (used by `cluster restart`).
     #[arg(long, value_delimiter = ',')]
     ports: Option<Vec<u16>>,
+    /// A core's log past this many MiB starts a checkpoint, after which the log before
+    /// it is deleted.
+    #[arg(long, default_value_t = 64.0)]
+    checkpoint_log_mb: f64,
+}
+
+/// MiB from the command line to bytes, at least one KiB.
+pub fn mib_to_bytes(mib: f64) -> anyhow::Result<u64> {
+    if !(mib.is_finite() && mib * 1024.0 >= 1.0) {
+        anyhow::bail!("--checkpoint-log-mb must be at least 1/1024 (one KiB)");
+    }
+    Ok((mib * 1024.0 * 1024.0) as u64)
 }
 
 pub fn available_cores() -> usize {
@@ -122,6 +134,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         pin: !args.no_pin,
         durability: args.durability,
         ports: args.ports,
+        checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
     };
     brick::run(&config, stop)?;
     Ok(())

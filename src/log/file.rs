@@ -21,6 +21,10 @@ pub enum LogError {
     },
     #[error("log {path}: corrupt record at offset {offset}: {error}; refusing to start (the log is left as it is)")]
     Corrupt { path: PathBuf, offset: u64, error: super::record::RecordError },
+    #[error("checkpoint {path}: {error}; refusing to start (the file is left as it is)")]
+    CorruptCheckpoint { path: PathBuf, error: super::checkpoint::CheckpointError },
+    #[error("log {path}: starts at lsn {found}, {expected} expected: a segment is missing; refusing to start")]
+    Gap { path: PathBuf, found: u64, expected: u64 },
 }
 
 pub struct LogFile {
@@ -91,6 +95,22 @@ impl LogFile {
             return Err(self.err(op, std::io::Error::from_raw_os_error(-cqe.result())));
         }
         Ok(cqe.result() as u32)
+    }
+
+    /// Overwrites bytes already in the file (a checkpoint's header), without syncing.
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
+        assert!(offset + bytes.len() as u64 <= self.end, "write_at past the end");
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let rest = &bytes[done..];
+            let entry = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(offset + done as u64).build();
+            match self.run(entry, "write")? {
+                0 => return Err(self.err("write", std::io::ErrorKind::WriteZero.into())),
+                n => done += n as usize,
+            }
+        }
+        Ok(())
     }
 
     /// Appends `batch` and makes it durable (`sync`) or just written (`!sync`).

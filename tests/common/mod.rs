@@ -36,13 +36,21 @@ pub fn text(bytes: &[u8]) -> String {
 /// A local cluster in a temporary directory, brought down (and checked gone) on drop.
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
-    down: bool,
+    pub down: bool,
 }
 
 impl TestCluster {
     pub fn up(bricks: usize, cores: usize) -> TestCluster {
+        Self::up_with(bricks, cores, &[])
+    }
+
+    /// `cluster up` with more flags.
+    pub fn up_with(bricks: usize, cores: usize, extra: &[&str]) -> TestCluster {
         let dir = tempfile::Builder::new().prefix("dds-test-").tempdir().unwrap();
-        run_ok(&["cluster", "up", "--dir", dir.path().to_str().unwrap(), "--bricks", &bricks.to_string(), "--cores", &cores.to_string()]);
+        let (bricks, cores) = (bricks.to_string(), cores.to_string());
+        let mut args = vec!["cluster", "up", "--dir", dir.path().to_str().unwrap(), "--bricks", &bricks, "--cores", &cores];
+        args.extend_from_slice(extra);
+        run_ok(&args);
         TestCluster { dir, down: false }
     }
 
