@@ -245,3 +245,60 @@ fn checkpoints_bound_the_log_and_recover_with_it() {
     assert!(!out.status.success() && text(&out.stderr).contains("core-0.ckpt"), "{}", text(&out.stderr));
     cluster.down = true;
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct TinyFs(tempfile::TempDir);
+
+impl TinyFs {
+    fn mount(bytes: usize) -> TinyFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs", dir.path().to_str().unwrap()])
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "this test mounts a small tmpfs to fill a disk: it needs root (CI runs as root)");
+        TinyFs(dir)
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_failed_log_write_stops_the_brick() {
+    let fs = TinyFs::mount(256 << 10);
+    let bdir = fs.0.path().join("brick");
+    let log = fs.0.path().parent().unwrap().join(format!("dds-enospc-{}.log", std::process::id()));
+    let mut brick = dds()
+        .args(["brick", "--dir", bdir.to_str().unwrap(), "--cores", "1", "--listen", "127.0.0.1:0"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let file = loop {
+        if let Ok(f) = dds::brick::BrickFile::load(&bdir) {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "brick did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut client = dds::Client::connect(&file.addrs[..1], ClientConfig::default()).unwrap();
+    let mut acked = 0;
+    let failure = loop {
+        match client.put(format!("fill{acked}").as_bytes(), &[7u8; 4096]) {
+            Ok(()) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 1000, "256 KiB took 4 MiB of writes");
+    };
+    let status = brick.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(!status.success(), "the brick went on after a failed log write");
+    assert!(stderr.contains("No space left on device") && stderr.contains("core 0 failed"), "{stderr}");
+    assert!(matches!(failure, dds::ClientError::ConnectionLost { .. }), "{failure}");
+    println!("disk full after {acked} acknowledged writes: the brick stopped with {status}");
+}

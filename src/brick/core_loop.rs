@@ -145,7 +145,7 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
         let mut out_of_order = None;
         let end = record::scan(&contents, |r| {
             if r.lsn != expected && out_of_order.is_none() {
-                out_of_order = Some(r.lsn);
+                out_of_order = Some((r.lsn, expected));
             }
             expected = r.lsn + 1;
             if r.lsn >= start_lsn {
@@ -154,8 +154,8 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
             }
         })
         .map_err(|error| LogError::Corrupt { path: path.clone(), offset: error.offset(), error })?;
-        if let Some(found) = out_of_order {
-            return Err(LogError::Gap { path: path.clone(), found, expected: *first_lsn });
+        if let Some((found, expected)) = out_of_order {
+            return Err(LogError::Gap { path: path.clone(), found, expected });
         }
         next_lsn = next_lsn.max(expected);
         if let ScanEnd::TornTail { offset, error } = end {

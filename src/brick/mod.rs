@@ -160,7 +160,12 @@ fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
             let tmp = config.dir.join(format!("{LAYOUT_FILE}.tmp"));
             let text = serde_json::to_string_pretty(&want).expect("layout serialises");
             std::fs::write(&tmp, text).map_err(|source| BrickError::File { op: "write", path: tmp.clone(), source })?;
-            std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path, source })
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| BrickError::File { op: "fsync", path: tmp.clone(), source })?;
+            std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path: path.clone(), source })?;
+            crate::log::checkpoint::sync_dir(&path)
+                .map_err(|e| BrickError::File { op: "fsync directory", path, source: std::io::Error::other(e.to_string()) })
         }
         Err(source) => Err(BrickError::File { op: "read", path, source }),
     }
