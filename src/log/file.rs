@@ -97,14 +97,15 @@ impl LogFile {
         Ok(cqe.result() as u32)
     }
 
-    /// Overwrites bytes already in the file (a checkpoint's header), without syncing.
-    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
-        assert!(offset + bytes.len() as u64 <= self.end, "write_at past the end");
+    /// Writes all of `bytes` at `offset`, resubmitting from where a short write stopped
+    /// (disk full, a signal).
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
         let fd = types::Fd(self.file.as_raw_fd());
         let mut done = 0usize;
         while done < bytes.len() {
             let rest = &bytes[done..];
-            let entry = opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(offset + done as u64).build();
+            let len = rest.len().min(1 << 30) as u32;
+            let entry = opcode::Write::new(fd, rest.as_ptr(), len).offset(offset + done as u64).build();
             match self.run(entry, "write")? {
                 0 => return Err(self.err("write", std::io::ErrorKind::WriteZero.into())),
                 n => done += n as usize,
@@ -113,22 +114,18 @@ impl LogFile {
         Ok(())
     }
 
+    /// Overwrites bytes already in the file (a checkpoint's header), without syncing.
+    pub fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
+        assert!(offset + bytes.len() as u64 <= self.end, "write_at past the end");
+        self.write_all_at(offset, bytes)
+    }
+
     /// Appends `batch` and makes it durable (`sync`) or just written (`!sync`).
     pub fn append(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
-        let fd = types::Fd(self.file.as_raw_fd());
-        let mut done = 0usize;
-        while done < batch.len() {
-            let rest = &batch[done..];
-            let len = rest.len().min(1 << 30) as u32;
-            let entry = opcode::Write::new(fd, rest.as_ptr(), len).offset(self.end + done as u64).build();
-            let written = self.run(entry, "write")?;
-            if written == 0 {
-                return Err(self.err("write", std::io::ErrorKind::WriteZero.into()));
-            }
-            // A short write (disk full, signal) goes on from where it stopped.
-            done += written as usize;
-        }
+        self.write_all_at(self.end, batch)?;
         if sync {
+            // Submitted only once every byte of the batch has completed.
+            let fd = types::Fd(self.file.as_raw_fd());
             let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
             self.run(entry, "fdatasync")?;
         }
