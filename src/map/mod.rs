@@ -6,6 +6,16 @@
 //! partition is the low `partition_bits` bits of the hash) and one brick per partition,
 //! assigned in contiguous blocks. Splits, merges, replica groups and epochs build on it.
 //! Every lookup here is arithmetic: nothing allocates.
+//!
+//! `dp` and `cluster` hold the general form the distribution work builds on: a DP trie
+//! that splits and merges, replica groups, bricks, and the epoch that versions them. The
+//! brick and client do not use them yet; they route with the fixed layout below.
+
+pub mod cluster;
+pub mod dp;
+
+pub use cluster::{BrickAddr, BrickId, ClusterMap, MapError};
+pub use dp::{DpMap, PartitionId};
 
 use xxhash_rust::xxh3::xxh3_64;
 

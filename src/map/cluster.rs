@@ -1,0 +1,289 @@
+//! The versioned cluster map: the DP map, the RG map (partition -> replica group) and
+//! the bricks, under one epoch. Every change makes a new map with the next epoch; a map
+//! that fails `validate` is never built by these methods and is refused when decoded.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::dp::{DpError, DpMap, PartitionId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BrickId(pub u32);
+
+impl std::fmt::Display for BrickId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "brick {}", self.0)
+    }
+}
+
+/// Where a brick serves: one address per core.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrickAddr {
+    pub cores: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error(transparent)]
+    Dp(#[from] DpError),
+    #[error("{0} is not in the map")]
+    UnknownBrick(BrickId),
+    #[error("{0} is already in the map")]
+    DuplicateBrick(BrickId),
+    #[error("removing {brick} would leave partition {partition} with no replica")]
+    LastReplica { brick: BrickId, partition: PartitionId },
+    #[error("partitions {a} and {b} have different replica groups; move replicas before merging")]
+    GroupsDiffer { a: PartitionId, b: PartitionId },
+    #[error("{replicas} replicas asked of {bricks} brick(s)")]
+    TooFewBricks { replicas: usize, bricks: usize },
+    #[error("{brick} already holds partition {partition}")]
+    AlreadyReplica { brick: BrickId, partition: PartitionId },
+    #[error("invalid map: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Grows by one with every change; bricks fence requests from older epochs.
+    pub epoch: u64,
+    pub dp: DpMap,
+    /// The replica group of every DP leaf, in no order of preference.
+    pub groups: BTreeMap<PartitionId, Vec<BrickId>>,
+    pub bricks: BTreeMap<BrickId, BrickAddr>,
+}
+
+impl ClusterMap {
+    /// Epoch 1: `2^bits` partitions, each on `replicas` consecutive bricks of the ring.
+    pub fn initial(bits: u8, bricks: BTreeMap<BrickId, BrickAddr>, replicas: usize) -> Result<ClusterMap, MapError> {
+        if replicas == 0 || replicas > bricks.len() {
+            return Err(MapError::TooFewBricks { replicas, bricks: bricks.len() });
+        }
+        let dp = DpMap::uniform(bits)?;
+        let ids: Vec<BrickId> = bricks.keys().copied().collect();
+        let groups = dp
+            .leaves()
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (p, (0..replicas).map(|k| ids[(i + k) % ids.len()]).collect()))
+            .collect();
+        let map = ClusterMap { epoch: 1, dp, groups, bricks };
+        map.validate().map_err(MapError::Invalid)?;
+        Ok(map)
+    }
+
+    /// The partition of `hash` and its replica group. No allocation.
+    #[inline]
+    pub fn route(&self, hash: u64) -> (PartitionId, &[BrickId]) {
+        let p = self.dp.lookup(hash);
+        (p, self.groups.get(&p).map_or(&[], |g| &g[..]))
+    }
+
+    /// Every invariant a map must hold: one leaf per hash, a non-empty group of known,
+    /// distinct bricks for every leaf and no group for anything else, an epoch of 1 or
+    /// more.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.epoch == 0 {
+            return Err("epoch 0".into());
+        }
+        self.dp.validate()?;
+        if self.groups.len() != self.dp.leaves().len() {
+            return Err(format!("{} groups for {} partitions", self.groups.len(), self.dp.leaves().len()));
+        }
+        for &p in self.dp.leaves() {
+            let group = self.groups.get(&p).ok_or_else(|| format!("partition {p} has no group"))?;
+            if group.is_empty() {
+                return Err(format!("partition {p} has an empty group"));
+            }
+            for (i, b) in group.iter().enumerate() {
+                if !self.bricks.contains_key(b) {
+                    return Err(format!("partition {p} names unknown {b}"));
+                }
+                if group[..i].contains(b) {
+                    return Err(format!("partition {p} names {b} twice"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn next(&self, change: impl FnOnce(&mut ClusterMap) -> Result<(), MapError>) -> Result<ClusterMap, MapError> {
+        let mut map = self.clone();
+        change(&mut map)?;
+        map.epoch = self.epoch + 1;
+        map.validate().map_err(MapError::Invalid)?;
+        Ok(map)
+    }
+
+    /// Splits a partition; both halves keep its replica group (the keys stay where they
+    /// are; moving a half is a separate change).
+    pub fn split(&self, p: PartitionId) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            let (a, b) = m.dp.split(p)?;
+            let group = m.groups.remove(&p).expect("leaf has a group");
+            m.groups.insert(a, group.clone());
+            m.groups.insert(b, group);
+            Ok(())
+        })
+    }
+
+    /// Merges a partition with its sibling; both must have the same group.
+    pub fn merge(&self, p: PartitionId) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            let sibling = p.sibling().ok_or(DpError::NoSibling(p))?;
+            let (ga, gb) = (m.groups.get(&p), m.groups.get(&sibling));
+            let same = match (ga, gb) {
+                (Some(a), Some(b)) => a.iter().all(|x| b.contains(x)) && a.len() == b.len(),
+                _ => false,
+            };
+            let parent = m.dp.merge(p)?;
+            if !same {
+                return Err(MapError::GroupsDiffer { a: p, b: sibling });
+            }
+            let group = m.groups.remove(&p).expect("leaf has a group");
+            m.groups.remove(&sibling);
+            m.groups.insert(parent, group);
+            Ok(())
+        })
+    }
+
+    pub fn add_brick(&self, id: BrickId, addr: BrickAddr) -> Result<ClusterMap, MapError> {
+        self.next(|m| match m.bricks.insert(id, addr) {
+            Some(_) => Err(MapError::DuplicateBrick(id)),
+            None => Ok(()),
+        })
+    }
+
+    /// Takes a failed brick out of every group and out of the map (fail-stop).
+    pub fn remove_brick(&self, brick: BrickId) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            m.bricks.remove(&brick).ok_or(MapError::UnknownBrick(brick))?;
+            for (&partition, group) in m.groups.iter_mut() {
+                group.retain(|&b| b != brick);
+                if group.is_empty() {
+                    return Err(MapError::LastReplica { brick, partition });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Adds `brick` to the group of `p` (after it has copied the partition).
+    pub fn add_replica(&self, p: PartitionId, brick: BrickId) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            if !m.bricks.contains_key(&brick) {
+                return Err(MapError::UnknownBrick(brick));
+            }
+            let group = m.groups.get_mut(&p).ok_or(DpError::NotALeaf(p))?;
+            if group.contains(&brick) {
+                return Err(MapError::AlreadyReplica { brick, partition: p });
+            }
+            group.push(brick);
+            Ok(())
+        })
+    }
+
+    /// Decodes a map and refuses one that breaks an invariant.
+    pub fn from_json(text: &str) -> Result<ClusterMap, MapError> {
+        let map: ClusterMap = serde_json::from_str(text).map_err(|e| MapError::Invalid(e.to_string()))?;
+        map.validate().map_err(MapError::Invalid)?;
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bricks(n: u32) -> BTreeMap<BrickId, BrickAddr> {
+        (0..n).map(|i| (BrickId(i), BrickAddr { cores: vec![SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16))] })).collect()
+    }
+
+    #[test]
+    fn initial_maps_spread_replicas() {
+        let map = ClusterMap::initial(4, bricks(3), 2).unwrap();
+        assert_eq!(map.epoch, 1);
+        let mut load = BTreeMap::new();
+        for g in map.groups.values() {
+            assert_eq!(g.len(), 2);
+            for b in g {
+                *load.entry(*b).or_insert(0) += 1;
+            }
+        }
+        assert!(load.values().all(|&n| (10..=11).contains(&n)), "{load:?}");
+        assert_eq!(ClusterMap::initial(4, bricks(1), 2), Err(MapError::TooFewBricks { replicas: 2, bricks: 1 }));
+    }
+
+    #[test]
+    fn removing_the_last_replica_is_refused() {
+        let map = ClusterMap::initial(2, bricks(2), 1).unwrap();
+        assert!(matches!(map.remove_brick(BrickId(0)), Err(MapError::LastReplica { .. })));
+        let map = ClusterMap::initial(2, bricks(2), 2).unwrap();
+        let after = map.remove_brick(BrickId(0)).unwrap();
+        assert_eq!(after.epoch, 2);
+        assert!(after.groups.values().all(|g| g == &vec![BrickId(1)]));
+    }
+
+    #[test]
+    fn decoding_refuses_broken_maps() {
+        let map = ClusterMap::initial(2, bricks(2), 1).unwrap();
+        let mut text = serde_json::to_value(&map).unwrap();
+        text["groups"].as_object_mut().map(|g| g.clear());
+        assert!(ClusterMap::from_json(&text.to_string()).is_err());
+        assert_eq!(ClusterMap::from_json(&serde_json::to_string(&map).unwrap()).unwrap(), map);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Change {
+        Split(u16),
+        Merge(u16),
+        Remove(u8),
+        Add(u8),
+        Replica(u16, u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            any::<u16>().prop_map(Change::Split),
+            any::<u16>().prop_map(Change::Merge),
+            any::<u8>().prop_map(Change::Remove),
+            any::<u8>().prop_map(Change::Add),
+            (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Replica(p, b)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_change_keeps_the_invariants_and_grows_the_epoch(changes in prop::collection::vec(change(), 0..50), hashes in prop::collection::vec(any::<u64>(), 20)) {
+            let mut map = ClusterMap::initial(3, bricks(4), 2).unwrap();
+            for c in changes {
+                let leaves = map.dp.leaves().to_vec();
+                let ids: Vec<BrickId> = map.bricks.keys().copied().collect();
+                let next = match c {
+                    Change::Split(i) => map.split(leaves[i as usize % leaves.len()]),
+                    Change::Merge(i) => map.merge(leaves[i as usize % leaves.len()]),
+                    Change::Remove(i) => map.remove_brick(ids[i as usize % ids.len()]),
+                    Change::Add(i) => map.add_brick(BrickId(100 + i as u32), BrickAddr { cores: vec![] }),
+                    Change::Replica(p, b) => map.add_replica(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()]),
+                };
+                match next {
+                    Ok(next) => {
+                        prop_assert_eq!(next.epoch, map.epoch + 1);
+                        prop_assert_eq!(next.validate(), Ok(()));
+                        map = next;
+                    }
+                    // A refused change leaves the map as it was.
+                    Err(_) => prop_assert_eq!(map.validate(), Ok(())),
+                }
+            }
+            for h in hashes {
+                let (p, group) = map.route(h);
+                prop_assert!(p.contains(h));
+                prop_assert!(!group.is_empty());
+            }
+            prop_assert_eq!(ClusterMap::from_json(&serde_json::to_string(&map).unwrap()).unwrap(), map);
+        }
+    }
+}
