@@ -32,6 +32,9 @@ cargo run --release --locked -- demo --seconds 1
 step "bench harness smoke: ci/bench.sh --smoke (dds, Redis, memcached, echo)"
 BENCH_OUT="$(mktemp -d -t dds-bench-smoke-XXXXXX)" bash ci/bench.sh --smoke
 
+step "soft-RoCE VM: hw/qemu-rxe.sh boots and rxe0 is active"
+bash hw/qemu-rxe.sh --timeout 300 -- sh -c 'ibv_devinfo -d rxe0 | grep -q PORT_ACTIVE && echo "rxe0 active in the VM"'
+
 step "fuzz: decode_frame ${FUZZ_SECONDS}s, log_scan ${LOG_FUZZ_SECONDS}s"
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked

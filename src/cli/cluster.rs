@@ -226,6 +226,11 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     if is_brick_process(&b) {
         bail!("brick {index} (pid {}) is still running; `dds cluster kill` or `down` it first", b.pid);
     }
+    // A brick that is still exiting holds its directory's lock until it is gone.
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while pid_alive(b.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let shape = BrickShape {
         cores: b.cores,
@@ -350,13 +355,18 @@ fn log_tail(bdir: &Path) -> String {
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
+/// Whether process `pid` exists and has not yet exited (a zombie has).
+fn pid_alive(pid: u32) -> bool {
+    // Reap it if it is our child (the demo starts bricks in-process).
+    let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
 /// Whether `b.pid` is alive and is this brick (not a stranger that got its pid).
 pub fn is_brick_process(b: &ClusterBrick) -> bool {
-    // Reap it if it is our child (the demo starts bricks in-process).
-    let _ = waitpid(Pid::from_raw(b.pid as i32), Some(WaitPidFlag::WNOHANG));
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", b.pid)) else { return false };
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
-    if matches!(state, Some('Z' | 'X') | None) {
+    if !pid_alive(b.pid) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", b.pid)).unwrap_or_default();
@@ -364,11 +374,14 @@ pub fn is_brick_process(b: &ClusterBrick) -> bool {
     args.contains(&b"brick".as_slice()) && args.contains(&b.dir.as_os_str().as_encoded_bytes())
 }
 
+/// Signals a brick the caller has identified, and waits until its process is gone (not
+/// only until it stops looking like a brick: an exiting process loses its command line
+/// before it is done).
 fn stop_brick(b: &ClusterBrick, signal: Signal, grace: Duration) -> anyhow::Result<()> {
     let pid = Pid::from_raw(b.pid as i32);
     let _ = kill(pid, signal);
     let deadline = Instant::now() + grace;
-    while is_brick_process(b) {
+    while pid_alive(b.pid) {
         if Instant::now() > deadline {
             if signal != Signal::SIGKILL {
                 eprintln!("dds: brick {} (pid {}) ignored {signal} for {grace:?}; sending SIGKILL", b.index, b.pid);
