@@ -3,7 +3,7 @@
 # for RDMA tests on machines whose kernel has no RDMA. The VM is Debian's kernel under
 # qemu (TCG), with a busybox initramfs that loads virtio, 9p and rdma_rxe, mounts this
 # machine's / read-only over 9p and chroots into it, so the command runs this machine's
-# binaries in the current directory. Prints the command's output; exits with its status.
+# binaries in the current directory, with TMPDIR on a fresh writable tmpfs (/var/tmp). Prints the command's output; exits with its status.
 #
 #   hw/qemu-rxe.sh [--timeout SECONDS] [--mem MB] -- CMD [ARGS...]
 #
@@ -36,8 +36,7 @@ fi
 kver="$(ls /lib/modules | grep -E 'amd64$' | sort -V | tail -n 1)"
 [ -n "$kver" ] && [ -e "/boot/vmlinuz-$kver" ] || { echo "hw/qemu-rxe.sh: no Debian kernel found" >&2; exit 1; }
 
-# Under /tmp: inside the VM /tmp is a fresh tmpfs and the result share is mounted in it.
-work="$(mktemp -d /tmp/dds-qemu-rxe-XXXXXX)"
+work="$(mktemp -d -t dds-qemu-rxe-XXXXXX)"
 qemu_pid=""
 cleanup() {
   [ -n "$qemu_pid" ] && kill -9 "$qemu_pid" 2>/dev/null || true
@@ -68,7 +67,8 @@ result="$work/result"
 mkdir -p "$result"
 # The command, run from the current directory inside the chroot.
 {
-  echo "cd $(printf '%q' "$PWD")"
+  echo "cd $(printf '%q' "$PWD") || exit 125"
+  echo "export TMPDIR=/var/tmp"
   printf '%q ' "$@"
   echo
 } >"$result/cmd"
@@ -82,8 +82,7 @@ mount -t devtmpfs dev /dev
 for m in \$(cat /modules.order); do insmod /modules/\$m 2>/dev/null || echo "qemu-rxe: insmod \$m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /mnt
 for d in proc sys dev; do mount --bind /\$d /mnt/\$d; done
-mount -t tmpfs tmp /mnt/tmp
-mkdir -p /mnt$result
+mount -t tmpfs scratch /mnt/var/tmp
 mount -t 9p -o trans=virtio,version=9p2000.L result /mnt$result
 ip link set lo up
 ip link set eth0 up
