@@ -387,4 +387,3 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub use super::suite::{suite, SuiteArgs};

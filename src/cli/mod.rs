@@ -48,7 +48,7 @@ enum Command {
     /// throughput report.
     Bench(bench::BenchArgs),
     /// dds beside Redis, memcached and the echo floor, same load generator, one run.
-    Suite(bench::SuiteArgs),
+    Suite(suite::SuiteArgs),
 }
 
 #[derive(Args)]
@@ -112,7 +112,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Get(args) => kv::get(args),
         Command::Del(args) => kv::del(args),
         Command::Bench(args) => bench::bench(args),
-        Command::Suite(args) => bench::suite(args),
+        Command::Suite(args) => suite::suite(args),
     }
 }
 
