@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "hw/qemu-rxe.sh: no command given" >&2; exit 2; }
 
-packages=(qemu-system-x86 linux-image-amd64 busybox-static rdma-core ibverbs-utils ibverbs-providers perftest iproute2 kmod)
+packages=(qemu-system-x86 linux-image-amd64 busybox-static rdma-core ibverbs-utils ibverbs-providers perftest iproute2 kmod cpio xz-utils zstd)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
