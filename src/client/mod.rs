@@ -144,11 +144,18 @@ impl Handler for State {
     }
 
     fn on_close(&mut self, conn: ConnId, _peer: SocketAddr, reason: &CloseReason) {
-        let lost: Vec<u64> = self.in_flight.iter().filter(|(_, r)| r.conn == conn).map(|(id, _)| *id).collect();
-        for id in lost {
+        let reason = reason.to_string();
+        self.fail_conn(conn, |r| ClientError::ConnectionLost { op: r.op.name(), brick: r.brick, core: r.core, reason: reason.clone() });
+    }
+}
+
+impl State {
+    /// Completes every operation in flight on `conn` with the error `error` makes for it.
+    fn fail_conn(&mut self, conn: ConnId, error: impl Fn(&InFlight) -> ClientError) {
+        let ids: Vec<u64> = self.in_flight.iter().filter(|(_, r)| r.conn == conn).map(|(id, _)| *id).collect();
+        for id in ids {
             let r = self.in_flight.remove(&id).expect("listed");
-            let error = ClientError::ConnectionLost { op: r.op.name(), brick: r.brick, core: r.core, reason: reason.to_string() };
-            self.ready.push_back(Completion { token: id, result: Err(error) });
+            self.ready.push_back(Completion { token: id, result: Err(error(&r)) });
         }
     }
 }
@@ -286,19 +293,12 @@ impl Client {
             return;
         }
         self.last_timeout_scan = now;
-        let late: Vec<ConnId> = self.state.in_flight.values().filter(|r| r.deadline <= now).map(|r| r.conn).collect();
+        let mut late: Vec<ConnId> = self.state.in_flight.values().filter(|r| r.deadline <= now).map(|r| r.conn).collect();
+        late.sort_unstable();
+        late.dedup();
+        let timeout_ms = self.config.op_timeout.as_millis() as u64;
         for conn in late {
-            let timed_out: Vec<u64> = self.state.in_flight.iter().filter(|(_, r)| r.conn == conn).map(|(id, _)| *id).collect();
-            for id in timed_out {
-                let r = self.state.in_flight.remove(&id).expect("listed");
-                let error = ClientError::Timeout {
-                    op: r.op.name(),
-                    brick: r.brick,
-                    core: r.core,
-                    timeout_ms: self.config.op_timeout.as_millis() as u64,
-                };
-                self.state.ready.push_back(Completion { token: id, result: Err(error) });
-            }
+            self.state.fail_conn(conn, |r| ClientError::Timeout { op: r.op.name(), brick: r.brick, core: r.core, timeout_ms });
             self.transport.close(conn, CloseReason::Local, &mut self.state);
         }
     }
