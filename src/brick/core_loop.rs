@@ -212,9 +212,7 @@ impl Storage {
         let writer = self.checkpoint.as_mut().expect("in progress");
         let mut copied = 0usize;
         while writer.next_partition < shard.partitions() && copied < CHECKPOINT_CHUNK_BYTES {
-            let p = writer.next_partition;
-            copied += shard.partition_entries(p).map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            writer.add(shard.partition_entries(p))?;
+            copied += writer.add(shard.partition_entries(writer.next_partition))?;
             writer.next_partition += 1;
         }
         if writer.next_partition < shard.partitions() {

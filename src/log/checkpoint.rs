@@ -110,14 +110,16 @@ impl Writer {
         Ok(Writer { file, tmp, path: path.to_path_buf(), start_lsn, entries: 0, next_partition: 0, buf: Vec::new() })
     }
 
-    /// Appends entries (copied by the caller from one or more partitions).
-    pub fn add<'a>(&mut self, entries: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Result<(), LogError> {
+    /// Appends entries (copied by the caller from one or more partitions); returns the
+    /// bytes written.
+    pub fn add<'a>(&mut self, entries: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Result<usize, LogError> {
         self.buf.clear();
         for (key, value) in entries {
             self.entries += 1;
             record::encode(&mut self.buf, self.entries, &Mutation::Put { key, value });
         }
-        self.file.append(&self.buf, false)
+        self.file.append(&self.buf, false)?;
+        Ok(self.buf.len())
     }
 
     /// Makes the checkpoint durable under its final name; returns its start lsn.
