@@ -139,7 +139,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 args.dir.display(),
                 cluster.bricks.len(),
                 cluster.bricks[0].cores,
-                transport_name(cluster.transport)
+                value_name(cluster.transport)
             );
             for b in &cluster.bricks {
                 println!("  brick {} pid {} at {}", b.index, b.pid, b.addr);
@@ -192,7 +192,7 @@ fn spawn_brick(exe: &Path, bdir: &Path, shape: &BrickShape, ports: Option<&[u16]
         .arg(bdir)
         .args(["--listen", "127.0.0.1:0", "--cores", &shape.cores.to_string()])
         .args(["--partition-bits", &shape.partition_bits.to_string()])
-        .args(["--durability", durability_name(shape.durability)])
+        .args(["--durability", &value_name(shape.durability)])
         .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()]);
     if let Some(ports) = ports {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -210,12 +210,6 @@ fn spawn_brick(exe: &Path, bdir: &Path, shape: &BrickShape, ports: Option<&[u16]
     Ok(child)
 }
 
-fn durability_name(d: Durability) -> &'static str {
-    match d {
-        Durability::Sync => "sync",
-        Durability::Memory => "memory",
-    }
-}
 
 /// Starts brick `index` again with its directory, cores and ports.
 pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
@@ -253,12 +247,9 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     Ok(cluster.bricks[index].clone())
 }
 
-fn transport_name(kind: TransportKind) -> &'static str {
-    match kind {
-        TransportKind::Tcp => "tcp",
-        TransportKind::Rdma => "rdma",
-        TransportKind::Auto => "auto",
-    }
+/// The command-line spelling of a value, as clap parses it.
+fn value_name<T: ValueEnum>(value: T) -> String {
+    value.to_possible_value().expect("no variant is skipped").get_name().to_string()
 }
 
 /// Starts the bricks and returns once each one answers.
@@ -271,7 +262,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     }
     let mut transport = args.transport;
     if transport != TransportKind::Tcp {
-        eprintln!("dds: --transport {}: this build has no RDMA transport; falling back to TCP", transport_name(transport));
+        eprintln!("dds: --transport {}: this build has no RDMA transport; falling back to TCP", value_name(transport));
         transport = TransportKind::Tcp;
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
@@ -415,8 +406,8 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     println!("cluster {}", dir.display());
     println!(
         "  transport {}, durability {}, {} brick(s), {partitions} partitions ({} bits), {} replica(s), epoch 0 (fixed map)",
-        transport_name(cluster.transport),
-        durability_name(cluster.durability),
+        value_name(cluster.transport),
+        value_name(cluster.durability),
         cluster.bricks.len(),
         cluster.partition_bits,
         cluster.replicas
