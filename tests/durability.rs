@@ -134,20 +134,24 @@ fn log_path(cluster: &TestCluster) -> std::path::PathBuf {
     segments.pop().expect("core 0 has a log segment")
 }
 
-fn load(cluster: &TestCluster, n: u32) {
+/// One brick with keys `k0..k{n}` written, then stopped cleanly: its directory argument
+/// and the log segment to damage.
+fn stopped_with_log(n: u32) -> (TestCluster, String, std::path::PathBuf) {
+    let cluster = TestCluster::up(1, 1);
     let mut c = cluster.client();
     for i in 0..n {
         c.put(format!("k{i}").as_bytes(), &[i as u8; 100]).unwrap();
     }
+    drop(c);
+    let dir = cluster.dir_arg();
+    run_ok(&["cluster", "down", "--dir", &dir]);
+    let path = log_path(&cluster);
+    (cluster, dir, path)
 }
 
 #[test]
 fn a_torn_tail_is_dropped_and_the_rest_recovered() {
-    let mut cluster = TestCluster::up(1, 1);
-    load(&cluster, 200);
-    let dir = cluster.dir_arg();
-    run_ok(&["cluster", "down", "--dir", &dir]);
-    let path = log_path(&cluster);
+    let (mut cluster, dir, path) = stopped_with_log(200);
     let len = std::fs::metadata(&path).unwrap().len();
     // Cut into the last record, as a crash in the middle of its write would.
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 30).unwrap();
@@ -169,11 +173,7 @@ fn a_torn_tail_is_dropped_and_the_rest_recovered() {
 
 #[test]
 fn a_flipped_byte_in_the_middle_stops_start_up_naming_the_file() {
-    let mut cluster = TestCluster::up(1, 1);
-    load(&cluster, 200);
-    let dir = cluster.dir_arg();
-    run_ok(&["cluster", "down", "--dir", &dir]);
-    let path = log_path(&cluster);
+    let (mut cluster, dir, path) = stopped_with_log(200);
     let original = std::fs::read(&path).unwrap();
     let mut bad = original.clone();
     bad[original.len() / 2] ^= 0x01;
