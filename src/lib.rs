@@ -8,6 +8,7 @@ pub mod log;
 pub mod brick;
 pub mod client;
 pub mod map;
+pub mod meta;
 pub mod proto;
 
 pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request};

@@ -96,7 +96,7 @@ fn bad_peers_lose_only_their_own_connection() {
     let (frame, _) = dds::proto::decode(&reply).unwrap().unwrap();
     assert_eq!(frame.kind, Kind::Reply(Op::Put, dds::proto::Status::Ok));
 
-    let stats = good.stats(0).unwrap();
+    let stats = good.brick_stats(dds::map::BrickId(0)).unwrap();
     assert!(stats[0].connections_closed_bad_input >= 4, "{stats:?}");
     assert_eq!(good.get(b"raw").unwrap().as_deref(), Some(&b"ok"[..]));
     drop(good);

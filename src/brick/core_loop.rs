@@ -2,17 +2,22 @@
 //! transport writes each connection's replies once per round.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dds_transport::{CloseReason, ConnId, Handler, TcpTransport, Transport, TransportError};
+use hashbrown::HashMap;
 
 use std::path::{Path, PathBuf};
 
 use crate::log::record::{self, Mutation, ScanEnd};
 use crate::log::{self, checkpoint, LogError, LogFile};
-use crate::proto::{decode_exact, BrickInfo, DdsFraming, Kind, Op};
+use crate::map::{key_hash, BrickId};
+use crate::proto::{decode_exact, encode, BrickInfo, DdsFraming, Frame, Kind, Op, PrepareBody, Status, TxId, TxState};
 
+use super::control::Shared;
+use super::shard::{Effects, Query};
 use super::{Durability, Shard};
 
 #[derive(Clone, Copy, Debug)]
@@ -23,18 +28,40 @@ pub struct LoopConfig {
     pub park: Duration,
 }
 
+/// How often in-doubt prepares are looked at.
+const TICK_MS: u64 = 100;
+/// How long a core waits to connect to a peer it must ask about a transaction.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+
 struct Core {
     core: usize,
     shard: Shard,
     info: BrickInfo,
     durability: Durability,
-    /// Log records of this round's mutations: one group commit at the round's end.
-    batch: Vec<u8>,
-    next_lsn: u64,
+    fx: Effects,
     /// Replies that must wait for the group commit (sync durability): their bytes, and
     /// for each, its connection and where it starts in `held`.
     held: Vec<u8>,
     held_at: Vec<(ConnId, usize)>,
+    scratch: Vec<u8>,
+    /// Questions to peers in flight, by request id, with the connection they went on.
+    asked: HashMap<u64, (Box<[u8]>, TxId, BrickId, ConnId)>,
+    next_ask_id: u64,
+    /// Connections this core opened to peer cores: (brick, core).
+    peers: HashMap<(BrickId, usize), ConnId>,
+}
+
+impl Core {
+    /// Whether replies must wait for this round's group commit: under sync durability,
+    /// once the round logged something that must be durable before anyone sees it.
+    fn holding(&self) -> bool {
+        self.durability == Durability::Sync && self.fx.must_sync
+    }
+
+    fn hold(&mut self, conn: ConnId, bytes: &[u8]) {
+        self.held_at.push((conn, self.held.len()));
+        self.held.extend_from_slice(bytes);
+    }
 }
 
 impl Handler for Core {
@@ -43,28 +70,29 @@ impl Handler for Core {
         // a bug; it is still a per-connection error, never a crash.
         let frame = decode_exact(frame).map_err(|e| e.to_string())?;
         match frame.kind {
-            Kind::Request(op) => {
-                // Under sync durability a write's reply waits for its fsync, and so does
-                // every reply after the round's first write: a read must not show a value
-                // that a crash before the sync would take back.
-                let hold = self.durability == Durability::Sync
-                    && (!self.batch.is_empty() || matches!(op, Op::Put | Op::Remove));
-                let changed = if hold {
-                    self.held_at.push((conn, self.held.len()));
-                    self.shard.execute(&frame, &self.info, &mut self.held)
+            Kind::Request(_) => {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                scratch.clear();
+                self.shard.execute(conn, &frame, &self.info, &mut scratch, &mut self.fx);
+                if self.holding() {
+                    self.hold(conn, &scratch);
                 } else {
-                    self.shard.execute(&frame, &self.info, out)
-                };
-                if changed {
-                    let mutation = match op {
-                        Op::Put => Mutation::Put { key: frame.key, value: frame.value },
-                        Op::Remove => Mutation::Remove { key: frame.key },
-                        _ => unreachable!("only puts and removes change a shard"),
-                    };
-                    record::encode(&mut self.batch, self.next_lsn, &mutation);
-                    self.next_lsn += 1;
+                    out.extend_from_slice(&scratch);
                 }
+                self.scratch = scratch;
                 Ok(())
+            }
+            Kind::Reply(Op::Resolve, status) => {
+                let Some((key, txid, from, _)) = self.asked.remove(&frame.request_id) else {
+                    return Ok(()); // an answer that came after its connection was given up
+                };
+                match (status, frame.value.first().and_then(|&b| TxState::from_u8(b))) {
+                    (Status::Ok, Some(state)) if frame.value.len() == 1 => {
+                        self.shard.on_answer(&key, txid, from, state, &mut self.fx);
+                        Ok(())
+                    }
+                    _ => Err(format!("bad resolve answer from {from}: {status:?}")),
+                }
             }
             Kind::Reply(op, _) => Err(format!("unexpected {} reply sent to a brick", op.name())),
         }
@@ -74,8 +102,11 @@ impl Handler for Core {
         self.shard.stats.connections_open += 1;
     }
 
-    fn on_close(&mut self, _conn: ConnId, peer: SocketAddr, reason: &CloseReason) {
-        self.shard.stats.connections_open -= 1;
+    fn on_close(&mut self, conn: ConnId, peer: SocketAddr, reason: &CloseReason) {
+        // Our own connection to a peer: its questions are asked again on the next retry.
+        self.asked.retain(|_, q| q.3 != conn);
+        self.peers.retain(|_, c| *c != conn);
+        self.shard.stats.connections_open = self.shard.stats.connections_open.saturating_sub(1);
         if reason.is_bad_input() {
             self.shard.stats.connections_closed_bad_input += 1;
         }
@@ -196,7 +227,7 @@ impl Storage {
     /// Checkpoint work between rounds: start one when the active segment has grown past
     /// its bound, copy about a chunk of partitions, finish and trim when all are copied.
     /// Returns whether a checkpoint is still in progress.
-    fn step(&mut self, shard: &Shard, next_lsn: u64) -> Result<bool, LogError> {
+    fn step(&mut self, shard: &Shard, next_lsn: &mut u64) -> Result<bool, LogError> {
         if self.checkpoint.is_none() {
             if self.active.len() < self.checkpoint_log_bytes {
                 return Ok(false);
@@ -204,10 +235,24 @@ impl Storage {
             // A new segment from `next_lsn`: everything before it is in memory now and
             // will be in the checkpoint (or in the older segments until it is durable).
             self.active.append(&[], true)?;
-            let (next, _) = LogFile::open(&log::segment_path(&self.dir, self.core, next_lsn))?;
+            let start_lsn = *next_lsn;
+            let (next, _) = LogFile::open(&log::segment_path(&self.dir, self.core, start_lsn))?;
             checkpoint::sync_dir(next.path())?;
             self.active = next;
-            self.checkpoint = Some(checkpoint::Writer::start(&log::checkpoint_path(&self.dir, self.core), next_lsn)?);
+            // Undecided prepares go first into the new segment: the checkpoint holds
+            // only applied state, and their decisions may come after it.
+            let mut batch = Vec::new();
+            for (key, txid, kind, participants, value) in shard.prepared_records() {
+                let mut body = Vec::new();
+                PrepareBody::encode(txid, kind, participants, value, &mut body);
+                let body = PrepareBody::decode(&body).expect("a prepare we encoded decodes");
+                record::encode(&mut batch, *next_lsn, &Mutation::Prepare { key, body });
+                *next_lsn += 1;
+            }
+            if !batch.is_empty() {
+                self.active.append(&batch, true)?;
+            }
+            self.checkpoint = Some(checkpoint::Writer::start(&log::checkpoint_path(&self.dir, self.core), start_lsn)?);
         }
         let writer = self.checkpoint.as_mut().expect("in progress");
         let mut copied = 0usize;
@@ -244,6 +289,39 @@ pub enum CoreError {
     Log(#[from] LogError),
 }
 
+/// Sends each question to the peer core that stores its key, connecting on first use.
+/// A peer that cannot be reached is skipped: the question is asked again later, and a
+/// dead peer leaves the map.
+fn ask_peers(transport: &mut TcpTransport<DdsFraming>, handler: &mut Core, queries: Vec<Query>) {
+    let map = Arc::clone(handler.shard.map());
+    for q in queries {
+        let Some(addr) = map.bricks.get(&q.brick) else { continue };
+        if addr.cores.is_empty() {
+            continue;
+        }
+        let core = map.core_of(key_hash(&q.key), addr.cores.len());
+        let conn = match handler.peers.get(&(q.brick, core)).filter(|c| transport.peer(**c).is_some()) {
+            Some(&c) => c,
+            None => match transport.connect(addr.cores[core], PEER_CONNECT_TIMEOUT) {
+                Ok(c) => {
+                    handler.peers.insert((q.brick, core), c);
+                    c
+                }
+                Err(e) => {
+                    crate::log!(format_args!("core {}", handler.core), "cannot ask {} about {}: {e}", q.brick, q.txid);
+                    continue;
+                }
+            },
+        };
+        let id = handler.next_ask_id;
+        handler.next_ask_id += 1;
+        if let Ok(out) = transport.outbox(conn) {
+            encode(out, &Frame { kind: Kind::Request(Op::Resolve), request_id: id, epoch: map.epoch, key: &q.key, value: &q.txid.to_bytes() });
+            handler.asked.insert(id, (q.key, q.txid, q.brick, conn));
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     core: usize,
@@ -254,25 +332,67 @@ pub fn run(
     durability: Durability,
     info: BrickInfo,
     config: LoopConfig,
-    stop: &AtomicBool,
+    shared: &Shared,
 ) -> Result<(), CoreError> {
-    let mut handler =
-        Core { core, shard, info, durability, batch: Vec::new(), next_lsn, held: Vec::new(), held_at: Vec::new() };
+    let mut handler = Core {
+        core,
+        shard,
+        info,
+        durability,
+        fx: Effects::new(next_lsn),
+        held: Vec::new(),
+        held_at: Vec::new(),
+        scratch: Vec::new(),
+        asked: HashMap::new(),
+        next_ask_id: 1,
+        peers: HashMap::new(),
+    };
+    // The map the brick started with may already make this core join partitions.
+    handler.shard.install_map(shared.map(), &mut handler.fx);
     let mut last_work = Instant::now();
+    let started = Instant::now();
+    let mut last_tick_ms = 0;
     let mut checkpointing = false;
-    while !stop.load(Ordering::Relaxed) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        // Fence first: the control thread unfences only after installing the map that
+        // came with the authority's answer, so an unfenced core sees that map too.
+        handler.shard.fenced = shared.fenced.load(Ordering::Acquire);
+        if shared.epoch.load(Ordering::Acquire) != handler.shard.epoch() {
+            let map = shared.map();
+            if map.epoch > handler.shard.epoch() {
+                handler.shard.install_map(map, &mut handler.fx);
+            }
+        }
         // Adaptive polling: spin while requests keep coming, then sleep in the kernel
         // so bricks and clients sharing a small machine do not starve each other.
         let busy = config.busy_poll || checkpointing || last_work.elapsed() < config.spin;
-        let timeout = if busy { Duration::ZERO } else { config.park };
+        let timeout = if busy { Duration::ZERO } else { config.park.min(Duration::from_millis(TICK_MS)) };
         if transport.poll(Some(timeout), &mut handler)? > 0 {
             last_work = Instant::now();
         }
-        if !handler.batch.is_empty() {
-            // Group commit: every mutation of the round in one write and one fdatasync.
-            // An error here ends the brick; nothing is retried.
-            storage.commit(&handler.batch, durability == Durability::Sync)?;
-            handler.batch.clear();
+        let now_ms = started.elapsed().as_millis() as u64;
+        if now_ms >= last_tick_ms + TICK_MS {
+            last_tick_ms = now_ms;
+            handler.shard.tick(now_ms, &mut handler.fx);
+            let queries = std::mem::take(&mut handler.fx.queries);
+            if !queries.is_empty() {
+                ask_peers(&mut transport, &mut handler, queries);
+            }
+        }
+        if handler.fx.behind {
+            handler.fx.behind = false;
+            shared.refresh.store(true, Ordering::Relaxed);
+        }
+        if !handler.fx.batch.is_empty() {
+            // Group commit: every record of the round in one write and, when one must be
+            // durable before its reply, one fdatasync. An error here ends the brick;
+            // nothing is retried.
+            storage.commit(&handler.fx.batch, durability == Durability::Sync && handler.fx.must_sync)?;
+            handler.fx.batch.clear();
+        }
+        handler.fx.must_sync = false;
+        for (conn, bytes) in std::mem::take(&mut handler.fx.deferred) {
+            handler.hold(conn, &bytes);
         }
         if !handler.held_at.is_empty() {
             let Core { held, held_at, .. } = &mut handler;
@@ -287,7 +407,7 @@ pub fn run(
             held_at.clear();
             transport.flush(&mut handler);
         }
-        checkpointing = storage.step(&handler.shard, handler.next_lsn)?;
+        checkpointing = storage.step(&handler.shard, &mut handler.fx.next_lsn)?;
     }
     if durability == Durability::Memory {
         // A clean stop leaves nothing unsynced.

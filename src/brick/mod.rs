@@ -1,6 +1,7 @@
 //! A brick: one worker thread per core, each pinned, each owning its partitions and its
 //! own listener, so a request is served start to finish by the core that owns its key.
 
+pub mod control;
 mod core_loop;
 #[cfg(test)]
 mod model_tests;
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::{BrickInfo, DdsFraming};
 
-pub use shard::Shard;
+pub use shard::{Effects, Shard};
 
 /// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -61,6 +62,10 @@ pub struct BrickConfig {
     pub ports: Option<Vec<u16>>,
     /// A core's active log segment past this size starts a checkpoint.
     pub checkpoint_log_bytes: u64,
+    /// The map authority; `None` runs the brick alone (one brick, one replica).
+    pub meta: Option<SocketAddr>,
+    /// The id to ask the authority for (a new brick otherwise gets the next free one).
+    pub id: Option<u32>,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -107,6 +112,8 @@ pub enum BrickError {
     LayoutMismatch { dir: PathBuf, found_cores: usize, found_bits: u8 },
     #[error("brick: --ports lists {given} port(s) for {cores} core(s)")]
     Ports { given: usize, cores: usize },
+    #[error("brick: {0}")]
+    Control(#[from] control::ControlError),
 }
 
 impl BrickFile {
@@ -173,6 +180,7 @@ fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
 
 /// Runs a brick until `stop` is set (the binary sets it on SIGTERM or SIGINT).
 pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError> {
+    use control::Shared;
     if config.cores == 0 {
         return Err(BrickError::NoCores);
     }
@@ -207,6 +215,24 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         addrs.push(bound);
     }
     let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+    // The map first: from the authority (which may wait for the rest of the cluster),
+    // or this brick's own when it runs alone.
+    if let (Some(id), None) = (config.id, control::load_identity(&config.dir)) {
+        std::fs::write(config.dir.join("identity.json"), format!("{{\"id\":{id}}}"))
+            .map_err(|source| BrickError::File { op: "write", path: config.dir.join("identity.json"), source })?;
+    }
+    let (shared, session) = match config.meta {
+        Some(meta) => {
+            let (me, map, rpc) = control::register(meta, &config.dir, &addrs, &stop)?;
+            crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch);
+            (Shared::new(me, map, Arc::clone(&stop)), Some((meta, rpc)))
+        }
+        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &addrs), Arc::clone(&stop)), None),
+    };
+    if shared.map().base_bits != config.partition_bits {
+        return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits });
+    }
+    let shared = &shared;
     let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
     let results: Vec<Result<(), BrickError>> = std::thread::scope(|scope| {
@@ -218,6 +244,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 let cpu = (!cpus.is_empty()).then(|| cpus[core % cpus.len()]);
                 let stop = Arc::clone(&stop);
                 let ready = ready_tx.clone();
+                let map = shared.map();
                 let loop_config = core_loop::LoopConfig {
                     spin: Duration::from_micros(config.spin_us),
                     busy_poll: config.busy_poll,
@@ -230,7 +257,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                             core_affinity::set_for_current(cpu);
                         }
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
-                        let mut shard = Shard::new(core, config.cores, config.partition_bits);
+                        let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         let (storage, next_lsn) =
                             match core_loop::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes) {
                             Ok(recovered) => recovered,
@@ -242,7 +269,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let _ = ready.send(core);
                         drop(ready);
                         let result =
-                            core_loop::run(core, transport, shard, storage, next_lsn, config.durability, info, loop_config, &stop);
+                            core_loop::run(core, transport, shard, storage, next_lsn, config.durability, info, loop_config, shared);
                         // One core stopping stops the brick: it serves all its partitions or none.
                         stop.store(true, Ordering::SeqCst);
                         result.map_err(fail)
@@ -251,6 +278,13 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             })
             .collect();
         drop(ready_tx);
+        if let Some((meta, rpc)) = session {
+            let addrs = addrs.clone();
+            std::thread::Builder::new()
+                .name("dds-control".into())
+                .spawn_scoped(scope, move || control::heartbeat_loop(shared, meta, &addrs, Some(rpc)))
+                .expect("spawn control thread");
+        }
         // brick.json says "serving": only once every core has replayed its log.
         let all_ready = ready_rx.iter().take(config.cores).count() == config.cores;
         let stored = if all_ready {

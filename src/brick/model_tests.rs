@@ -6,9 +6,29 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::Shard;
-use crate::log::record::{self, Mutation, ScanEnd};
+use std::sync::Arc;
+
+use super::control::standalone_map;
+use super::{Effects, Shard};
+use crate::log::record::{self, ScanEnd};
+use crate::map::BrickId;
 use crate::proto::{BrickInfo, Frame, Kind, Op};
+
+const CONN: dds_transport::ConnId = dds_transport::ConnId { slot: 0, generation: 0 };
+
+fn new_shard() -> Shard {
+    Shard::new(0, 1, 4, BrickId(0), Arc::new(standalone_map(4, &[])))
+}
+
+/// Executes one write; returns the log records it made.
+fn write(shard: &mut Shard, op: Op, key: &[u8], value: &[u8], next_lsn: &mut u64) -> Vec<u8> {
+    let info = BrickInfo { partition_bits: 4, core: 0, ports: vec![1] };
+    let mut fx = Effects::new(*next_lsn);
+    let mut reply = Vec::new();
+    shard.execute(CONN, &Frame { kind: Kind::Request(op), request_id: 1, epoch: 1, key, value }, &info, &mut reply, &mut fx);
+    *next_lsn = fx.next_lsn;
+    fx.batch
+}
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -55,8 +75,7 @@ proptest! {
 
     #[test]
     fn recovery_keeps_every_synced_write_and_nothing_unwritten(steps in prop::collection::vec(step(), 1..120)) {
-        let info = BrickInfo { partition_bits: 4, core: 0, ports: vec![1] };
-        let mut shard = Shard::new(0, 1, 4);
+        let mut shard = new_shard();
         let mut live = Model::new();
         let mut disk: Vec<u8> = Vec::new();
         let mut synced = 0usize;
@@ -65,26 +84,23 @@ proptest! {
         let mut batch = Vec::new();
         let mut batch_mutations = Vec::new();
         let mut next_lsn = 1u64;
-        let mut reply = Vec::new();
         for step in steps {
             match step {
                 Step::Put(k, value) => {
                     let key = key(k);
-                    let frame = Frame { kind: Kind::Request(Op::Put), request_id: 1, epoch: 0, key: &key, value: &value };
-                    prop_assert!(shard.execute(&frame, &info, &mut reply));
-                    record::encode(&mut batch, next_lsn, &Mutation::Put { key: &key, value: &value });
-                    next_lsn += 1;
+                    let records = write(&mut shard, Op::Put, &key, &value, &mut next_lsn);
+                    prop_assert!(!records.is_empty());
+                    batch.extend_from_slice(&records);
                     batch_mutations.push((batch.len(), (true, key.clone(), value.clone())));
                     live.insert(key, value);
                 }
                 Step::Remove(k) => {
                     let key = key(k);
-                    let frame = Frame { kind: Kind::Request(Op::Remove), request_id: 1, epoch: 0, key: &key, value: &[] };
-                    let changed = shard.execute(&frame, &info, &mut reply);
+                    let records = write(&mut shard, Op::Remove, &key, &[], &mut next_lsn);
+                    let changed = !records.is_empty();
                     prop_assert_eq!(changed, live.remove(&key).is_some());
                     if changed {
-                        record::encode(&mut batch, next_lsn, &Mutation::Remove { key: &key });
-                        next_lsn += 1;
+                        batch.extend_from_slice(&records);
                         batch_mutations.push((batch.len(), (false, key, Vec::new())));
                     }
                 }
@@ -108,7 +124,7 @@ proptest! {
                         apply(&mut expected, m);
                     }
                     // Restart: a fresh shard from the log alone.
-                    shard = Shard::new(0, 1, 4);
+                    shard = new_shard();
                     let mut last_lsn = 0;
                     let end = record::scan(&disk, |r| {
                         shard.replay(&r.mutation);

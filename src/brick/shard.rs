@@ -1,36 +1,182 @@
-//! The partitions one core owns, and the execution of one request against them.
+//! The partitions one core owns, and the execution of one request against them: the
+//! storage side of the protocol core, with no sockets, files or clocks inside. It takes
+//! frames, map changes and ticks, and returns reply bytes, log records, deferred replies
+//! and questions for peers (`Effects`); the core loop does the I/O.
+//!
+//! Two-phase commit, participant side: `Prepare` locks the key and logs the write,
+//! `Commit` applies it, `Abort` drops it. A read of a prepared key waits for the
+//! decision. A prepare held past `RESOLVE_AFTER_MS` is in doubt: the shard asks the
+//! transaction's other participants and decides by the rule in ARCHITECTURE.md (any
+//! commit: commit; any abort or never-prepared: abort; every live participant prepared:
+//! commit).
 //! Only the owning core's thread ever touches a shard: no locks.
 
-use hashbrown::HashMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
 
-use crate::log::record::Mutation;
-use crate::map::{core_of, key_hash, partition_of};
-use crate::proto::{encode, BrickInfo, CoreStats, Frame, Kind, Op, Status};
+use dds_transport::ConnId;
+use hashbrown::{HashMap, HashSet};
+
+use crate::log::record::{self, Mutation};
+use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
+use crate::proto::{encode, BrickInfo, Chunk, CoreStats, Frame, Kind, Op, PrepareBody, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
+
+/// A prepare older than this is in doubt and its participants are asked.
+pub const RESOLVE_AFTER_MS: u64 = 1000;
+/// How often an in-doubt prepare asks again while no rule decides it.
+const RESOLVE_RETRY_MS: u64 = 250;
+/// Reads parked on one prepared key before more are refused as busy.
+const WAITERS_MAX: usize = 1024;
+/// Decided transactions remembered for peers that ask (and to refuse late prepares).
+const OUTCOMES_MAX: usize = 1 << 16;
+/// Entry bytes in one snapshot chunk.
+pub const CHUNK_BYTES_MAX: usize = 256 << 10;
+
+/// A write locked by phase one, waiting for its decision.
+struct Prepared {
+    txid: TxId,
+    kind: WriteKind,
+    value: Box<[u8]>,
+    participants: Vec<u32>,
+    /// Map epoch of the prepare.
+    epoch: u64,
+    since_ms: u64,
+    /// Reads that wait for the decision: (connection, request id).
+    waiters: Vec<(ConnId, u64)>,
+    /// Answers from peers while in doubt.
+    answers: Vec<(u32, TxState)>,
+    asked_ms: Option<u64>,
+}
+
+/// What executing a request or a tick produced besides the immediate reply.
+#[derive(Default)]
+pub struct Effects {
+    /// Log records of this round, in order.
+    pub batch: Vec<u8>,
+    pub next_lsn: u64,
+    /// A record in `batch` must be durable before any reply leaves (under sync
+    /// durability). Decisions alone do not need it: every participant prepared durably.
+    pub must_sync: bool,
+    /// Replies to requests that waited (parked reads): (connection, frame bytes).
+    pub deferred: Vec<(ConnId, Vec<u8>)>,
+    /// Questions for peers about in-doubt transactions.
+    pub queries: Vec<Query>,
+    /// A request carried a newer epoch than this core knows.
+    pub behind: bool,
+}
+
+impl Effects {
+    pub fn new(next_lsn: u64) -> Effects {
+        Effects { next_lsn, ..Effects::default() }
+    }
+
+    fn log(&mut self, mutation: &Mutation<'_>, durable_first: bool) {
+        record::encode(&mut self.batch, self.next_lsn, mutation);
+        self.next_lsn += 1;
+        self.must_sync |= durable_first;
+    }
+}
+
+/// Ask `brick` what it knows of `txid` (on `key`'s core).
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub brick: BrickId,
+    pub key: Box<[u8]>,
+    pub txid: TxId,
+}
+
+/// Bounded memory of decided transactions, oldest forgotten first.
+#[derive(Default)]
+struct Outcomes {
+    state: HashMap<TxId, bool>,
+    order: VecDeque<TxId>,
+}
+
+impl Outcomes {
+    fn record(&mut self, txid: TxId, committed: bool) {
+        if self.state.insert(txid, committed).is_none() {
+            self.order.push_back(txid);
+            if self.order.len() > OUTCOMES_MAX {
+                let old = self.order.pop_front().expect("non-empty");
+                self.state.remove(&old);
+            }
+        }
+    }
+}
 
 pub struct Shard {
     core: usize,
     cores: usize,
     partition_bits: u8,
-    /// Indexed by partition; `Some` only for partitions this core owns.
+    /// Indexed by base partition; `Some` only for partitions this core owns.
     tables: Vec<Option<Table>>,
     pub stats: CoreStats,
+    me: BrickId,
+    map: Arc<ClusterMap>,
+    /// The map as JSON, sent back with every `StaleEpoch`.
+    map_json: Arc<[u8]>,
+    prepared: HashMap<Box<[u8]>, Prepared>,
+    outcomes: Outcomes,
+    /// Key lists of partitions being copied out, by partition id.
+    snapshots: HashMap<u32, Vec<Box<[u8]>>>,
+    /// Partitions this brick is joining: keys written since the join, which a copied
+    /// entry must not overwrite.
+    joining: HashMap<PartitionId, HashSet<Box<[u8]>>>,
+    now_ms: u64,
+    /// No word from the map authority within the lease: serve nothing, the brick may
+    /// have been removed.
+    pub fenced: bool,
+}
+
+fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: Status, value: &[u8]) {
+    encode(out, &Frame { kind: Kind::Reply(op, status), request_id, epoch, key: &[], value });
 }
 
 impl Shard {
-    pub fn new(core: usize, cores: usize, partition_bits: u8) -> Shard {
+    pub fn new(core: usize, cores: usize, partition_bits: u8, me: BrickId, map: Arc<ClusterMap>) -> Shard {
         assert!(core < cores);
+        assert_eq!(map.base_bits, partition_bits, "map and brick disagree on the base partition bits");
         let partitions = 1u32 << partition_bits;
         let tables = (0..partitions).map(|p| (core_of(p, cores) == core).then(Table::new)).collect();
-        Shard { core, cores, partition_bits, tables, stats: CoreStats::default() }
+        let map_json: Arc<[u8]> = map.to_json().into_bytes().into();
+        Shard {
+            core,
+            cores,
+            partition_bits,
+            tables,
+            stats: CoreStats::default(),
+            me,
+            map,
+            map_json,
+            prepared: HashMap::new(),
+            outcomes: Outcomes::default(),
+            snapshots: HashMap::new(),
+            joining: HashMap::new(),
+            now_ms: 0,
+            fenced: false,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.map.epoch
+    }
+
+    pub fn map(&self) -> &Arc<ClusterMap> {
+        &self.map
+    }
+
+    fn base_of(&self, key: &[u8]) -> u32 {
+        partition_of(key_hash(key), self.partition_bits)
     }
 
     /// Applies a mutation to an owned partition; returns whether anything changed.
-    fn mutate(&mut self, partition: u32, mutation: &Mutation<'_>) -> bool {
+    fn mutate(&mut self, key: &[u8], put: Option<&[u8]>) -> bool {
+        let partition = self.base_of(key);
         let table = self.tables[partition as usize].as_mut().expect("mutate on an owned partition");
-        match *mutation {
-            Mutation::Put { key, value } => {
+        match put {
+            Some(value) => {
                 match table.get_mut(key) {
                     Some(old) => {
                         self.stats.bytes -= old.len() as u64;
@@ -45,7 +191,7 @@ impl Shard {
                 }
                 true
             }
-            Mutation::Remove { key } => match table.remove(key) {
+            None => match table.remove(key) {
                 Some(value) => {
                     self.stats.keys -= 1;
                     self.stats.bytes -= (key.len() + value.len()) as u64;
@@ -56,19 +202,49 @@ impl Shard {
         }
     }
 
-    /// Re-applies a logged mutation at start-up. The record came from this core's own
-    /// log, so its partition must be one this core owns.
+    /// Re-applies a logged record at start-up. It came from this core's own log, so its
+    /// partition must be one this core owns.
     pub fn replay(&mut self, mutation: &Mutation<'_>) {
-        let partition = partition_of(key_hash(mutation.key()), self.partition_bits);
+        let partition = self.base_of(mutation.key());
         assert!(self.tables[partition as usize].is_some(), "core {} log holds partition {partition} it does not own", self.core);
-        self.mutate(partition, mutation);
+        match *mutation {
+            Mutation::Put { key, value } => {
+                self.mutate(key, Some(value));
+            }
+            Mutation::Remove { key } => {
+                self.mutate(key, None);
+            }
+            Mutation::Prepare { key, body } => {
+                let prepared = Prepared {
+                    txid: body.txid,
+                    kind: body.kind,
+                    value: body.value.into(),
+                    participants: body.participants().collect(),
+                    epoch: 0,
+                    since_ms: 0,
+                    waiters: Vec::new(),
+                    answers: Vec::new(),
+                    asked_ms: None,
+                };
+                self.prepared.insert(key.into(), prepared);
+            }
+            Mutation::Decide { key, txid, commit } => {
+                if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
+                    let p = self.prepared.remove(key).expect("present");
+                    if commit {
+                        self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
+                    }
+                }
+                self.outcomes.record(txid, commit);
+            }
+        }
     }
 
     pub fn partitions(&self) -> usize {
         self.tables.len()
     }
 
-    /// Keys and values of `partition`, empty for one this core does not own.
+    /// Keys and values of base partition `partition`, empty for one this core does not own.
     pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.tables[partition].iter().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
     }
@@ -78,74 +254,452 @@ impl Shard {
         self.tables.iter().flatten().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
     }
 
-    /// Executes one request and appends its reply to `out`. `info` answers `Hello`.
-    /// Returns whether the request changed the shard (and so must be logged).
-    pub fn execute(&mut self, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>) -> bool {
+    /// Writes prepared and undecided, as prepare records: a new log segment starts with
+    /// them so a checkpoint never cuts a prepare off from its decision.
+    pub fn prepared_records(&self) -> impl Iterator<Item = (&[u8], TxId, WriteKind, &[u32], &[u8])> {
+        self.prepared.iter().map(|(k, p)| (&k[..], p.txid, p.kind, &p.participants[..], &p.value[..]))
+    }
+
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// A new map: remember it, and for every partition this brick has just started
+    /// joining, drop what it held there (stale since it left) and start tracking writes.
+    pub fn install_map(&mut self, map: Arc<ClusterMap>, fx: &mut Effects) {
+        assert!(map.epoch >= self.map.epoch, "maps only move forward");
+        let me = self.me;
+        let mut cleared = Vec::new();
+        for (&p, joining) in &map.joining {
+            if joining.contains(&me) && !self.joining.contains_key(&p) && self.owns_partition(&map, p) {
+                cleared.push(p);
+            }
+        }
+        for p in cleared {
+            let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+            let keys: Vec<Box<[u8]>> = self.tables[base as usize]
+                .as_ref()
+                .expect("owned")
+                .keys()
+                .filter(|k| p.contains(key_hash(k)))
+                .cloned()
+                .collect();
+            for key in &keys {
+                self.mutate(key, None);
+                fx.log(&Mutation::Remove { key }, true);
+            }
+            let stale: Vec<Box<[u8]>> = self.prepared.keys().filter(|k| p.contains(key_hash(k))).cloned().collect();
+            for key in stale {
+                let prepared = self.prepared.remove(&key).expect("listed");
+                fx.log(&Mutation::Decide { key: &key, txid: prepared.txid, commit: false }, false);
+                self.answer_waiters(&key, prepared.waiters, fx);
+            }
+            crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {} stale keys", keys.len());
+            self.joining.insert(p, HashSet::new());
+        }
+        self.joining.retain(|p, _| map.is_joining(*p, me));
+        self.map_json = map.to_json().into_bytes().into();
+        self.map = map;
+    }
+
+    /// Whether partition `p` (a DP leaf) is stored on this core.
+    fn owns_partition(&self, map: &ClusterMap, p: PartitionId) -> bool {
+        let base = p.prefix() & ((1u32 << map.base_bits) - 1);
+        core_of(base, self.cores) == self.core
+    }
+
+    /// Checks a data request's epoch and this brick's place for the key. `Err` carries
+    /// the refusal to send.
+    fn admit(&self, epoch: u64, hash: u64, read: bool, fx: &mut Effects) -> Result<(PartitionId, &[BrickId]), (Status, Vec<u8>)> {
+        if self.fenced {
+            return Err((Status::Unavailable, format!("{} lost touch with the map authority: fenced", self.me).into_bytes()));
+        }
+        if epoch < self.map.epoch {
+            return Err((Status::StaleEpoch, self.map_json.to_vec()));
+        }
+        if epoch > self.map.epoch {
+            fx.behind = true;
+            return Err((Status::Behind, format!("brick is at epoch {}, request at {epoch}", self.map.epoch).into_bytes()));
+        }
+        let (p, group) = self.map.route(hash);
+        let core = self.map.core_of(hash, self.cores);
+        if core != self.core {
+            return Err((Status::WrongShard, format!("partition {p} is stored on core {core} of this brick, not core {}", self.core).into_bytes()));
+        }
+        if !group.contains(&self.me) {
+            return Err((Status::WrongShard, format!("{} holds no replica of partition {p} at epoch {}", self.me, self.map.epoch).into_bytes()));
+        }
+        if read && self.map.is_joining(p, self.me) {
+            return Err((Status::Unavailable, format!("{} is still copying partition {p}", self.me).into_bytes()));
+        }
+        Ok((p, group))
+    }
+
+    /// Executes one request from `conn` and appends its immediate reply to `out` (a
+    /// parked read replies later through `fx.deferred`). `info` answers `Hello`.
+    pub fn execute(&mut self, conn: ConnId, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>, fx: &mut Effects) {
         let Kind::Request(op) = request.kind else {
             unreachable!("the core loop passes requests only")
         };
         self.stats.requests += 1;
-        let mut reply = |status: Status, value: &[u8]| {
-            encode(out, &Frame { kind: Kind::Reply(op, status), request_id: request.request_id, epoch: 0, key: &[], value })
-        };
+        let id = request.request_id;
+        let epoch = self.map.epoch;
+        let mut reply = |status: Status, value: &[u8]| reply_frame(out, op, id, epoch, status, value);
         match op {
-            Op::Get | Op::Put | Op::Remove => {
-                let partition = partition_of(key_hash(request.key), self.partition_bits);
-                if self.tables[partition as usize].is_none() {
-                    let msg = format!(
-                        "partition {partition} belongs to core {} of this brick, not core {}",
-                        core_of(partition, self.cores),
-                        self.core
-                    );
-                    reply(Status::WrongShard, msg.as_bytes());
-                    return false;
-                }
+            Op::Get | Op::Put | Op::Remove | Op::Prepare => {
+                let hash = key_hash(request.key);
+                let group_len = match self.admit(request.epoch, hash, op == Op::Get, fx) {
+                    Ok((_, group)) => group.len(),
+                    Err((status, msg)) => return reply(status, &msg),
+                };
                 match op {
                     Op::Get => {
-                        match self.tables[partition as usize].as_ref().expect("owned").get(request.key) {
+                        if let Some(p) = self.prepared.get_mut(request.key) {
+                            if p.waiters.len() >= WAITERS_MAX {
+                                return reply(Status::Unavailable, b"too many reads wait for this key's pending write");
+                            }
+                            p.waiters.push((conn, id));
+                            return;
+                        }
+                        let table = self.tables[self.base_of(request.key) as usize].as_ref().expect("admitted");
+                        match table.get(request.key) {
                             Some(value) => reply(Status::Ok, value),
                             None => reply(Status::NotFound, &[]),
                         }
-                        false
                     }
-                    Op::Put => {
-                        self.mutate(partition, &Mutation::Put { key: request.key, value: request.value });
-                        reply(Status::Ok, &[]);
-                        true
+                    Op::Put | Op::Remove => {
+                        // One phase: allowed only where this brick is the whole group.
+                        if group_len != 1 {
+                            return reply(Status::WrongShard, b"this partition has several replicas: write with two-phase commit");
+                        }
+                        if self.prepared.contains_key(request.key) {
+                            return reply(Status::Conflict, b"a write to this key is pending");
+                        }
+                        let status = self.write(request.key, op == Op::Put, request.value, fx);
+                        reply(status, &[]);
                     }
-                    Op::Remove => {
-                        let removed = self.mutate(partition, &Mutation::Remove { key: request.key });
-                        reply(if removed { Status::Ok } else { Status::NotFound }, &[]);
-                        removed
+                    Op::Prepare => {
+                        let status = self.prepare(request.key, request.value, request.epoch, fx);
+                        match status {
+                            Ok(existed) => reply(Status::Ok, &[existed as u8]),
+                            Err(why) => reply(Status::Conflict, why.as_bytes()),
+                        }
                     }
                     _ => unreachable!(),
+                }
+            }
+            Op::Commit | Op::Abort => {
+                let Ok(txid) = TxId::decode(request.value) else {
+                    return reply(Status::Conflict, b"malformed txid");
+                };
+                if self.tables[self.base_of(request.key) as usize].is_none() {
+                    return reply(Status::WrongShard, b"key stored on another core");
+                }
+                let found = self.decide(request.key, txid, op == Op::Commit, fx);
+                reply(if found { Status::Ok } else { Status::NotFound }, &[]);
+            }
+            Op::Resolve => {
+                let Ok(txid) = TxId::decode(request.value) else {
+                    return reply(Status::Conflict, b"malformed txid");
+                };
+                let state = self.tx_state(request.key, txid);
+                reply(Status::Ok, &[state as u8]);
+            }
+            Op::SnapshotChunk => {
+                let mut value = Vec::new();
+                let status = self.snapshot_chunk(request.epoch, request.value, &mut value, fx);
+                reply(status, &value);
+            }
+            Op::Install => match self.install(request.epoch, request.value, fx) {
+                Ok(n) => reply(Status::Ok, &(n as u64).to_le_bytes()),
+                Err((status, msg)) => reply(status, msg.as_bytes()),
+            },
+            Op::GetMap => {
+                if request.epoch < self.map.epoch {
+                    reply(Status::Ok, &self.map_json)
+                } else {
+                    reply(Status::Ok, &[])
                 }
             }
             Op::Hello => {
                 let mut payload = Vec::new();
                 info.encode(&mut payload);
                 reply(Status::Ok, &payload);
-                false
             }
             Op::Stats => {
                 let mut payload = Vec::new();
                 self.stats.encode(&mut payload);
                 reply(Status::Ok, &payload);
-                false
+            }
+            Op::Register | Op::Heartbeat => reply(Status::WrongShard, b"this is a brick, not the map authority"),
+        }
+    }
+
+    /// A one-phase write; logged before its reply may leave.
+    fn write(&mut self, key: &[u8], put: bool, value: &[u8], fx: &mut Effects) -> Status {
+        let changed = self.mutate(key, put.then_some(value));
+        self.note_joining_write(key);
+        if put {
+            fx.log(&Mutation::Put { key, value }, true);
+            Status::Ok
+        } else if changed {
+            fx.log(&Mutation::Remove { key }, true);
+            Status::Ok
+        } else {
+            Status::NotFound
+        }
+    }
+
+    fn note_joining_write(&mut self, key: &[u8]) {
+        if self.joining.is_empty() {
+            return;
+        }
+        let hash = key_hash(key);
+        if let Some(written) = self.joining.iter_mut().find(|(p, _)| p.contains(hash)).map(|(_, w)| w) {
+            written.insert(key.into());
+        }
+    }
+
+    /// Phase one; `Ok` says whether the key exists now (a remove reports it).
+    fn prepare(&mut self, key: &[u8], body: &[u8], epoch: u64, fx: &mut Effects) -> Result<bool, String> {
+        let body = PrepareBody::decode(body).map_err(|e| e.to_string())?;
+        if body.participants().all(|b| b != self.me.0) {
+            return Err(format!("{} is not among the transaction's participants", self.me));
+        }
+        let existed = self.tables[self.base_of(key) as usize].as_ref().is_some_and(|t| t.contains_key(key));
+        match self.outcomes.state.get(&body.txid) {
+            Some(true) => return Ok(existed),
+            Some(false) => return Err(format!("{} was already aborted here", body.txid)),
+            None => {}
+        }
+        if let Some(p) = self.prepared.get(key) {
+            return if p.txid == body.txid { Ok(existed) } else { Err(format!("key locked by {}", p.txid)) };
+        }
+        fx.log(&Mutation::Prepare { key, body }, true);
+        self.prepared.insert(
+            key.into(),
+            Prepared {
+                txid: body.txid,
+                kind: body.kind,
+                value: body.value.into(),
+                participants: body.participants().collect(),
+                epoch,
+                since_ms: self.now_ms,
+                waiters: Vec::new(),
+                answers: Vec::new(),
+                asked_ms: None,
+            },
+        );
+        Ok(existed)
+    }
+
+    /// Applies or drops the prepared write `txid` on `key`; returns whether it was here.
+    fn decide(&mut self, key: &[u8], txid: TxId, commit: bool, fx: &mut Effects) -> bool {
+        if !self.prepared.get(key).is_some_and(|p| p.txid == txid) {
+            // Already decided (a repeated message), or never prepared: remember the abort
+            // so a late prepare is refused.
+            if !commit {
+                self.outcomes.record(txid, false);
+            }
+            return self.outcomes.state.get(&txid) == Some(&commit);
+        }
+        let p = self.prepared.remove(key).expect("present");
+        if commit {
+            self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
+            self.note_joining_write(key);
+        }
+        fx.log(&Mutation::Decide { key, txid, commit }, false);
+        self.outcomes.record(txid, commit);
+        self.answer_waiters(key, p.waiters, fx);
+        true
+    }
+
+    fn answer_waiters(&mut self, key: &[u8], waiters: Vec<(ConnId, u64)>, fx: &mut Effects) {
+        let value = self.tables[self.base_of(key) as usize].as_ref().and_then(|t| t.get(key));
+        for (conn, id) in waiters {
+            let mut out = Vec::new();
+            match value {
+                Some(v) => reply_frame(&mut out, Op::Get, id, self.map.epoch, Status::Ok, v),
+                None => reply_frame(&mut out, Op::Get, id, self.map.epoch, Status::NotFound, &[]),
+            }
+            fx.deferred.push((conn, out));
+        }
+    }
+
+    /// What this replica knows of `txid`; a transaction never seen is aborted here and
+    /// now, so that a prepare arriving late is refused.
+    fn tx_state(&mut self, key: &[u8], txid: TxId) -> TxState {
+        if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
+            return TxState::Prepared;
+        }
+        match self.outcomes.state.get(&txid) {
+            Some(true) => TxState::Committed,
+            Some(false) => TxState::Aborted,
+            None => {
+                self.outcomes.record(txid, false);
+                TxState::Aborted
             }
         }
     }
+
+    /// Time passes: in-doubt prepares ask their peers.
+    pub fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
+        self.now_ms = now_ms;
+        let mut decided = Vec::new();
+        for (key, p) in self.prepared.iter_mut() {
+            if now_ms.saturating_sub(p.since_ms) < RESOLVE_AFTER_MS {
+                continue;
+            }
+            if let Some(commit) = resolve_rule(&self.map, self.me, p) {
+                decided.push((key.clone(), p.txid, commit));
+                continue;
+            }
+            if p.asked_ms.is_some_and(|t| now_ms.saturating_sub(t) < RESOLVE_RETRY_MS) {
+                continue;
+            }
+            p.asked_ms = Some(now_ms);
+            p.answers.clear();
+            for &b in &p.participants {
+                let brick = BrickId(b);
+                if brick != self.me && self.map.bricks.contains_key(&brick) {
+                    fx.queries.push(Query { brick, key: key.clone(), txid: p.txid });
+                }
+            }
+        }
+        for (key, txid, commit) in decided {
+            crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved: {}", if commit { "commit" } else { "abort" });
+            self.decide(&key, txid, commit, fx);
+        }
+    }
+
+    /// A peer's answer to a `Query`.
+    pub fn on_answer(&mut self, key: &[u8], txid: TxId, from: BrickId, state: TxState, fx: &mut Effects) {
+        let Some(p) = self.prepared.get_mut(key).filter(|p| p.txid == txid) else { return };
+        p.answers.retain(|(b, _)| *b != from.0);
+        p.answers.push((from.0, state));
+        if let Some(commit) = resolve_rule(&self.map, self.me, p) {
+            crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved by peers: {}", if commit { "commit" } else { "abort" });
+            self.decide(key, txid, commit, fx);
+        }
+    }
+
+    /// The next chunk of partition `p`'s entries for a joining replica. Refused while a
+    /// write prepared under an older epoch is pending on the partition: such a write
+    /// does not reach the joining replica, so the copy must start after it.
+    fn snapshot_chunk(&mut self, epoch: u64, body: &[u8], out: &mut Vec<u8>, fx: &mut Effects) -> Status {
+        let Some((pid, cursor)) = body
+            .get(..8)
+            .filter(|_| body.len() == 8)
+            .map(|b| (u32::from_le_bytes(b[..4].try_into().expect("4")), u32::from_le_bytes(b[4..].try_into().expect("4"))))
+        else {
+            out.extend_from_slice(b"snapshot request is not 8 bytes");
+            return Status::Conflict;
+        };
+        let p = PartitionId(pid);
+        if epoch > self.map.epoch {
+            fx.behind = true;
+            out.extend_from_slice(b"brick has not seen that epoch yet");
+            return Status::Behind;
+        }
+        if !self.map.dp.is_leaf(p) || !self.map.readable(p).any(|b| b == self.me) || !self.owns_partition(&self.map, p) {
+            out.extend_from_slice(format!("{} core {} serves no copy of partition {p}", self.me, self.core).as_bytes());
+            return Status::WrongShard;
+        }
+        if cursor == 0 {
+            if self.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k))) {
+                out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
+                return Status::Behind;
+            }
+            let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+            let keys = self.tables[base as usize].as_ref().expect("owned").keys().filter(|k| p.contains(key_hash(k))).cloned().collect();
+            self.snapshots.insert(pid, keys);
+        }
+        let Some(keys) = self.snapshots.get(&pid) else {
+            out.extend_from_slice(b"no snapshot in progress: start at cursor 0");
+            return Status::Conflict;
+        };
+        let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+        let table = self.tables[base as usize].as_ref().expect("owned");
+        let mut entries = Vec::new();
+        let mut at = cursor as usize;
+        while at < keys.len() && entries.len() < CHUNK_BYTES_MAX {
+            if let Some(v) = table.get(&keys[at]) {
+                Chunk::push_entry(&mut entries, &keys[at], v);
+            }
+            at += 1;
+        }
+        let done = at >= keys.len();
+        Chunk::start(out, pid, at as u32, done);
+        out.extend_from_slice(&entries);
+        if done {
+            self.snapshots.remove(&pid);
+        }
+        Status::Ok
+    }
+
+    /// Copied entries for a partition this brick is joining; keys written since the
+    /// join are newer and stay. Returns how many entries were stored.
+    fn install(&mut self, epoch: u64, body: &[u8], fx: &mut Effects) -> Result<usize, (Status, String)> {
+        let chunk = Chunk::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
+        let p = PartitionId(chunk.partition);
+        if epoch > self.map.epoch {
+            fx.behind = true;
+            return Err((Status::Behind, "brick has not seen that epoch yet".into()));
+        }
+        if !self.joining.contains_key(&p) {
+            return Err((Status::WrongShard, format!("{} core {} is not joining partition {p}", self.me, self.core)));
+        }
+        let mut stored = 0;
+        for (key, value) in chunk.entries() {
+            if !p.contains(key_hash(key)) {
+                return Err((Status::Conflict, format!("copied key outside partition {p}")));
+            }
+            if self.joining[&p].contains(key) {
+                continue;
+            }
+            self.mutate(key, Some(value));
+            fx.log(&Mutation::Put { key, value }, true);
+            stored += 1;
+        }
+        Ok(stored)
+    }
+}
+
+/// The decision an in-doubt participant may take on what it knows: any commit, commit;
+/// any abort (or never prepared), abort; every participant still in the map prepared
+/// (those removed are dead, fail-stop), commit; otherwise wait.
+fn resolve_rule(map: &ClusterMap, me: BrickId, p: &Prepared) -> Option<bool> {
+    if p.answers.iter().any(|(_, s)| *s == TxState::Committed) {
+        return Some(true);
+    }
+    if p.answers.iter().any(|(_, s)| *s == TxState::Aborted) {
+        return Some(false);
+    }
+    let all_prepared = p.participants.iter().all(|&b| {
+        b == me.0 || !map.bricks.contains_key(&BrickId(b)) || p.answers.iter().any(|(x, s)| *x == b && *s == TxState::Prepared)
+    });
+    all_prepared.then_some(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::map::{BrickAddr, ClusterMap};
     use crate::proto::decode;
+    use std::collections::BTreeMap;
+
+    pub fn solo_map(bits: u8) -> Arc<ClusterMap> {
+        let bricks = BTreeMap::from([(BrickId(0), BrickAddr { cores: vec![] })]);
+        Arc::new(ClusterMap::initial(bits, bricks, 1).unwrap())
+    }
+
+    const CONN: ConnId = ConnId { slot: 0, generation: 0 };
 
     fn run(shard: &mut Shard, op: Op, key: &[u8], value: &[u8]) -> (Status, Vec<u8>) {
         let info = BrickInfo { partition_bits: 8, core: 0, ports: vec![1] };
         let mut out = Vec::new();
-        let _ = shard.execute(&Frame { kind: Kind::Request(op), request_id: 9, epoch: 0, key, value }, &info, &mut out);
+        let mut fx = Effects::new(1);
+        shard.execute(CONN, &Frame { kind: Kind::Request(op), request_id: 9, epoch: shard.epoch(), key, value }, &info, &mut out, &mut fx);
         let (frame, len) = decode(&out).unwrap().unwrap();
         assert_eq!(len, out.len());
         assert_eq!(frame.request_id, 9);
@@ -160,7 +714,7 @@ mod tests {
 
     #[test]
     fn put_get_remove_and_counters() {
-        let mut shard = Shard::new(0, 1, 8);
+        let mut shard = Shard::new(0, 1, 8, BrickId(0), solo_map(8));
         assert_eq!(run(&mut shard, Op::Get, b"a", b"").0, Status::NotFound);
         assert_eq!(run(&mut shard, Op::Put, b"a", b"one").0, Status::Ok);
         assert_eq!(run(&mut shard, Op::Put, b"a", b"three").0, Status::Ok);
@@ -173,12 +727,86 @@ mod tests {
 
     #[test]
     fn keys_of_other_cores_are_refused() {
-        let mut shards = [Shard::new(0, 2, 8), Shard::new(1, 2, 8)];
+        let map = solo_map(8);
+        let mut shards = [Shard::new(0, 2, 8, BrickId(0), map.clone()), Shard::new(1, 2, 8, BrickId(0), map)];
         let key = b"some key";
         let owner = core_of(partition_of(key_hash(key), 8), 2);
         assert_eq!(run(&mut shards[owner], Op::Put, key, b"v").0, Status::Ok);
         let (status, msg) = run(&mut shards[1 - owner], Op::Get, key, b"");
         assert_eq!(status, Status::WrongShard);
-        assert!(String::from_utf8(msg).unwrap().contains("belongs to core"));
+        assert!(String::from_utf8(msg).unwrap().contains("stored on core"));
+    }
+
+    #[test]
+    fn stale_and_future_epochs_are_refused_with_the_map_or_a_retry() {
+        let mut shard = Shard::new(0, 1, 8, BrickId(0), solo_map(8));
+        let info = BrickInfo { partition_bits: 8, core: 0, ports: vec![1] };
+        for (epoch, want) in [(0, Status::StaleEpoch), (2, Status::Behind)] {
+            let mut out = Vec::new();
+            let mut fx = Effects::new(1);
+            shard.execute(CONN, &Frame { kind: Kind::Request(Op::Get), request_id: 1, epoch, key: b"k", value: b"" }, &info, &mut out, &mut fx);
+            let (frame, _) = decode(&out).unwrap().unwrap();
+            assert_eq!(frame.kind, Kind::Reply(Op::Get, want));
+            if want == Status::StaleEpoch {
+                let map = ClusterMap::from_json(std::str::from_utf8(frame.value).unwrap()).unwrap();
+                assert_eq!(map.epoch, 1);
+            } else {
+                assert!(fx.behind);
+            }
+        }
+    }
+
+    fn prepare(shard: &mut Shard, key: &[u8], txid: TxId, value: &[u8], parts: &[u32]) -> Status {
+        let mut body = Vec::new();
+        PrepareBody::encode(txid, WriteKind::Put, parts, value, &mut body);
+        run(shard, Op::Prepare, key, &body).0
+    }
+
+    #[test]
+    fn prepare_locks_reads_wait_and_commit_applies() {
+        let mut shard = Shard::new(0, 1, 8, BrickId(0), solo_map(8));
+        let (t1, t2) = (TxId { client: 1, seq: 1 }, TxId { client: 2, seq: 1 });
+        assert_eq!(prepare(&mut shard, b"k", t1, b"v1", &[0]), Status::Ok);
+        assert_eq!(prepare(&mut shard, b"k", t2, b"v2", &[0]), Status::Conflict, "one lock per key");
+        let info = BrickInfo { partition_bits: 8, core: 0, ports: vec![1] };
+        let mut out = Vec::new();
+        let mut fx = Effects::new(1);
+        shard.execute(CONN, &Frame { kind: Kind::Request(Op::Get), request_id: 5, epoch: 1, key: b"k", value: b"" }, &info, &mut out, &mut fx);
+        assert!(out.is_empty(), "a read of a prepared key waits");
+        let mut fx = Effects::new(1);
+        assert!(shard.decide(b"k", t1, true, &mut fx));
+        assert_eq!(fx.deferred.len(), 1);
+        let (frame, _) = decode(&fx.deferred[0].1).unwrap().unwrap();
+        assert_eq!((frame.kind, frame.request_id, frame.value), (Kind::Reply(Op::Get, Status::Ok), 5, &b"v1"[..]));
+        assert!(!fx.must_sync, "a decision needs no sync before replies");
+        assert_eq!(run(&mut shard, Op::Resolve, b"k", &t1.to_bytes()), (Status::Ok, vec![TxState::Committed as u8]));
+        // Asked about a transaction it never saw, a replica aborts it for good.
+        assert_eq!(run(&mut shard, Op::Resolve, b"k", &t2.to_bytes()), (Status::Ok, vec![TxState::Aborted as u8]));
+        assert_eq!(prepare(&mut shard, b"k", t2, b"v2", &[0]), Status::Conflict);
+    }
+
+    #[test]
+    fn in_doubt_rule() {
+        let bricks: BTreeMap<_, _> = (0..3).map(|i| (BrickId(i), BrickAddr { cores: vec![] })).collect();
+        let map = ClusterMap::initial(2, bricks, 3).unwrap();
+        let p = |answers: Vec<(u32, TxState)>| Prepared {
+            txid: TxId { client: 1, seq: 1 },
+            kind: WriteKind::Put,
+            value: Box::new([]),
+            participants: vec![0, 1, 2],
+            epoch: 1,
+            since_ms: 0,
+            waiters: vec![],
+            answers,
+            asked_ms: None,
+        };
+        let me = BrickId(0);
+        assert_eq!(resolve_rule(&map, me, &p(vec![])), None);
+        assert_eq!(resolve_rule(&map, me, &p(vec![(1, TxState::Prepared)])), None);
+        assert_eq!(resolve_rule(&map, me, &p(vec![(1, TxState::Prepared), (2, TxState::Prepared)])), Some(true));
+        assert_eq!(resolve_rule(&map, me, &p(vec![(1, TxState::Prepared), (2, TxState::Aborted)])), Some(false));
+        assert_eq!(resolve_rule(&map, me, &p(vec![(2, TxState::Committed)])), Some(true));
+        let without_2 = map.remove_brick(BrickId(2)).unwrap();
+        assert_eq!(resolve_rule(&without_2, me, &p(vec![(1, TxState::Prepared)])), Some(true), "a removed participant is dead");
     }
 }

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::brick::{BrickFile, Durability, BRICK_FILE};
 use crate::client::{Client, ClientConfig};
-use crate::map::{brick_of, DEFAULT_PARTITION_BITS};
+use crate::map::{BrickId, ClusterMap, DEFAULT_PARTITION_BITS};
+use crate::meta::rpc::Rpc;
+use crate::meta::{MetaFile, META_FILE};
+use crate::proto::{CoreStats, Op, Status};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -65,7 +68,7 @@ pub struct UpArgs {
     pub dir: PathBuf,
     #[arg(long, default_value_t = 1)]
     pub bricks: usize,
-    /// Replicas per partition (this version: 1).
+    /// Replicas per partition: every write goes to all of them (two-phase commit).
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
     /// Cores per brick [default: the machine's cores shared out among the bricks].
@@ -95,9 +98,18 @@ pub struct ClusterBrick {
     pub ports: Vec<u16>,
 }
 
+/// The map authority of a local cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
 /// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
+    pub meta: ClusterMeta,
     pub partition_bits: u8,
     pub replicas: usize,
     pub durability: Durability,
@@ -121,8 +133,9 @@ impl ClusterFile {
         std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
 
+    /// Where a client can learn the map: the authority, then every brick.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.bricks.iter().map(|b| b.addr).collect()
+        std::iter::once(self.meta.addr).chain(self.bricks.iter().map(|b| b.addr)).collect()
     }
 
     pub fn connect(&self) -> anyhow::Result<Client> {
@@ -179,9 +192,76 @@ struct BrickShape {
     partition_bits: u8,
     durability: Durability,
     checkpoint_log_mb: f64,
+    meta: SocketAddr,
 }
 
-fn spawn_brick(exe: &Path, bdir: &Path, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
+/// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
+fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
+    let _ = std::fs::remove_file(mdir.join(META_FILE));
+    let log_path = mdir.join("meta.log");
+    let log = OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("open {}", log_path.display()))?;
+    Command::new(exe)
+        .arg("meta")
+        .arg("--dir")
+        .arg(mdir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
+        .args(["--partition-bits", &bits.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start the map authority on {}", mdir.display()))
+}
+
+fn wait_for_meta(mdir: &Path, child: &mut Child) -> anyhow::Result<MetaFile> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(mdir.join("meta.log")).unwrap_or_default();
+            bail!("the map authority exited with {status}; its log ends:\n{}", tail(&log));
+        }
+        if let Some(file) = std::fs::read_to_string(mdir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok()) {
+            if file.pid == child.id() {
+                return Ok(file);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the map authority did not start within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn meta_alive(m: &ClusterMeta) -> bool {
+    pid_alive(m.pid) && {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", m.pid)).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
+        args.contains(&b"meta".as_slice()) && args.contains(&m.dir.as_os_str().as_encoded_bytes())
+    }
+}
+
+/// Starts the cluster's authority again (same directory and port) if it is not running.
+fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
+    if meta_alive(&cluster.meta) {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let m = &cluster.meta;
+    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits)?;
+    let file = wait_for_meta(&m.dir, &mut child)?;
+    cluster.meta.pid = file.pid;
+    Ok(())
+}
+
+/// The map as the authority has it now.
+pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
+    crate::meta::fetch_map(&cluster.addrs(), Duration::from_millis(500)).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
+}
+
+fn spawn_brick(exe: &Path, bdir: &Path, index: usize, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
     std::fs::create_dir_all(bdir).with_context(|| format!("create {}", bdir.display()))?;
     let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
     let log_path = bdir.join("brick.log");
@@ -193,7 +273,8 @@ fn spawn_brick(exe: &Path, bdir: &Path, shape: &BrickShape, ports: Option<&[u16]
         .args(["--listen", "127.0.0.1:0", "--cores", &shape.cores.to_string()])
         .args(["--partition-bits", &shape.partition_bits.to_string()])
         .args(["--durability", &value_name(shape.durability)])
-        .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()]);
+        .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()])
+        .args(["--meta", &shape.meta.to_string(), "--id", &index.to_string()]);
     if let Some(ports) = ports {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         cmd.args(["--ports", &list.join(",")]);
@@ -225,14 +306,17 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     while pid_alive(b.pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    ensure_meta(&mut cluster)?;
+    cluster.store(dir)?;
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let shape = BrickShape {
         cores: b.cores,
         partition_bits: cluster.partition_bits,
         durability: cluster.durability,
         checkpoint_log_mb: cluster.checkpoint_log_mb,
+        meta: cluster.meta.addr,
     };
-    let mut child = spawn_brick(&exe, &b.dir, &shape, Some(&b.ports))?;
+    let mut child = spawn_brick(&exe, &b.dir, index, &shape, Some(&b.ports))?;
     let file = match wait_for_brick(&b.dir, &mut child) {
         Ok(file) => file,
         Err(e) => {
@@ -257,8 +341,8 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     if args.bricks == 0 {
         bail!("--bricks must be at least 1");
     }
-    if args.replicas != 1 {
-        bail!("--replicas {}: this version keeps one copy of each partition; replication is not built yet", args.replicas);
+    if args.replicas == 0 || args.replicas > args.bricks {
+        bail!("--replicas {} needs at least that many bricks (--bricks {})", args.replicas, args.bricks);
     }
     let mut transport = args.transport;
     if transport != TransportKind::Tcp {
@@ -280,18 +364,29 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     }
     let cores = args.cores.unwrap_or_else(|| (super::available_cores() / args.bricks).max(1));
     super::mib_to_bytes(args.checkpoint_log_mb)?;
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let mdir = dir.join("meta");
+    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits)?;
+    let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = meta_child.kill();
+            let _ = meta_child.wait();
+            return Err(e);
+        }
+    };
     let shape = BrickShape {
         cores,
         partition_bits: args.partition_bits,
         durability: args.durability,
         checkpoint_log_mb: args.checkpoint_log_mb,
+        meta: meta_file.addr,
     };
-    let exe = std::env::current_exe().context("locate the dds binary")?;
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
         for index in 0..args.bricks {
             let bdir = dir.join(format!("brick-{index}"));
-            let child = spawn_brick(&exe, &bdir, &shape, None)
+            let child = spawn_brick(&exe, &bdir, index, &shape, None)
                 .with_context(|| format!("start brick {index}"))?;
             children.push((bdir, child));
         }
@@ -302,6 +397,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
         }
         let cluster = ClusterFile {
+            meta: ClusterMeta { pid: meta_file.pid, addr: meta_file.addr, dir: mdir.clone() },
             partition_bits: args.partition_bits,
             replicas: args.replicas,
             durability: args.durability,
@@ -314,7 +410,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         anyhow::Ok(cluster)
     })();
     if started.is_err() {
-        for (_, child) in &mut children {
+        for child in children.iter_mut().map(|(_, c)| c).chain(std::iter::once(&mut meta_child)) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -341,7 +437,10 @@ fn wait_for_brick(bdir: &Path, child: &mut Child) -> anyhow::Result<BrickFile> {
 }
 
 fn log_tail(bdir: &Path) -> String {
-    let text = std::fs::read_to_string(bdir.join("brick.log")).unwrap_or_default();
+    tail(&std::fs::read_to_string(bdir.join("brick.log")).unwrap_or_default())
+}
+
+fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
@@ -390,6 +489,17 @@ fn stop_brick(b: &ClusterBrick, signal: Signal, grace: Duration) -> anyhow::Resu
 /// Stops every running brick; returns how many were running.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     let cluster = ClusterFile::load(dir)?;
+    // The authority first: bricks that stop must not be taken for failures and removed.
+    if meta_alive(&cluster.meta) {
+        let _ = kill(Pid::from_raw(cluster.meta.pid as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while pid_alive(cluster.meta.pid) {
+            if Instant::now() > deadline {
+                let _ = kill(Pid::from_raw(cluster.meta.pid as i32), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let running: Vec<&ClusterBrick> = cluster.bricks.iter().filter(|b| is_brick_process(b)).collect();
     for b in &running {
         let _ = kill(Pid::from_raw(b.pid as i32), Signal::SIGTERM);
@@ -400,40 +510,95 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
     Ok(running.len())
 }
 
+/// Counters of every core of a brick, asked on each core's own port.
+fn brick_stats(b: &ClusterBrick) -> Result<Vec<CoreStats>, String> {
+    b.ports
+        .iter()
+        .map(|&port| {
+            let addr = SocketAddr::new(b.addr.ip(), port);
+            let (status, value) = Rpc::connect(addr, Duration::from_millis(500))
+                .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], Duration::from_millis(500)))
+                .map_err(|e| e.to_string())?;
+            if status != Status::Ok {
+                return Err(format!("{status:?}"));
+            }
+            CoreStats::decode(&value).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 fn status(dir: &Path) -> anyhow::Result<()> {
     let cluster = ClusterFile::load(dir)?;
-    let partitions = 1usize << cluster.partition_bits;
+    let map = current_map(&cluster);
     println!("cluster {}", dir.display());
+    let meta_state = if meta_alive(&cluster.meta) { "up" } else { "down" };
     println!(
-        "  transport {}, durability {}, {} brick(s), {partitions} partitions ({} bits), {} replica(s), epoch 0 (fixed map)",
+        "  map authority {} (pid {}, {meta_state}); transport {}, durability {}, {} brick(s), {} replica(s) asked",
+        cluster.meta.addr,
+        cluster.meta.pid,
         value_name(cluster.transport),
         value_name(cluster.durability),
         cluster.bricks.len(),
-        cluster.partition_bits,
         cluster.replicas
     );
-    println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>10} {:>12} {:>6}", "brick", "pid", "state", "addr", "cores", "partitions", "keys", "bytes", "conns");
+    match &map {
+        Ok(m) => println!(
+            "  epoch {}, {} partitions (base {} bits), {} copying",
+            m.epoch,
+            m.dp.leaves().len(),
+            m.base_bits,
+            m.joining.values().map(|j| j.len()).sum::<usize>()
+        ),
+        Err(e) => println!("  map unavailable: {e}"),
+    }
+    println!(
+        "{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}",
+        "brick", "pid", "state", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns"
+    );
     let mut down = 0;
     for b in &cluster.bricks {
-        let owned = (0..partitions as u32).filter(|&p| brick_of(p, cluster.partition_bits, cluster.bricks.len()) == b.index).count();
-        let stats = if is_brick_process(b) {
-            Client::connect(&[b.addr], ClientConfig::default()).and_then(|mut c| c.stats(0)).map_err(|e| e.to_string())
-        } else {
-            Err("not running".to_string())
+        let id = BrickId(b.index as u32);
+        let (held, copying, member) = match &map {
+            Ok(m) => (m.partitions_of(id).count(), m.joining.values().filter(|j| j.contains(&id)).count(), m.bricks.contains_key(&id)),
+            Err(_) => (0, 0, false),
+        };
+        let stats = if is_brick_process(b) { brick_stats(b) } else { Err("not running".to_string()) };
+        let state = match (&stats, member) {
+            (Ok(_), true) => "up",
+            (Ok(_), false) => "out",
+            (Err(_), _) => "down",
         };
         match stats {
             Ok(cores) => {
                 let (keys, bytes, conns) = cores.iter().fold((0, 0, 0), |a, s| (a.0 + s.keys, a.1 + s.bytes, a.2 + s.connections_open));
-                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>10} {:>12} {:>6}", b.index, b.pid, "up", b.addr, b.cores, owned, keys, bytes, conns);
+                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}", b.index, b.pid, state, b.addr, b.cores, held, copying, keys, bytes, conns);
             }
             Err(why) => {
                 down += 1;
-                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10}   ({why})", b.index, b.pid, "down", b.addr, b.cores, owned);
+                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, b.pid, state, b.addr, b.cores, held, copying);
             }
         }
     }
+    if let Ok(m) = &map {
+        // Replica groups, each with how many partitions it holds.
+        let mut groups: std::collections::BTreeMap<Vec<u32>, usize> = std::collections::BTreeMap::new();
+        for g in m.groups.values() {
+            let mut ids: Vec<u32> = g.iter().map(|b| b.0).collect();
+            ids.sort_unstable();
+            *groups.entry(ids).or_default() += 1;
+        }
+        println!("replica groups (bricks: partitions):");
+        for (ids, n) in groups {
+            let names: Vec<String> = ids.iter().map(u32::to_string).collect();
+            println!("  [{}]: {n}", names.join(","));
+        }
+        let short = m.groups.values().filter(|g| g.len() < cluster.replicas).count();
+        if short > 0 {
+            println!("{short} partition(s) have fewer than {} replicas", cluster.replicas);
+        }
+    }
     if down > 0 {
-        println!("{down} brick(s) down: their partitions are unavailable (one replica per partition)");
+        println!("{down} brick(s) down");
     }
     Ok(())
 }

@@ -38,6 +38,8 @@ enum Command {
     Cluster(cluster::ClusterCommand),
     /// Run one brick in the foreground until SIGTERM or SIGINT.
     Brick(BrickArgs),
+    /// Run the map authority in the foreground until SIGTERM or SIGINT.
+    Meta(MetaArgs),
     /// Store a value (from the argument, or stdin when it is left out).
     Put(kv::PutArgs),
     /// Print the value stored under a key (exit 1 if there is none).
@@ -59,9 +61,12 @@ struct BrickArgs {
     /// Address of core 0; core i listens on port+i (port 0: any free ports).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Map authority address (used once replication lands; ignored by this version).
+    /// Map authority address; without it the brick runs alone (one replica).
     #[arg(long)]
     meta: Option<SocketAddr>,
+    /// Brick id to ask the authority for on first start (kept in the brick's directory).
+    #[arg(long)]
+    id: Option<u32>,
     /// Worker threads, one per core [default: all cores].
     #[arg(long)]
     cores: Option<usize>,
@@ -90,6 +95,24 @@ struct BrickArgs {
     checkpoint_log_mb: f64,
 }
 
+#[derive(Args)]
+struct MetaArgs {
+    /// Directory for the map (`map.json`).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Bricks to wait for before the first map.
+    #[arg(long)]
+    bricks: usize,
+    /// Replicas of every partition.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// Partition count is 2^bits at the start (the bricks must agree).
+    #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
+    partition_bits: u8,
+}
+
 /// MiB from the command line to bytes, at least one KiB.
 pub fn mib_to_bytes(mib: f64) -> anyhow::Result<u64> {
     if !(mib.is_finite() && mib * 1024.0 >= 1.0) {
@@ -108,6 +131,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Demo(args) => bench::demo(args),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Brick(args) => run_brick(args),
+        Command::Meta(args) => run_meta(args),
         Command::Put(args) => kv::put(args),
         Command::Get(args) => kv::get(args),
         Command::Del(args) => kv::del(args),
@@ -116,14 +140,33 @@ pub fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("install signal handler")?;
     }
-    if let Some(meta) = args.meta {
-        crate::log!("brick", "--meta {meta} noted; this version has no map authority yet");
+    Ok(stop)
+}
+
+fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
+    if args.bricks == 0 || args.replicas == 0 || args.replicas > args.bricks {
+        anyhow::bail!("--replicas {} needs at least that many --bricks (got {})", args.replicas, args.bricks);
     }
+    let config = crate::meta::MetaConfig {
+        dir: args.dir,
+        listen: args.listen,
+        authority: crate::meta::authority::AuthorityConfig {
+            bricks: args.bricks,
+            replicas: args.replicas,
+            base_bits: args.partition_bits,
+        },
+    };
+    crate::meta::run(&config, stop_on_signals()?)?;
+    Ok(())
+}
+
+fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
+    let stop = stop_on_signals()?;
     let config = BrickConfig {
         dir: args.dir,
         listen: args.listen,
@@ -135,6 +178,8 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         durability: args.durability,
         ports: args.ports,
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
+        meta: args.meta,
+        id: args.id,
     };
     brick::run(&config, stop)?;
     Ok(())

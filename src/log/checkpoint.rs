@@ -58,7 +58,7 @@ pub fn load<'a>(bytes: &'a [u8], mut put: impl FnMut(&'a [u8], &'a [u8])) -> Res
         found += 1;
         match r.mutation {
             Mutation::Put { key, value } => put(key, value),
-            Mutation::Remove { .. } => bad_kind = true,
+            _ => bad_kind = true,
         }
     })
     .map_err(|e| CheckpointError::Record(shift(e)))?;

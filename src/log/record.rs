@@ -1,28 +1,35 @@
 //! Redo log records: `length: u32 | crc32c: u32 | lsn: u64 | payload`, little-endian.
 //! `length` counts the payload; the checksum covers `lsn` and the payload.
-//! Payload: `kind: u8 | key_len: u16 | value_len: u32 | key | value`.
+//! Payload: `kind: u8 | key_len: u16 | value_len: u32 | key | value`. Kinds: 1 put,
+//! 2 remove (the state itself), 3 prepare (value: the wire `PrepareBody`), 4 commit and
+//! 5 abort (value: the `TxId`) for two-phase commit.
 //!
 //! Reading distinguishes a torn tail (the last write of a crash that never synced, to be
 //! dropped) from corruption (a bad record with a valid record after it, to stop on): a
 //! record that fails its checksum or runs past the end is torn only if no valid record
 //! follows it.
 
-use crate::proto::{KEY_LEN_MAX, VALUE_LEN_MAX};
+use crate::proto::{PrepareBody, TxId, KEY_LEN_MAX, VALUE_LEN_MAX};
 
 pub const RECORD_HEADER_LEN: usize = 16;
 const PAYLOAD_HEADER_LEN: usize = 7;
-pub const PAYLOAD_LEN_MAX: usize = PAYLOAD_HEADER_LEN + KEY_LEN_MAX + VALUE_LEN_MAX;
+/// A prepare's body holds the value plus the transaction and its participants.
+pub const PAYLOAD_LEN_MAX: usize = PAYLOAD_HEADER_LEN + KEY_LEN_MAX + VALUE_LEN_MAX + 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mutation<'a> {
     Put { key: &'a [u8], value: &'a [u8] },
     Remove { key: &'a [u8] },
+    /// A write prepared (and locked) under two-phase commit, not yet applied.
+    Prepare { key: &'a [u8], body: PrepareBody<'a> },
+    /// The outcome of a prepared write; a commit applies it.
+    Decide { key: &'a [u8], txid: TxId, commit: bool },
 }
 
 impl Mutation<'_> {
     pub fn key(&self) -> &[u8] {
         match self {
-            Mutation::Put { key, .. } | Mutation::Remove { key } => key,
+            Mutation::Put { key, .. } | Mutation::Remove { key } | Mutation::Prepare { key, .. } | Mutation::Decide { key, .. } => key,
         }
     }
 }
@@ -62,13 +69,23 @@ impl RecordError {
 
 /// Appends one record to `out`.
 pub fn encode(out: &mut Vec<u8>, lsn: u64, mutation: &Mutation<'_>) {
+    let mut scratch = Vec::new();
     let (kind, key, value): (u8, &[u8], &[u8]) = match *mutation {
         Mutation::Put { key, value } => (1, key, value),
         Mutation::Remove { key } => (2, key, &[]),
+        Mutation::Prepare { key, body } => {
+            let participants: Vec<u32> = body.participants().collect();
+            PrepareBody::encode(body.txid, body.kind, &participants, body.value, &mut scratch);
+            (3, key, &scratch[..])
+        }
+        Mutation::Decide { key, txid, commit } => {
+            scratch.extend_from_slice(&txid.to_bytes());
+            (if commit { 4 } else { 5 }, key, &scratch[..])
+        }
     };
-    assert!(key.len() <= KEY_LEN_MAX && value.len() <= VALUE_LEN_MAX, "mutation past the wire limits");
     let start = out.len();
     let payload_len = PAYLOAD_HEADER_LEN + key.len() + value.len();
+    assert!(key.len() <= KEY_LEN_MAX && payload_len <= PAYLOAD_LEN_MAX, "mutation past the wire limits");
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&lsn.to_le_bytes());
@@ -110,15 +127,18 @@ pub fn decode(buf: &[u8], offset: u64) -> Result<(Record<'_>, usize), RecordErro
     }
     let key_len = u16::from_le_bytes([p[1], p[2]]) as usize;
     let value_len = u32::from_le_bytes(p[3..7].try_into().expect("4 bytes")) as usize;
-    if key_len > KEY_LEN_MAX || value_len > VALUE_LEN_MAX || PAYLOAD_HEADER_LEN + key_len + value_len != p.len() {
+    if key_len > KEY_LEN_MAX || PAYLOAD_HEADER_LEN + key_len + value_len != p.len() {
         return Err(bad("lengths disagree"));
     }
     let key = &p[PAYLOAD_HEADER_LEN..PAYLOAD_HEADER_LEN + key_len];
     let value = &p[PAYLOAD_HEADER_LEN + key_len..];
     let mutation = match p[0] {
-        1 => Mutation::Put { key, value },
+        1 if value_len <= VALUE_LEN_MAX => Mutation::Put { key, value },
+        1 => return Err(bad("value too long")),
         2 if value_len == 0 => Mutation::Remove { key },
         2 => return Err(bad("remove with a value")),
+        3 => Mutation::Prepare { key, body: PrepareBody::decode(value).map_err(|_| bad("malformed prepare"))? },
+        4 | 5 => Mutation::Decide { key, txid: TxId::decode(value).map_err(|_| bad("malformed txid"))?, commit: p[0] == 4 },
         _ => return Err(bad("unknown kind")),
     };
     Ok((Record { lsn, mutation }, total))

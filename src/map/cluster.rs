@@ -48,9 +48,18 @@ pub enum MapError {
 pub struct ClusterMap {
     /// Grows by one with every change; bricks fence requests from older epochs.
     pub epoch: u64,
+    /// Depth of the trie the cluster started with. Leaves never merge above it, and the
+    /// core of a brick that stores a key is chosen from these low hash bits alone, so a
+    /// brick core's log always holds the same keys whatever splits happen.
+    pub base_bits: u8,
     pub dp: DpMap,
-    /// The replica group of every DP leaf, in no order of preference.
+    /// The replica group of every DP leaf, in no order of preference: every write goes
+    /// to all of them (two-phase commit).
     pub groups: BTreeMap<PartitionId, Vec<BrickId>>,
+    /// Members of a group that are still copying the partition: they take writes but
+    /// serve no reads until the copy is done.
+    #[serde(default)]
+    pub joining: BTreeMap<PartitionId, Vec<BrickId>>,
     pub bricks: BTreeMap<BrickId, BrickAddr>,
 }
 
@@ -68,7 +77,7 @@ impl ClusterMap {
             .enumerate()
             .map(|(i, &p)| (p, (0..replicas).map(|k| ids[(i + k) % ids.len()]).collect()))
             .collect();
-        let map = ClusterMap { epoch: 1, dp, groups, bricks };
+        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), bricks };
         map.validate().map_err(MapError::Invalid)?;
         Ok(map)
     }
@@ -80,6 +89,33 @@ impl ClusterMap {
         (p, self.groups.get(&p).map_or(&[], |g| &g[..]))
     }
 
+    /// The core of a brick with `cores` cores that stores `hash`: from the low
+    /// `base_bits` bits only (see `base_bits`).
+    #[inline]
+    pub fn core_of(&self, hash: u64, cores: usize) -> usize {
+        assert!(cores > 0);
+        super::core_of(super::partition_of(hash, self.base_bits), cores)
+    }
+
+    /// Whether `brick` is in `p`'s group but still copying it (no reads yet).
+    pub fn is_joining(&self, p: PartitionId, brick: BrickId) -> bool {
+        self.joining.get(&p).is_some_and(|j| j.contains(&brick))
+    }
+
+    /// The members of `p`'s group that serve reads.
+    pub fn readable(&self, p: PartitionId) -> impl Iterator<Item = BrickId> + '_ {
+        self.groups.get(&p).into_iter().flatten().copied().filter(move |&b| !self.is_joining(p, b))
+    }
+
+    /// Partitions whose group includes `brick`.
+    pub fn partitions_of(&self, brick: BrickId) -> impl Iterator<Item = PartitionId> + '_ {
+        self.groups.iter().filter(move |(_, g)| g.contains(&brick)).map(|(&p, _)| p)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a map serialises")
+    }
+
     /// Every invariant a map must hold: one leaf per hash, a non-empty group of known,
     /// distinct bricks for every leaf and no group for anything else, an epoch of 1 or
     /// more.
@@ -88,6 +124,18 @@ impl ClusterMap {
             return Err("epoch 0".into());
         }
         self.dp.validate()?;
+        if let Some(l) = self.dp.leaves().iter().find(|l| l.depth() < self.base_bits) {
+            return Err(format!("partition {l} is shallower than the base depth {}", self.base_bits));
+        }
+        for (p, joining) in &self.joining {
+            let group = self.groups.get(p).ok_or_else(|| format!("joining list for unknown partition {p}"))?;
+            if joining.is_empty() || joining.iter().any(|b| !group.contains(b)) {
+                return Err(format!("partition {p}: joining bricks {joining:?} not all in its group {group:?}"));
+            }
+            if group.len() == joining.len() {
+                return Err(format!("partition {p} has no readable replica"));
+            }
+        }
         if self.groups.len() != self.dp.leaves().len() {
             return Err(format!("{} groups for {} partitions", self.groups.len(), self.dp.leaves().len()));
         }
@@ -124,6 +172,10 @@ impl ClusterMap {
             let group = m.groups.remove(&p).expect("leaf has a group");
             m.groups.insert(a, group.clone());
             m.groups.insert(b, group);
+            if let Some(joining) = m.joining.remove(&p) {
+                m.joining.insert(a, joining.clone());
+                m.joining.insert(b, joining);
+            }
             Ok(())
         })
     }
@@ -131,6 +183,12 @@ impl ClusterMap {
     /// Merges a partition with its sibling; both must have the same group.
     pub fn merge(&self, p: PartitionId) -> Result<ClusterMap, MapError> {
         self.next(|m| {
+            if p.depth() <= m.base_bits {
+                return Err(MapError::Invalid(format!("partition {p} is at the base depth {}: it does not merge", m.base_bits)));
+            }
+            if m.joining.contains_key(&p) || p.sibling().is_some_and(|s| m.joining.contains_key(&s)) {
+                return Err(MapError::Invalid(format!("partition {p} or its sibling is being copied")));
+            }
             let sibling = p.sibling().ok_or(DpError::NoSibling(p))?;
             let (ga, gb) = (m.groups.get(&p), m.groups.get(&sibling));
             let same = match (ga, gb) {
@@ -159,9 +217,14 @@ impl ClusterMap {
     pub fn remove_brick(&self, brick: BrickId) -> Result<ClusterMap, MapError> {
         self.next(|m| {
             m.bricks.remove(&brick).ok_or(MapError::UnknownBrick(brick))?;
+            for joining in m.joining.values_mut() {
+                joining.retain(|&b| b != brick);
+            }
+            m.joining.retain(|_, j| !j.is_empty());
             for (&partition, group) in m.groups.iter_mut() {
                 group.retain(|&b| b != brick);
-                if group.is_empty() {
+                let readable = group.iter().filter(|b| !m.joining.get(&partition).is_some_and(|j| j.contains(b))).count();
+                if readable == 0 {
                     return Err(MapError::LastReplica { brick, partition });
                 }
             }
@@ -180,6 +243,40 @@ impl ClusterMap {
                 return Err(MapError::AlreadyReplica { brick, partition: p });
             }
             group.push(brick);
+            Ok(())
+        })
+    }
+
+    /// Adds each `(partition, brick)` to the group as a joining (write-only) replica.
+    pub fn begin_join(&self, joins: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            for &(p, brick) in joins {
+                if !m.bricks.contains_key(&brick) {
+                    return Err(MapError::UnknownBrick(brick));
+                }
+                let group = m.groups.get_mut(&p).ok_or(DpError::NotALeaf(p))?;
+                if group.contains(&brick) {
+                    return Err(MapError::AlreadyReplica { brick, partition: p });
+                }
+                group.push(brick);
+                m.joining.entry(p).or_default().push(brick);
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks joining replicas as copied: they serve reads from now on. Pairs no longer
+    /// joining (their brick was removed meanwhile) are skipped.
+    pub fn finish_join(&self, joins: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            for &(p, brick) in joins {
+                if let Some(j) = m.joining.get_mut(&p) {
+                    j.retain(|&b| b != brick);
+                    if j.is_empty() {
+                        m.joining.remove(&p);
+                    }
+                }
+            }
             Ok(())
         })
     }
@@ -242,6 +339,8 @@ mod tests {
         Remove(u8),
         Add(u8),
         Replica(u16, u8),
+        Join(u16, u8),
+        Finish(u16),
     }
 
     fn change() -> impl Strategy<Value = Change> {
@@ -251,6 +350,8 @@ mod tests {
             any::<u8>().prop_map(Change::Remove),
             any::<u8>().prop_map(Change::Add),
             (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Replica(p, b)),
+            (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Join(p, b)),
+            any::<u16>().prop_map(Change::Finish),
         ]
     }
 
@@ -267,6 +368,12 @@ mod tests {
                     Change::Remove(i) => map.remove_brick(ids[i as usize % ids.len()]),
                     Change::Add(i) => map.add_brick(BrickId(100 + i as u32), BrickAddr { cores: vec![] }),
                     Change::Replica(p, b) => map.add_replica(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()]),
+                    Change::Join(p, b) => map.begin_join(&[(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()])]),
+                    Change::Finish(p) => {
+                        let p = leaves[p as usize % leaves.len()];
+                        let joins: Vec<_> = map.joining.get(&p).into_iter().flatten().map(|&b| (p, b)).collect();
+                        map.finish_join(&joins)
+                    }
                 };
                 match next {
                     Ok(next) => {
@@ -282,6 +389,7 @@ mod tests {
                 let (p, group) = map.route(h);
                 prop_assert!(p.contains(h));
                 prop_assert!(!group.is_empty());
+                prop_assert!(map.readable(p).count() > 0);
             }
             prop_assert_eq!(ClusterMap::from_json(&serde_json::to_string(&map).unwrap()).unwrap(), map);
         }

@@ -7,9 +7,9 @@
 //! assigned in contiguous blocks. Splits, merges, replica groups and epochs build on it.
 //! Every lookup here is arithmetic: nothing allocates.
 //!
-//! `dp` and `cluster` hold the general form the distribution work builds on: a DP trie
-//! that splits and merges, replica groups, bricks, and the epoch that versions them. The
-//! brick and client do not use them yet; they route with the fixed layout below.
+//! `dp` and `cluster` hold the general form bricks and clients route with: a DP trie
+//! that splits and merges, replica groups, bricks, and the epoch that versions them.
+//! The fixed arithmetic below picks a key's core inside a brick (and the base layout).
 
 pub mod cluster;
 pub mod dp;

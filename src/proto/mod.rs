@@ -17,14 +17,16 @@
 //!
 //! The header alone decides whether a frame is well formed (lengths, op, status, which
 //! ops may carry a key or a value), so a transport can reject a bad frame before it
-//! buffers its body. Ops `0x10..=0x1f` are set aside for two-phase commit and
-//! `0x20..=0x2f` for map messages; they are rejected until they exist.
+//! buffers its body. Ops `0x10..=0x1f` are two-phase commit and copying between bricks,
+//! `0x20..=0x2f` map messages between bricks, clients and the map authority.
 
 mod codec;
 mod info;
+mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
 pub use info::{BrickInfo, CoreStats, InfoError};
+pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, TxId, TxState, WriteKind};
 
 pub const MAGIC: u16 = 0xDD5A;
 pub const VERSION: u8 = 1;
@@ -49,10 +51,48 @@ pub enum Op {
     Hello = 4,
     /// Ask a brick core for its counters (keys, bytes, requests).
     Stats = 5,
+    /// 2PC phase one: lock the key, log the write durably, vote (`Ok` yes, `Conflict` no).
+    /// Value: a `PrepareBody`.
+    Prepare = 0x10,
+    /// 2PC phase two: apply the prepared write. Value: the `TxId`.
+    Commit = 0x11,
+    /// 2PC phase two: drop the prepared write. Value: the `TxId`.
+    Abort = 0x12,
+    /// What a replica knows of a transaction (asked by an in-doubt peer). Value: `TxId`;
+    /// the reply's value is one `TxState` byte.
+    Resolve = 0x13,
+    /// Recovery: the next chunk of a partition's entries from a source replica. Value:
+    /// partition id (u32) and cursor (u32); the reply's value is a `Chunk`.
+    SnapshotChunk = 0x14,
+    /// Recovery: entries for a replica that is joining a partition's group. Value: a
+    /// `Chunk`; entries written since the join are newer and are kept.
+    Install = 0x15,
+    /// The current cluster map (JSON) if the request's epoch is older, else empty.
+    GetMap = 0x20,
+    /// A brick to the map authority: here I am (JSON `Registration`); the reply names the
+    /// brick's id. The connection then carries its heartbeats.
+    Register = 0x21,
+    /// A brick to the map authority, with its epoch; the reply carries a newer map.
+    Heartbeat = 0x22,
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [Op::Get, Op::Put, Op::Remove, Op::Hello, Op::Stats];
+    pub const ALL: [Op; 14] = [
+        Op::Get,
+        Op::Put,
+        Op::Remove,
+        Op::Hello,
+        Op::Stats,
+        Op::Prepare,
+        Op::Commit,
+        Op::Abort,
+        Op::Resolve,
+        Op::SnapshotChunk,
+        Op::Install,
+        Op::GetMap,
+        Op::Register,
+        Op::Heartbeat,
+    ];
 
     pub fn from_u8(byte: u8) -> Option<Op> {
         Op::ALL.into_iter().find(|op| *op as u8 == byte)
@@ -60,12 +100,15 @@ impl Op {
 
     /// Whether a request with this op carries a key.
     pub fn request_has_key(self) -> bool {
-        matches!(self, Op::Get | Op::Put | Op::Remove)
+        matches!(self, Op::Get | Op::Put | Op::Remove | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve)
     }
 
     /// Whether a request with this op may carry a value.
     pub fn request_has_value(self) -> bool {
-        matches!(self, Op::Put)
+        matches!(
+            self,
+            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -75,6 +118,15 @@ impl Op {
             Op::Remove => "remove",
             Op::Hello => "hello",
             Op::Stats => "stats",
+            Op::Prepare => "prepare",
+            Op::Commit => "commit",
+            Op::Abort => "abort",
+            Op::Resolve => "resolve",
+            Op::SnapshotChunk => "snapshot-chunk",
+            Op::Install => "install",
+            Op::GetMap => "get-map",
+            Op::Register => "register",
+            Op::Heartbeat => "heartbeat",
         }
     }
 }
@@ -88,15 +140,28 @@ pub enum Status {
     NotFound = 1,
     /// The key's partition is owned by another core or brick than the one asked.
     WrongShard = 2,
-    /// The request carried an older map epoch than the brick's.
+    /// The request carried an older map epoch than the brick's; the value is the
+    /// brick's map (JSON), for the client to install and retry (lazy repair).
     StaleEpoch = 3,
-    /// The brick cannot serve now (shutting down, out of memory budget).
+    /// The brick cannot serve now (shutting down, fenced, a copy not ready).
     Unavailable = 4,
+    /// The request carried a newer map epoch than the brick knows: retry shortly.
+    Behind = 5,
+    /// A prepare's "no" vote: the key is locked by another transaction, or the
+    /// transaction was already given up here.
+    Conflict = 6,
 }
 
 impl Status {
-    pub const ALL: [Status; 5] =
-        [Status::Ok, Status::NotFound, Status::WrongShard, Status::StaleEpoch, Status::Unavailable];
+    pub const ALL: [Status; 7] = [
+        Status::Ok,
+        Status::NotFound,
+        Status::WrongShard,
+        Status::StaleEpoch,
+        Status::Unavailable,
+        Status::Behind,
+        Status::Conflict,
+    ];
 
     pub fn from_u8(byte: u8) -> Option<Status> {
         Status::ALL.into_iter().find(|s| *s as u8 == byte)

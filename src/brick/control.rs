@@ -1,0 +1,207 @@
+//! A brick's control plane: the map every core routes by, and the thread that keeps it
+//! fresh by heartbeats to the map authority. Control state is shared through
+//! `parking_lot` and atomics; cores only read it once per loop round.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::map::{BrickAddr, BrickId, ClusterMap};
+use crate::meta::rpc::Rpc;
+use crate::meta::{Registered, Registration};
+use crate::proto::{Op, Status};
+
+/// How often a brick tells the authority it is alive.
+pub const HEARTBEAT_MS: u64 = 50;
+/// A brick that has heard nothing from the authority for this long stops serving: the
+/// authority removes a silent brick after `meta::BRICK_TIMEOUT_MS`, which is longer, so a
+/// removed brick has fenced itself before anyone writes without it.
+pub const LEASE_MS: u64 = 500;
+
+/// What the cores and the control thread share.
+pub struct Shared {
+    pub me: BrickId,
+    pub epoch: AtomicU64,
+    map: RwLock<Arc<ClusterMap>>,
+    pub fenced: AtomicBool,
+    /// A core saw a request from a newer epoch: fetch the map now.
+    pub refresh: AtomicBool,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    pub fn new(me: BrickId, map: ClusterMap, stop: Arc<AtomicBool>) -> Shared {
+        Shared {
+            me,
+            epoch: AtomicU64::new(map.epoch),
+            map: RwLock::new(Arc::new(map)),
+            fenced: AtomicBool::new(false),
+            refresh: AtomicBool::new(false),
+            stop,
+        }
+    }
+
+    pub fn map(&self) -> Arc<ClusterMap> {
+        Arc::clone(&self.map.read())
+    }
+
+    /// Installs `map` if it is newer than the one held.
+    pub fn offer(&self, map: ClusterMap) -> bool {
+        let mut held = self.map.write();
+        if map.epoch <= held.epoch {
+            return false;
+        }
+        let epoch = map.epoch;
+        *held = Arc::new(map);
+        self.epoch.store(epoch, Ordering::Release);
+        true
+    }
+}
+
+/// `<dir>/identity.json`: the id the authority gave this brick, kept across restarts.
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    id: u32,
+}
+
+const IDENTITY_FILE: &str = "identity.json";
+
+pub fn load_identity(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join(IDENTITY_FILE)).ok()?;
+    serde_json::from_str::<Identity>(&text).ok().map(|i| i.id)
+}
+
+fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_string(&Identity { id }).expect("serialises"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("register with the map authority at {meta}: {why}")]
+    Register { meta: SocketAddr, why: String },
+    #[error("store the brick identity in {dir}: {source}")]
+    Identity {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Registers with the authority (retrying until `deadline`), records the id it gives,
+/// and waits until the authority has a map. Returns the id and the map.
+pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Rpc), ControlError> {
+    let fail = |why: String| ControlError::Register { meta, why };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_err = String::new();
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        let attempt = (|| {
+            let mut rpc = Rpc::connect(meta, RPC_TIMEOUT).map_err(|e| e.to_string())?;
+            let reg = Registration { id: load_identity(dir), cores: cores.to_vec() };
+            let (status, value) = rpc
+                .call(Op::Register, 0, &[], serde_json::to_string(&reg).expect("serialises").as_bytes(), RPC_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            if status != Status::Ok {
+                return Err(format!("{status:?}: {}", String::from_utf8_lossy(&value)));
+            }
+            let reply: Registered = serde_json::from_slice(&value).map_err(|e| format!("bad reply: {e}"))?;
+            Ok((rpc, reply))
+        })();
+        match attempt {
+            Ok((rpc, reply)) => {
+                store_identity(dir, reply.id).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?;
+                let me = BrickId(reply.id);
+                // The map may not exist yet (the cluster is still gathering its bricks).
+                let mut rpc = rpc;
+                loop {
+                    let (status, value) = rpc.call(Op::Heartbeat, 0, &[], &[], RPC_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+                    if status == Status::Ok && !value.is_empty() {
+                        let map = ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| fail(e.to_string()))?;
+                        return Ok((me, map, rpc));
+                    }
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        return Err(fail("no cluster map yet".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS));
+                }
+            }
+            Err(e) => last_err = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(fail(last_err))
+}
+
+/// The control thread: heartbeats carry the brick's epoch, and their replies bring newer
+/// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
+pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], mut rpc: Option<Rpc>) {
+    let mut last_ok = Instant::now();
+    let mut last_beat = Instant::now() - Duration::from_millis(HEARTBEAT_MS);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let due = last_beat.elapsed() >= Duration::from_millis(HEARTBEAT_MS) || shared.refresh.swap(false, Ordering::Relaxed);
+        if !due {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        last_beat = Instant::now();
+        if rpc.is_none() {
+            rpc = Rpc::connect(meta, Duration::from_millis(LEASE_MS / 2)).ok().and_then(|mut r| {
+                let reg = Registration { id: Some(shared.me.0), cores: cores.to_vec() };
+                let body = serde_json::to_string(&reg).expect("serialises");
+                match r.call(Op::Register, 0, &[], body.as_bytes(), Duration::from_millis(LEASE_MS)) {
+                    Ok((Status::Ok, _)) => Some(r),
+                    _ => None,
+                }
+            });
+        }
+        let beat = rpc.as_mut().map(|r| r.call(Op::Heartbeat, shared.epoch.load(Ordering::Acquire), &[], &[], Duration::from_millis(LEASE_MS)));
+        match beat {
+            Some(Ok((Status::Ok, value))) => {
+                if !value.is_empty() {
+                    match ClusterMap::from_json(&String::from_utf8_lossy(&value)) {
+                        Ok(map) => {
+                            let epoch = map.epoch;
+                            if shared.offer(map) {
+                                crate::log!("brick", "map epoch {epoch}");
+                            }
+                        }
+                        Err(e) => crate::log!("brick", "ignoring a bad map from the authority: {e}"),
+                    }
+                }
+                last_ok = Instant::now();
+                if shared.fenced.swap(false, Ordering::AcqRel) {
+                    crate::log!("brick", "in touch with the map authority again: serving");
+                }
+            }
+            other => {
+                if let Some(Ok((status, value))) = &other {
+                    crate::log!("brick", "heartbeat refused: {status:?}: {}", String::from_utf8_lossy(value));
+                }
+                // Fence before the connection drops: the authority takes a closed session
+                // for a dead brick and may write without it at once.
+                if rpc.is_some() && !shared.fenced.swap(true, Ordering::AcqRel) {
+                    crate::log!("brick", "lost the map authority's session: fenced until it answers again");
+                }
+                rpc = None;
+            }
+        }
+        if last_ok.elapsed() > Duration::from_millis(LEASE_MS) && !shared.fenced.swap(true, Ordering::AcqRel) {
+            crate::log!("brick", "no word from the map authority at {meta} for {LEASE_MS} ms: fenced, serving nothing");
+        }
+    }
+}
+
+/// The map of a brick that runs alone (no authority): one brick, one replica, epoch 1.
+pub fn standalone_map(partition_bits: u8, cores: &[SocketAddr]) -> ClusterMap {
+    let bricks = [(BrickId(0), BrickAddr { cores: cores.to_vec() })].into_iter().collect();
+    ClusterMap::initial(partition_bits, bricks, 1).expect("a one-brick map is valid")
+}

@@ -1,0 +1,434 @@
+//! The life of one operation in the client: route, send, react to each reply or loss,
+//! retry with a newer map, and, for writes to replicated partitions, coordinate
+//! two-phase commit. The coordinator's rule is the one replicas use when in doubt
+//! (ARCHITECTURE.md): commit exactly when every participant voted yes or has left the
+//! map (dead); abort when one voted no. It never aborts a transaction whose votes are
+//! all yes, so a replica that finds all its live peers prepared may commit alone.
+
+use std::time::{Duration, Instant};
+
+use crate::map::{key_hash, BrickId, ClusterMap};
+use crate::proto::{Op, PrepareBody, Status, TxId, WriteKind};
+
+use super::{Client, ClientError, Outcome, Reply, Request};
+
+/// What a client has seen of the cluster, for people and tests (lazy repair counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Newer maps installed, from any source.
+    pub maps_installed: u64,
+    /// Of those, fetched because a brick was lost or silent.
+    pub maps_fetched: u64,
+    /// `StaleEpoch` replies (each a lazy repair: the reply carried the map).
+    pub stale_replies: u64,
+    /// Operations sent again (stale map, lost brick, lock conflict).
+    pub retries: u64,
+    /// Transactions aborted because a replica voted no.
+    pub aborts: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Get,
+    Put,
+    Remove,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vote {
+    /// Prepared; `true` if the key existed there (a remove reports `Removed`).
+    Yes(bool),
+    No,
+    /// The connection broke before an answer.
+    Lost,
+}
+
+enum Phase {
+    /// Waiting to (re)start at `timer`.
+    Idle,
+    Read { brick: BrickId },
+    Direct { brick: BrickId },
+    Prepare { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)> },
+    /// Phase two: waiting for every participant still in the map to acknowledge.
+    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, existed: bool },
+}
+
+pub(crate) struct OpState {
+    kind: OpKind,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    deadline: Instant,
+    phase: Phase,
+    /// When to restart (Idle) or look again at silent or lost bricks.
+    timer: Option<Instant>,
+    attempts: u32,
+    /// Bricks that failed this operation's reads: tried last.
+    avoid: Vec<BrickId>,
+    /// A message of this attempt went unanswered past the suspicion time.
+    suspect: bool,
+    why: String,
+}
+
+/// How long to wait before attempt `n` after a conflict: grows, with jitter by token so
+/// clients that collided do not collide again.
+fn backoff(attempts: u32, token: u64) -> Duration {
+    let base_us = 50u64 << attempts.min(10);
+    Duration::from_micros(base_us.min(20_000) + (token.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54))
+}
+
+impl OpState {
+    pub(crate) fn new(request: Request<'_>, deadline: Instant) -> OpState {
+        let (kind, key, value) = match request {
+            Request::Get(k) => (OpKind::Get, k, &[][..]),
+            Request::Put(k, v) => (OpKind::Put, k, v),
+            Request::Remove(k) => (OpKind::Remove, k, &[][..]),
+        };
+        OpState {
+            kind,
+            key: key.to_vec(),
+            value: value.to_vec(),
+            deadline,
+            phase: Phase::Idle,
+            timer: None,
+            attempts: 0,
+            avoid: Vec::new(),
+            suspect: false,
+            why: String::new(),
+        }
+    }
+
+    pub(crate) fn timer_due(&self, now: Instant) -> bool {
+        self.timer.is_some_and(|t| t <= now) || now >= self.deadline
+    }
+
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
+        Some(self.timer.map_or(self.deadline, |t| t.min(self.deadline)))
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            OpKind::Get => "get",
+            OpKind::Put => "put",
+            OpKind::Remove => "remove",
+        }
+    }
+}
+
+/// The vote a prepare's reply amounts to.
+fn vote_of(status: Option<Status>, value: &[u8]) -> Vote {
+    match status {
+        Some(Status::Ok) => Vote::Yes(value.first() == Some(&1)),
+        Some(_) => Vote::No,
+        None => Vote::Lost,
+    }
+}
+
+impl Client {
+    fn retry_in(&mut self, token: u64, after: Duration, why: String) {
+        self.stats.retries += 1;
+        if let Some(op) = self.ops.get_mut(&token) {
+            op.phase = Phase::Idle;
+            op.suspect = false;
+            op.timer = Some(Instant::now() + after);
+            op.attempts += 1;
+            op.why = why;
+        }
+    }
+
+    /// A reply that carried a map (`StaleEpoch`): install it.
+    fn repair(&mut self, value: &[u8]) {
+        self.stats.stale_replies += 1;
+        if let Ok(map) = ClusterMap::from_json(&String::from_utf8_lossy(value)) {
+            self.install(map);
+        }
+    }
+
+    /// Routes and sends the operation anew with the current map.
+    pub(crate) fn start(&mut self, token: u64) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        op.timer = None;
+        let hash = key_hash(&op.key);
+        let (p, group) = self.map.route(hash);
+        let group = group.to_vec();
+        let kind = op.kind;
+        let key = std::mem::take(&mut op.key);
+        let value = std::mem::take(&mut op.value);
+        let attempts = op.attempts;
+        let result = match kind {
+            OpKind::Get => {
+                let mut readable: Vec<BrickId> = self.map.readable(p).collect();
+                readable.sort_by_key(|b| op.avoid.contains(b));
+                let fresh = readable.iter().filter(|b| !op.avoid.contains(b)).count().max(1);
+                let brick = readable[(token as usize + attempts as usize) % fresh.min(readable.len())];
+                op.phase = Phase::Read { brick };
+                self.send(token, brick, Op::Get, &key, &[]).map_err(|e| (brick, e))
+            }
+            OpKind::Put | OpKind::Remove if group.len() == 1 => {
+                let brick = group[0];
+                op.phase = Phase::Direct { brick };
+                let wire = if kind == OpKind::Put { Op::Put } else { Op::Remove };
+                self.send(token, brick, wire, &key, &value).map_err(|e| (brick, e))
+            }
+            OpKind::Put | OpKind::Remove => {
+                let txid = TxId { client: self.client_id, seq: self.next_seq };
+                self.next_seq += 1;
+                let ids: Vec<u32> = group.iter().map(|b| b.0).collect();
+                let write = if kind == OpKind::Put { WriteKind::Put } else { WriteKind::Remove };
+                let mut body = Vec::with_capacity(32 + value.len());
+                PrepareBody::encode(txid, write, &ids, &value, &mut body);
+                op.phase = Phase::Prepare { txid, participants: group.clone(), votes: Vec::new() };
+                let mut lost = Vec::new();
+                for &b in &group {
+                    if self.send(token, b, Op::Prepare, &key, &body).is_err() {
+                        lost.push(b);
+                    }
+                }
+                if let Some(Phase::Prepare { votes, .. }) = self.ops.get_mut(&token).map(|o| &mut o.phase) {
+                    votes.extend(lost.iter().map(|&b| (b, Vote::Lost)));
+                }
+                Ok(())
+            }
+        };
+        if let Some(op) = self.ops.get_mut(&token) {
+            op.key = key;
+            op.value = value;
+        }
+        match result {
+            Ok(()) => {
+                if matches!(kind, OpKind::Put | OpKind::Remove) && group.len() > 1 {
+                    self.evaluate(token);
+                }
+            }
+            Err((brick, e)) => {
+                if let Some(op) = self.ops.get_mut(&token) {
+                    op.avoid.push(brick);
+                }
+                self.fetch_map();
+                self.retry_in(token, Duration::from_millis(5), e.to_string());
+            }
+        }
+    }
+
+    pub(crate) fn on_reply(&mut self, mut r: Reply) {
+        let Some(op) = self.ops.get_mut(&r.token) else { return };
+        let token = r.token;
+        match &mut op.phase {
+            Phase::Read { brick } | Phase::Direct { brick } if *brick == r.brick => {
+                let brick = *brick;
+                let outcome = match (op.kind, r.status) {
+                    (OpKind::Get, Some(Status::Ok)) => Some(Outcome::Value(std::mem::take(&mut r.value))),
+                    (OpKind::Put, Some(Status::Ok)) => Some(Outcome::Stored),
+                    (OpKind::Remove, Some(Status::Ok)) => Some(Outcome::Removed),
+                    (OpKind::Get | OpKind::Remove, Some(Status::NotFound)) => Some(Outcome::NotFound),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    return self.complete(token, Ok(outcome));
+                }
+                match r.status {
+                    Some(Status::StaleEpoch) => {
+                        self.repair(&r.value);
+                        self.retry_in(token, Duration::ZERO, "stale map".into());
+                    }
+                    Some(Status::Behind) => self.retry_in(token, Duration::from_millis(1), "brick behind the map".into()),
+                    Some(Status::Conflict) => {
+                        let attempts = op.attempts;
+                        self.retry_in(token, backoff(attempts, token), "key locked".into());
+                    }
+                    Some(status @ (Status::Unavailable | Status::WrongShard)) => {
+                        op.avoid.push(brick);
+                        let why = format!("{brick}: {status:?}: {}", String::from_utf8_lossy(&r.value));
+                        self.fetch_map();
+                        self.retry_in(token, Duration::from_millis(5), why);
+                    }
+                    None => {
+                        op.avoid.push(brick);
+                        self.fetch_map();
+                        self.retry_in(token, Duration::from_millis(5), format!("connection to {brick} lost"));
+                    }
+                    Some(status) => {
+                        let err = ClientError::Refused { op: r.op.name(), brick, status, message: String::from_utf8_lossy(&r.value).into_owned() };
+                        self.complete(token, Err(err));
+                    }
+                }
+            }
+            Phase::Prepare { votes, participants, .. } if r.op == Op::Prepare => {
+                if !participants.contains(&r.brick) || votes.iter().any(|(b, _)| *b == r.brick) {
+                    return;
+                }
+                let vote = vote_of(r.status, &r.value);
+                votes.push((r.brick, vote));
+                if vote == Vote::No {
+                    op.why = format!("{} voted no: {:?} {}", r.brick, r.status, String::from_utf8_lossy(&r.value));
+                }
+                match r.status {
+                    Some(Status::StaleEpoch) => self.repair(&r.value),
+                    Some(Status::WrongShard) | None => self.fetch_map(),
+                    _ => {}
+                }
+                self.evaluate(token);
+            }
+            Phase::Decide { pending, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
+                if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
+                    // Still a member: the timer tells it again on a new connection.
+                    op.timer = Some(Instant::now() + Duration::from_millis(20));
+                    return;
+                }
+                pending.retain(|b| *b != r.brick);
+                self.finish_decide(token);
+            }
+            _ => {} // a reply from an earlier attempt
+        }
+    }
+
+    /// Decides a transaction once its votes allow.
+    fn evaluate(&mut self, token: u64) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        let Phase::Prepare { txid, participants, votes } = &op.phase else { return };
+        let map = &self.map;
+        let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
+        let gone = |b: &BrickId| !map.bricks.contains_key(b);
+        let (txid, participants) = (*txid, participants.clone());
+        let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No));
+        let all_yes = participants.iter().all(|b| matches!(vote(b), Some(Vote::Yes(_))) || gone(b));
+        let existed = participants.iter().any(|b| matches!(vote(b), Some(Vote::Yes(true))));
+        let commit = if any_no {
+            false
+        } else if all_yes {
+            true
+        } else {
+            let lost = participants.iter().any(|b| matches!(vote(b), Some(Vote::Lost)) && !gone(b));
+            if (lost || op.suspect) && op.timer.is_none() {
+                // A lost or silent participant: wait for the authority to remove it (or
+                // for its answer), looking at the map now and then.
+                op.timer = Some(Instant::now() + Duration::from_millis(20));
+            }
+            return;
+        };
+        // Phase two goes to every participant that may hold the prepare and is alive.
+        let pending: Vec<BrickId> =
+            participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
+        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), existed };
+        op.timer = None;
+        if !commit {
+            self.stats.aborts += 1;
+        }
+        let key = op.key.clone();
+        let wire = if commit { Op::Commit } else { Op::Abort };
+        let mut unreachable = Vec::new();
+        for b in pending {
+            if self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
+                unreachable.push(b);
+            }
+        }
+        if !unreachable.is_empty() {
+            if let Some(op) = self.ops.get_mut(&token) {
+                op.timer = Some(Instant::now() + Duration::from_millis(20));
+            }
+            self.fetch_map();
+        }
+        self.finish_decide(token);
+    }
+
+    /// Completes (commit) or retries (abort) once every live participant acknowledged.
+    fn finish_decide(&mut self, token: u64) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        let Phase::Decide { pending, commit, existed, .. } = &mut op.phase else { return };
+        let map = &self.map;
+        pending.retain(|b| map.bricks.contains_key(b));
+        if !pending.is_empty() {
+            return;
+        }
+        if *commit {
+            let outcome = match op.kind {
+                OpKind::Remove if !*existed => Outcome::NotFound,
+                OpKind::Remove => Outcome::Removed,
+                _ => Outcome::Stored,
+            };
+            self.complete(token, Ok(outcome));
+        } else {
+            let (attempts, why) = (op.attempts, op.why.clone());
+            self.retry_in(token, backoff(attempts, token), why);
+        }
+    }
+
+    /// A message has gone unanswered past the suspicion time: look for a newer map in
+    /// which a dead brick is gone.
+    pub(crate) fn on_silent(&mut self, token: u64, brick: BrickId) {
+        self.fetch_map();
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        op.suspect = true;
+        if self.map.bricks.contains_key(&brick) {
+            if op.timer.is_none() && !matches!(op.phase, Phase::Idle) {
+                op.timer = Some(Instant::now() + Duration::from_millis(20));
+            }
+            return;
+        }
+        match op.phase {
+            Phase::Read { .. } | Phase::Direct { .. } => {
+                op.avoid.push(brick);
+                self.state.msgs.retain(|_, m| m.token != token);
+                self.retry_in(token, Duration::ZERO, format!("{brick} left the map"));
+            }
+            Phase::Prepare { .. } => self.evaluate(token),
+            Phase::Decide { .. } => self.finish_decide(token),
+            Phase::Idle => {}
+        }
+    }
+
+    pub(crate) fn on_timer(&mut self, token: u64) {
+        let now = Instant::now();
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        if now >= op.deadline {
+            let timeout_ms = self.config.op_timeout.as_millis() as u64;
+            let (name, why) = (op.name(), std::mem::take(&mut op.why));
+            let err = match &op.phase {
+                Phase::Decide { commit: true, .. } => {
+                    // Decided: the write stands; stragglers learn it from their peers.
+                    let outcome = if op.kind == OpKind::Remove { Outcome::Removed } else { Outcome::Stored };
+                    return self.complete(token, Ok(outcome));
+                }
+                Phase::Prepare { votes, .. } if votes.iter().all(|(_, v)| *v == Vote::No) && !votes.is_empty() => {
+                    ClientError::Timeout { op: name, timeout_ms, why }
+                }
+                Phase::Prepare { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },
+                Phase::Direct { .. } => ClientError::Unknown { op: name, timeout_ms, why },
+                _ => ClientError::Timeout { op: name, timeout_ms, why },
+            };
+            return self.complete(token, Err(err));
+        }
+        op.timer = None;
+        match &op.phase {
+            Phase::Idle => self.start(token),
+            Phase::Prepare { .. } => {
+                self.fetch_map();
+                self.evaluate(token);
+            }
+            Phase::Decide { txid, commit, pending, .. } => {
+                // Send again to live participants whose connection broke.
+                let (txid, wire, pending) = (*txid, if *commit { Op::Commit } else { Op::Abort }, pending.clone());
+                let key = op.key.clone();
+                self.fetch_map();
+                for b in pending {
+                    let on_wire = self.state.msgs.values().any(|m| m.token == token && m.brick == b);
+                    if self.map.bricks.contains_key(&b) && !on_wire && self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
+                        if let Some(op) = self.ops.get_mut(&token) {
+                            op.timer = Some(Instant::now() + Duration::from_millis(20));
+                        }
+                    }
+                }
+                self.finish_decide(token);
+            }
+            Phase::Read { brick } | Phase::Direct { brick } => {
+                // Silent: gone from the map by now? Then go elsewhere; else keep waiting.
+                let brick = *brick;
+                self.fetch_map();
+                if !self.map.bricks.contains_key(&brick) {
+                    self.on_silent(token, brick);
+                } else if let Some(op) = self.ops.get_mut(&token) {
+                    op.timer = Some(Instant::now() + Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The map authority as a state machine: registrations, heartbeats, lost sessions and
+//! clock ticks in; new maps and copy tasks out. No sockets, files or clocks inside (the
+//! caller passes `now_ms`), so a simulator can drive it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use crate::map::{BrickAddr, BrickId, ClusterMap, MapError, PartitionId};
+
+/// A brick silent for this long is removed (longer than the brick's lease, see
+/// `brick::control::LEASE_MS`).
+pub const BRICK_TIMEOUT_MS: u64 = 1500;
+
+#[derive(Clone, Debug)]
+pub struct AuthorityConfig {
+    /// Bricks to wait for before the first map.
+    pub bricks: usize,
+    pub replicas: usize,
+    pub base_bits: u8,
+}
+
+/// Copy `partition` to `brick` (a joining replica) at or after `epoch`.
+pub type Join = (PartitionId, BrickId);
+
+/// What a step asks the caller to do.
+#[derive(Debug, Default, PartialEq)]
+pub struct Actions {
+    /// A new map: persist it before anyone sees it.
+    pub map_changed: bool,
+    /// Start copying these joins (the map that made them joining is the current one).
+    pub copy: Vec<Join>,
+    /// Why the map changed, for the log.
+    pub notes: Vec<String>,
+}
+
+pub struct Authority {
+    config: AuthorityConfig,
+    map: Option<ClusterMap>,
+    /// Bricks seen before the first map, by id.
+    gathering: BTreeMap<BrickId, BrickAddr>,
+    /// Last heartbeat of each brick, and its session serial.
+    seen: BTreeMap<BrickId, (u64, u64)>,
+    next_session: u64,
+    /// Joins being copied now; a new plan waits until they finish.
+    copying: Vec<Join>,
+}
+
+impl Authority {
+    pub fn new(config: AuthorityConfig, map: Option<ClusterMap>, now_ms: u64) -> Authority {
+        // After a restart every known brick gets a full timeout to come back.
+        let seen = map.iter().flat_map(|m| m.bricks.keys()).map(|&b| (b, (now_ms, 0))).collect();
+        Authority { config, map, gathering: BTreeMap::new(), seen, next_session: 1, copying: Vec::new() }
+    }
+
+    pub fn map(&self) -> Option<&ClusterMap> {
+        self.map.as_ref()
+    }
+
+    fn set_map(&mut self, map: ClusterMap, why: String, actions: &mut Actions) {
+        actions.notes.push(format!("epoch {}: {why}", map.epoch));
+        self.map = Some(map);
+        actions.map_changed = true;
+    }
+
+    fn next_id(&self) -> BrickId {
+        let known = self.map.iter().flat_map(|m| m.bricks.keys()).chain(self.gathering.keys()).chain(self.seen.keys());
+        BrickId(known.map(|b| b.0 + 1).max().unwrap_or(0))
+    }
+
+    /// A brick says it is here. Returns its id and the session serial that its later
+    /// heartbeats and its disconnection carry.
+    pub fn register(&mut self, id: Option<u32>, cores: Vec<SocketAddr>, now_ms: u64) -> Result<(BrickId, u64, Actions), MapError> {
+        let mut actions = Actions::default();
+        let id = id.map(BrickId).unwrap_or_else(|| self.next_id());
+        let addr = BrickAddr { cores };
+        let session = self.next_session;
+        self.next_session += 1;
+        self.seen.insert(id, (now_ms, session));
+        match &self.map {
+            None => {
+                self.gathering.insert(id, addr);
+                if self.gathering.len() >= self.config.bricks {
+                    let map = ClusterMap::initial(self.config.base_bits, self.gathering.clone(), self.config.replicas)?;
+                    let n = map.bricks.len();
+                    self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
+                }
+            }
+            Some(map) if map.bricks.get(&id) == Some(&addr) => {}
+            Some(map) if map.bricks.contains_key(&id) => {
+                // Same brick, new addresses: it restarted before anyone noticed, with
+                // its state intact (it replayed its log).
+                let mut next = map.clone();
+                next.bricks.insert(id, addr);
+                next.epoch += 1;
+                self.set_map(next, format!("{id} moved"), &mut actions);
+            }
+            Some(map) => {
+                let next = map.add_brick(id, addr)?;
+                self.set_map(next, format!("{id} joined"), &mut actions);
+            }
+        }
+        Ok((id, session, actions))
+    }
+
+    pub fn heartbeat(&mut self, id: BrickId, session: u64, now_ms: u64) {
+        if let Some(seen) = self.seen.get_mut(&id) {
+            if seen.1 == session {
+                seen.0 = now_ms;
+            }
+        }
+    }
+
+    /// A brick's session closed: its process is gone (a live brick fences itself before
+    /// it drops a session), so remove it now.
+    pub fn disconnected(&mut self, id: BrickId, session: u64) -> Actions {
+        let mut actions = Actions::default();
+        if self.seen.get(&id).is_some_and(|s| s.1 == session) {
+            self.remove(id, "its session closed", &mut actions);
+        }
+        actions
+    }
+
+    fn remove(&mut self, id: BrickId, why: &str, actions: &mut Actions) {
+        self.seen.remove(&id);
+        let Some(map) = &self.map else {
+            self.gathering.remove(&id);
+            return;
+        };
+        if !map.bricks.contains_key(&id) {
+            return;
+        }
+        match map.remove_brick(id) {
+            Ok(next) => {
+                self.copying.retain(|(_, b)| *b != id);
+                self.set_map(next, format!("{id} removed: {why}"), actions);
+            }
+            Err(e) => actions.notes.push(format!("cannot remove {id} ({why}): {e}")),
+        }
+    }
+
+    /// Time passes: remove silent bricks, and plan copies for partitions short of
+    /// replicas.
+    pub fn tick(&mut self, now_ms: u64) -> Actions {
+        let mut actions = Actions::default();
+        let silent: Vec<BrickId> =
+            self.seen.iter().filter(|(_, (t, _))| now_ms.saturating_sub(*t) > BRICK_TIMEOUT_MS).map(|(&b, _)| b).collect();
+        for id in silent {
+            self.remove(id, "silent past the timeout", &mut actions);
+        }
+        if self.copying.is_empty() {
+            self.plan(&mut actions);
+        }
+        actions
+    }
+
+    /// Partitions with fewer replicas than asked get one more on the least loaded live
+    /// brick outside their group.
+    fn plan(&mut self, actions: &mut Actions) {
+        let Some(map) = &self.map else { return };
+        let mut load: BTreeMap<BrickId, usize> =
+            map.bricks.keys().filter(|b| self.seen.contains_key(b)).map(|&b| (b, 0)).collect();
+        for group in map.groups.values() {
+            for b in group {
+                if let Some(n) = load.get_mut(b) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut joins = Vec::new();
+        for (&p, group) in &map.groups {
+            if group.len() >= self.config.replicas {
+                continue;
+            }
+            let pick = load.iter().filter(|(b, _)| !group.contains(b)).min_by_key(|(b, n)| (**n, b.0)).map(|(&b, _)| b);
+            if let Some(b) = pick {
+                *load.get_mut(&b).expect("listed") += 1;
+                joins.push((p, b));
+            }
+        }
+        if joins.is_empty() {
+            return;
+        }
+        match map.begin_join(&joins) {
+            Ok(next) => {
+                let why = format!("{} partition(s) short of replicas start copying", joins.len());
+                self.set_map(next, why, actions);
+                self.copying = joins.clone();
+                actions.copy = joins;
+            }
+            Err(e) => actions.notes.push(format!("cannot plan copies: {e}")),
+        }
+    }
+
+    /// The copies of `joins` are complete: those replicas serve reads from now on.
+    pub fn copied(&mut self, joins: &[Join]) -> Actions {
+        let mut actions = Actions::default();
+        let Some(map) = &self.map else { return actions };
+        let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b)).collect();
+        self.copying.clear();
+        if live.is_empty() {
+            return actions;
+        }
+        match map.finish_join(&live) {
+            Ok(next) => self.set_map(next, format!("{} copied partition(s) now serve reads", live.len()), &mut actions),
+            Err(e) => actions.notes.push(format!("cannot finish copies: {e}")),
+        }
+        actions
+    }
+
+    /// A copy gave up (its source or target failed); the next tick plans again.
+    pub fn copy_failed(&mut self) {
+        self.copying.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u16) -> Vec<SocketAddr> {
+        vec![SocketAddr::from(([127, 0, 0, 1], 7000 + i))]
+    }
+
+    #[test]
+    fn gathers_then_removes_dead_bricks_and_restores_replicas() {
+        let mut a = Authority::new(AuthorityConfig { bricks: 3, replicas: 2, base_bits: 3 }, None, 0);
+        let mut sessions = Vec::new();
+        for i in 0..3 {
+            let (id, s, actions) = a.register(Some(i), addr(i as u16), 0).unwrap();
+            assert_eq!(id, BrickId(i));
+            assert_eq!(actions.map_changed, i == 2, "the first map waits for every brick");
+            sessions.push(s);
+        }
+        assert_eq!(a.map().unwrap().epoch, 1);
+        // A closed session from an older connection changes nothing.
+        assert!(!a.disconnected(BrickId(1), 999).map_changed);
+        let actions = a.disconnected(BrickId(1), sessions[1]);
+        assert!(actions.map_changed);
+        let map = a.map().unwrap().clone();
+        assert!(!map.bricks.contains_key(&BrickId(1)));
+        assert!(map.groups.values().all(|g| !g.contains(&BrickId(1))));
+        // Short partitions are copied to the other live brick... which holds them all
+        // already with 2 left, so nothing can be planned.
+        assert!(a.tick(100).copy.is_empty());
+        // Brick 1 comes back: it joins empty and every short partition is copied to it.
+        let (_, _, actions) = a.register(Some(1), addr(1), 200).unwrap();
+        assert!(actions.map_changed);
+        let actions = a.tick(300);
+        assert!(!actions.copy.is_empty());
+        assert!(actions.copy.iter().all(|(_, b)| *b == BrickId(1)));
+        let joining = a.map().unwrap().clone();
+        assert!(actions.copy.iter().all(|(p, b)| joining.is_joining(*p, *b)));
+        assert!(a.tick(400).copy.is_empty(), "one plan at a time");
+        let done = a.copied(&actions.copy);
+        assert!(done.map_changed);
+        let map = a.map().unwrap();
+        assert!(map.joining.is_empty());
+        assert!(map.groups.values().all(|g| g.len() == 2));
+        // Silence past the timeout removes a brick too.
+        for i in [0, 1] {
+            a.heartbeat(BrickId(i), sessions[i as usize], 2000);
+        }
+        let actions = a.tick(2000);
+        assert!(actions.notes.iter().any(|n| n.contains("brick 1 removed")), "{actions:?}");
+    }
+}

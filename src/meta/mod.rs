@@ -1,0 +1,401 @@
+//! The map authority (`dds meta`): owns the cluster map, hears every brick's heartbeat,
+//! removes bricks that die, and brings partitions short of replicas back to strength
+//! by copying them to a live brick. It pushes nothing to clients: they learn new maps
+//! lazily from the bricks. The decisions are `authority::Authority` (sans-I/O); this
+//! module is its I/O shell: a thread per connection, the map file, and the copy driver.
+
+pub mod authority;
+pub mod rpc;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::map::{BrickId, ClusterMap};
+use crate::proto::{decode_exact, encode, frame_len, Chunk, Frame, Kind, Op, Status, HEADER_LEN};
+use authority::{Actions, Authority, AuthorityConfig, Join};
+use rpc::Rpc;
+
+/// A brick's `Register` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registration {
+    /// The id it had before, if any.
+    pub id: Option<u32>,
+    /// One address per core.
+    pub cores: Vec<SocketAddr>,
+}
+
+/// The authority's answer to `Register`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registered {
+    pub id: u32,
+}
+
+pub const MAP_FILE: &str = "map.json";
+/// `<dir>/meta.json`: written once the authority listens.
+pub const META_FILE: &str = "meta.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetaFile {
+    pub pid: u32,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("meta: {op} {path}: {source}")]
+    File {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("meta: {path} holds a bad map: {why}")]
+    BadMap { path: PathBuf, why: String },
+    #[error("meta: listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct MetaConfig {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub authority: AuthorityConfig,
+}
+
+struct State {
+    authority: Authority,
+    dir: PathBuf,
+    started: Instant,
+}
+
+impl State {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<(), MetaError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = |op, source| MetaError::File { op, path: path.clone(), source };
+    std::fs::write(&tmp, text).map_err(|e| file("write", e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| file("fsync", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| file("rename", e))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file("fsync directory", e))
+}
+
+/// Carries out a step's actions: the map is made durable before any brick or client
+/// can see it; copies start on their own threads. A map that cannot be stored stops
+/// the authority (it must never hand out a map it could forget).
+fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
+    for note in &actions.notes {
+        crate::log!("meta", "{note}");
+    }
+    if actions.map_changed {
+        let map = state.authority.map().expect("a changed map exists");
+        if let Err(e) = write_atomic(&state.dir, MAP_FILE, &serde_json::to_string_pretty(map).expect("serialises")) {
+            crate::log!("meta", "{e}; stopping");
+            std::process::exit(2);
+        }
+    }
+    if !actions.copy.is_empty() {
+        let epoch = state.authority.map().expect("copying needs a map").epoch;
+        let shared = Arc::clone(shared);
+        let joins = actions.copy;
+        std::thread::spawn(move || copy_driver(shared, joins, epoch));
+    }
+}
+
+/// Runs the authority until `stop` is set.
+pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> {
+    std::fs::create_dir_all(&config.dir).map_err(|source| MetaError::File { op: "create", path: config.dir.clone(), source })?;
+    let map_path = config.dir.join(MAP_FILE);
+    let map = match std::fs::read_to_string(&map_path) {
+        Ok(text) => Some(ClusterMap::from_json(&text).map_err(|e| MetaError::BadMap { path: map_path.clone(), why: e.to_string() })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
+    };
+    if let Some(map) = &map {
+        crate::log!("meta", "loaded map epoch {} ({} bricks)", map.epoch, map.bricks.len());
+    }
+    let listener = TcpListener::bind(config.listen).map_err(|source| MetaError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| MetaError::Listen { addr: config.listen, source })?;
+    listener.set_nonblocking(true).map_err(|source| MetaError::Listen { addr, source })?;
+    let started = Instant::now();
+    let shared = Arc::new(Mutex::new(State {
+        authority: Authority::new(config.authority.clone(), map, 0),
+        dir: config.dir.clone(),
+        started,
+    }));
+    write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr }).expect("serialises"))?;
+    crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks);
+    let mut last_tick = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || serve(stream, shared));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => crate::log!("meta", "accept: {e}"),
+        }
+        if last_tick.elapsed() >= Duration::from_millis(50) {
+            last_tick = Instant::now();
+            let mut state = shared.lock();
+            let now = state.now_ms();
+            let actions = state.authority.tick(now);
+            apply(&shared, &mut state, actions);
+        }
+    }
+    crate::log!("meta", "stopped");
+    Ok(())
+}
+
+fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut header = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let len = frame_len(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?.expect("whole header");
+    buf.clear();
+    buf.extend_from_slice(&header);
+    buf.resize(len, 0);
+    stream.read_exact(&mut buf[HEADER_LEN..])?;
+    Ok(true)
+}
+
+/// One connection: a brick's session (after `Register`), or anyone asking for the map.
+fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
+    use std::io::Write;
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let mut session: Option<(BrickId, u64)> = None;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        match read_frame(&mut stream, &mut buf) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                if session.is_some() {
+                    crate::log!("meta", "session with {peer:?} ended: {e}");
+                }
+                break;
+            }
+        }
+        let frame = match decode_exact(&buf) {
+            Ok(f) => f,
+            Err(e) => {
+                crate::log!("meta", "closing {peer:?}: malformed frame: {e}");
+                break;
+            }
+        };
+        let Kind::Request(op) = frame.kind else {
+            crate::log!("meta", "closing {peer:?}: it sent a reply");
+            break;
+        };
+        let (status, value) = {
+            let mut state = shared.lock();
+            let now = state.now_ms();
+            let epoch = state.authority.map().map_or(0, |m| m.epoch);
+            let newer_map = |state: &State| match state.authority.map() {
+                Some(m) if m.epoch > frame.epoch => m.to_json().into_bytes(),
+                _ => Vec::new(),
+            };
+            match op {
+                Op::Register => match serde_json::from_slice::<Registration>(frame.value) {
+                    Ok(reg) => match state.authority.register(reg.id, reg.cores, now) {
+                        Ok((id, serial, actions)) => {
+                            session = Some((id, serial));
+                            crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");
+                            apply(&shared, &mut state, actions);
+                            (Status::Ok, serde_json::to_vec(&Registered { id: id.0 }).expect("serialises"))
+                        }
+                        Err(e) => (Status::Conflict, e.to_string().into_bytes()),
+                    },
+                    Err(e) => (Status::Conflict, format!("bad registration: {e}").into_bytes()),
+                },
+                Op::Heartbeat => match session {
+                    Some((id, serial)) => {
+                        state.authority.heartbeat(id, serial, now);
+                        (Status::Ok, newer_map(&state))
+                    }
+                    None => (Status::Conflict, b"heartbeat before register".to_vec()),
+                },
+                Op::GetMap => (Status::Ok, newer_map(&state)),
+                _ => (Status::WrongShard, format!("the map authority does not serve {}", op.name()).into_bytes()),
+            }
+        };
+        out.clear();
+        encode(&mut out, &Frame { kind: Kind::Reply(op, status), request_id: frame.request_id, epoch: 0, key: &[], value: &value });
+        if stream.write_all(&out).is_err() {
+            break;
+        }
+    }
+    if let Some((id, serial)) = session {
+        let mut state = shared.lock();
+        let actions = state.authority.disconnected(id, serial);
+        apply(&shared, &mut state, actions);
+    }
+}
+
+const COPY_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// A copy that has not finished in this long gives up; the next tick plans again.
+const COPY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Copies each joining partition from a readable replica to the joining brick, chunk by
+/// chunk, while writes go on to both; then makes the copies readable. Reports per
+/// partition how long the copy took and how long it waited for writes of older epochs
+/// to drain (the only time the source held the copy back).
+fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
+    let started = Instant::now();
+    let mut keys_total = 0u64;
+    let mut drain_max_ms = 0u128;
+    let mut done = Vec::new();
+    for &(p, target) in &joins {
+        let t0 = Instant::now();
+        match copy_partition(&shared, p, target, epoch) {
+            Ok((keys, drain)) => {
+                keys_total += keys;
+                drain_max_ms = drain_max_ms.max(drain.as_millis());
+                crate::log!(
+                    "meta",
+                    "copied partition {p} to {target}: {keys} keys in {} ms; writes never blocked, copy start waited {} ms for older writes",
+                    t0.elapsed().as_millis(),
+                    drain.as_millis()
+                );
+                done.push((p, target));
+            }
+            Err(why) => {
+                crate::log!("meta", "copy of partition {p} to {target} failed: {why}");
+            }
+        }
+    }
+    let mut state = shared.lock();
+    crate::log!(
+        "meta",
+        "recovery: {}/{} partition(s) copied, {keys_total} keys, {} ms; longest wait for older writes {drain_max_ms} ms",
+        done.len(),
+        joins.len(),
+        started.elapsed().as_millis()
+    );
+    let actions = if done.is_empty() {
+        state.authority.copy_failed();
+        Actions::default()
+    } else {
+        state.authority.copied(&done)
+    };
+    apply(&shared, &mut state, actions);
+}
+
+fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target: BrickId, epoch: u64) -> Result<(u64, Duration), String> {
+    let deadline = Instant::now() + COPY_DEADLINE;
+    let mut keys = 0u64;
+    let mut drain = Duration::ZERO;
+    'attempt: loop {
+        if Instant::now() > deadline {
+            return Err("deadline passed".into());
+        }
+        let map = shared.lock().authority.map().cloned().ok_or("no map")?;
+        if !map.is_joining(p, target) {
+            return Err(format!("{target} is no longer joining {p}"));
+        }
+        let Some(source) = map.readable(p).next() else { return Err("no readable replica".into()) };
+        let hash = p.prefix() as u64;
+        let core_addr = |b: BrickId| -> Result<SocketAddr, String> {
+            let cores = &map.bricks.get(&b).ok_or(format!("{b} not in the map"))?.cores;
+            Ok(cores[map.core_of(hash, cores.len())])
+        };
+        let (src_addr, dst_addr) = (core_addr(source)?, core_addr(target)?);
+        let connect = |a| Rpc::connect(a, COPY_RPC_TIMEOUT).map_err(|e| e.to_string());
+        let (mut src, mut dst) = match (connect(src_addr), connect(dst_addr)) {
+            (Ok(s), Ok(d)) => (s, d),
+            (Err(e), _) | (_, Err(e)) => {
+                std::thread::sleep(Duration::from_millis(50));
+                crate::log!("meta", "copy of {p}: {e}; retrying");
+                continue;
+            }
+        };
+        let mut cursor = 0u32;
+        let first = Instant::now();
+        loop {
+            let mut req = Vec::with_capacity(8);
+            req.extend_from_slice(&p.0.to_le_bytes());
+            req.extend_from_slice(&cursor.to_le_bytes());
+            let (status, chunk) = match src.call(Op::SnapshotChunk, epoch, &[], &req, COPY_RPC_TIMEOUT) {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::log!("meta", "copy of {p} from {source}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue 'attempt;
+                }
+            };
+            match status {
+                Status::Ok => {}
+                Status::Behind | Status::Unavailable if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    if cursor == 0 {
+                        drain = first.elapsed();
+                    }
+                    continue;
+                }
+                _ => {
+                    crate::log!("meta", "copy of {p} from {source}: {status:?}: {}; retrying", String::from_utf8_lossy(&chunk));
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue 'attempt;
+                }
+            }
+            let parsed = Chunk::decode(&chunk).map_err(|e| format!("bad chunk from {source}: {e}"))?;
+            let (next, finished) = (parsed.cursor, parsed.done);
+            loop {
+                match dst.call(Op::Install, epoch, &[], &chunk, COPY_RPC_TIMEOUT) {
+                    Ok((Status::Ok, n)) if n.len() == 8 => {
+                        keys += u64::from_le_bytes(n[..8].try_into().expect("8"));
+                        break;
+                    }
+                    Ok((Status::Behind, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                    Ok((status, why)) => return Err(format!("{target} refused the copy: {status:?}: {}", String::from_utf8_lossy(&why))),
+                    Err(e) => return Err(format!("{target}: {e}")),
+                }
+            }
+            if finished {
+                return Ok((keys, drain));
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Fetches the current map from any of `seeds` (bricks or the authority).
+pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, String> {
+    let mut errors = Vec::new();
+    for &seed in seeds {
+        let got = Rpc::connect(seed, timeout)
+            .and_then(|mut r| r.call(Op::GetMap, 0, &[], &[], timeout))
+            .map_err(|e| e.to_string())
+            .and_then(|(status, value)| match status {
+                Status::Ok if !value.is_empty() => ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| e.to_string()),
+                Status::Ok => Err(format!("{seed} has no map yet")),
+                other => Err(format!("{seed}: {other:?}: {}", String::from_utf8_lossy(&value))),
+            });
+        match got {
+            Ok(map) => return Ok(map),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
+}
+
