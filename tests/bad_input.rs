@@ -12,7 +12,7 @@ use dds::proto::{encode, Frame, Kind, Op, HEADER_LEN};
 
 fn put_frame(key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut buf = Vec::new();
-    encode(&mut buf, &Frame { kind: Kind::Request(Op::Put), request_id: 1, epoch: 0, key, value });
+    encode(&mut buf, &Frame { kind: Kind::Request(Op::Put), request_id: 1, epoch: 1, key, value });
     buf
 }
 

@@ -47,7 +47,7 @@ fn errors_are_clear_and_nonzero() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("longer than the limit of 4096"), "{}", text(&out.stderr));
     let out = run(&["cluster", "up", "--dir", "/tmp/never-used-dds", "--replicas", "2"]);
-    assert!(text(&out.stderr).contains("replication is not built yet"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("needs at least that many bricks"), "{}", text(&out.stderr));
     let out = run(&["bench", "--target", "redis://nohost"]);
     assert!(!out.status.success() && text(&out.stderr).contains("expected HOST:PORT"), "{}", text(&out.stderr));
     let out = run(&["bench", "--target", "dds"]);

@@ -285,7 +285,8 @@ fn a_failed_log_write_stops_the_brick() {
         assert!(Instant::now() < deadline, "brick did not start");
         std::thread::sleep(Duration::from_millis(10));
     };
-    let mut client = dds::Client::connect(&file.addrs[..1], ClientConfig::default()).unwrap();
+    let config = ClientConfig { op_timeout: Duration::from_secs(2), ..ClientConfig::default() };
+    let mut client = dds::Client::connect(&file.addrs[..1], config).unwrap();
     let mut acked = 0;
     let failure = loop {
         match client.put(format!("fill{acked}").as_bytes(), &[7u8; 4096]) {
@@ -299,6 +300,7 @@ fn a_failed_log_write_stops_the_brick() {
     let _ = std::fs::remove_file(&log);
     assert!(!status.success(), "the brick went on after a failed log write");
     assert!(stderr.contains("No space left on device") && stderr.contains("core 0 failed"), "{stderr}");
-    assert!(matches!(failure, dds::ClientError::ConnectionLost { .. }), "{failure}");
+    // The brick died under the write: the client cannot know whether it was applied.
+    assert!(matches!(failure, dds::ClientError::Unknown { .. } | dds::ClientError::Timeout { .. }), "{failure}");
     println!("disk full after {acked} acknowledged writes: the brick stopped with {status}");
 }

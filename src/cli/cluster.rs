@@ -178,8 +178,23 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCommand::Restart(sel) => {
+            let started = Instant::now();
             let b = restart(&sel.dir, sel.brick)?;
             println!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
+            let cluster = ClusterFile::load(&sel.dir)?;
+            let map = wait_for_replicas(&cluster, BrickId(b.index as u32))?;
+            let held = map.partitions_of(BrickId(b.index as u32)).count();
+            println!(
+                "brick {} rejoined at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
+                b.index,
+                map.epoch,
+                started.elapsed().as_millis()
+            );
+            // The authority's account of the copy (per partition lines are in its log).
+            let log = std::fs::read_to_string(cluster.meta.dir.join("meta.log")).unwrap_or_default();
+            if let Some(line) = log.lines().rev().find(|l| l.contains("meta: recovery:")) {
+                println!("  {}", line.split_once("meta: ").map_or(line, |(_, r)| r));
+            }
             Ok(())
         }
     }
@@ -329,6 +344,24 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     cluster.bricks[index].addr = file.addrs[0];
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
+}
+
+/// Waits until `brick` is in the map and no partition is short of replicas (as far as
+/// the live bricks allow) or being copied.
+fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId) -> anyhow::Result<ClusterMap> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(map) = current_map(cluster) {
+            let want = cluster.replicas.min(map.bricks.len());
+            if map.bricks.contains_key(&brick) && map.joining.is_empty() && map.groups.values().all(|g| g.len() >= want) {
+                return Ok(map);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not get back to {} replicas per partition within 120 s; see {}", cluster.replicas, cluster.meta.dir.join("meta.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The command-line spelling of a value, as clap parses it.

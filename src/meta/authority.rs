@@ -10,6 +10,10 @@ use crate::map::{BrickAddr, BrickId, ClusterMap, MapError, PartitionId};
 /// A brick silent for this long is removed (longer than the brick's lease, see
 /// `brick::control::LEASE_MS`).
 pub const BRICK_TIMEOUT_MS: u64 = 1500;
+/// After a brick is removed, its partitions wait this long for it (or a new brick) to
+/// come back before they are copied to the survivors: a brick that restarts takes its
+/// share back instead of leaving the others to carry it.
+pub const REREPLICATE_AFTER_MS: u64 = 10_000;
 
 #[derive(Clone, Debug)]
 pub struct AuthorityConfig {
@@ -43,13 +47,24 @@ pub struct Authority {
     next_session: u64,
     /// Joins being copied now; a new plan waits until they finish.
     copying: Vec<Join>,
+    last_removal_ms: Option<u64>,
+    last_join_ms: Option<u64>,
 }
 
 impl Authority {
     pub fn new(config: AuthorityConfig, map: Option<ClusterMap>, now_ms: u64) -> Authority {
         // After a restart every known brick gets a full timeout to come back.
         let seen = map.iter().flat_map(|m| m.bricks.keys()).map(|&b| (b, (now_ms, 0))).collect();
-        Authority { config, map, gathering: BTreeMap::new(), seen, next_session: 1, copying: Vec::new() }
+        Authority {
+            config,
+            map,
+            gathering: BTreeMap::new(),
+            seen,
+            next_session: 1,
+            copying: Vec::new(),
+            last_removal_ms: None,
+            last_join_ms: None,
+        }
     }
 
     pub fn map(&self) -> Option<&ClusterMap> {
@@ -96,6 +111,7 @@ impl Authority {
             }
             Some(map) => {
                 let next = map.add_brick(id, addr)?;
+                self.last_join_ms = Some(now_ms);
                 self.set_map(next, format!("{id} joined"), &mut actions);
             }
         }
@@ -112,15 +128,15 @@ impl Authority {
 
     /// A brick's session closed: its process is gone (a live brick fences itself before
     /// it drops a session), so remove it now.
-    pub fn disconnected(&mut self, id: BrickId, session: u64) -> Actions {
+    pub fn disconnected(&mut self, id: BrickId, session: u64, now_ms: u64) -> Actions {
         let mut actions = Actions::default();
         if self.seen.get(&id).is_some_and(|s| s.1 == session) {
-            self.remove(id, "its session closed", &mut actions);
+            self.remove(id, "its session closed", now_ms, &mut actions);
         }
         actions
     }
 
-    fn remove(&mut self, id: BrickId, why: &str, actions: &mut Actions) {
+    fn remove(&mut self, id: BrickId, why: &str, now_ms: u64, actions: &mut Actions) {
         self.seen.remove(&id);
         let Some(map) = &self.map else {
             self.gathering.remove(&id);
@@ -132,6 +148,7 @@ impl Authority {
         match map.remove_brick(id) {
             Ok(next) => {
                 self.copying.retain(|(_, b)| *b != id);
+                self.last_removal_ms = Some(now_ms);
                 self.set_map(next, format!("{id} removed: {why}"), actions);
             }
             Err(e) => actions.notes.push(format!("cannot remove {id} ({why}): {e}")),
@@ -145,9 +162,17 @@ impl Authority {
         let silent: Vec<BrickId> =
             self.seen.iter().filter(|(_, (t, _))| now_ms.saturating_sub(*t) > BRICK_TIMEOUT_MS).map(|(&b, _)| b).collect();
         for id in silent {
-            self.remove(id, "silent past the timeout", &mut actions);
+            self.remove(id, "silent past the timeout", now_ms, &mut actions);
         }
-        if self.copying.is_empty() {
+        // Copy when a brick has come (back) since the last failure, or once the failed
+        // brick has had its chance to return.
+        let joined_since = match (self.last_join_ms, self.last_removal_ms) {
+            (Some(j), Some(r)) => j >= r,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        let waited = self.last_removal_ms.is_none_or(|r| now_ms.saturating_sub(r) >= REREPLICATE_AFTER_MS);
+        if self.copying.is_empty() && (joined_since || waited) {
             self.plan(&mut actions);
         }
         actions
@@ -233,21 +258,22 @@ mod tests {
         }
         assert_eq!(a.map().unwrap().epoch, 1);
         // A closed session from an older connection changes nothing.
-        assert!(!a.disconnected(BrickId(1), 999).map_changed);
-        let actions = a.disconnected(BrickId(1), sessions[1]);
+        assert!(!a.disconnected(BrickId(1), 999, 0).map_changed);
+        let actions = a.disconnected(BrickId(1), sessions[1], 0);
         assert!(actions.map_changed);
         let map = a.map().unwrap().clone();
         assert!(!map.bricks.contains_key(&BrickId(1)));
         assert!(map.groups.values().all(|g| !g.contains(&BrickId(1))));
-        // Short partitions are copied to the other live brick... which holds them all
-        // already with 2 left, so nothing can be planned.
+        // Short partitions wait for the failed brick to come back.
         assert!(a.tick(100).copy.is_empty());
-        // Brick 1 comes back: it joins empty and every short partition is copied to it.
+        // Brick 1 comes back: it joins empty, and every short partition is copied to the
+        // least loaded brick outside its group, brick 1 first.
+        let short = a.map().unwrap().groups.values().filter(|g| g.len() < 2).count();
         let (_, _, actions) = a.register(Some(1), addr(1), 200).unwrap();
         assert!(actions.map_changed);
         let actions = a.tick(300);
-        assert!(!actions.copy.is_empty());
-        assert!(actions.copy.iter().all(|(_, b)| *b == BrickId(1)));
+        assert_eq!(actions.copy.len(), short);
+        assert!(actions.copy.iter().filter(|(_, b)| *b == BrickId(1)).count() >= short / 2);
         let joining = a.map().unwrap().clone();
         assert!(actions.copy.iter().all(|(p, b)| joining.is_joining(*p, *b)));
         assert!(a.tick(400).copy.is_empty(), "one plan at a time");

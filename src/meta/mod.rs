@@ -247,7 +247,8 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     }
     if let Some((id, serial)) = session {
         let mut state = shared.lock();
-        let actions = state.authority.disconnected(id, serial);
+        let now = state.now_ms();
+        let actions = state.authority.disconnected(id, serial, now);
         apply(&shared, &mut state, actions);
     }
 }

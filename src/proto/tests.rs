@@ -87,7 +87,7 @@ fn each_malformed_header_has_its_error() {
     let mut bad_version = header(1, 0, 0, 1, 0);
     bad_version[2] = 9;
     assert_eq!(decode(&bad_version), Err(DecodeError::BadVersion { found: 9 }));
-    assert_eq!(decode(&header(0x10, 0, 0, 0, 0)), Err(DecodeError::UnknownOp { found: 0x10 }));
+    assert_eq!(decode(&header(0x30, 0, 0, 0, 0)), Err(DecodeError::UnknownOp { found: 0x30 }));
     assert_eq!(decode(&header(0x81, 77, 0, 0, 0)), Err(DecodeError::UnknownStatus { found: 77 }));
     assert_eq!(decode(&header(1, 1, 0, 1, 0)), Err(DecodeError::StatusOnRequest { found: 1 }));
     assert_eq!(decode(&header(1, 0, 4, 1, 0)), Err(DecodeError::ReservedFlags { found: 4 }));

@@ -1,0 +1,153 @@
+//! Replication end to end on the real binary: 3 bricks, 2 replicas; bricks killed and
+//! recovered under load; a client with an old map repairs itself.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{run_ok, text, TestCluster};
+use dds::{Client, Completion, Outcome, Request};
+
+fn key(prefix: &str, i: usize) -> Vec<u8> {
+    format!("{prefix}-{i:05}").into_bytes()
+}
+
+fn value(prefix: &str, i: usize) -> Vec<u8> {
+    format!("value of {prefix} {i} ").repeat(1 + i % 5).into_bytes()
+}
+
+/// Writes `n` keys, 32 in flight; every write must succeed.
+fn write_all(client: &mut Client, prefix: &str, n: usize) {
+    let mut done: Vec<Completion> = Vec::new();
+    let mut next = 0;
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished < n {
+        while next < n && client.in_flight() < 32 {
+            client.submit(Request::Put(&key(prefix, next), &value(prefix, next))).unwrap();
+            next += 1;
+        }
+        done.clear();
+        client.poll(&mut done, Duration::from_millis(10)).unwrap();
+        for c in &done {
+            assert!(c.result.is_ok(), "write failed: {:?}", c.result);
+        }
+        finished += done.len();
+        assert!(Instant::now() < deadline, "writes did not finish");
+    }
+}
+
+/// Reads `n` keys back, 32 in flight, and checks each byte for byte.
+fn check_all(client: &mut Client, prefix: &str, n: usize) {
+    let mut tokens = std::collections::HashMap::new();
+    let mut done: Vec<Completion> = Vec::new();
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next < n || !tokens.is_empty() {
+        while next < n && client.in_flight() < 32 {
+            tokens.insert(client.submit(Request::Get(&key(prefix, next))).unwrap(), next);
+            next += 1;
+        }
+        done.clear();
+        client.poll(&mut done, Duration::from_millis(10)).unwrap();
+        for c in done.drain(..) {
+            let i = tokens.remove(&c.token).expect("our token");
+            match c.result {
+                Ok(Outcome::Value(v)) => assert_eq!(v, value(prefix, i), "{prefix} {i}: wrong value"),
+                other => panic!("{prefix} {i}: {other:?}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "reads did not finish");
+    }
+}
+
+fn status(cluster: &TestCluster) -> String {
+    text(&run_ok(&["cluster", "status", "--dir", &cluster.dir_arg()]).stdout)
+}
+
+#[test]
+fn bricks_killed_and_recovered_lose_nothing() {
+    let mut cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    let mut client = cluster.client();
+    write_all(&mut client, "first", 10_000);
+    // A client whose map will be three changes old when it is next used.
+    let mut stale = cluster.client();
+    let stale_epoch = stale.map().epoch;
+    let before = status(&cluster);
+    assert!(before.contains("epoch 1,") && before.contains("[0,1]") && before.contains("[1,2]"), "{before}");
+
+    run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "1"]);
+    let killed = Instant::now();
+    let mut writer = cluster.client();
+    loop {
+        match writer.put(b"after-kill", b"accepted") {
+            Ok(()) => break,
+            Err(e) => assert!(killed.elapsed() < Duration::from_secs(2), "no write accepted 2 s after the kill: {e}"),
+        }
+    }
+    let to_first_write = killed.elapsed();
+    assert!(to_first_write < Duration::from_secs(2), "first write after the kill took {to_first_write:?}");
+    println!("first write accepted {} ms after the kill", to_first_write.as_millis());
+    check_all(&mut client, "first", 10_000);
+    write_all(&mut client, "while-down", 2_000);
+    let down = status(&cluster);
+    assert!(down.contains("down"), "{down}");
+
+    let out = run_ok(&["cluster", "restart", "--dir", &dir, "--brick", "1"]);
+    let said = text(&out.stdout);
+    println!("{said}");
+    assert!(said.contains("rejoined") && said.contains("recovery:"), "{said}");
+    let after = status(&cluster);
+    println!("{after}");
+    let held = cluster.client().map().partitions_of(dds::map::BrickId(1)).count();
+    assert!(held > 0, "brick 1 holds partitions again:\n{after}");
+
+    // The stale client: epoch 1 against a map three changes newer (removal, join,
+    // copies readable): the first brick it asks returns the map (lazy repair).
+    check_all(&mut stale, "while-down", 200);
+    stale.put(b"from-the-stale-client", b"ok").unwrap();
+    let stats = stale.stats().clone();
+    println!("stale client: map epoch {stale_epoch} -> {}; {stats:?}", stale.map().epoch);
+    assert!(stale.map().epoch >= stale_epoch + 3);
+    assert!(stats.stale_replies >= 1 && stats.maps_installed >= 1, "{stats:?}");
+
+    let mut stale_again = cluster.client();
+    run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "0"]);
+    check_all(&mut client, "first", 10_000);
+    check_all(&mut client, "while-down", 2_000);
+    assert_eq!(client.get(b"after-kill").unwrap().as_deref(), Some(&b"accepted"[..]));
+
+    assert_eq!(client.get(b"from-the-stale-client").unwrap().as_deref(), Some(&b"ok"[..]));
+    // A client whose map still names the killed brick finds the new map by itself.
+    check_all(&mut stale_again, "first", 1000);
+    println!("client from before the second kill: {:?}", stale_again.stats());
+    assert!(stale_again.stats().maps_installed >= 1);
+    cluster.down();
+}
+
+#[test]
+fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
+    use dds::proto::{Op, Status};
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let mut client = cluster.client();
+    client.put(b"k", b"v").unwrap();
+    let addr = client.map().bricks.values().next().unwrap().cores[0];
+    let mut rpc = dds::meta::rpc::Rpc::connect(addr, Duration::from_secs(1)).unwrap();
+    let epoch = client.map().epoch;
+    // Older epoch: refused with the brick's map.
+    let (status, value) = rpc.call(Op::Get, epoch - 1, b"k", b"", Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::StaleEpoch);
+    assert_eq!(dds::map::ClusterMap::from_json(std::str::from_utf8(&value).unwrap()).unwrap().epoch, epoch);
+    // Newer epoch than the brick knows: retry later.
+    let (status, _) = rpc.call(Op::Get, epoch + 5, b"k", b"", Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::Behind);
+    // A one-phase put on a replicated partition is refused: it would skip a replica.
+    let (status, _) = rpc.call(Op::Put, epoch, b"k", b"x", Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::WrongShard);
+    // A malformed prepare is a "no" vote, not a crash.
+    let (status, _) = rpc.call(Op::Prepare, epoch, b"k", b"garbage", Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::Conflict);
+    assert_eq!(client.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    cluster.down();
+}
