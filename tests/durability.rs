@@ -41,7 +41,8 @@ fn acknowledged_writes_survive_sigkill() {
                 run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "0"]);
             })
         };
-        let config = ClientConfig { op_timeout: Duration::from_secs(5), ..ClientConfig::default() };
+        // Short: after the kill every write fails only at its deadline (the client retries).
+        let config = ClientConfig { op_timeout: Duration::from_secs(1), ..ClientConfig::default() };
         let mut client = dds::Client::connect(&addrs, config).unwrap();
         let mut in_flight: HashMap<u64, (Vec<u8>, Vec<u8>)> = HashMap::new();
         let mut done = Vec::new();
@@ -243,7 +244,7 @@ fn checkpoints_bound_the_log_and_recover_with_it() {
     std::fs::write(&ckpt, &bytes).unwrap();
     let out = run(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
     assert!(!out.status.success() && text(&out.stderr).contains("core-0.ckpt"), "{}", text(&out.stderr));
-    cluster.down = true;
+    cluster.down();
 }
 
 /// A tmpfs mounted for one test, unmounted on drop.

@@ -33,6 +33,9 @@ const TICK_MS: u64 = 100;
 /// How long a core waits to connect to a peer it must ask about a transaction.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
+/// A question to a peer: the key, the transaction, whom, and on which connection.
+type Asked = (Box<[u8]>, TxId, BrickId, ConnId);
+
 struct Core {
     core: usize,
     shard: Shard,
@@ -45,7 +48,7 @@ struct Core {
     held_at: Vec<(ConnId, usize)>,
     scratch: Vec<u8>,
     /// Questions to peers in flight, by request id, with the connection they went on.
-    asked: HashMap<u64, (Box<[u8]>, TxId, BrickId, ConnId)>,
+    asked: HashMap<u64, Asked>,
     next_ask_id: u64,
     /// Connections this core opened to peer cores: (brick, core).
     peers: HashMap<(BrickId, usize), ConnId>,

@@ -22,6 +22,8 @@ use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, Partition
 use crate::proto::{encode, BrickInfo, Chunk, CoreStats, Frame, Kind, Op, PrepareBody, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
+/// A request refused: the status and its message (or map) for the reply.
+type Refusal = (Status, Vec<u8>);
 
 /// A prepare older than this is in doubt and its participants are asked.
 pub const RESOLVE_AFTER_MS: u64 = 1000;
@@ -310,7 +312,7 @@ impl Shard {
 
     /// Checks a data request's epoch and this brick's place for the key. `Err` carries
     /// the refusal to send.
-    fn admit(&self, epoch: u64, hash: u64, read: bool, fx: &mut Effects) -> Result<(PartitionId, &[BrickId]), (Status, Vec<u8>)> {
+    fn admit(&self, epoch: u64, hash: u64, read: bool, fx: &mut Effects) -> Result<&[BrickId], Refusal> {
         if self.fenced {
             return Err((Status::Unavailable, format!("{} lost touch with the map authority: fenced", self.me).into_bytes()));
         }
@@ -332,7 +334,7 @@ impl Shard {
         if read && self.map.is_joining(p, self.me) {
             return Err((Status::Unavailable, format!("{} is still copying partition {p}", self.me).into_bytes()));
         }
-        Ok((p, group))
+        Ok(group)
     }
 
     /// Executes one request from `conn` and appends its immediate reply to `out` (a
@@ -349,7 +351,7 @@ impl Shard {
             Op::Get | Op::Put | Op::Remove | Op::Prepare => {
                 let hash = key_hash(request.key);
                 let group_len = match self.admit(request.epoch, hash, op == Op::Get, fx) {
-                    Ok((_, group)) => group.len(),
+                    Ok(group) => group.len(),
                     Err((status, msg)) => return reply(status, &msg),
                 };
                 match op {
@@ -495,7 +497,7 @@ impl Shard {
 
     /// Applies or drops the prepared write `txid` on `key`; returns whether it was here.
     fn decide(&mut self, key: &[u8], txid: TxId, commit: bool, fx: &mut Effects) -> bool {
-        if !self.prepared.get(key).is_some_and(|p| p.txid == txid) {
+        if self.prepared.get(key).is_none_or(|p| p.txid != txid) {
             // Already decided (a repeated message), or never prepared: remember the abort
             // so a late prepare is refused.
             if !commit {

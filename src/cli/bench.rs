@@ -148,7 +148,8 @@ pub struct BenchArgs {
 pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     bricks: usize,
-    #[arg(long, default_value_t = 1)]
+    /// Replicas per partition (writes go to every one by two-phase commit).
+    #[arg(long, default_value_t = 2)]
     replicas: usize,
     /// Measured seconds per phase.
     #[arg(long, default_value_t = 3.0)]
