@@ -262,10 +262,6 @@ impl Shard {
         self.prepared.iter().map(|(k, p)| (&k[..], p.txid, p.kind, &p.participants[..], &p.value[..]))
     }
 
-    pub fn prepared_count(&self) -> usize {
-        self.prepared.len()
-    }
-
     /// A new map: remember it, and for every partition this brick has just started
     /// joining, drop what it held there (stale since it left) and start tracking writes.
     pub fn install_map(&mut self, map: Arc<ClusterMap>, fx: &mut Effects) {

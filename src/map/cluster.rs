@@ -234,31 +234,27 @@ impl ClusterMap {
 
     /// Adds `brick` to the group of `p` (after it has copied the partition).
     pub fn add_replica(&self, p: PartitionId, brick: BrickId) -> Result<ClusterMap, MapError> {
-        self.next(|m| {
-            if !m.bricks.contains_key(&brick) {
-                return Err(MapError::UnknownBrick(brick));
-            }
-            let group = m.groups.get_mut(&p).ok_or(DpError::NotALeaf(p))?;
-            if group.contains(&brick) {
-                return Err(MapError::AlreadyReplica { brick, partition: p });
-            }
-            group.push(brick);
-            Ok(())
-        })
+        self.next(|m| m.push_member(p, brick))
+    }
+
+    /// Appends a known brick to `p`'s group, once.
+    fn push_member(&mut self, p: PartitionId, brick: BrickId) -> Result<(), MapError> {
+        if !self.bricks.contains_key(&brick) {
+            return Err(MapError::UnknownBrick(brick));
+        }
+        let group = self.groups.get_mut(&p).ok_or(DpError::NotALeaf(p))?;
+        if group.contains(&brick) {
+            return Err(MapError::AlreadyReplica { brick, partition: p });
+        }
+        group.push(brick);
+        Ok(())
     }
 
     /// Adds each `(partition, brick)` to the group as a joining (write-only) replica.
     pub fn begin_join(&self, joins: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
         self.next(|m| {
             for &(p, brick) in joins {
-                if !m.bricks.contains_key(&brick) {
-                    return Err(MapError::UnknownBrick(brick));
-                }
-                let group = m.groups.get_mut(&p).ok_or(DpError::NotALeaf(p))?;
-                if group.contains(&brick) {
-                    return Err(MapError::AlreadyReplica { brick, partition: p });
-                }
-                group.push(brick);
+                m.push_member(p, brick)?;
                 m.joining.entry(p).or_default().push(brick);
             }
             Ok(())
