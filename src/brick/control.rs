@@ -76,7 +76,7 @@ pub fn load_identity(dir: &Path) -> Option<u32> {
     serde_json::from_str::<Identity>(&text).ok().map(|i| i.id)
 }
 
-fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
+pub fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
     let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
     std::fs::write(&tmp, serde_json::to_string(&Identity { id }).expect("serialises"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -97,6 +97,18 @@ pub enum ControlError {
 
 const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// Sends `Register` on `rpc`; returns the id the authority answered with.
+fn send_registration(rpc: &mut Rpc, id: Option<u32>, cores: &[SocketAddr], timeout: Duration) -> Result<u32, String> {
+    let reg = Registration { id, cores: cores.to_vec() };
+    let body = serde_json::to_string(&reg).expect("serialises");
+    let (status, value) = rpc.call(Op::Register, 0, &[], body.as_bytes(), timeout).map_err(|e| e.to_string())?;
+    if status != Status::Ok {
+        return Err(format!("{status:?}: {}", String::from_utf8_lossy(&value)));
+    }
+    let reply: Registered = serde_json::from_slice(&value).map_err(|e| format!("bad reply: {e}"))?;
+    Ok(reply.id)
+}
+
 /// Registers with the authority (retrying until `deadline`), records the id it gives,
 /// and waits until the authority has a map. Returns the id and the map.
 pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Rpc), ControlError> {
@@ -106,20 +118,13 @@ pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &Atomi
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let attempt = (|| {
             let mut rpc = Rpc::connect(meta, RPC_TIMEOUT).map_err(|e| e.to_string())?;
-            let reg = Registration { id: load_identity(dir), cores: cores.to_vec() };
-            let (status, value) = rpc
-                .call(Op::Register, 0, &[], serde_json::to_string(&reg).expect("serialises").as_bytes(), RPC_TIMEOUT)
-                .map_err(|e| e.to_string())?;
-            if status != Status::Ok {
-                return Err(format!("{status:?}: {}", String::from_utf8_lossy(&value)));
-            }
-            let reply: Registered = serde_json::from_slice(&value).map_err(|e| format!("bad reply: {e}"))?;
-            Ok((rpc, reply))
+            let id = send_registration(&mut rpc, load_identity(dir), cores, RPC_TIMEOUT)?;
+            Ok((rpc, id))
         })();
         match attempt {
-            Ok((rpc, reply)) => {
-                store_identity(dir, reply.id).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?;
-                let me = BrickId(reply.id);
+            Ok((rpc, id)) => {
+                store_identity(dir, id).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?;
+                let me = BrickId(id);
                 // The map may not exist yet (the cluster is still gathering its bricks).
                 let mut rpc = rpc;
                 loop {
@@ -155,12 +160,7 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
         last_beat = Instant::now();
         if rpc.is_none() {
             rpc = Rpc::connect(meta, Duration::from_millis(LEASE_MS / 2)).ok().and_then(|mut r| {
-                let reg = Registration { id: Some(shared.me.0), cores: cores.to_vec() };
-                let body = serde_json::to_string(&reg).expect("serialises");
-                match r.call(Op::Register, 0, &[], body.as_bytes(), Duration::from_millis(LEASE_MS)) {
-                    Ok((Status::Ok, _)) => Some(r),
-                    _ => None,
-                }
+                send_registration(&mut r, Some(shared.me.0), cores, Duration::from_millis(LEASE_MS)).ok().map(|_| r)
             });
         }
         let beat = rpc.as_mut().map(|r| r.call(Op::Heartbeat, shared.epoch.load(Ordering::Acquire), &[], &[], Duration::from_millis(LEASE_MS)));

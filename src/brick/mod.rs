@@ -218,7 +218,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     // The map first: from the authority (which may wait for the rest of the cluster),
     // or this brick's own when it runs alone.
     if let (Some(id), None) = (config.id, control::load_identity(&config.dir)) {
-        std::fs::write(config.dir.join("identity.json"), format!("{{\"id\":{id}}}"))
+        control::store_identity(&config.dir, id)
             .map_err(|source| BrickError::File { op: "write", path: config.dir.join("identity.json"), source })?;
     }
     let (shared, session) = match config.meta {

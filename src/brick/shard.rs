@@ -274,7 +274,7 @@ impl Shard {
             }
         }
         for p in cleared {
-            let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+            let base = base_partition(p, self.partition_bits);
             let keys: Vec<Box<[u8]>> = self.tables[base as usize]
                 .as_ref()
                 .expect("owned")
@@ -302,7 +302,7 @@ impl Shard {
 
     /// Whether partition `p` (a DP leaf) is stored on this core.
     fn owns_partition(&self, map: &ClusterMap, p: PartitionId) -> bool {
-        let base = p.prefix() & ((1u32 << map.base_bits) - 1);
+        let base = base_partition(p, map.base_bits);
         core_of(base, self.cores) == self.core
     }
 
@@ -608,7 +608,7 @@ impl Shard {
                 out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
                 return Status::Behind;
             }
-            let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+            let base = base_partition(p, self.partition_bits);
             let keys = self.tables[base as usize].as_ref().expect("owned").keys().filter(|k| p.contains(key_hash(k))).cloned().collect();
             self.snapshots.insert(pid, keys);
         }
@@ -616,7 +616,7 @@ impl Shard {
             out.extend_from_slice(b"no snapshot in progress: start at cursor 0");
             return Status::Conflict;
         };
-        let base = p.prefix() & ((1u32 << self.partition_bits) - 1);
+        let base = base_partition(p, self.partition_bits);
         let table = self.tables[base as usize].as_ref().expect("owned");
         let mut entries = Vec::new();
         let mut at = cursor as usize;
@@ -661,6 +661,11 @@ impl Shard {
         }
         Ok(stored)
     }
+}
+
+/// The base partition (storage table) that holds DP leaf `p`: its low `bits` bits.
+fn base_partition(p: PartitionId, bits: u8) -> u32 {
+    p.prefix() & ((1u32 << bits) - 1)
 }
 
 /// The decision an in-doubt participant may take on what it knows: any commit, commit;
