@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::log::record::{self, Mutation, ScanEnd};
 use crate::log::{self, checkpoint, LogError, LogFile};
 use crate::map::{key_hash, BrickId};
-use crate::proto::{decode_exact, encode, BrickInfo, DdsFraming, Frame, Kind, Op, PrepareBody, Status, TxId, TxState};
+use crate::proto::{decode_exact, encode, BrickInfo, DdsFraming, Frame, Kind, Op, Status, TxId, TxState};
 
 use super::control::Shared;
 use super::shard::{Effects, Query};
@@ -245,10 +245,7 @@ impl Storage {
             // Undecided prepares go first into the new segment: the checkpoint holds
             // only applied state, and their decisions may come after it.
             let mut batch = Vec::new();
-            for (key, txid, kind, participants, value) in shard.prepared_records() {
-                let mut body = Vec::new();
-                PrepareBody::encode(txid, kind, participants, value, &mut body);
-                let body = PrepareBody::decode(&body).expect("a prepare we encoded decodes");
+            for (key, body) in shard.prepared_records() {
                 record::encode(&mut batch, *next_lsn, &Mutation::Prepare { key, body });
                 *next_lsn += 1;
             }

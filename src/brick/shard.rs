@@ -41,7 +41,8 @@ struct Prepared {
     txid: TxId,
     kind: WriteKind,
     value: Box<[u8]>,
-    participants: Vec<u32>,
+    /// Brick ids as on the wire (little-endian u32 each).
+    participants: Box<[u8]>,
     /// Map epoch of the prepare.
     epoch: u64,
     since_ms: u64,
@@ -50,6 +51,26 @@ struct Prepared {
     /// Answers from peers while in doubt.
     answers: Vec<(u32, TxState)>,
     asked_ms: Option<u64>,
+}
+
+impl Prepared {
+    fn new(body: &PrepareBody<'_>, epoch: u64, since_ms: u64) -> Prepared {
+        Prepared {
+            txid: body.txid,
+            kind: body.kind,
+            value: body.value.into(),
+            participants: body.participants.into(),
+            epoch,
+            since_ms,
+            waiters: Vec::new(),
+            answers: Vec::new(),
+            asked_ms: None,
+        }
+    }
+
+    fn body(&self) -> PrepareBody<'_> {
+        PrepareBody { txid: self.txid, kind: self.kind, participants: &self.participants, value: &self.value }
+    }
 }
 
 /// What executing a request or a tick produced besides the immediate reply.
@@ -217,18 +238,8 @@ impl Shard {
                 self.mutate(key, None);
             }
             Mutation::Prepare { key, body } => {
-                let prepared = Prepared {
-                    txid: body.txid,
-                    kind: body.kind,
-                    value: body.value.into(),
-                    participants: body.participants().collect(),
-                    epoch: 0,
-                    since_ms: 0,
-                    waiters: Vec::new(),
-                    answers: Vec::new(),
-                    asked_ms: None,
-                };
-                self.prepared.insert(key.into(), prepared);
+                // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
+                self.prepared.insert(key.into(), Prepared::new(&body, 0, 0));
             }
             Mutation::Decide { key, txid, commit } => {
                 if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
@@ -258,8 +269,8 @@ impl Shard {
 
     /// Writes prepared and undecided, as prepare records: a new log segment starts with
     /// them so a checkpoint never cuts a prepare off from its decision.
-    pub fn prepared_records(&self) -> impl Iterator<Item = (&[u8], TxId, WriteKind, &[u32], &[u8])> {
-        self.prepared.iter().map(|(k, p)| (&k[..], p.txid, p.kind, &p.participants[..], &p.value[..]))
+    pub fn prepared_records(&self) -> impl Iterator<Item = (&[u8], PrepareBody<'_>)> {
+        self.prepared.iter().map(|(k, p)| (&k[..], p.body()))
     }
 
     /// A new map: remember it, and for every partition this brick has just started
@@ -474,20 +485,7 @@ impl Shard {
             return if p.txid == body.txid { Ok(existed) } else { Err(format!("key locked by {}", p.txid)) };
         }
         fx.log(&Mutation::Prepare { key, body }, true);
-        self.prepared.insert(
-            key.into(),
-            Prepared {
-                txid: body.txid,
-                kind: body.kind,
-                value: body.value.into(),
-                participants: body.participants().collect(),
-                epoch,
-                since_ms: self.now_ms,
-                waiters: Vec::new(),
-                answers: Vec::new(),
-                asked_ms: None,
-            },
-        );
+        self.prepared.insert(key.into(), Prepared::new(&body, epoch, self.now_ms));
         Ok(existed)
     }
 
@@ -557,7 +555,7 @@ impl Shard {
             }
             p.asked_ms = Some(now_ms);
             p.answers.clear();
-            for &b in &p.participants {
+            for b in p.body().participants() {
                 let brick = BrickId(b);
                 if brick != self.me && self.map.bricks.contains_key(&brick) {
                     fx.queries.push(Query { brick, key: key.clone(), txid: p.txid });
@@ -678,7 +676,7 @@ fn resolve_rule(map: &ClusterMap, me: BrickId, p: &Prepared) -> Option<bool> {
     if p.answers.iter().any(|(_, s)| *s == TxState::Aborted) {
         return Some(false);
     }
-    let all_prepared = p.participants.iter().all(|&b| {
+    let all_prepared = p.body().participants().all(|b| {
         b == me.0 || !map.bricks.contains_key(&BrickId(b)) || p.answers.iter().any(|(x, s)| *x == b && *s == TxState::Prepared)
     });
     all_prepared.then_some(true)
@@ -796,7 +794,7 @@ mod tests {
             txid: TxId { client: 1, seq: 1 },
             kind: WriteKind::Put,
             value: Box::new([]),
-            participants: vec![0, 1, 2],
+            participants: [0u32, 1, 2].iter().flat_map(|b| b.to_le_bytes()).collect(),
             epoch: 1,
             since_ms: 0,
             waiters: vec![],

@@ -74,8 +74,7 @@ pub fn encode(out: &mut Vec<u8>, lsn: u64, mutation: &Mutation<'_>) {
         Mutation::Put { key, value } => (1, key, value),
         Mutation::Remove { key } => (2, key, &[]),
         Mutation::Prepare { key, body } => {
-            let participants: Vec<u32> = body.participants().collect();
-            PrepareBody::encode(body.txid, body.kind, &participants, body.value, &mut scratch);
+            body.write(&mut scratch);
             (3, key, &scratch[..])
         }
         Mutation::Decide { key, txid, commit } => {

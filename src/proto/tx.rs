@@ -89,6 +89,15 @@ impl<'a> PrepareBody<'a> {
         out.extend_from_slice(value);
     }
 
+    /// Writes this body in its wire form (what `decode` read).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        self.txid.encode(out);
+        out.push(self.kind as u8);
+        out.push((self.participants.len() / 4) as u8);
+        out.extend_from_slice(self.participants);
+        out.extend_from_slice(self.value);
+    }
+
     pub fn decode(buf: &'a [u8]) -> Result<PrepareBody<'a>, PayloadError> {
         let what = "prepare";
         let fixed = TXID_LEN + 2;
@@ -236,6 +245,9 @@ mod tests {
             let mut buf = Vec::new();
             PrepareBody::encode(txid, kind, &parts, &value, &mut buf);
             let body = PrepareBody::decode(&buf).unwrap();
+            let mut again = Vec::new();
+            body.write(&mut again);
+            prop_assert_eq!(&again, &buf);
             prop_assert_eq!(body.txid, txid);
             prop_assert_eq!(body.kind, kind);
             prop_assert_eq!(body.participants().collect::<Vec<_>>(), parts);
