@@ -5,6 +5,7 @@
 //! map (dead); abort when one voted no. It never aborts a transaction whose votes are
 //! all yes, so a replica that finds all its live peers prepared may commit alone.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::map::{key_hash, BrickId, ClusterMap};
@@ -148,18 +149,25 @@ impl Client {
         let Some(op) = self.ops.get_mut(&token) else { return };
         op.timer = None;
         let hash = key_hash(&op.key);
-        let (p, group) = self.map.route(hash);
-        let group = group.to_vec();
+        // A cheap handle on the map: `send` below needs `self` mutably.
+        let map = Arc::clone(&self.map);
+        let (p, group) = map.route(hash);
         let kind = op.kind;
         let key = std::mem::take(&mut op.key);
         let value = std::mem::take(&mut op.value);
         let attempts = op.attempts;
         let result = match kind {
             OpKind::Get => {
-                let mut readable: Vec<BrickId> = self.map.readable(p).collect();
-                readable.sort_by_key(|b| op.avoid.contains(b));
-                let fresh = readable.iter().filter(|b| !op.avoid.contains(b)).count().max(1);
-                let brick = readable[(token as usize + attempts as usize) % fresh.min(readable.len())];
+                // Spread by token over the replicas this operation has not seen fail;
+                // over all of them when every one has.
+                let fresh = map.readable(p).filter(|b| !op.avoid.contains(b)).count();
+                let spin = token as usize + attempts as usize;
+                let brick = if fresh > 0 {
+                    map.readable(p).filter(|b| !op.avoid.contains(b)).nth(spin % fresh)
+                } else {
+                    map.readable(p).nth(spin % map.readable(p).count().max(1))
+                }
+                .expect("a map has a readable replica for every partition");
                 op.phase = Phase::Read { brick };
                 self.send(token, brick, Op::Get, &key, &[]).map_err(|e| (brick, e))
             }
@@ -176,9 +184,9 @@ impl Client {
                 let write = if kind == OpKind::Put { WriteKind::Put } else { WriteKind::Remove };
                 let mut body = Vec::with_capacity(32 + value.len());
                 PrepareBody::encode(txid, write, &ids, &value, &mut body);
-                op.phase = Phase::Prepare { txid, participants: group.clone(), votes: Vec::new() };
+                op.phase = Phase::Prepare { txid, participants: group.to_vec(), votes: Vec::new() };
                 let mut lost = Vec::new();
-                for &b in &group {
+                for &b in group {
                     if self.send(token, b, Op::Prepare, &key, &body).is_err() {
                         lost.push(b);
                     }
