@@ -232,30 +232,12 @@ fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize
 }
 
 fn wait_for_meta(mdir: &Path, child: &mut Child) -> anyhow::Result<MetaFile> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(mdir.join("meta.log")).unwrap_or_default();
-            bail!("the map authority exited with {status}; its log ends:\n{}", tail(&log));
-        }
-        if let Some(file) = std::fs::read_to_string(mdir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok()) {
-            if file.pid == child.id() {
-                return Ok(file);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the map authority did not start within {START_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let load = || std::fs::read_to_string(mdir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok());
+    wait_for_start(child, &mdir.join("meta.log"), || load().map(|f| (f.pid, f))).context("the map authority did not start")
 }
 
 fn meta_alive(m: &ClusterMeta) -> bool {
-    pid_alive(m.pid) && {
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", m.pid)).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
-        args.contains(&b"meta".as_slice()) && args.contains(&m.dir.as_os_str().as_encoded_bytes())
-    }
+    runs_as(m.pid, "meta", &m.dir)
 }
 
 /// Starts the cluster's authority again (same directory and port) if it is not running.
@@ -452,25 +434,28 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
 }
 
 fn wait_for_brick(bdir: &Path, child: &mut Child) -> anyhow::Result<BrickFile> {
+    wait_for_start(child, &bdir.join("brick.log"), || BrickFile::load(bdir).ok().map(|f| (f.pid, f)))
+}
+
+/// Waits until `ready` finds the file the started process writes once it serves, naming
+/// that process's pid; fails with the tail of its log if it exits or takes too long.
+fn wait_for_start<T>(child: &mut Child, log: &Path, ready: impl Fn() -> Option<(u32, T)>) -> anyhow::Result<T> {
     let deadline = Instant::now() + START_TIMEOUT;
+    let log_tail = || tail(&std::fs::read_to_string(log).unwrap_or_default());
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!("it exited with {status}; its log {} ends:\n{}", bdir.join("brick.log").display(), log_tail(bdir));
+            bail!("it exited with {status}; its log {} ends:\n{}", log.display(), log_tail());
         }
-        if let Ok(file) = BrickFile::load(bdir) {
-            if file.pid == child.id() {
+        if let Some((pid, file)) = ready() {
+            if pid == child.id() {
                 return Ok(file);
             }
         }
         if Instant::now() > deadline {
-            bail!("not serving after {START_TIMEOUT:?}; its log ends:\n{}", log_tail(bdir));
+            bail!("not serving after {START_TIMEOUT:?}; its log ends:\n{}", log_tail());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn log_tail(bdir: &Path) -> String {
-    tail(&std::fs::read_to_string(bdir.join("brick.log")).unwrap_or_default())
 }
 
 fn tail(text: &str) -> String {
@@ -489,29 +474,37 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Whether `b.pid` is alive and is this brick (not a stranger that got its pid).
 pub fn is_brick_process(b: &ClusterBrick) -> bool {
-    if !pid_alive(b.pid) {
+    runs_as(b.pid, "brick", &b.dir)
+}
+
+/// Whether `pid` is alive and runs `dds ROLE` on `dir`.
+fn runs_as(pid: u32, role: &str, dir: &Path) -> bool {
+    if !pid_alive(pid) {
         return false;
     }
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", b.pid)).unwrap_or_default();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
-    args.contains(&b"brick".as_slice()) && args.contains(&b.dir.as_os_str().as_encoded_bytes())
+    args.contains(&role.as_bytes()) && args.contains(&dir.as_os_str().as_encoded_bytes())
 }
 
 /// Signals a brick the caller has identified, and waits until its process is gone (not
 /// only until it stops looking like a brick: an exiting process loses its command line
 /// before it is done).
 fn stop_brick(b: &ClusterBrick, signal: Signal, grace: Duration) -> anyhow::Result<()> {
-    let pid = Pid::from_raw(b.pid as i32);
-    let _ = kill(pid, signal);
+    stop_process(&format!("brick {}", b.index), b.pid, signal, grace)
+}
+
+fn stop_process(what: &str, pid: u32, signal: Signal, grace: Duration) -> anyhow::Result<()> {
+    let _ = kill(Pid::from_raw(pid as i32), signal);
     let deadline = Instant::now() + grace;
-    while pid_alive(b.pid) {
+    while pid_alive(pid) {
         if Instant::now() > deadline {
             if signal != Signal::SIGKILL {
-                eprintln!("dds: brick {} (pid {}) ignored {signal} for {grace:?}; sending SIGKILL", b.index, b.pid);
-                return stop_brick(b, Signal::SIGKILL, STOP_TIMEOUT);
+                eprintln!("dds: {what} (pid {pid}) ignored {signal} for {grace:?}; sending SIGKILL");
+                return stop_process(what, pid, Signal::SIGKILL, STOP_TIMEOUT);
             }
             if Instant::now() > deadline + STOP_TIMEOUT {
-                bail!("brick {} (pid {}) is still alive after SIGKILL", b.index, b.pid);
+                bail!("{what} (pid {pid}) is still alive after SIGKILL");
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -524,14 +517,7 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
     let cluster = ClusterFile::load(dir)?;
     // The authority first: bricks that stop must not be taken for failures and removed.
     if meta_alive(&cluster.meta) {
-        let _ = kill(Pid::from_raw(cluster.meta.pid as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while pid_alive(cluster.meta.pid) {
-            if Instant::now() > deadline {
-                let _ = kill(Pid::from_raw(cluster.meta.pid as i32), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        stop_process("the map authority", cluster.meta.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
     }
     let running: Vec<&ClusterBrick> = cluster.bricks.iter().filter(|b| is_brick_process(b)).collect();
     for b in &running {

@@ -17,9 +17,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{BrickId, ClusterMap};
-use crate::proto::{decode_exact, encode, frame_len, Chunk, Frame, Kind, Op, Status, HEADER_LEN};
+use crate::proto::{decode_exact, encode, Chunk, Frame, Kind, Op, Status};
 use authority::{Actions, Authority, AuthorityConfig, Join};
-use rpc::Rpc;
+use rpc::{read_frame, Rpc};
 
 /// A brick's `Register` request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -159,22 +159,6 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     }
     crate::log!("meta", "stopped");
     Ok(())
-}
-
-fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut header = [0u8; HEADER_LEN];
-    match stream.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    let len = frame_len(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?.expect("whole header");
-    buf.clear();
-    buf.extend_from_slice(&header);
-    buf.resize(len, 0);
-    stream.read_exact(&mut buf[HEADER_LEN..])?;
-    Ok(true)
 }
 
 /// One connection: a brick's session (after `Register`), or anyone asking for the map.

@@ -21,6 +21,23 @@ pub enum RpcError {
     Protocol { op: &'static str, addr: SocketAddr, what: String },
 }
 
+/// Reads one whole frame into `buf`; `Ok(false)` if the peer closed between frames. A
+/// malformed header is `InvalidData`.
+pub fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut header = [0u8; HEADER_LEN];
+    match stream.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let len = frame_len(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?.expect("a whole header");
+    buf.clear();
+    buf.extend_from_slice(&header);
+    buf.resize(len, 0);
+    stream.read_exact(&mut buf[HEADER_LEN..])?;
+    Ok(true)
+}
+
 pub struct Rpc {
     stream: TcpStream,
     addr: SocketAddr,
@@ -51,14 +68,13 @@ impl Rpc {
         self.stream.set_write_timeout(Some(timeout)).map_err(io)?;
         self.stream.write_all(&self.buf).map_err(io)?;
         self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
-        let mut header = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut header).map_err(io)?;
         let bad = |what: String| RpcError::Protocol { op: op.name(), addr, what };
-        let len = frame_len(&header).map_err(|e| bad(e.to_string()))?.expect("a whole header");
-        self.buf.clear();
-        self.buf.extend_from_slice(&header);
-        self.buf.resize(len, 0);
-        self.stream.read_exact(&mut self.buf[HEADER_LEN..]).map_err(io)?;
+        match read_frame(&mut self.stream, &mut self.buf) {
+            Ok(true) => {}
+            Ok(false) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(bad(e.to_string())),
+            Err(e) => return Err(io(e)),
+        }
         let frame = decode_exact(&self.buf).map_err(|e| bad(e.to_string()))?;
         match frame.kind {
             Kind::Reply(o, status) if o == op && frame.request_id == id => Ok((status, frame.value.to_vec())),
