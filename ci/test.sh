@@ -26,6 +26,9 @@ cargo test --workspace --locked -- --skip acknowledged_writes_survive_sigkill 2>
 step "crash test: SIGKILL under a writer, 20 rounds, every acknowledged write checked"
 cargo test --locked --test durability acknowledged_writes_survive_sigkill -- --nocapture 2>&1 | tee -a "$LOG"
 
+step "linearizability: the broken build (replicas that lose commits) must fail the checker"
+cargo test --locked --features mutation-lost-commit --test linearizability -- --nocapture 2>&1 | tee -a "$LOG"
+
 step "main command: cargo run --release -- demo"
 cargo run --release --locked -- demo --seconds 1
 

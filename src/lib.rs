@@ -6,6 +6,7 @@
 pub mod logging;
 pub mod log;
 pub mod brick;
+pub mod check;
 pub mod client;
 pub mod map;
 pub mod meta;

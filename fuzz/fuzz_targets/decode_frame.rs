@@ -1,8 +1,9 @@
-//! Any bytes into the frame decoder (and the payload decoders): no panic, and whatever
-//! decodes re-encodes to the very bytes it came from.
+//! Any bytes into the frame decoder (and the payload decoders: hello, stats, txid,
+//! prepare, chunk): no panic, and whatever decodes re-encodes to the very bytes it came
+//! from.
 #![no_main]
 
-use dds::proto::{decode, encode, frame_len, BrickInfo, CoreStats};
+use dds::proto::{decode, encode, frame_len, BrickInfo, Chunk, CoreStats, PrepareBody, TxId};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,6 +16,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&again[..], &data[..used], "re-encoding changed the frame");
             let _ = BrickInfo::decode(frame.value);
             let _ = CoreStats::decode(frame.value);
+            let _ = TxId::decode(frame.value);
+            if let Ok(body) = PrepareBody::decode(frame.value) {
+                // What decodes writes back to the very bytes.
+                let mut again = Vec::new();
+                body.write(&mut again);
+                assert_eq!(&again[..], frame.value);
+            }
+            if let Ok(chunk) = Chunk::decode(frame.value) {
+                let _ = chunk.entries().count();
+            }
         }
         Ok(None) => assert!(matches!(len, Ok(None)) || len.unwrap().unwrap() > data.len()),
         Err(e) => assert_eq!(len, Err(e)),

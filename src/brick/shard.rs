@@ -500,7 +500,9 @@ impl Shard {
             return self.outcomes.state.get(&txid) == Some(&commit);
         }
         let p = self.prepared.remove(key).expect("present");
-        if commit {
+        // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
+        let lose = cfg!(feature = "mutation-lost-commit") && self.me.0 % 2 == 1;
+        if commit && !lose {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);
         }
