@@ -29,6 +29,9 @@ cargo test --locked --test durability acknowledged_writes_survive_sigkill -- --n
 step "linearizability: the broken build (replicas that lose commits) must fail the checker"
 cargo test --locked --features mutation-lost-commit --test linearizability -- --nocapture 2>&1 | tee -a "$LOG"
 
+step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
+bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"
+
 step "main command: cargo run --release -- demo"
 cargo run --release --locked -- demo --seconds 1
 
