@@ -103,8 +103,13 @@ fn bricks_killed_and_recovered_lose_nothing() {
     let held = cluster.client().map().partitions_of(dds::map::BrickId(1)).count();
     assert!(held > 0, "brick 1 holds partitions again:\n{after}");
 
-    // The stale client: epoch 1 against a map three changes newer (removal, join,
-    // copies readable): the first brick it asks returns the map (lazy repair).
+    // Growth: a fourth brick takes its share of replicas.
+    let out = run_ok(&["cluster", "add", "--dir", &dir]);
+    println!("{}", text(&out.stdout));
+    assert!(cluster.client().map().partitions_of(dds::map::BrickId(3)).count() > 0);
+
+    // The stale client: epoch 1 against a map changed by a kill, a restart and an add:
+    // the first brick it asks returns the map (lazy repair).
     check_all(&mut stale, "while-down", 200);
     stale.put(b"from-the-stale-client", b"ok").unwrap();
     let stats = stale.stats().clone();
@@ -149,5 +154,51 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     let (status, _) = rpc.call(Op::Prepare, epoch, b"k", b"garbage", Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::Conflict);
     assert_eq!(client.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    cluster.down();
+}
+
+#[test]
+fn adding_a_brick_moves_replicas_while_reads_go_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    let mut client = cluster.client();
+    write_all(&mut client, "grow", 5_000);
+    let mut stale = cluster.client();
+    // A reader through the whole change: every read succeeds with the right value.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (addrs, stop) = (cluster.file().addrs(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&addrs, dds::ClientConfig::default()).unwrap();
+            let mut reads = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let i = reads * 7 % 5_000;
+                assert_eq!(c.get(&key("grow", i)).unwrap(), Some(value("grow", i)), "read {i} during the move");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let out = run_ok(&["cluster", "add", "--dir", &dir]);
+    let said = text(&out.stdout);
+    println!("{said}");
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("the reader saw every value");
+    println!("{reads} reads during the move, all correct");
+    assert!(said.contains("balanced"), "{said}");
+    let map = cluster.client().map().clone();
+    let loads: Vec<usize> = map.bricks.keys().map(|&b| map.partitions_of(b).count()).collect();
+    assert_eq!(loads.len(), 3);
+    assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "replicas per brick: {loads:?}");
+    assert!(map.groups.values().all(|g| g.len() == 2) && map.joining.is_empty() && map.leaving.is_empty());
+    check_all(&mut client, "grow", 5_000);
+    // A client from before the change still reads and writes (lazy repair).
+    check_all(&mut stale, "grow", 500);
+    stale.put(b"after-growth", b"ok").unwrap();
+    assert_eq!(client.get(b"after-growth").unwrap().as_deref(), Some(&b"ok"[..]));
+    println!("client from before the add: {:?}", stale.stats());
+    assert!(stale.stats().stale_replies >= 1);
     cluster.down();
 }

@@ -338,8 +338,8 @@ impl Shard {
         if !group.contains(&self.me) {
             return Err((Status::WrongShard, format!("{} holds no replica of partition {p} at epoch {}", self.me, self.map.epoch).into_bytes()));
         }
-        if read && self.map.is_joining(p, self.me) {
-            return Err((Status::Unavailable, format!("{} is still copying partition {p}", self.me).into_bytes()));
+        if read && !self.map.is_readable(p, self.me) {
+            return Err((Status::Unavailable, format!("{} serves no reads of partition {p} (copying or leaving)", self.me).into_bytes()));
         }
         Ok(group)
     }

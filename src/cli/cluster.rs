@@ -44,8 +44,11 @@ pub enum ClusterCommand {
     Down(DirArgs),
     /// SIGKILL one brick (fault injection).
     Kill(BrickSel),
-    /// Start a stopped brick again on its directory and ports; it replays its log.
+    /// Start a stopped brick again on its directory and ports; it rejoins and copies
+    /// back the partitions it is given.
     Restart(BrickSel),
+    /// Start one more brick; replicas move to it until load evens out.
+    Add(DirArgs),
 }
 
 #[derive(Args)]
@@ -177,12 +180,28 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             println!("brick {} (pid {}) killed", b.index, b.pid);
             Ok(())
         }
+        ClusterCommand::Add(args) => {
+            let started = Instant::now();
+            let b = add(&args.dir)?;
+            println!("brick {} added: pid {} at {}", b.index, b.pid, b.addr);
+            let cluster = ClusterFile::load(&args.dir)?;
+            let map = wait_for_replicas(&cluster, BrickId(b.index as u32), true)?;
+            let mut load: std::collections::BTreeMap<BrickId, usize> = map.bricks.keys().map(|&id| (id, 0)).collect();
+            for g in map.groups.values() {
+                for id in g {
+                    *load.entry(*id).or_default() += 1;
+                }
+            }
+            let loads: Vec<String> = load.iter().map(|(id, n)| format!("{}: {n}", id.0)).collect();
+            println!("balanced at epoch {} after {} ms; partitions per brick: {}", map.epoch, started.elapsed().as_millis(), loads.join(", "));
+            Ok(())
+        }
         ClusterCommand::Restart(sel) => {
             let started = Instant::now();
             let b = restart(&sel.dir, sel.brick)?;
             println!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&sel.dir)?;
-            let map = wait_for_replicas(&cluster, BrickId(b.index as u32))?;
+            let map = wait_for_replicas(&cluster, BrickId(b.index as u32), false)?;
             let held = map.partitions_of(BrickId(b.index as u32)).count();
             println!(
                 "brick {} rejoined at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
@@ -305,37 +324,55 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     }
     ensure_meta(&mut cluster)?;
     cluster.store(dir)?;
-    let exe = std::env::current_exe().context("locate the dds binary")?;
-    let shape = BrickShape {
-        cores: b.cores,
-        partition_bits: cluster.partition_bits,
-        durability: cluster.durability,
-        checkpoint_log_mb: cluster.checkpoint_log_mb,
-        meta: cluster.meta.addr,
-    };
-    let mut child = spawn_brick(&exe, &b.dir, index, &shape, Some(&b.ports))?;
-    let file = match wait_for_brick(&b.dir, &mut child) {
-        Ok(file) => file,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.context(format!("brick {index} did not restart")));
-        }
-    };
+    let file = start_brick(&cluster, index, &b.dir, b.cores, Some(&b.ports)).with_context(|| format!("brick {index} did not restart"))?;
     cluster.bricks[index].pid = file.pid;
     cluster.bricks[index].addr = file.addrs[0];
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
 }
 
+/// Starts brick `index` of `cluster` on `bdir` and waits until it serves.
+fn start_brick(cluster: &ClusterFile, index: usize, bdir: &Path, cores: usize, ports: Option<&[u16]>) -> anyhow::Result<BrickFile> {
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let shape = BrickShape {
+        cores,
+        partition_bits: cluster.partition_bits,
+        durability: cluster.durability,
+        checkpoint_log_mb: cluster.checkpoint_log_mb,
+        meta: cluster.meta.addr,
+    };
+    let mut child = spawn_brick(&exe, bdir, index, &shape, ports)?;
+    wait_for_brick(bdir, &mut child).inspect_err(|_| {
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+}
+
+/// Starts a new brick in the cluster; the authority then moves replicas to it.
+pub fn add(dir: &Path) -> anyhow::Result<ClusterBrick> {
+    let mut cluster = ClusterFile::load(dir)?;
+    ensure_meta(&mut cluster)?;
+    cluster.store(dir)?;
+    let index = cluster.bricks.len();
+    let bdir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?.join(format!("brick-{index}"));
+    let cores = cluster.bricks.first().map_or(1, |b| b.cores);
+    let file = start_brick(&cluster, index, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
+    let ports = file.addrs.iter().map(|a| a.port()).collect();
+    cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
+    cluster.store(dir)?;
+    Ok(cluster.bricks[index].clone())
+}
+
 /// Waits until `brick` is in the map and no partition is short of replicas (as far as
 /// the live bricks allow) or being copied.
-fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId) -> anyhow::Result<ClusterMap> {
+/// With `holding`, also until `brick` holds a partition (a new brick gets its share).
+fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> anyhow::Result<ClusterMap> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(map) = current_map(cluster) {
             let want = cluster.replicas.min(map.bricks.len());
-            if map.bricks.contains_key(&brick) && map.joining.is_empty() && map.groups.values().all(|g| g.len() >= want) {
+            let settled = map.joining.is_empty() && map.leaving.is_empty();
+            if map.bricks.contains_key(&brick) && settled && map.groups.values().all(|g| g.len() >= want) && (!holding || map.partitions_of(brick).next().is_some()) {
                 return Ok(map);
             }
         }

@@ -60,6 +60,11 @@ pub struct ClusterMap {
     /// serve no reads until the copy is done.
     #[serde(default)]
     pub joining: BTreeMap<PartitionId, Vec<BrickId>>,
+    /// Members about to leave a group (a replica moved elsewhere): they still take
+    /// writes, so their copy stays current for a client whose map is older, but serve no
+    /// reads; once every brick has seen that, a later map drops them.
+    #[serde(default)]
+    pub leaving: BTreeMap<PartitionId, Vec<BrickId>>,
     pub bricks: BTreeMap<BrickId, BrickAddr>,
 }
 
@@ -77,7 +82,7 @@ impl ClusterMap {
             .enumerate()
             .map(|(i, &p)| (p, (0..replicas).map(|k| ids[(i + k) % ids.len()]).collect()))
             .collect();
-        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), bricks };
+        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), leaving: BTreeMap::new(), bricks };
         map.validate().map_err(MapError::Invalid)?;
         Ok(map)
     }
@@ -102,9 +107,18 @@ impl ClusterMap {
         self.joining.get(&p).is_some_and(|j| j.contains(&brick))
     }
 
+    pub fn is_leaving(&self, p: PartitionId, brick: BrickId) -> bool {
+        self.leaving.get(&p).is_some_and(|j| j.contains(&brick))
+    }
+
+    /// Whether `brick` serves reads of `p`: a member neither joining nor leaving.
+    pub fn is_readable(&self, p: PartitionId, brick: BrickId) -> bool {
+        self.groups.get(&p).is_some_and(|g| g.contains(&brick)) && !self.is_joining(p, brick) && !self.is_leaving(p, brick)
+    }
+
     /// The members of `p`'s group that serve reads.
     pub fn readable(&self, p: PartitionId) -> impl Iterator<Item = BrickId> + '_ {
-        self.groups.get(&p).into_iter().flatten().copied().filter(move |&b| !self.is_joining(p, b))
+        self.groups.get(&p).into_iter().flatten().copied().filter(move |&b| self.is_readable(p, b))
     }
 
     /// Partitions whose group includes `brick`.
@@ -127,12 +141,21 @@ impl ClusterMap {
         if let Some(l) = self.dp.leaves().iter().find(|l| l.depth() < self.base_bits) {
             return Err(format!("partition {l} is shallower than the base depth {}", self.base_bits));
         }
-        for (p, joining) in &self.joining {
-            let group = self.groups.get(p).ok_or_else(|| format!("joining list for unknown partition {p}"))?;
-            if joining.is_empty() || joining.iter().any(|b| !group.contains(b)) {
-                return Err(format!("partition {p}: joining bricks {joining:?} not all in its group {group:?}"));
+        for (what, lists) in [("joining", &self.joining), ("leaving", &self.leaving)] {
+            for (p, list) in lists {
+                let group = self.groups.get(p).ok_or_else(|| format!("{what} list for unknown partition {p}"))?;
+                if list.is_empty() || list.iter().any(|b| !group.contains(b)) {
+                    return Err(format!("partition {p}: {what} bricks {list:?} not all in its group {group:?}"));
+                }
             }
-            if group.len() == joining.len() {
+        }
+        for (p, list) in &self.leaving {
+            if let Some(b) = list.iter().find(|b| self.is_joining(*p, **b)) {
+                return Err(format!("partition {p}: {b} both joining and leaving"));
+            }
+        }
+        for &p in self.dp.leaves() {
+            if self.readable(p).next().is_none() {
                 return Err(format!("partition {p} has no readable replica"));
             }
         }
@@ -172,9 +195,11 @@ impl ClusterMap {
             let group = m.groups.remove(&p).expect("leaf has a group");
             m.groups.insert(a, group.clone());
             m.groups.insert(b, group);
-            if let Some(joining) = m.joining.remove(&p) {
-                m.joining.insert(a, joining.clone());
-                m.joining.insert(b, joining);
+            for lists in [&mut m.joining, &mut m.leaving] {
+                if let Some(list) = lists.remove(&p) {
+                    lists.insert(a, list.clone());
+                    lists.insert(b, list);
+                }
             }
             Ok(())
         })
@@ -186,8 +211,9 @@ impl ClusterMap {
             if p.depth() <= m.base_bits {
                 return Err(MapError::Invalid(format!("partition {p} is at the base depth {}: it does not merge", m.base_bits)));
             }
-            if m.joining.contains_key(&p) || p.sibling().is_some_and(|s| m.joining.contains_key(&s)) {
-                return Err(MapError::Invalid(format!("partition {p} or its sibling is being copied")));
+            let moving = |q: PartitionId| m.joining.contains_key(&q) || m.leaving.contains_key(&q);
+            if moving(p) || p.sibling().is_some_and(moving) {
+                return Err(MapError::Invalid(format!("partition {p} or its sibling has a replica moving")));
             }
             let sibling = p.sibling().ok_or(DpError::NoSibling(p))?;
             let (ga, gb) = (m.groups.get(&p), m.groups.get(&sibling));
@@ -217,18 +243,19 @@ impl ClusterMap {
     pub fn remove_brick(&self, brick: BrickId) -> Result<ClusterMap, MapError> {
         self.next(|m| {
             m.bricks.remove(&brick).ok_or(MapError::UnknownBrick(brick))?;
-            for joining in m.joining.values_mut() {
-                joining.retain(|&b| b != brick);
-            }
-            m.joining.retain(|_, j| !j.is_empty());
-            for (&partition, group) in m.groups.iter_mut() {
-                group.retain(|&b| b != brick);
-                let readable = group.iter().filter(|b| !m.joining.get(&partition).is_some_and(|j| j.contains(b))).count();
-                if readable == 0 {
-                    return Err(MapError::LastReplica { brick, partition });
+            for lists in [&mut m.joining, &mut m.leaving] {
+                for list in lists.values_mut() {
+                    list.retain(|&b| b != brick);
                 }
+                lists.retain(|_, l| !l.is_empty());
             }
-            Ok(())
+            for group in m.groups.values_mut() {
+                group.retain(|&b| b != brick);
+            }
+            match m.dp.leaves().iter().find(|&&p| m.readable(p).next().is_none()) {
+                Some(&partition) => Err(MapError::LastReplica { brick, partition }),
+                None => Ok(()),
+            }
         })
     }
 
@@ -262,14 +289,38 @@ impl ClusterMap {
     }
 
     /// Marks joining replicas as copied: they serve reads from now on. Pairs no longer
-    /// joining (their brick was removed meanwhile) are skipped.
-    pub fn finish_join(&self, joins: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
+    /// joining (their brick was removed meanwhile) are skipped. In the same map, each
+    /// `leaves` member stops serving reads (it still takes writes) until `drop_leaving`.
+    pub fn finish_join(&self, joins: &[(PartitionId, BrickId)], leaves: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
         self.next(|m| {
+            for &(p, brick) in leaves {
+                if m.groups.get(&p).is_some_and(|g| g.contains(&brick)) && !m.is_leaving(p, brick) {
+                    m.leaving.entry(p).or_default().push(brick);
+                }
+            }
             for &(p, brick) in joins {
                 if let Some(j) = m.joining.get_mut(&p) {
                     j.retain(|&b| b != brick);
                     if j.is_empty() {
                         m.joining.remove(&p);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Takes leaving members out of their groups.
+    pub fn drop_leaving(&self, leaves: &[(PartitionId, BrickId)]) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            for &(p, brick) in leaves {
+                if let Some(l) = m.leaving.get_mut(&p) {
+                    if l.contains(&brick) {
+                        l.retain(|&b| b != brick);
+                        if l.is_empty() {
+                            m.leaving.remove(&p);
+                        }
+                        m.groups.get_mut(&p).expect("a leaving member's group").retain(|&b| b != brick);
                     }
                 }
             }
@@ -337,6 +388,8 @@ mod tests {
         Replica(u16, u8),
         Join(u16, u8),
         Finish(u16),
+        Leave(u16, u8),
+        Drop(u16),
     }
 
     fn change() -> impl Strategy<Value = Change> {
@@ -348,6 +401,8 @@ mod tests {
             (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Replica(p, b)),
             (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Join(p, b)),
             any::<u16>().prop_map(Change::Finish),
+            (any::<u16>(), any::<u8>()).prop_map(|(p, b)| Change::Leave(p, b)),
+            any::<u16>().prop_map(Change::Drop),
         ]
     }
 
@@ -368,7 +423,13 @@ mod tests {
                     Change::Finish(p) => {
                         let p = leaves[p as usize % leaves.len()];
                         let joins: Vec<_> = map.joining.get(&p).into_iter().flatten().map(|&b| (p, b)).collect();
-                        map.finish_join(&joins)
+                        map.finish_join(&joins, &[])
+                    }
+                    Change::Leave(p, b) => map.finish_join(&[], &[(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()])]),
+                    Change::Drop(p) => {
+                        let p = leaves[p as usize % leaves.len()];
+                        let gone: Vec<_> = map.leaving.get(&p).into_iter().flatten().map(|&b| (p, b)).collect();
+                        map.drop_leaving(&gone)
                     }
                 };
                 match next {

@@ -37,16 +37,27 @@ pub struct Actions {
     pub notes: Vec<String>,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at_ms: u64,
+    session: u64,
+    epoch: u64,
+}
+
 pub struct Authority {
     config: AuthorityConfig,
     map: Option<ClusterMap>,
     /// Bricks seen before the first map, by id.
     gathering: BTreeMap<BrickId, BrickAddr>,
-    /// Last heartbeat of each brick, and its session serial.
-    seen: BTreeMap<BrickId, (u64, u64)>,
+    /// Each brick's last heartbeat (ms), session serial and the epoch it reported.
+    seen: BTreeMap<BrickId, Seen>,
     next_session: u64,
     /// Joins being copied now; a new plan waits until they finish.
     copying: Vec<Join>,
+    /// Replicas that leave once their move's copy is done: (partition, brick).
+    drop_after: Vec<Join>,
+    /// Leaving replicas to drop once every live brick has reported this epoch.
+    pending_drop: Option<(u64, Vec<Join>)>,
     last_removal_ms: Option<u64>,
     last_join_ms: Option<u64>,
 }
@@ -54,7 +65,7 @@ pub struct Authority {
 impl Authority {
     pub fn new(config: AuthorityConfig, map: Option<ClusterMap>, now_ms: u64) -> Authority {
         // After a restart every known brick gets a full timeout to come back.
-        let seen = map.iter().flat_map(|m| m.bricks.keys()).map(|&b| (b, (now_ms, 0))).collect();
+        let seen = map.iter().flat_map(|m| m.bricks.keys()).map(|&b| (b, Seen { at_ms: now_ms, session: 0, epoch: 0 })).collect();
         Authority {
             config,
             map,
@@ -62,6 +73,8 @@ impl Authority {
             seen,
             next_session: 1,
             copying: Vec::new(),
+            drop_after: Vec::new(),
+            pending_drop: None,
             last_removal_ms: None,
             last_join_ms: None,
         }
@@ -90,7 +103,7 @@ impl Authority {
         let addr = BrickAddr { cores };
         let session = self.next_session;
         self.next_session += 1;
-        self.seen.insert(id, (now_ms, session));
+        self.seen.insert(id, Seen { at_ms: now_ms, session, epoch: 0 });
         match &self.map {
             None => {
                 self.gathering.insert(id, addr);
@@ -118,10 +131,12 @@ impl Authority {
         Ok((id, session, actions))
     }
 
-    pub fn heartbeat(&mut self, id: BrickId, session: u64, now_ms: u64) {
+    /// A heartbeat from `id`, which runs with map `epoch`.
+    pub fn heartbeat(&mut self, id: BrickId, session: u64, epoch: u64, now_ms: u64) {
         if let Some(seen) = self.seen.get_mut(&id) {
-            if seen.1 == session {
-                seen.0 = now_ms;
+            if seen.session == session {
+                seen.at_ms = now_ms;
+                seen.epoch = epoch;
             }
         }
     }
@@ -130,7 +145,7 @@ impl Authority {
     /// it drops a session), so remove it now.
     pub fn disconnected(&mut self, id: BrickId, session: u64, now_ms: u64) -> Actions {
         let mut actions = Actions::default();
-        if self.seen.get(&id).is_some_and(|s| s.1 == session) {
+        if self.seen.get(&id).is_some_and(|s| s.session == session) {
             self.remove(id, "its session closed", now_ms, &mut actions);
         }
         actions
@@ -148,6 +163,7 @@ impl Authority {
         match map.remove_brick(id) {
             Ok(next) => {
                 self.copying.retain(|(_, b)| *b != id);
+                self.drop_after.retain(|(_, b)| *b != id);
                 self.last_removal_ms = Some(now_ms);
                 self.set_map(next, format!("{id} removed: {why}"), actions);
             }
@@ -160,7 +176,7 @@ impl Authority {
     pub fn tick(&mut self, now_ms: u64) -> Actions {
         let mut actions = Actions::default();
         let silent: Vec<BrickId> =
-            self.seen.iter().filter(|(_, (t, _))| now_ms.saturating_sub(*t) > BRICK_TIMEOUT_MS).map(|(&b, _)| b).collect();
+            self.seen.iter().filter(|(_, s)| now_ms.saturating_sub(s.at_ms) > BRICK_TIMEOUT_MS).map(|(&b, _)| b).collect();
         for id in silent {
             self.remove(id, "silent past the timeout", now_ms, &mut actions);
         }
@@ -172,7 +188,8 @@ impl Authority {
             (None, Some(_)) => false,
         };
         let waited = self.last_removal_ms.is_none_or(|r| now_ms.saturating_sub(r) >= REREPLICATE_AFTER_MS);
-        if self.copying.is_empty() && (joined_since || waited) {
+        self.drop_when_seen(&mut actions);
+        if self.copying.is_empty() && self.pending_drop.is_none() && (joined_since || waited) {
             self.plan(&mut actions);
         }
         actions
@@ -202,6 +219,10 @@ impl Authority {
                 joins.push((p, b));
             }
         }
+        let mut drops = Vec::new();
+        if joins.is_empty() {
+            (joins, drops) = rebalance(map, &load);
+        }
         if joins.is_empty() {
             return;
         }
@@ -210,6 +231,7 @@ impl Authority {
                 let why = format!("{} partition(s) short of replicas start copying", joins.len());
                 self.set_map(next, why, actions);
                 self.copying = joins.clone();
+                self.drop_after = drops;
                 actions.copy = joins;
             }
             Err(e) => actions.notes.push(format!("cannot plan copies: {e}")),
@@ -222,11 +244,20 @@ impl Authority {
         let Some(map) = &self.map else { return actions };
         let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b)).collect();
         self.copying.clear();
+        // A moved replica leaves only where its replacement was copied.
+        let leaves: Vec<Join> = std::mem::take(&mut self.drop_after).into_iter().filter(|(p, _)| live.iter().any(|(q, _)| q == p)).collect();
         if live.is_empty() {
             return actions;
         }
-        match map.finish_join(&live) {
-            Ok(next) => self.set_map(next, format!("{} copied partition(s) now serve reads", live.len()), &mut actions),
+        match map.finish_join(&live, &leaves) {
+            Ok(next) => {
+                let epoch = next.epoch;
+                let why = format!("{} copied partition(s) now serve reads; {} moved replica(s) stop serving reads", live.len(), leaves.len());
+                self.set_map(next, why, &mut actions);
+                if !leaves.is_empty() {
+                    self.pending_drop = Some((epoch, leaves));
+                }
+            }
             Err(e) => actions.notes.push(format!("cannot finish copies: {e}")),
         }
         actions
@@ -235,7 +266,51 @@ impl Authority {
     /// A copy gave up (its source or target failed); the next tick plans again.
     pub fn copy_failed(&mut self) {
         self.copying.clear();
+        self.drop_after.clear();
     }
+
+    /// Drops leaving replicas once every live brick runs a map in which they serve no
+    /// reads: no client can then be answered by one from a copy that stopped taking
+    /// writes.
+    fn drop_when_seen(&mut self, actions: &mut Actions) {
+        let (Some((epoch, _)), Some(map)) = (&self.pending_drop, &self.map) else { return };
+        let behind = map.bricks.keys().any(|b| self.seen.get(b).is_none_or(|s| s.epoch < *epoch));
+        if behind {
+            return;
+        }
+        let (_, leaves) = self.pending_drop.take().expect("checked");
+        match map.drop_leaving(&leaves) {
+            Ok(next) => self.set_map(next, format!("{} moved replica(s) left their groups", leaves.len()), actions),
+            Err(e) => actions.notes.push(format!("cannot drop moved replicas: {e}")),
+        }
+    }
+}
+
+/// Moves that even out replicas per live brick: while the fullest holds two more than
+/// the emptiest, one partition's replica moves from the fullest to the emptiest (the
+/// emptiest joins; the fullest leaves after the copy).
+fn rebalance(map: &ClusterMap, load: &BTreeMap<BrickId, usize>) -> (Vec<Join>, Vec<Join>) {
+    let mut load = load.clone();
+    let mut joins = Vec::new();
+    let mut drops = Vec::new();
+    let mut moved: std::collections::BTreeSet<PartitionId> = std::collections::BTreeSet::new();
+    while let (Some((&full, &hi)), Some((&empty, &lo))) =
+        (load.iter().max_by_key(|(b, n)| (**n, std::cmp::Reverse(b.0))), load.iter().min_by_key(|(b, n)| (**n, b.0)))
+    {
+        if hi < lo + 2 {
+            break;
+        }
+        let pick = map.groups.iter().find(|(p, g)| {
+            g.contains(&full) && !g.contains(&empty) && !moved.contains(p) && map.is_readable(**p, full)
+        });
+        let Some((&p, _)) = pick else { break };
+        moved.insert(p);
+        joins.push((p, empty));
+        drops.push((p, full));
+        *load.get_mut(&full).expect("listed") -= 1;
+        *load.get_mut(&empty).expect("listed") += 1;
+    }
+    (joins, drops)
 }
 
 #[cfg(test)]
@@ -284,7 +359,7 @@ mod tests {
         assert!(map.groups.values().all(|g| g.len() == 2));
         // Silence past the timeout removes a brick too.
         for i in [0, 1] {
-            a.heartbeat(BrickId(i), sessions[i as usize], 2000);
+            a.heartbeat(BrickId(i), sessions[i as usize], 9, 2000);
         }
         let actions = a.tick(2000);
         assert!(actions.notes.iter().any(|n| n.contains("brick 1 removed")), "{actions:?}");

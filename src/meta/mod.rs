@@ -214,7 +214,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
                 },
                 Op::Heartbeat => match session {
                     Some((id, serial)) => {
-                        state.authority.heartbeat(id, serial, now);
+                        state.authority.heartbeat(id, serial, frame.epoch, now);
                         (Status::Ok, newer_map(&state))
                     }
                     None => (Status::Conflict, b"heartbeat before register".to_vec()),
