@@ -202,3 +202,21 @@ fn adding_a_brick_moves_replicas_while_reads_go_on() {
     assert!(stale.stats().stale_replies >= 1);
     cluster.down();
 }
+
+#[test]
+fn small_clusters_split_partitions_and_keep_every_key() {
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2", "--partition-bits", "2"]);
+    let dir = cluster.dir_arg();
+    let mut client = cluster.client();
+    write_all(&mut client, "split", 2_000);
+    let out = run_ok(&["cluster", "add", "--dir", &dir]);
+    println!("{}", text(&out.stdout));
+    let map = cluster.client().map().clone();
+    println!("epoch {}: {} partitions on base {} bits", map.epoch, map.dp.leaves().len(), map.base_bits);
+    assert!(map.dp.leaves().len() >= 48, "3 bricks need at least 48 partitions: {}", map.dp.leaves().len());
+    assert!(map.partitions_of(dds::map::BrickId(2)).count() > 0);
+    check_all(&mut client, "split", 2_000);
+    write_all(&mut client, "after-split", 500);
+    check_all(&mut client, "after-split", 500);
+    cluster.down();
+}

@@ -190,15 +190,23 @@ impl ClusterMap {
     /// Splits a partition; both halves keep its replica group (the keys stay where they
     /// are; moving a half is a separate change).
     pub fn split(&self, p: PartitionId) -> Result<ClusterMap, MapError> {
+        self.split_many(&[p])
+    }
+
+    /// Splits each of `parts` in one map change. Keys need not move: a brick stores a
+    /// key by its base partition, and both halves keep the group.
+    pub fn split_many(&self, parts: &[PartitionId]) -> Result<ClusterMap, MapError> {
         self.next(|m| {
-            let (a, b) = m.dp.split(p)?;
-            let group = m.groups.remove(&p).expect("leaf has a group");
-            m.groups.insert(a, group.clone());
-            m.groups.insert(b, group);
-            for lists in [&mut m.joining, &mut m.leaving] {
-                if let Some(list) = lists.remove(&p) {
-                    lists.insert(a, list.clone());
-                    lists.insert(b, list);
+            for &p in parts {
+                let (a, b) = m.dp.split(p)?;
+                let group = m.groups.remove(&p).expect("leaf has a group");
+                m.groups.insert(a, group.clone());
+                m.groups.insert(b, group);
+                for lists in [&mut m.joining, &mut m.leaving] {
+                    if let Some(list) = lists.remove(&p) {
+                        lists.insert(a, list.clone());
+                        lists.insert(b, list);
+                    }
                 }
             }
             Ok(())

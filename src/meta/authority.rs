@@ -14,6 +14,8 @@ pub const BRICK_TIMEOUT_MS: u64 = 1500;
 /// come back before they are copied to the survivors: a brick that restarts takes its
 /// share back instead of leaving the others to carry it.
 pub const REREPLICATE_AFTER_MS: u64 = 10_000;
+/// Fewer partitions than this per live brick cannot spread evenly: every one splits.
+pub const PARTITIONS_PER_BRICK_MIN: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct AuthorityConfig {
@@ -199,6 +201,18 @@ impl Authority {
     /// brick outside their group.
     fn plan(&mut self, actions: &mut Actions) {
         let Some(map) = &self.map else { return };
+        let live = map.bricks.keys().filter(|b| self.seen.contains_key(b)).count();
+        let leaves = map.dp.leaves();
+        if leaves.len() < PARTITIONS_PER_BRICK_MIN * live && leaves.iter().all(|l| l.depth() < crate::map::dp::DEPTH_MAX) {
+            match map.split_many(leaves) {
+                Ok(next) => {
+                    let why = format!("{} partitions for {live} bricks: each splits in two", leaves.len());
+                    self.set_map(next, why, actions);
+                }
+                Err(e) => actions.notes.push(format!("cannot split: {e}")),
+            }
+            return;
+        }
         let mut load: BTreeMap<BrickId, usize> =
             map.bricks.keys().filter(|b| self.seen.contains_key(b)).map(|&b| (b, 0)).collect();
         for group in map.groups.values() {
@@ -323,7 +337,7 @@ mod tests {
 
     #[test]
     fn gathers_then_removes_dead_bricks_and_restores_replicas() {
-        let mut a = Authority::new(AuthorityConfig { bricks: 3, replicas: 2, base_bits: 3 }, None, 0);
+        let mut a = Authority::new(AuthorityConfig { bricks: 3, replicas: 2, base_bits: 6 }, None, 0);
         let mut sessions = Vec::new();
         for i in 0..3 {
             let (id, s, actions) = a.register(Some(i), addr(i as u16), 0).unwrap();
@@ -363,5 +377,21 @@ mod tests {
         }
         let actions = a.tick(2000);
         assert!(actions.notes.iter().any(|n| n.contains("brick 1 removed")), "{actions:?}");
+    }
+
+    #[test]
+    fn too_few_partitions_split_until_every_brick_can_hold_its_share() {
+        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 2, base_bits: 2 }, None, 0);
+        for i in 0..2 {
+            a.register(Some(i), addr(i as u16), 0).unwrap();
+        }
+        assert_eq!(a.map().unwrap().dp.leaves().len(), 4);
+        for t in 1..10 {
+            a.tick(t * 10);
+        }
+        let map = a.map().unwrap();
+        assert_eq!(map.dp.leaves().len(), 32, "16 per brick");
+        assert!(map.groups.values().all(|g| g.len() == 2));
+        assert_eq!(map.base_bits, 2, "splits never change where a brick stores a key");
     }
 }
