@@ -154,6 +154,20 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     let (status, _) = rpc.call(Op::Prepare, epoch, b"k", b"garbage", Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::Conflict);
     assert_eq!(client.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    // A partition that is not a leaf of the map: refused, nothing copied out.
+    let mut bogus = Vec::new();
+    bogus.extend_from_slice(&u32::MAX.to_le_bytes());
+    bogus.extend_from_slice(&0u32.to_le_bytes());
+    let (status, _) = rpc.call(Op::SnapshotChunk, epoch, b"", &bogus, Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::WrongShard);
+    // Without the map authority a brick fences itself within its lease: it answers
+    // nothing from its data rather than risk a stale answer.
+    let meta_pid = cluster.file().meta.pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(meta_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, why) = rpc.call(Op::Get, epoch, b"k", b"", Duration::from_secs(1)).unwrap();
+    assert_eq!(status, Status::Unavailable, "{}", String::from_utf8_lossy(&why));
+    assert!(String::from_utf8_lossy(&why).contains("fenced"));
     cluster.down();
 }
 
@@ -218,5 +232,46 @@ fn small_clusters_split_partitions_and_keep_every_key() {
     check_all(&mut client, "split", 2_000);
     write_all(&mut client, "after-split", 500);
     check_all(&mut client, "after-split", 500);
+    cluster.down();
+}
+
+/// Sends a prepare for `key` to `brick`'s core that stores it, as a coordinator would.
+fn prepare_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8], txid: dds::proto::TxId, value: &[u8]) -> dds::proto::Status {
+    use dds::proto::{Op, PrepareBody, WriteKind};
+    let hash = dds::map::key_hash(key);
+    let (_, group) = map.route(hash);
+    let ids: Vec<u32> = group.iter().map(|b| b.0).collect();
+    let mut body = Vec::new();
+    PrepareBody::encode(txid, WriteKind::Put, &ids, value, &mut body);
+    let cores = &map.bricks[&brick].cores;
+    let mut rpc = dds::meta::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
+    rpc.call(Op::Prepare, map.epoch, key, &body, Duration::from_secs(1)).unwrap().0
+}
+
+#[test]
+fn replicas_decide_a_transaction_whose_coordinator_vanished() {
+    use dds::proto::{Status, TxId};
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let mut client = cluster.client();
+    let map = client.map().clone();
+    // Prepared on every replica, then the coordinator is gone: the replicas find all
+    // participants prepared and commit. A read waits for that decision.
+    let (_, group) = map.route(dds::map::key_hash(b"orphan-all"));
+    for &b in group {
+        assert_eq!(prepare_on(&map, b, b"orphan-all", TxId { client: 7, seq: 1 }, b"decided"), Status::Ok);
+    }
+    let asked = Instant::now();
+    assert_eq!(client.get(b"orphan-all").unwrap().as_deref(), Some(&b"decided"[..]));
+    println!("read of an orphaned, fully prepared write answered after {} ms (resolution after 1 s)", asked.elapsed().as_millis());
+    // Prepared on one replica only: the other never saw it, so it is aborted, and the
+    // key's lock is released for the next writer.
+    let (_, group) = map.route(dds::map::key_hash(b"orphan-one"));
+    assert_eq!(prepare_on(&map, group[0], b"orphan-one", TxId { client: 7, seq: 2 }, b"never"), Status::Ok);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(client.get(b"orphan-one").unwrap(), None);
+    client.put(b"orphan-one", b"later").unwrap();
+    assert_eq!(client.get(b"orphan-one").unwrap().as_deref(), Some(&b"later"[..]));
+    let logs = cluster.brick_log(0) + &cluster.brick_log(1);
+    assert!(logs.contains("resolved by peers: commit") && logs.contains("resolved by peers: abort"), "{logs}");
     cluster.down();
 }
