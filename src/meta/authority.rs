@@ -164,8 +164,8 @@ impl Authority {
         }
         match map.remove_brick(id) {
             Ok(next) => {
-                self.copying.retain(|(_, b)| *b != id);
-                self.drop_after.retain(|(_, b)| *b != id);
+                // A copy under way stays planned until its driver reports: copies to a
+                // removed brick fail there at once, and no second plan may overlap it.
                 self.last_removal_ms = Some(now_ms);
                 self.set_map(next, format!("{id} removed: {why}"), actions);
             }
@@ -197,8 +197,10 @@ impl Authority {
         actions
     }
 
-    /// Partitions with fewer replicas than asked get one more on the least loaded live
-    /// brick outside their group.
+    /// One step of the plan, first that applies: split every partition while there are
+    /// too few per brick; give each partition short of replicas one more on the least
+    /// loaded live brick outside its group; move replicas from the fullest brick to the
+    /// emptiest.
     fn plan(&mut self, actions: &mut Actions) {
         let Some(map) = &self.map else { return };
         let live = map.bricks.keys().filter(|b| self.seen.contains_key(b)).count();
