@@ -8,6 +8,7 @@ pub mod log;
 pub mod brick;
 pub mod check;
 pub mod client;
+pub mod hash;
 pub mod map;
 pub mod meta;
 pub mod proto;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use crate::map::{key_hash, BrickId, ClusterMap};
 use crate::proto::{Op, PrepareBody, Status, TxId, WriteKind};
 
-use super::{Client, ClientError, Outcome, Reply, Request};
+use super::core::{ClientCore, Reply};
+use super::{ClientError, Outcome, Request};
 
 /// What a client has seen of the cluster, for people and tests (lazy repair counts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,13 +125,13 @@ fn vote_of(status: Option<Status>, value: &[u8]) -> Vote {
     }
 }
 
-impl Client {
+impl ClientCore {
     fn retry_in(&mut self, token: u64, after: Duration, why: String) {
         self.stats.retries += 1;
         if let Some(op) = self.ops.get_mut(&token) {
             op.phase = Phase::Idle;
             op.suspect = false;
-            op.timer = Some(Instant::now() + after);
+            op.timer = Some(self.now + after);
             op.attempts += 1;
             op.why = why;
         }
@@ -279,7 +280,7 @@ impl Client {
             Phase::Decide { pending, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
-                    op.timer = Some(Instant::now() + Duration::from_millis(20));
+                    op.timer = Some(self.now + Duration::from_millis(20));
                     return;
                 }
                 pending.retain(|b| *b != r.brick);
@@ -309,7 +310,7 @@ impl Client {
             if (lost || op.suspect) && op.timer.is_none() {
                 // A lost or silent participant: wait for the authority to remove it (or
                 // for its answer), looking at the map now and then.
-                op.timer = Some(Instant::now() + Duration::from_millis(20));
+                op.timer = Some(self.now + Duration::from_millis(20));
             }
             return;
         };
@@ -331,7 +332,7 @@ impl Client {
         }
         if !unreachable.is_empty() {
             if let Some(op) = self.ops.get_mut(&token) {
-                op.timer = Some(Instant::now() + Duration::from_millis(20));
+                op.timer = Some(self.now + Duration::from_millis(20));
             }
             self.fetch_map();
         }
@@ -368,14 +369,14 @@ impl Client {
         op.suspect = true;
         if self.map.bricks.contains_key(&brick) {
             if op.timer.is_none() && !matches!(op.phase, Phase::Idle) {
-                op.timer = Some(Instant::now() + Duration::from_millis(20));
+                op.timer = Some(self.now + Duration::from_millis(20));
             }
             return;
         }
         match op.phase {
             Phase::Read { .. } | Phase::Direct { .. } => {
                 op.avoid.push(brick);
-                self.state.msgs.retain(|_, m| m.token != token);
+                self.msgs.retain(|_, m| m.token != token);
                 self.retry_in(token, Duration::ZERO, format!("{brick} left the map"));
             }
             Phase::Prepare { .. } => self.evaluate(token),
@@ -385,7 +386,7 @@ impl Client {
     }
 
     pub(crate) fn on_timer(&mut self, token: u64) {
-        let now = Instant::now();
+        let now = self.now;
         let Some(op) = self.ops.get_mut(&token) else { return };
         if now >= op.deadline {
             let timeout_ms = self.config.op_timeout.as_millis() as u64;
@@ -418,10 +419,10 @@ impl Client {
                 let key = op.key.clone();
                 self.fetch_map();
                 for b in pending {
-                    let on_wire = self.state.msgs.values().any(|m| m.token == token && m.brick == b);
+                    let on_wire = self.msgs.values().any(|m| m.token == token && m.brick == b);
                     if self.map.bricks.contains_key(&b) && !on_wire && self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
                         if let Some(op) = self.ops.get_mut(&token) {
-                            op.timer = Some(Instant::now() + Duration::from_millis(20));
+                            op.timer = Some(self.now + Duration::from_millis(20));
                         }
                     }
                 }
@@ -434,7 +435,7 @@ impl Client {
                 if !self.map.bricks.contains_key(&brick) {
                     self.on_silent(token, brick);
                 } else if let Some(op) = self.ops.get_mut(&token) {
-                    op.timer = Some(Instant::now() + Duration::from_millis(20));
+                    op.timer = Some(self.now + Duration::from_millis(20));
                 }
             }
         }
