@@ -11,7 +11,10 @@ pub mod client;
 pub mod hash;
 pub mod map;
 pub mod meta;
+pub mod mutation;
 pub mod proto;
 
 pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request};
 pub mod cli;
+#[cfg(feature = "sim")]
+pub mod sim;

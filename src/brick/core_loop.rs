@@ -141,6 +141,38 @@ fn read(path: &Path) -> Result<Vec<u8>, LogError> {
     std::fs::read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
 }
 
+/// Why one log segment cannot be replayed.
+#[derive(Debug)]
+pub enum SegmentError {
+    Corrupt { offset: u64, error: record::RecordError },
+    Gap { found: u64, expected: u64 },
+}
+
+/// Replays the records of one segment that starts at `first_lsn` into `shard`, those
+/// from `start_lsn` on (older ones are in the checkpoint). Returns the lsn after the
+/// last record, how many were replayed, and whether the segment ends in a torn tail.
+/// Pure: the simulator replays its simulated disk through it too.
+pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut Shard) -> Result<(u64, u64, ScanEnd), SegmentError> {
+    let mut expected = first_lsn;
+    let mut replayed = 0;
+    let mut out_of_order = None;
+    let end = record::scan(contents, |r| {
+        if r.lsn != expected && out_of_order.is_none() {
+            out_of_order = Some((r.lsn, expected));
+        }
+        expected = r.lsn + 1;
+        if r.lsn >= start_lsn {
+            shard.replay(&r.mutation);
+            replayed += 1;
+        }
+    })
+    .map_err(|error| SegmentError::Corrupt { offset: error.offset(), error })?;
+    if let Some((found, expected)) = out_of_order {
+        return Err(SegmentError::Gap { found, expected });
+    }
+    Ok((expected, replayed, end))
+}
+
 /// Loads this core's checkpoint and replays its log segments into `shard`: a torn tail
 /// of the last segment is cut off with a log line; a corrupt record, a defective
 /// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
@@ -175,22 +207,11 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
             return Err(LogError::Gap { path: path.clone(), found: *first_lsn, expected: next_lsn });
         }
         let (file, contents) = if last { let (f, c) = LogFile::open(path)?; (Some(f), c) } else { (None, read(path)?) };
-        let mut expected = *first_lsn;
-        let mut out_of_order = None;
-        let end = record::scan(&contents, |r| {
-            if r.lsn != expected && out_of_order.is_none() {
-                out_of_order = Some((r.lsn, expected));
-            }
-            expected = r.lsn + 1;
-            if r.lsn >= start_lsn {
-                shard.replay(&r.mutation);
-                replayed += 1;
-            }
-        })
-        .map_err(|error| LogError::Corrupt { path: path.clone(), offset: error.offset(), error })?;
-        if let Some((found, expected)) = out_of_order {
-            return Err(LogError::Gap { path: path.clone(), found, expected });
-        }
+        let (expected, n, end) = replay_segment(&contents, *first_lsn, start_lsn, shard).map_err(|e| match e {
+            SegmentError::Corrupt { offset, error } => LogError::Corrupt { path: path.clone(), offset, error },
+            SegmentError::Gap { found, expected } => LogError::Gap { path: path.clone(), found, expected },
+        })?;
+        replayed += n;
         next_lsn = next_lsn.max(expected);
         if let ScanEnd::TornTail { offset, error } = end {
             if !last {

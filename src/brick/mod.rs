@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::{BrickInfo, DdsFraming};
 
-pub use shard::{Effects, Shard};
+pub use core_loop::{replay_segment, SegmentError};
+pub use shard::{Effects, Query, Shard};
 
 /// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

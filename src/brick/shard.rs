@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use dds_transport::ConnId;
-use hashbrown::{HashMap, HashSet};
+use crate::hash::{HashMap, HashSet};
 
 use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
@@ -98,7 +98,9 @@ impl Effects {
     fn log(&mut self, mutation: &Mutation<'_>, durable_first: bool) {
         record::encode(&mut self.batch, self.next_lsn, mutation);
         self.next_lsn += 1;
-        self.must_sync |= durable_first;
+        // The planted bug `skip-sync` (simulator builds only): replies go out before
+        // the records they depend on are durable.
+        self.must_sync |= durable_first && !crate::mutation::active(crate::mutation::Mutation::SkipSync);
     }
 }
 
@@ -162,7 +164,7 @@ impl Shard {
         assert!(core < cores);
         assert_eq!(map.base_bits, partition_bits, "map and brick disagree on the base partition bits");
         let partitions = 1u32 << partition_bits;
-        let tables = (0..partitions).map(|p| (core_of(p, cores) == core).then(Table::new)).collect();
+        let tables = (0..partitions).map(|p| (core_of(p, cores) == core).then(Table::default)).collect();
         let map_json: Arc<[u8]> = map.to_json().into_bytes().into();
         Shard {
             core,
@@ -173,10 +175,10 @@ impl Shard {
             me,
             map,
             map_json,
-            prepared: HashMap::new(),
+            prepared: HashMap::default(),
             outcomes: Outcomes::default(),
-            snapshots: HashMap::new(),
-            joining: HashMap::new(),
+            snapshots: HashMap::default(),
+            joining: HashMap::default(),
             now_ms: 0,
             fenced: false,
         }
@@ -253,6 +255,11 @@ impl Shard {
         }
     }
 
+    /// Writes prepared here and not yet decided.
+    pub fn prepared_len(&self) -> usize {
+        self.prepared.len()
+    }
+
     pub fn partitions(&self) -> usize {
         self.tables.len()
     }
@@ -304,7 +311,7 @@ impl Shard {
                 self.answer_waiters(&key, prepared.waiters, fx);
             }
             crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {} stale keys", keys.len());
-            self.joining.insert(p, HashSet::new());
+            self.joining.insert(p, HashSet::default());
         }
         self.joining.retain(|p, _| map.is_joining(*p, me));
         self.map_json = map.to_json().into_bytes().into();
@@ -363,6 +370,13 @@ impl Shard {
                 };
                 match op {
                     Op::Get => {
+                        if crate::mutation::active(crate::mutation::Mutation::ReadUncommitted) {
+                            // The planted bug `read-uncommitted`: a prepared value is
+                            // served before its transaction is decided.
+                            if let Some(p) = self.prepared.get(request.key).filter(|p| p.kind == WriteKind::Put) {
+                                return reply(Status::Ok, &p.value);
+                            }
+                        }
                         if let Some(p) = self.prepared.get_mut(request.key) {
                             if p.waiters.len() >= WAITERS_MAX {
                                 return reply(Status::Unavailable, b"too many reads wait for this key's pending write");
@@ -411,6 +425,11 @@ impl Shard {
                 let Ok(txid) = TxId::decode(request.value) else {
                     return reply(Status::Conflict, b"malformed txid");
                 };
+                if self.fenced {
+                    // A fenced brick may already be out of the map: an "aborted" from it
+                    // (a tombstone no one else will ever see) must not decide anything.
+                    return reply(Status::Unavailable, b"fenced: ask again later");
+                }
                 let state = self.tx_state(request.key, txid);
                 reply(Status::Ok, &[state as u8]);
             }
@@ -501,7 +520,7 @@ impl Shard {
         }
         let p = self.prepared.remove(key).expect("present");
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
-        let lose = cfg!(feature = "mutation-lost-commit") && self.me.0 % 2 == 1;
+        let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
         if commit && !lose {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);

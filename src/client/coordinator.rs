@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::map::{key_hash, BrickId, ClusterMap};
-use crate::proto::{Op, PrepareBody, Status, TxId, WriteKind};
+use crate::proto::{Op, PrepareBody, Status, TxId, TxState, WriteKind};
 
 use super::core::{ClientCore, Reply};
 use super::{ClientError, Outcome, Request};
@@ -51,6 +51,11 @@ enum Phase {
     Read { brick: BrickId },
     Direct { brick: BrickId },
     Prepare { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)> },
+    /// Every participant voted yes or left the map, but one left without a yes: before
+    /// committing, ask the live ones what they know. One that resolved the transaction
+    /// while in doubt may have aborted it on the word of the departed one (which never
+    /// prepared, and said so).
+    Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
     /// Phase two: waiting for every participant still in the map to acknowledge.
     Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, existed: bool },
 }
@@ -69,6 +74,9 @@ pub(crate) struct OpState {
     /// A message of this attempt went unanswered past the suspicion time.
     suspect: bool,
     why: String,
+    /// A one-phase attempt of this write was lost on the wire: it may have been applied,
+    /// so the write can end only as done or `Unknown`, never as failed.
+    maybe_applied: bool,
 }
 
 /// How long to wait before attempt `n` after a conflict: grows, with jitter by token so
@@ -96,6 +104,7 @@ impl OpState {
             avoid: Vec::new(),
             suspect: false,
             why: String::new(),
+            maybe_applied: false,
         }
     }
 
@@ -252,11 +261,18 @@ impl ClientCore {
                     }
                     None => {
                         op.avoid.push(brick);
+                        op.maybe_applied |= op.kind != OpKind::Get;
                         self.fetch_map();
                         self.retry_in(token, Duration::from_millis(5), format!("connection to {brick} lost"));
                     }
                     Some(status) => {
-                        let err = ClientError::Refused { op: r.op.name(), brick, status, message: String::from_utf8_lossy(&r.value).into_owned() };
+                        let message = String::from_utf8_lossy(&r.value).into_owned();
+                        let err = if op.maybe_applied {
+                            let timeout_ms = self.config.op_timeout.as_millis() as u64;
+                            ClientError::Unknown { op: op.name(), timeout_ms, why: format!("{brick} refused a retry ({status:?}: {message}) of a write that may have been applied") }
+                        } else {
+                            ClientError::Refused { op: r.op.name(), brick, status, message }
+                        };
                         self.complete(token, Err(err));
                     }
                 }
@@ -276,6 +292,24 @@ impl ClientCore {
                     _ => {}
                 }
                 self.evaluate(token);
+            }
+            Phase::Confirm { participants, answers, .. } if r.op == Op::Resolve => {
+                if !participants.contains(&r.brick) || answers.iter().any(|(b, _)| *b == r.brick) {
+                    return;
+                }
+                let state = match r.status {
+                    Some(Status::Ok) if r.value.len() == 1 => TxState::from_u8(r.value[0]),
+                    _ => None,
+                };
+                if state.is_none() {
+                    // Lost, fenced or busy: asked again on the timer.
+                    if op.timer.is_none() {
+                        op.timer = Some(self.now + Duration::from_millis(20));
+                    }
+                    return;
+                }
+                answers.push((r.brick, state));
+                self.confirm(token);
             }
             Phase::Decide { pending, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
@@ -314,7 +348,70 @@ impl ClientCore {
             }
             return;
         };
-        // Phase two goes to every participant that may hold the prepare and is alive.
+        let departed_without_yes = participants.iter().any(|b| gone(b) && !matches!(vote(b), Some(Vote::Yes(_))));
+        if commit && departed_without_yes {
+            let votes = votes.clone();
+            op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
+            op.timer = None;
+            return self.ask_live(token);
+        }
+        self.decide(token, txid, participants, commit, existed);
+    }
+
+    /// Asks every live participant not yet answered what it knows of the transaction.
+    fn ask_live(&mut self, token: u64) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        let Phase::Confirm { txid, participants, answers, .. } = &op.phase else { return };
+        let map = &self.map;
+        let ask: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b) && !answers.iter().any(|(x, _)| x == b)).collect();
+        let (txid, key) = (*txid, op.key.clone());
+        let mut failed = false;
+        for b in ask {
+            let on_wire = self.msgs.values().any(|m| m.token == token && m.brick == b && m.op == Op::Resolve);
+            if !on_wire && self.send(token, b, Op::Resolve, &key, &txid.to_bytes()).is_err() {
+                failed = true;
+            }
+        }
+        if failed {
+            if let Some(op) = self.ops.get_mut(&token) {
+                op.timer = Some(self.now + Duration::from_millis(20));
+            }
+        }
+        self.confirm(token);
+    }
+
+    /// Decides a confirming transaction once every live participant answered: any
+    /// committed, commit; any aborted, abort; all prepared, commit (no one can abort it
+    /// now: the only participant that could say "never prepared" has left the map).
+    fn confirm(&mut self, token: u64) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        let Phase::Confirm { txid, participants, votes, answers } = &op.phase else { return };
+        let map = &self.map;
+        let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b)).collect();
+        let answer = |b: &BrickId| answers.iter().find(|(x, _)| x == b).and_then(|(_, s)| *s);
+        if live.iter().any(|b| answer(b).is_none()) {
+            return;
+        }
+        let commit = !live.iter().any(|b| answer(b) == Some(TxState::Aborted)) || live.iter().any(|b| answer(b) == Some(TxState::Committed));
+        let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
+        if !commit {
+            op.why = format!("{txid}: a participant had aborted it while in doubt");
+        }
+        let (txid, participants) = (*txid, participants.clone());
+        self.decide(token, txid, participants, commit, existed);
+    }
+
+    /// Phase two: sends the decision to every participant that may hold the prepare and
+    /// is alive.
+    fn decide(&mut self, token: u64, txid: TxId, participants: Vec<BrickId>, commit: bool, existed: bool) {
+        let Some(op) = self.ops.get_mut(&token) else { return };
+        let map = &self.map;
+        let votes: Vec<(BrickId, Vote)> = match &op.phase {
+            Phase::Prepare { votes, .. } | Phase::Confirm { votes, .. } => votes.clone(),
+            _ => Vec::new(),
+        };
+        let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
+        let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
         op.phase = Phase::Decide { txid, commit, pending: pending.clone(), existed };
@@ -376,10 +473,12 @@ impl ClientCore {
         match op.phase {
             Phase::Read { .. } | Phase::Direct { .. } => {
                 op.avoid.push(brick);
+                op.maybe_applied |= matches!(op.phase, Phase::Direct { .. });
                 self.msgs.retain(|_, m| m.token != token);
                 self.retry_in(token, Duration::ZERO, format!("{brick} left the map"));
             }
             Phase::Prepare { .. } => self.evaluate(token),
+            Phase::Confirm { .. } => self.confirm(token),
             Phase::Decide { .. } => self.finish_decide(token),
             Phase::Idle => {}
         }
@@ -400,8 +499,10 @@ impl ClientCore {
                 Phase::Prepare { votes, .. } if votes.iter().all(|(_, v)| *v == Vote::No) && !votes.is_empty() => {
                     ClientError::Timeout { op: name, timeout_ms, why }
                 }
-                Phase::Prepare { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },
+                Phase::Prepare { .. } | Phase::Confirm { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },
                 Phase::Direct { .. } => ClientError::Unknown { op: name, timeout_ms, why },
+                // An earlier attempt of this write may have been applied.
+                _ if op.maybe_applied => ClientError::Unknown { op: name, timeout_ms, why },
                 _ => ClientError::Timeout { op: name, timeout_ms, why },
             };
             return self.complete(token, Err(err));
@@ -412,6 +513,10 @@ impl ClientCore {
             Phase::Prepare { .. } => {
                 self.fetch_map();
                 self.evaluate(token);
+            }
+            Phase::Confirm { .. } => {
+                self.fetch_map();
+                self.ask_live(token);
             }
             Phase::Decide { txid, commit, pending, .. } => {
                 // Send again to live participants whose connection broke.

@@ -133,13 +133,19 @@ impl Authority {
         Ok((id, session, actions))
     }
 
-    /// A heartbeat from `id`, which runs with map `epoch`.
-    pub fn heartbeat(&mut self, id: BrickId, session: u64, epoch: u64, now_ms: u64) {
-        if let Some(seen) = self.seen.get_mut(&id) {
-            if seen.session == session {
+    /// A heartbeat from `id`, which runs with map `epoch`. Returns `false` when the
+    /// session is no longer known (the brick was removed, say after a long pause while
+    /// its connection stayed open): the brick must fence and register again, or it
+    /// would serve on, outside the map, forever.
+    #[must_use]
+    pub fn heartbeat(&mut self, id: BrickId, session: u64, epoch: u64, now_ms: u64) -> bool {
+        match self.seen.get_mut(&id) {
+            Some(seen) if seen.session == session => {
                 seen.at_ms = now_ms;
                 seen.epoch = epoch;
+                true
             }
+            _ => false,
         }
     }
 
@@ -203,6 +209,15 @@ impl Authority {
     /// emptiest.
     fn plan(&mut self, actions: &mut Actions) {
         let Some(map) = &self.map else { return };
+        // Joining replicas whose copy failed (a source lost mid-copy, a link reset)
+        // take writes but would never serve reads: copy them again before anything else.
+        let orphans: Vec<Join> = map.joining.iter().flat_map(|(&p, bs)| bs.iter().map(move |&b| (p, b))).filter(|(_, b)| self.seen.contains_key(b)).collect();
+        if !orphans.is_empty() {
+            actions.notes.push(format!("{} joining replica(s) whose copy failed are copied again", orphans.len()));
+            self.copying = orphans.clone();
+            actions.copy = orphans;
+            return;
+        }
         let live = map.bricks.keys().filter(|b| self.seen.contains_key(b)).count();
         let leaves = map.dp.leaves();
         if leaves.len() < PARTITIONS_PER_BRICK_MIN * live && leaves.iter().all(|l| l.depth() < crate::map::dp::DEPTH_MAX) {
@@ -260,8 +275,11 @@ impl Authority {
         let Some(map) = &self.map else { return actions };
         let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b)).collect();
         self.copying.clear();
-        // A moved replica leaves only where its replacement was copied.
-        let leaves: Vec<Join> = std::mem::take(&mut self.drop_after).into_iter().filter(|(p, _)| live.iter().any(|(q, _)| q == p)).collect();
+        // A moved replica leaves only where its replacement was copied; moves whose copy
+        // failed wait for it to be copied again (or are forgotten if it stopped joining).
+        let (leaves, later): (Vec<Join>, Vec<Join>) =
+            std::mem::take(&mut self.drop_after).into_iter().partition(|(p, _)| live.iter().any(|(q, _)| q == p));
+        self.drop_after = later.into_iter().filter(|(p, _)| map.joining.contains_key(p)).collect();
         if live.is_empty() {
             return actions;
         }
@@ -282,7 +300,8 @@ impl Authority {
     /// A copy gave up (its source or target failed); the next tick plans again.
     pub fn copy_failed(&mut self) {
         self.copying.clear();
-        self.drop_after.clear();
+        let map = &self.map;
+        self.drop_after.retain(|(p, _)| map.as_ref().is_some_and(|m| m.joining.contains_key(p)));
     }
 
     /// Drops leaving replicas once every live brick runs a map in which they serve no
@@ -375,7 +394,7 @@ mod tests {
         assert!(map.groups.values().all(|g| g.len() == 2));
         // Silence past the timeout removes a brick too.
         for i in [0, 1] {
-            a.heartbeat(BrickId(i), sessions[i as usize], 9, 2000);
+            assert!(a.heartbeat(BrickId(i), sessions[i as usize], 9, 2000));
         }
         let actions = a.tick(2000);
         assert!(actions.notes.iter().any(|n| n.contains("brick 1 removed")), "{actions:?}");

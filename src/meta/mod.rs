@@ -213,10 +213,8 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
                     Err(e) => (Status::Conflict, format!("bad registration: {e}").into_bytes()),
                 },
                 Op::Heartbeat => match session {
-                    Some((id, serial)) => {
-                        state.authority.heartbeat(id, serial, frame.epoch, now);
-                        (Status::Ok, newer_map(&state))
-                    }
+                    Some((id, serial)) if state.authority.heartbeat(id, serial, frame.epoch, now) => (Status::Ok, newer_map(&state)),
+                    Some((id, _)) => (Status::Conflict, format!("{id}'s session has ended (it was removed): register again").into_bytes()),
                     None => (Status::Conflict, b"heartbeat before register".to_vec()),
                 },
                 Op::GetMap => (Status::Ok, newer_map(&state)),

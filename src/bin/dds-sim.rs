@@ -1,0 +1,161 @@
+//! `dds-sim`: runs the deterministic simulator over many seeds (see `dds::sim` and
+//! `ci/sim.sh`). Prints one line per failing seed with the command that replays it, and
+//! `N passed, F failed` at the end.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use dds::mutation::Mutation;
+use dds::sim::{run, Options};
+
+#[derive(Parser, Debug)]
+#[command(name = "dds-sim", about = "Deterministic simulation of a dds cluster under seeded faults")]
+struct Args {
+    /// How many seeds to run, from --start on.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 1)]
+    start: u64,
+    /// Run this one seed and print its trace (what the failure line's command does).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Plant a protocol bug: read-uncommitted, skip-sync or lost-commit.
+    #[arg(long)]
+    mutation: Option<String>,
+    /// Allow network partitions (outside the design's assumptions).
+    #[arg(long)]
+    partitions: bool,
+    /// Run every seed twice and require equal digests.
+    #[arg(long)]
+    twice: bool,
+    /// Stop at the first failure and exit 0 if there was one (for mutation checks).
+    #[arg(long)]
+    expect_failure: bool,
+    /// Worker threads (each runs whole seeds).
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Seeds to run first, from a file with one seed per line ('#' starts a comment).
+    #[arg(long)]
+    regressions: Option<std::path::PathBuf>,
+}
+
+fn replay_command(seed: u64, args: &Args) -> String {
+    let mut cmd = format!("ci/sim.sh --seed {seed}");
+    if let Some(m) = &args.mutation {
+        cmd.push_str(&format!(" --mutation {m}"));
+    }
+    if args.partitions {
+        cmd.push_str(" --partitions");
+    }
+    cmd
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mutation = match &args.mutation {
+        Some(name) => Some(Mutation::parse(name).with_context(|| {
+            format!("unknown mutation {name:?}; known: {}", Mutation::ALL.map(|m| m.name()).join(", "))
+        })?),
+        None => None,
+    };
+    let options = Options { partitions: args.partitions, mutation, trace: args.seed.is_some() };
+    if let Some(seed) = args.seed {
+        let started = Instant::now();
+        let report = run(seed, &options);
+        eprintln!("seed {seed}: {}", report.shape);
+        println!(
+            "seed {seed}: {} operations, {} events, digest {:016x}, {:.2} s",
+            report.ops,
+            report.events,
+            report.digest,
+            started.elapsed().as_secs_f64()
+        );
+        if args.twice {
+            let again = run(seed, &Options { trace: false, ..options.clone() });
+            if again.digest != report.digest {
+                bail!("seed {seed} is not deterministic: digest {:016x} then {:016x}", report.digest, again.digest);
+            }
+            println!("seed {seed}: the same digest twice");
+        }
+        return match report.failure {
+            Some(why) => {
+                println!("seed {seed} FAILED: {why}");
+                std::process::exit(1)
+            }
+            None => {
+                println!("1 passed, 0 failed");
+                Ok(())
+            }
+        };
+    }
+    let mut seeds: Vec<u64> = Vec::new();
+    if let Some(path) = &args.regressions {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if !line.is_empty() {
+                seeds.push(line.parse().with_context(|| format!("{}: bad seed {line:?}", path.display()))?);
+            }
+        }
+    }
+    seeds.extend(args.start..args.start + args.seeds);
+    let total = seeds.len();
+    let next = AtomicUsize::new(0);
+    let passed = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let ops = AtomicU64::new(0);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..args.jobs.max(1) {
+            s.spawn(|| loop {
+                if args.expect_failure && failed.load(Ordering::Relaxed) > 0 {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&seed) = seeds.get(i) else { return };
+                let report = run(seed, &options);
+                let mut failure = report.failure;
+                if failure.is_none() && args.twice {
+                    let again = run(seed, &options);
+                    if again.digest != report.digest {
+                        failure = Some(format!("not deterministic: digest {:016x} then {:016x}", report.digest, again.digest));
+                    }
+                }
+                ops.fetch_add(report.ops as u64, Ordering::Relaxed);
+                match failure {
+                    None => {
+                        passed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(why) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        let line = format!("seed {seed} FAILED: {why}\n  shape: {}\n  reproduce: {}", report.shape, replay_command(seed, &args));
+                        println!("{line}");
+                        failures.lock().expect("not poisoned").push(line);
+                    }
+                }
+                let done = passed.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+                if done % 50 == 0 {
+                    eprintln!("dds-sim: {done}/{total} seeds, {:.0} s", started.elapsed().as_secs_f64());
+                }
+            });
+        }
+    });
+    let (passed, failed) = (passed.into_inner(), failed.into_inner());
+    eprintln!("dds-sim: {} client operations checked in {:.1} s", ops.into_inner(), started.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed");
+    if args.expect_failure {
+        if failed == 0 {
+            bail!("expected the checkers to catch the planted bug, but {passed} seeds passed");
+        }
+        return Ok(());
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Planted protocol bugs, for proving that the checkers catch what they claim to. They
+//! exist only in `sim` builds (the simulator's); in every other build `active` is a
+//! constant `false` and the hooks compile away.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mutation {
+    /// A read of a prepared key returns the prepared value before the decision.
+    ReadUncommitted = 1,
+    /// Log records never have to be durable before replies leave.
+    SkipSync = 2,
+    /// Replicas with odd ids acknowledge a commit without applying it.
+    LostCommit = 3,
+}
+
+impl Mutation {
+    pub const ALL: [Mutation; 3] = [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::ReadUncommitted => "read-uncommitted",
+            Mutation::SkipSync => "skip-sync",
+            Mutation::LostCommit => "lost-commit",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Mutation> {
+        Mutation::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+#[cfg(feature = "sim")]
+static ACTIVE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Plants `mutation` (or none) for the whole process.
+#[cfg(feature = "sim")]
+pub fn plant(mutation: Option<Mutation>) {
+    ACTIVE.store(mutation.map_or(0, |m| m as u8), std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(feature = "sim")]
+#[inline]
+pub fn active(mutation: Mutation) -> bool {
+    ACTIVE.load(std::sync::atomic::Ordering::Relaxed) == mutation as u8
+}
+
+#[cfg(not(feature = "sim"))]
+#[inline(always)]
+pub fn active(_mutation: Mutation) -> bool {
+    false
+}

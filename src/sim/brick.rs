@@ -1,0 +1,848 @@
+//! A simulated brick: the real `Shard` per core, driven the way `brick::core_loop` and
+//! `brick::control` drive it: rounds that execute every queued frame, log the round's
+//! records in one write (and one sync when a record must be durable first) and only
+//! then release the round's replies; in-doubt questions to peers; a heartbeat every
+//! 50 ms whose answers renew a 500 ms lease, and a fence when the lease runs out or the
+//! session breaks. Start-up registers, then replays each core's simulated log through
+//! `brick::replay_segment`, as the real brick does. Also here: the copy driver, as in
+//! `meta::copy_driver`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use dds_transport::ConnId;
+use rand::Rng;
+
+use crate::brick::control::{HEARTBEAT_MS, LEASE_MS};
+use crate::brick::{replay_segment, Effects, SegmentError, Shard};
+use crate::hash::HashMap;
+use crate::log::record::ScanEnd;
+use crate::map::{key_hash, BrickId, ClusterMap, PartitionId};
+use crate::proto::{decode_exact, encode, BrickInfo, Chunk, Frame, Kind, Op, Status, TxId, TxState};
+
+use super::disk::SimDisk;
+use super::net::{Endpoint, LinkId, Msg};
+use super::{core_addr, Event, Joins, Micros, World, MS};
+
+/// Frames one core executes per round (the transport's fairness bound).
+const FRAMES_PER_ROUND_MAX: usize = 256;
+/// How often a core looks at in-doubt prepares (`core_loop::TICK_MS`).
+const TICK_MS: u64 = 100;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    Down,
+    /// Registered or registering, waiting for the authority's answer or first map.
+    Starting,
+    Up,
+    /// Stopped on an error it must not retry (failed sync, full disk) or refused to
+    /// start (corrupt log): stays down until restarted (a corrupt one, wiped).
+    Stopped(String),
+}
+
+pub(crate) struct SimCore {
+    shard: Shard,
+    fx: Effects,
+    inbox: VecDeque<(LinkId, Vec<u8>)>,
+    /// A round (or its disk I/O) is under way; frames wait in the inbox.
+    busy: bool,
+    round_due: bool,
+    /// Replies of the round, released when its log write (and sync) is done.
+    held: Vec<(LinkId, Vec<u8>)>,
+    sync_pending: bool,
+    asked: HashMap<u64, (Box<[u8]>, TxId, BrickId, LinkId)>,
+    next_ask: u64,
+    peers: HashMap<(BrickId, usize), LinkId>,
+    last_tick_ms: u64,
+}
+
+pub(crate) struct SimBrick {
+    cores_n: usize,
+    /// The id the authority gave (kept across restarts, as `identity.json`).
+    pub id: Option<BrickId>,
+    /// Incarnation: bumped at every start, so a dead brick's timers are void.
+    pub life: u64,
+    pub state: State,
+    disks: Vec<SimDisk>,
+    cores: Vec<SimCore>,
+    map: Option<Arc<ClusterMap>>,
+    session_link: Option<LinkId>,
+    last_ok: Micros,
+    fenced: bool,
+    hb_sent: Option<Micros>,
+    pub paused_until: Micros,
+    /// The log was found corrupt: the next restart starts from an empty directory.
+    wipe: bool,
+}
+
+impl SimBrick {
+    pub fn new(cores_n: usize) -> SimBrick {
+        SimBrick {
+            cores_n,
+            id: None,
+            life: 0,
+            state: State::Down,
+            disks: (0..cores_n).map(|_| SimDisk::default()).collect(),
+            cores: Vec::new(),
+            map: None,
+            session_link: None,
+            last_ok: 0,
+            fenced: false,
+            hb_sent: None,
+            paused_until: 0,
+            wipe: false,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Up | State::Starting)
+    }
+
+    pub fn serving(&self) -> bool {
+        self.state == State::Up && !self.fenced
+    }
+
+    pub fn state_name(&self) -> String {
+        format!("{:?}{}", self.state, if self.fenced { ", fenced" } else { "" })
+    }
+
+    /// Runs `epoch` everywhere, holds nothing prepared, has no work queued.
+    pub fn settled(&self, epoch: u64) -> bool {
+        self.cores.iter().all(|c| c.shard.epoch() == epoch && c.shard.prepared_len() == 0 && c.inbox.is_empty() && !c.busy)
+    }
+
+    pub fn unsettled(&self, epoch: u64) -> String {
+        self.cores
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("core {i}: epoch {}/{epoch}, {} prepared, {} queued", c.shard.epoch(), c.shard.prepared_len(), c.inbox.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Every entry this brick's cores hold whose key hashes into `p`.
+    pub fn entries_of(&self, p: PartitionId) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        self.cores.iter().flat_map(|c| c.shard.entries()).filter(|(k, _)| p.contains(key_hash(k))).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    }
+
+    /// Digest input: every entry, in key order.
+    pub fn all_entries(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        self.cores.iter().flat_map(|c| c.shard.entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    }
+}
+
+fn conn_of(link: LinkId) -> ConnId {
+    ConnId { slot: link.0 as u32, generation: (link.0 >> 32) as u32 }
+}
+
+fn link_of(conn: ConnId) -> LinkId {
+    LinkId(conn.slot as u64 | (conn.generation as u64) << 32)
+}
+
+impl World {
+    pub(crate) fn start_brick(&mut self, b: usize) {
+        let brick = &mut self.bricks[b];
+        if brick.wipe {
+            brick.wipe = false;
+            brick.id = None;
+            brick.disks = (0..brick.cores_n).map(|_| SimDisk::default()).collect();
+        }
+        brick.life += 1;
+        brick.state = State::Starting;
+        brick.cores.clear();
+        brick.map = None;
+        brick.fenced = false;
+        brick.hb_sent = None;
+        let (life, id, cores_n) = (brick.life, brick.id, brick.cores_n);
+        let cores = (0..cores_n).map(|c| core_addr(b, life, c)).collect();
+        let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
+        self.bricks[b].session_link = Some(link);
+        self.note(format!("brick {b} (id {id:?}) starts, incarnation {life}"));
+        self.send(link, Endpoint::Brick(b), Msg::Register { id: id.map(|i| i.0), cores });
+    }
+
+    pub(crate) fn restart(&mut self, b: usize) {
+        match &self.bricks[b].state {
+            State::Up | State::Starting => {}
+            State::Stopped(why) if why.contains("corrupt") => {
+                self.note(format!("brick {b}: the operator wipes its corrupt directory"));
+                self.bricks[b].wipe = true;
+                self.start_brick(b);
+            }
+            _ => self.start_brick(b),
+        }
+    }
+
+    /// The process dies (`power_loss`: the machine, with un-synced writes).
+    pub(crate) fn crash(&mut self, b: usize, why: &str, power_loss: bool) {
+        let brick = &mut self.bricks[b];
+        if !brick.is_up() {
+            return;
+        }
+        brick.state = State::Down;
+        brick.cores.clear();
+        brick.map = None;
+        brick.session_link = None;
+        let mut lost = 0;
+        if power_loss {
+            for d in 0..brick.disks.len() {
+                lost += brick.disks[d].lose_power(&mut self.rng);
+            }
+        }
+        self.note(format!("brick {b}: {why}{}", if power_loss { format!(" ({lost} un-synced log bytes lost)") } else { String::new() }));
+        self.break_links_of(b, !power_loss);
+    }
+
+    /// Stops the brick for good on an error the design says must never be retried.
+    fn stop_brick(&mut self, b: usize, why: String) {
+        self.crash(b, &why, false);
+        self.bricks[b].state = State::Stopped(why);
+        let down_ms = self.rng.random_range(100..=2000);
+        if self.faults_on {
+            self.after(down_ms * MS, Event::Restart { brick: b });
+        }
+    }
+
+    pub(crate) fn pause(&mut self, b: usize, micros: Micros) {
+        self.note(format!("brick {b} pauses for {} ms", micros / MS));
+        self.bricks[b].paused_until = self.now + micros;
+    }
+
+    /// Events for a paused brick wait until it resumes. Messages keep their order; the
+    /// brick's own timers land among them in random order, as threads do after a stop.
+    fn deferred(&mut self, b: usize, timer: bool) -> Option<Micros> {
+        let until = self.bricks[b].paused_until;
+        if until <= self.now {
+            return None;
+        }
+        Some(if timer { until + self.rng.random_range(0..=500) } else { until })
+    }
+
+    pub(crate) fn brick_receive(&mut self, b: usize, link: LinkId, msg: Msg) {
+        if let Some(at) = self.deferred(b, false) {
+            self.schedule(at, Event::Deliver { link, to: Endpoint::Brick(b), msg });
+            return;
+        }
+        match msg {
+            Msg::Registered { id, map } => {
+                let brick = &mut self.bricks[b];
+                brick.id = Some(BrickId(id));
+                match brick.state {
+                    State::Starting => match map {
+                        Some(map) => self.boot(b, map),
+                        // The authority is still gathering bricks: ask again.
+                        None => self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 }),
+                    },
+                    State::Up => {
+                        // Registered again after a broken session: beat at once.
+                        let epoch = self.bricks[b].map.as_ref().map_or(0, |m| m.epoch);
+                        self.bricks[b].hb_sent = Some(self.now);
+                        self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
+                    }
+                    _ => {}
+                }
+            }
+            Msg::MapReply { map } => match self.bricks[b].state {
+                State::Starting => match map {
+                    Some(map) => self.boot(b, map),
+                    None => self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 }),
+                },
+                State::Up => {
+                    let brick = &mut self.bricks[b];
+                    brick.hb_sent = None;
+                    brick.last_ok = self.now;
+                    if let Some(map) = map {
+                        if brick.map.as_ref().is_none_or(|m| map.epoch > m.epoch) {
+                            brick.map = Some(Arc::new(map));
+                        }
+                    }
+                    if brick.fenced {
+                        brick.fenced = false;
+                        self.note(format!("brick {b}: in touch with the authority again"));
+                    }
+                    self.wake_cores(b);
+                }
+                _ => {}
+            },
+            Msg::SessionEnded => {
+                // `heartbeat_loop`: a refused heartbeat fences the brick and drops the
+                // session; the next beat registers again.
+                let brick = &mut self.bricks[b];
+                brick.hb_sent = None;
+                if brick.state == State::Starting {
+                    // Removed while it waited for the first map: register anew.
+                    let life = brick.life;
+                    self.reregister(b, life);
+                } else if brick.state == State::Up {
+                    brick.fenced = true;
+                    if let Some(link) = brick.session_link.take() {
+                        self.note(format!("brick {b}: the authority ended its session: fenced, registering again"));
+                        self.break_link(link, true);
+                    }
+                }
+            }
+            Msg::Frame(bytes) => {
+                if self.net.opener(link) == Some(Endpoint::Brick(b)) {
+                    // A frame on a link this brick opened: an answer from a peer.
+                    return self.peer_answer(b, link, bytes);
+                }
+                let Some((life, core)) = self.net.target_core(link) else { return };
+                if life != self.bricks[b].life || self.bricks[b].state != State::Up {
+                    return self.break_link(link, true);
+                }
+                let c = &mut self.bricks[b].cores[core];
+                c.inbox.push_back((link, bytes));
+                self.wake_core(b, core);
+            }
+            other => unreachable!("a brick got {other:?}"),
+        }
+    }
+
+    /// Registration answered with a map: recover every core's log, then serve.
+    fn boot(&mut self, b: usize, map: ClusterMap) {
+        let brick = &mut self.bricks[b];
+        let me = brick.id.expect("registered");
+        let map = Arc::new(map);
+        let corrupt_p = self.shape.read_corrupt_p;
+        let mut cores = Vec::new();
+        let mut failure = None;
+        for c in 0..brick.cores_n {
+            if self.rng.random_bool(corrupt_p) {
+                if let Some(at) = brick.disks[c].corrupt(&mut self.rng) {
+                    self.trace.push(format!("{} brick {b} core {c}: byte {at} of the log reads back corrupt", self.now));
+                }
+            }
+            let mut shard = Shard::new(c, brick.cores_n, map.base_bits, me, Arc::clone(&map));
+            let disk = &mut brick.disks[c];
+            match replay_segment(&disk.bytes, 1, 1, &mut shard) {
+                Ok((next_lsn, _, end)) => {
+                    if let ScanEnd::TornTail { offset, .. } = end {
+                        disk.bytes.truncate(offset as usize);
+                        disk.synced = disk.synced.min(disk.bytes.len());
+                    }
+                    let mut fx = Effects::new(next_lsn);
+                    shard.install_map(Arc::clone(&map), &mut fx);
+                    cores.push(SimCore {
+                        shard,
+                        fx,
+                        inbox: VecDeque::new(),
+                        busy: false,
+                        round_due: false,
+                        held: Vec::new(),
+                        sync_pending: false,
+                        asked: HashMap::default(),
+                        next_ask: 1,
+                        peers: HashMap::default(),
+                        last_tick_ms: 0,
+                    });
+                }
+                Err(SegmentError::Corrupt { offset, error }) => {
+                    failure = Some(format!("core {c}: corrupt record at offset {offset}: {error}; refusing to start"));
+                    break;
+                }
+                Err(SegmentError::Gap { found, expected }) => {
+                    failure = Some(format!("core {c}: lsn {found} where {expected} was expected; refusing to start"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failure {
+            self.note(format!("brick {b}: {why}"));
+            self.crash(b, "refused to start", false);
+            self.bricks[b].state = State::Stopped(why);
+            if self.faults_on {
+                let down_ms = self.rng.random_range(100..=2000);
+                self.after(down_ms * MS, Event::Restart { brick: b });
+            }
+            return;
+        }
+        let brick = &mut self.bricks[b];
+        brick.cores = cores;
+        brick.map = Some(map);
+        brick.state = State::Up;
+        brick.last_ok = self.now;
+        let life = brick.life;
+        self.note(format!("brick {b} is up as {me}"));
+        self.after(HEARTBEAT_MS * MS, Event::Heartbeat { brick: b, life });
+        for core in 0..self.bricks[b].cores_n {
+            self.after(TICK_MS * MS, Event::CoreTick { brick: b, life, core });
+        }
+        // A core writes the records its first map made (stale keys of joined partitions).
+        self.wake_cores(b);
+    }
+
+    fn wake_cores(&mut self, b: usize) {
+        for c in 0..self.bricks[b].cores.len() {
+            self.wake_core(b, c);
+        }
+    }
+
+    fn wake_core(&mut self, b: usize, c: usize) {
+        let core = &mut self.bricks[b].cores[c];
+        if !core.busy && !core.round_due {
+            core.round_due = true;
+            let life = self.bricks[b].life;
+            self.after(0, Event::CoreRound { brick: b, life, core: c });
+        }
+    }
+
+    /// A starting brick registers again on a new connection.
+    pub(crate) fn reregister(&mut self, b: usize, life: u64) {
+        let brick = &self.bricks[b];
+        if brick.life != life || brick.state != State::Starting {
+            return;
+        }
+        if let Some(old) = brick.session_link {
+            self.break_link(old, true);
+        }
+        let brick = &self.bricks[b];
+        let id = brick.id.map(|i| i.0);
+        let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
+        let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
+        self.bricks[b].session_link = Some(link);
+        self.send(link, Endpoint::Brick(b), Msg::Register { id, cores });
+    }
+
+    /// A core's loop wakes at least every `TICK_MS`, work or not (its poll timeout).
+    pub(crate) fn core_tick(&mut self, b: usize, life: u64, c: usize) {
+        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+            return;
+        }
+        self.wake_core(b, c);
+        self.after(TICK_MS * MS, Event::CoreTick { brick: b, life, core: c });
+    }
+
+    /// The control thread's beat (`control::heartbeat_loop`).
+    pub(crate) fn heartbeat(&mut self, b: usize, life: u64) {
+        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+            return;
+        }
+        if let Some(at) = self.deferred(b, true) {
+            return self.schedule(at, Event::Heartbeat { brick: b, life });
+        }
+        let lease = LEASE_MS * MS;
+        let brick = &mut self.bricks[b];
+        if brick.hb_sent.is_some_and(|sent| self.now - sent >= lease) {
+            // The call timed out: fence before dropping the session (the authority takes
+            // a closed session for a dead brick).
+            brick.hb_sent = None;
+            brick.fenced = true;
+            if let Some(link) = brick.session_link.take() {
+                self.note(format!("brick {b}: heartbeat timed out; fenced, session dropped"));
+                self.break_link(link, true);
+            }
+        }
+        let brick = &mut self.bricks[b];
+        if brick.hb_sent.is_none() {
+            match brick.session_link {
+                Some(link) => {
+                    let epoch = brick.map.as_ref().map_or(0, |m| m.epoch);
+                    brick.hb_sent = Some(self.now);
+                    self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
+                }
+                None => {
+                    // Reconnect and register again with the same id.
+                    let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
+                    let id = brick.id.map(|i| i.0);
+                    brick.hb_sent = Some(self.now);
+                    let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
+                    self.bricks[b].session_link = Some(link);
+                    self.send(link, Endpoint::Brick(b), Msg::Register { id, cores });
+                }
+            }
+        }
+        let brick = &mut self.bricks[b];
+        if self.now - brick.last_ok > lease && !brick.fenced {
+            brick.fenced = true;
+            self.note(format!("brick {b}: no word from the authority for {LEASE_MS} ms: fenced"));
+        }
+        self.after(HEARTBEAT_MS * MS, Event::Heartbeat { brick: b, life });
+    }
+
+    pub(crate) fn brick_link_down(&mut self, b: usize, link: LinkId) {
+        if let Some(at) = self.deferred(b, false) {
+            return self.schedule(at, Event::LinkDown { link, to: Endpoint::Brick(b) });
+        }
+        let brick = &mut self.bricks[b];
+        if brick.session_link == Some(link) && brick.state == State::Starting {
+            // `control::register` retries every 100 ms until it is answered.
+            let life = brick.life;
+            brick.session_link = None;
+            self.after(100 * MS, Event::Reregister { brick: b, life });
+            return;
+        }
+        if brick.session_link == Some(link) {
+            brick.session_link = None;
+            brick.hb_sent = None;
+            if brick.state == State::Up && !brick.fenced {
+                brick.fenced = true;
+                self.note(format!("brick {b}: lost its session: fenced"));
+            }
+            return;
+        }
+        for core in &mut brick.cores {
+            core.asked.retain(|_, q| q.3 != link);
+            core.peers.retain(|_, l| *l != link);
+        }
+    }
+
+    /// One round of a core's loop (`core_loop::run`).
+    pub(crate) fn core_round(&mut self, b: usize, life: u64, c: usize) {
+        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+            return;
+        }
+        if let Some(at) = self.deferred(b, true) {
+            return self.schedule(at, Event::CoreRound { brick: b, life, core: c });
+        }
+        let now_ms = self.now_ms();
+        let brick = &mut self.bricks[b];
+        let fenced = brick.fenced;
+        let map = brick.map.clone().expect("an up brick has a map");
+        let info = BrickInfo { partition_bits: map.base_bits, core: c as u16, ports: Vec::new() };
+        let core = &mut brick.cores[c];
+        core.round_due = false;
+        core.shard.fenced = fenced;
+        if map.epoch > core.shard.epoch() {
+            core.shard.install_map(Arc::clone(&map), &mut core.fx);
+        }
+        let mut out = Vec::new();
+        let mut bad_links = Vec::new();
+        // Debugging aid: DDS_SIM_WATCH=<key> prints every request on that key.
+        let watch = std::env::var("DDS_SIM_WATCH").ok();
+        let map_id = brick.id.map(|i| i.0).unwrap_or(u32::MAX);
+        for _ in 0..FRAMES_PER_ROUND_MAX {
+            let Some((link, bytes)) = core.inbox.pop_front() else { break };
+            let frame = match decode_exact(&bytes) {
+                Ok(f) => f,
+                Err(_) => {
+                    bad_links.push(link);
+                    continue;
+                }
+            };
+            match frame.kind {
+                Kind::Request(op) => {
+                    out.clear();
+                    core.shard.execute(conn_of(link), &frame, &info, &mut out, &mut core.fx);
+                    if watch.as_deref().is_some_and(|w| w.as_bytes() == frame.key) {
+                        let reply = decode_exact(&out).ok().map(|r| (r.kind, String::from_utf8_lossy(r.value).into_owned()));
+                        eprintln!("[{:>9.3} ms] watch: brick {b} ({}) core {c} epoch {}: {op:?} epoch {} value {:?} -> {reply:?}", now_ms as f64, map_id, core.shard.epoch(), frame.epoch, String::from_utf8_lossy(frame.value));
+                    }
+                    if !out.is_empty() {
+                        core.held.push((link, out.clone()));
+                    }
+                }
+                Kind::Reply(..) => bad_links.push(link),
+            }
+        }
+        if now_ms >= core.last_tick_ms + TICK_MS {
+            core.last_tick_ms = now_ms;
+            core.shard.tick(now_ms, &mut core.fx);
+        }
+        let queries = std::mem::take(&mut core.fx.queries);
+        let behind = std::mem::take(&mut core.fx.behind);
+        for (conn, bytes) in std::mem::take(&mut core.fx.deferred) {
+            core.held.push((link_of(conn), bytes));
+        }
+        let batch = std::mem::take(&mut core.fx.batch);
+        let must_sync = std::mem::take(&mut core.fx.must_sync);
+        let more = !core.inbox.is_empty();
+        for link in bad_links {
+            self.break_link(link, true);
+        }
+        self.ask_peers(b, c, &map, queries);
+        if behind && self.bricks[b].hb_sent.is_none() {
+            // A request from a newer epoch: ask the authority now.
+            if let Some(link) = self.bricks[b].session_link {
+                self.bricks[b].hb_sent = Some(self.now);
+                let epoch = map.epoch;
+                self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
+            }
+        }
+        if batch.is_empty() {
+            self.release(b, c);
+            if more {
+                self.wake_core(b, c);
+            }
+            return;
+        }
+        // Group commit: one write, and one sync if a record must be durable first.
+        if self.rng.random_bool(self.shape.disk_full_p) {
+            return self.stop_brick(b, format!("core {c}: log write failed: no space left on device; brick stopped"));
+        }
+        let (write_us, sync_us) = (self.shape.write_us, self.shape.sync_us);
+        self.bricks[b].disks[c].write(&batch);
+        let core_busy_us = write_us + if must_sync { sync_us } else { 0 };
+        let core = &mut self.bricks[b].cores[c];
+        core.busy = true;
+        core.sync_pending = must_sync;
+        self.after(core_busy_us, Event::DiskDone { brick: b, life, core: c });
+    }
+
+    /// The round's log write (and sync) completed: its replies may leave.
+    pub(crate) fn disk_done(&mut self, b: usize, life: u64, c: usize) {
+        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+            return;
+        }
+        if let Some(at) = self.deferred(b, true) {
+            return self.schedule(at, Event::DiskDone { brick: b, life, core: c });
+        }
+        if self.bricks[b].cores[c].sync_pending {
+            if self.rng.random_bool(self.shape.sync_error_p) {
+                return self.stop_brick(b, format!("core {c}: fdatasync failed (EIO); brick stopped, never retried"));
+            }
+            self.bricks[b].disks[c].sync();
+        }
+        let core = &mut self.bricks[b].cores[c];
+        core.busy = false;
+        core.sync_pending = false;
+        self.release(b, c);
+        if !self.bricks[b].cores[c].inbox.is_empty() {
+            self.wake_core(b, c);
+        }
+    }
+
+    fn release(&mut self, b: usize, c: usize) {
+        let held = std::mem::take(&mut self.bricks[b].cores[c].held);
+        for (link, bytes) in held {
+            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+        }
+    }
+
+    /// Sends in-doubt questions to the peer cores that store their keys
+    /// (`core_loop::ask_peers`).
+    fn ask_peers(&mut self, b: usize, c: usize, map: &ClusterMap, queries: Vec<crate::brick::Query>) {
+        for q in queries {
+            let Some(addr) = map.bricks.get(&q.brick) else { continue };
+            if addr.cores.is_empty() {
+                continue;
+            }
+            let peer_core = map.core_of(key_hash(&q.key), addr.cores.len());
+            let at = addr.cores[peer_core];
+            let existing = self.bricks[b].cores[c].peers.get(&(q.brick, peer_core)).copied().filter(|l| self.net.alive(*l));
+            let link = match existing {
+                Some(l) => l,
+                None => match self.connect(Endpoint::Brick(b), at) {
+                    Some(l) => {
+                        self.bricks[b].cores[c].peers.insert((q.brick, peer_core), l);
+                        l
+                    }
+                    None => continue,
+                },
+            };
+            let core = &mut self.bricks[b].cores[c];
+            let id = core.next_ask;
+            core.next_ask += 1;
+            let mut bytes = Vec::new();
+            encode(&mut bytes, &Frame { kind: Kind::Request(Op::Resolve), request_id: id, epoch: map.epoch, key: &q.key, value: &q.txid.to_bytes() });
+            core.asked.insert(id, (q.key, q.txid, q.brick, link));
+            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+        }
+    }
+
+    /// A peer's answer to an in-doubt question.
+    fn peer_answer(&mut self, b: usize, link: LinkId, bytes: Vec<u8>) {
+        if self.bricks[b].state != State::Up {
+            return;
+        }
+        let Ok(frame) = decode_exact(&bytes) else { return self.break_link(link, true) };
+        let Kind::Reply(Op::Resolve, status) = frame.kind else { return self.break_link(link, true) };
+        for c in 0..self.bricks[b].cores.len() {
+            let core = &mut self.bricks[b].cores[c];
+            if core.asked.get(&frame.request_id).is_some_and(|q| q.3 == link) {
+                let (key, txid, from, _) = core.asked.remove(&frame.request_id).expect("present");
+                if let (Status::Ok, Some(state)) = (status, frame.value.first().and_then(|&v| TxState::from_u8(v))) {
+                    core.shard.on_answer(&key, txid, from, state, &mut core.fx);
+                    self.wake_core(b, c);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Opens a link from `from` to the brick core listening at `at`, if one listens
+    /// (else the connection is refused: `None`).
+    pub(crate) fn connect(&mut self, from: Endpoint, at: std::net::SocketAddr) -> Option<LinkId> {
+        let (b, life, c) = super::addr_core(at)?;
+        let brick = self.bricks.get(b)?;
+        if brick.life % 1000 != life || brick.state != State::Up || c >= brick.cores_n {
+            return None;
+        }
+        let life = brick.life;
+        Some(self.open_link(from, Endpoint::Brick(b), Some((life, c))))
+    }
+}
+
+/// The copy driver (`meta::copy_driver`): each join in turn, chunk by chunk from a
+/// readable replica to the joining brick, then `Authority::copied` for those done.
+pub(crate) struct CopyJob {
+    joins: Joins,
+    epoch: u64,
+    at: usize,
+    cursor: u32,
+    done: Joins,
+    /// The request on the wire: its link and whether it is the install.
+    waiting: Option<(LinkId, bool, Micros)>,
+    /// The chunk read from the source, to install next.
+    chunk: Option<Vec<u8>>,
+    deadline: Micros,
+    next_id: u64,
+}
+
+/// A copy that has not finished in this long gives up (`meta::COPY_DEADLINE`).
+const COPY_DEADLINE_MS: u64 = 120_000;
+/// A copy request unanswered this long is lost (`meta::COPY_RPC_TIMEOUT`).
+const COPY_RPC_TIMEOUT_MS: u64 = 5_000;
+
+impl CopyJob {
+    pub fn new(joins: Joins, epoch: u64, now: Micros) -> CopyJob {
+        CopyJob { joins, epoch, at: 0, cursor: 0, done: Vec::new(), waiting: None, chunk: None, deadline: now + COPY_DEADLINE_MS * MS, next_id: 1 }
+    }
+}
+
+impl World {
+    fn copy_retry(&mut self, delay_ms: u64, restart: bool) {
+        if let Some(job) = &mut self.copy {
+            job.waiting = None;
+            if restart {
+                job.cursor = 0;
+                job.chunk = None;
+            }
+        }
+        self.after(delay_ms * MS, Event::CopyStep);
+    }
+
+    /// The current join failed: go on with the next.
+    fn copy_skip(&mut self, why: String) {
+        self.note(format!("copy: {why}"));
+        if let Some(job) = &mut self.copy {
+            job.at += 1;
+            job.cursor = 0;
+            job.chunk = None;
+            job.waiting = None;
+        }
+        self.after(0, Event::CopyStep);
+    }
+
+    pub(crate) fn copy_step(&mut self) {
+        let Some(job) = &self.copy else { return };
+        if let Some((link, _, sent)) = job.waiting {
+            if self.now >= sent + COPY_RPC_TIMEOUT_MS * MS {
+                // The call timed out, as `Rpc::call` does: the link is as good as lost.
+                self.break_link(link, false);
+                self.copy_link_down(link);
+            }
+            return;
+        }
+        if job.at >= job.joins.len() {
+            let job = self.copy.take().expect("present");
+            self.note(format!("copy: {}/{} partition(s) copied", job.done.len(), job.joins.len()));
+            let actions = if job.done.is_empty() {
+                self.authority.copy_failed();
+                Default::default()
+            } else {
+                self.authority.copied(&job.done)
+            };
+            return self.apply(actions);
+        }
+        if self.now > job.deadline {
+            return self.copy_skip("deadline passed".into());
+        }
+        let (p, target) = job.joins[job.at];
+        let (epoch, cursor) = (job.epoch, job.cursor);
+        let Some(map) = self.authority.map().cloned() else { return };
+        if !map.is_joining(p, target) {
+            return self.copy_skip(format!("{target} is no longer joining {p}"));
+        }
+        let hash = p.prefix() as u64;
+        let addr_of = |bk: BrickId| map.bricks.get(&bk).map(|a| a.cores[map.core_of(hash, a.cores.len())]);
+        let (kind_install, to, op, value) = match self.copy.as_ref().and_then(|j| j.chunk.clone()) {
+            Some(chunk) => (true, addr_of(target), Op::Install, chunk),
+            None => {
+                let Some(source) = map.readable(p).next() else { return self.copy_skip("no readable replica".into()) };
+                let mut req = Vec::with_capacity(8);
+                req.extend_from_slice(&p.0.to_le_bytes());
+                req.extend_from_slice(&cursor.to_le_bytes());
+                (false, addr_of(source), Op::SnapshotChunk, req)
+            }
+        };
+        let Some(link) = to.and_then(|a| self.connect(Endpoint::Authority, a)) else {
+            if kind_install {
+                return self.copy_skip(format!("{target} cannot be reached"));
+            }
+            return self.copy_retry(50, true);
+        };
+        let job = self.copy.as_mut().expect("present");
+        let id = job.next_id;
+        job.next_id += 1;
+        job.waiting = Some((link, kind_install, self.now));
+        let mut bytes = Vec::new();
+        encode(&mut bytes, &Frame { kind: Kind::Request(op), request_id: id, epoch, key: &[], value: &value });
+        self.send(link, Endpoint::Authority, Msg::Frame(bytes));
+        self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep);
+    }
+
+    pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
+        let Some(job) = &self.copy else { return };
+        let Some((_, install, _)) = job.waiting.filter(|(l, _, _)| *l == link) else { return };
+        let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50, true) };
+        let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50, true) };
+        self.break_link(link, false);
+        if install {
+            match status {
+                Status::Ok => {
+                    let job = self.copy.as_mut().expect("present");
+                    let chunk = Chunk::decode(job.chunk.as_deref().expect("installing")).expect("the source's chunk decoded before");
+                    let (next, finished) = (chunk.cursor, chunk.done);
+                    job.chunk = None;
+                    job.waiting = None;
+                    if finished {
+                        let join = job.joins[job.at];
+                        job.done.push(join);
+                        job.at += 1;
+                        job.cursor = 0;
+                    } else {
+                        job.cursor = next;
+                    }
+                    self.after(0, Event::CopyStep);
+                }
+                Status::Behind => {
+                    if let Some(job) = &mut self.copy {
+                        job.waiting = None;
+                    }
+                    self.after(2 * MS, Event::CopyStep);
+                }
+                other => self.copy_skip(format!("the target refused the copy: {other:?}: {}", String::from_utf8_lossy(frame.value))),
+            }
+            return;
+        }
+        match status {
+            Status::Ok => match Chunk::decode(frame.value) {
+                Ok(_) => {
+                    let job = self.copy.as_mut().expect("present");
+                    job.chunk = Some(frame.value.to_vec());
+                    job.waiting = None;
+                    self.after(0, Event::CopyStep);
+                }
+                Err(e) => self.copy_skip(format!("bad chunk: {e}")),
+            },
+            Status::Behind | Status::Unavailable => {
+                if let Some(job) = &mut self.copy {
+                    job.waiting = None;
+                }
+                self.after(2 * MS, Event::CopyStep);
+            }
+            _ => self.copy_retry(50, true),
+        }
+    }
+
+    pub(crate) fn copy_link_down(&mut self, link: LinkId) {
+        if self.copy.as_ref().and_then(|j| j.waiting).is_some_and(|(l, _, _)| l == link) {
+            let install = self.copy.as_ref().and_then(|j| j.waiting).is_some_and(|(_, i, _)| i);
+            if install {
+                let target = self.copy.as_ref().map(|j| j.joins[j.at].1);
+                return self.copy_skip(format!("{target:?}: link lost during install"));
+            }
+            self.copy_retry(50, true);
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Simulated clients: the real `ClientCore` on simulated links, running a bounded
+//! random workload (puts of unique values, gets, removes on a few keys) and recording
+//! what each operation returned, with its invocation and completion times, for the
+//! linearizability checker. After the faults stop and the cluster settles, client 0
+//! reads every key once more.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::check::{Event as Seen, Operation};
+use crate::client::{ClientConfig, ClientCore, ClientError, Completion, Outcome, Request};
+use crate::hash::HashMap;
+
+use super::net::{Endpoint, LinkId, Msg};
+use super::{Event, Micros, World, MS};
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Get,
+    Put(Vec<u8>),
+    Remove,
+}
+
+pub(crate) struct SimClient {
+    pub id: usize,
+    pub core: ClientCore,
+    started: bool,
+    links: HashMap<SocketAddr, LinkId>,
+    /// Addresses by link, to name a link that broke.
+    addrs: HashMap<LinkId, SocketAddr>,
+    authority: LinkId,
+    issued: usize,
+    open: HashMap<u64, (Kind, Vec<u8>, Micros)>,
+    pub history: Vec<Operation>,
+    /// Keys still to read in the final pass (client 0 only).
+    finals: Vec<Vec<u8>>,
+    final_phase: bool,
+    wake_at: Option<Micros>,
+    map_asked: Option<Micros>,
+    /// Think time: the next operation starts no earlier than this.
+    next_issue: Micros,
+}
+
+impl SimClient {
+    pub fn idle(&self) -> bool {
+        self.open.is_empty() && self.core.in_flight() == 0
+    }
+
+    pub fn finished_final(&self) -> bool {
+        self.final_phase && self.finals.is_empty() && self.open.is_empty()
+    }
+}
+
+pub(crate) fn key_name(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+impl World {
+    pub(crate) fn add_client(&mut self, c: usize) {
+        let link = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
+        let config = ClientConfig { op_timeout: Duration::from_secs(10), connect_timeout: Duration::from_millis(100), suspect_after: Duration::from_millis(300) };
+        let id = self.next_client_id;
+        self.next_client_id += 1;
+        // The client starts from a placeholder map of epoch 0 that its first fetch
+        // replaces, as `Client::connect` starts from the map a seed gives.
+        let bricks = std::iter::once((crate::map::BrickId(u32::MAX), crate::map::BrickAddr { cores: vec![] })).collect();
+        let mut placeholder = crate::map::ClusterMap::initial(self.shape.base_bits, bricks, 1).expect("a one-brick map");
+        placeholder.epoch = 0;
+        let core = ClientCore::new(placeholder, config, id, self.instant());
+        self.clients.push(SimClient {
+            id: c,
+            core,
+            started: false,
+            links: HashMap::default(),
+            addrs: HashMap::default(),
+            authority: link,
+            issued: 0,
+            open: HashMap::default(),
+            history: Vec::new(),
+            finals: Vec::new(),
+            final_phase: false,
+            wake_at: None,
+            map_asked: None,
+            next_issue: 0,
+        });
+        self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
+    }
+
+    pub(crate) fn client_receive(&mut self, c: usize, link: LinkId, msg: Msg) {
+        match msg {
+            Msg::MapReply { map } => {
+                self.clients[c].map_asked = None;
+                match map {
+                    Some(map) => {
+                        let client = &mut self.clients[c];
+                        if client.started {
+                            client.core.install_fetched(map);
+                        } else {
+                            client.core.install(map);
+                            client.started = true;
+                        }
+                    }
+                    None if !self.clients[c].started => {
+                        // The cluster is still gathering its bricks: ask again soon.
+                        self.clients[c].map_asked = Some(self.now);
+                        self.schedule(self.now + 50 * MS, Event::ClientWake { client: c });
+                        return;
+                    }
+                    None => {}
+                }
+                self.client_wake(c);
+            }
+            Msg::Frame(bytes) => {
+                let Some(&from) = self.clients[c].addrs.get(&link) else { return };
+                let now = self.instant();
+                let client = &mut self.clients[c];
+                client.core.set_now(now);
+                if let Err(why) = client.core.on_frame(from, &bytes) {
+                    self.fail(format!("client {c}: a brick sent a bad reply: {why}"));
+                    return;
+                }
+                self.client_wake(c);
+            }
+            other => unreachable!("a client got {other:?}"),
+        }
+    }
+
+    pub(crate) fn client_link_down(&mut self, c: usize, link: LinkId) {
+        let now = self.instant();
+        let client = &mut self.clients[c];
+        if let Some(addr) = client.addrs.remove(&link) {
+            client.links.remove(&addr);
+            client.core.set_now(now);
+            client.core.link_lost(addr);
+            self.client_wake(c);
+        }
+    }
+
+    /// Runs the client's core, issues more operations, sends what it queued.
+    pub(crate) fn client_wake(&mut self, c: usize) {
+        if self.clients[c].wake_at.is_some_and(|t| t == self.now) {
+            self.clients[c].wake_at = None;
+        }
+        if !self.clients[c].started {
+            if self.clients[c].map_asked.is_none_or(|t| self.now >= t + 50 * MS) {
+                if !self.net.alive(self.clients[c].authority) {
+                    self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
+                }
+                let link = self.clients[c].authority;
+                self.clients[c].map_asked = Some(self.now);
+                self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
+            }
+            return;
+        }
+        let now = self.instant();
+        self.clients[c].core.set_now(now);
+        self.clients[c].core.process();
+        self.issue(c);
+        let mut done = Vec::new();
+        self.clients[c].core.take_completions(&mut done);
+        for completion in done {
+            self.record(c, completion);
+        }
+        self.issue(c);
+        self.client_io(c);
+        // Wake again for the core's timers while operations are open.
+        if self.clients[c].core.in_flight() > 0 {
+            let delay = self.clients[c].core.next_timer().as_micros() as Micros;
+            let at = self.now + delay.max(MS);
+            if self.clients[c].wake_at.is_none_or(|t| t > at || t <= self.now) {
+                self.clients[c].wake_at = Some(at);
+                self.schedule(at, Event::ClientWake { client: c });
+            }
+        }
+    }
+
+    /// Sends the core's frames over links (connecting on first use) and asks the
+    /// authority for a map when the core wants one.
+    fn client_io(&mut self, c: usize) {
+        if self.clients[c].core.take_map_wanted() {
+            let epoch = self.clients[c].core.map().epoch;
+            // `meta::fetch_map` opens a connection per fetch: a broken one is replaced.
+            if !self.net.alive(self.clients[c].authority) {
+                self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
+            }
+            let link = self.clients[c].authority;
+            self.send(link, Endpoint::Client(c), Msg::GetMap { epoch });
+        }
+        let mut queued: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        self.clients[c].core.drain_out(|at, frame| {
+            queued.push((at, frame.to_vec()));
+            true
+        });
+        let mut refused: Vec<SocketAddr> = Vec::new();
+        for (at, frame) in queued {
+            if refused.contains(&at) {
+                continue;
+            }
+            let existing = self.clients[c].links.get(&at).copied().filter(|l| self.net.alive(*l));
+            let link = match existing {
+                Some(l) => l,
+                None => match self.connect(Endpoint::Client(c), at) {
+                    Some(l) => {
+                        let client = &mut self.clients[c];
+                        client.links.insert(at, l);
+                        client.addrs.insert(l, at);
+                        l
+                    }
+                    None => {
+                        refused.push(at);
+                        continue;
+                    }
+                },
+            };
+            self.send(link, Endpoint::Client(c), Msg::Frame(frame));
+        }
+        if !refused.is_empty() {
+            // Connection refused: the messages are lost, as a failed connect reports.
+            let now = self.instant();
+            let client = &mut self.clients[c];
+            client.core.set_now(now);
+            for at in refused {
+                client.core.link_lost(at);
+            }
+            let at = self.now + MS;
+            if self.clients[c].wake_at.is_none_or(|t| t > at || t <= self.now) {
+                self.clients[c].wake_at = Some(at);
+                self.schedule(at, Event::ClientWake { client: c });
+            }
+        }
+    }
+
+    /// Starts operations while the workload has some left and the depth allows.
+    fn issue(&mut self, c: usize) {
+        let keys = self.shape.keys;
+        loop {
+            let client = &self.clients[c];
+            let (kind, key) = if client.final_phase {
+                if !client.open.is_empty() {
+                    return;
+                }
+                let Some(key) = self.clients[c].finals.pop() else { return };
+                (Kind::Get, key)
+            } else {
+                if client.issued >= self.shape.ops_per_client || client.open.len() >= self.shape.depth || !self.faults_on_or_settling() {
+                    return;
+                }
+                if self.now < client.next_issue {
+                    let at = client.next_issue;
+                    if self.clients[c].wake_at.is_none_or(|t| t > at || t <= self.now) {
+                        self.clients[c].wake_at = Some(at);
+                        self.schedule(at, Event::ClientWake { client: c });
+                    }
+                    return;
+                }
+                let key = key_name(self.rng.random_range(0..keys));
+                let roll: f64 = self.rng.random();
+                let kind = if roll < 0.45 {
+                    Kind::Put(format!("c{c}-{}", client.issued).into_bytes())
+                } else if roll < 0.85 {
+                    Kind::Get
+                } else {
+                    Kind::Remove
+                };
+                (kind, key)
+            };
+            let request = match &kind {
+                Kind::Get => Request::Get(&key),
+                Kind::Put(v) => Request::Put(&key, v),
+                Kind::Remove => Request::Remove(&key),
+            };
+            // Spread the workload over the time faults are injected.
+            let think_mean_us = super::FAULTS_FOR_MS * MS * self.shape.depth as u64 / self.shape.ops_per_client as u64;
+            let think = self.rng.random_range(0..=think_mean_us * 2);
+            let client = &mut self.clients[c];
+            let token = client.core.submit(request).expect("keys and values are small");
+            client.next_issue = self.now + think;
+            client.issued += 1;
+            client.open.insert(token, (kind, key, self.now));
+        }
+    }
+
+    /// The workload runs while faults are injected; once they stop, operations still
+    /// open finish but no new ones start until the final reads.
+    fn faults_on_or_settling(&self) -> bool {
+        self.faults_on
+    }
+
+    fn record(&mut self, c: usize, completion: Completion) {
+        let client = &mut self.clients[c];
+        let Some((kind, key, invoke)) = client.open.remove(&completion.token) else { return };
+        let seen = match (&kind, completion.result) {
+            (Kind::Get, Ok(Outcome::Value(v))) => Some(Seen::Read(Some(v))),
+            (Kind::Get, Ok(Outcome::NotFound)) => Some(Seen::Read(None)),
+            (Kind::Get, Err(e)) => {
+                if client.final_phase {
+                    // A final read must succeed on a quiet cluster.
+                    let why = format!("client {c}: final read of {} failed: {e}", String::from_utf8_lossy(&key));
+                    self.fail(why);
+                }
+                None
+            }
+            (Kind::Put(v), Ok(_)) => Some(Seen::Write(Some(v.clone()))),
+            (Kind::Remove, Ok(_)) => Some(Seen::Write(None)),
+            (Kind::Put(v), Err(ClientError::Unknown { .. })) => Some(Seen::MaybeWrite(Some(v.clone()))),
+            (Kind::Remove, Err(ClientError::Unknown { .. })) => Some(Seen::MaybeWrite(None)),
+            // Any other error says the write did not happen; the checker holds it to that.
+            (Kind::Put(_) | Kind::Remove, Err(_)) => None,
+            (_, Ok(other)) => unreachable!("{kind:?} answered {other:?}"),
+        };
+        if let Some(event) = seen {
+            let complete = self.now;
+            self.clients[c].history.push(Operation { key, event, invoke, complete });
+        }
+    }
+
+    /// The cluster is quiet: client 0 reads every key.
+    pub(crate) fn final_reads(&mut self) {
+        for (i, client) in self.clients.iter_mut().enumerate() {
+            client.final_phase = true;
+            if i == 0 {
+                client.finals = (0..self.shape.keys).rev().map(key_name).collect();
+            }
+        }
+        self.client_wake(0);
+    }
+}

@@ -1,0 +1,67 @@
+//! The simulated disk under one brick core's log: what was written, and how much of it
+//! is durable. A process crash keeps everything written (the kernel has it); a power
+//! loss keeps the synced bytes and, of the rest, a prefix in whole 512-byte sectors, the
+//! sector after it possibly torn (part new bytes, part garbage). Faults drawn per run:
+//! a sync that fails, a write that finds the disk full, a byte read back wrong.
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+
+pub const SECTOR_BYTES: usize = 512;
+
+#[derive(Default)]
+pub(crate) struct SimDisk {
+    /// The log file as the brick wrote it.
+    pub bytes: Vec<u8>,
+    /// How much of it is durable (synced).
+    pub synced: usize,
+}
+
+impl SimDisk {
+    pub fn write(&mut self, batch: &[u8]) {
+        self.bytes.extend_from_slice(batch);
+    }
+
+    pub fn sync(&mut self) {
+        self.synced = self.bytes.len();
+    }
+
+    /// Power is lost: un-synced bytes survive only as a prefix of whole sectors, and
+    /// the sector after that prefix may be torn.
+    pub fn lose_power(&mut self, rng: &mut SmallRng) -> usize {
+        let unsynced = self.bytes.len() - self.synced;
+        if unsynced == 0 {
+            return 0;
+        }
+        let first_sector = self.synced / SECTOR_BYTES;
+        let last_sector = self.bytes.len().div_ceil(SECTOR_BYTES);
+        let kept_sectors = rng.random_range(first_sector..=last_sector);
+        let keep = (kept_sectors * SECTOR_BYTES).clamp(self.synced, self.bytes.len());
+        let lost = self.bytes.len() - keep;
+        if lost > 0 && rng.random_bool(0.5) {
+            // A torn sector: some of its new bytes made it, the rest is garbage.
+            let torn_end = (keep + SECTOR_BYTES).min(self.bytes.len());
+            let cut = rng.random_range(keep..=torn_end);
+            for byte in &mut self.bytes[cut..torn_end] {
+                *byte = rng.random();
+            }
+            self.bytes.truncate(torn_end);
+        } else {
+            self.bytes.truncate(keep);
+        }
+        self.synced = self.synced.min(self.bytes.len());
+        lost
+    }
+
+    /// A byte in the first half of the log reads back wrong from now on; returns its
+    /// offset (the brick must refuse to start, or drop it as a torn tail if nothing
+    /// valid follows it).
+    pub fn corrupt(&mut self, rng: &mut SmallRng) -> Option<usize> {
+        if self.bytes.len() < 64 {
+            return None;
+        }
+        let at = rng.random_range(0..self.bytes.len() / 2);
+        self.bytes[at] ^= 1 << rng.random_range(0..8);
+        Some(at)
+    }
+}

@@ -1,0 +1,539 @@
+//! The deterministic simulator: a whole cluster (the map authority, bricks, clients) in
+//! one thread, with a simulated network, disk and clock, all drawn from one seed. It
+//! drives the same protocol code the `dds` binary runs: `Shard` (the brick's storage
+//! and 2PC participant), `Authority` (maps, failures, recovery plans), `ClientCore`
+//! (routing and the 2PC coordinator), the log record codec and replay. What it models
+//! around them (the core loop's rounds and group commit, the heartbeat lease, the copy
+//! driver) follows the real loops step by step; ARCHITECTURE.md lists the differences.
+//!
+//! A run: start the cluster, run the clients' workload while faults are injected, then
+//! stop the faults, restart every brick, wait until the cluster is quiet (full strength,
+//! nothing copying, nothing prepared), read every key, and check:
+//! - every key's history is linearizable (`crate::check`);
+//! - every live replica of a partition holds the same entries, and they are what the
+//!   final reads returned (so every acknowledged write that the history says survived
+//!   is on every replica);
+//! - the maps the authority published only grow in epoch, pass their invariants, and
+//!   leave no partition without a readable replica on a live brick at the end.
+//!
+//! The same seed gives the same run: everything random comes from one `SmallRng`, time
+//! is simulated, events at one instant run in insertion order, and protocol hash maps
+//! use fixed keys in this build (`crate::hash`). `Report::digest` proves it.
+
+mod brick;
+mod checks;
+mod client;
+mod disk;
+mod net;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::map::{BrickId, ClusterMap};
+use crate::meta::authority::{Actions, Authority, AuthorityConfig, Join};
+use crate::mutation::Mutation;
+
+use brick::SimBrick;
+use client::SimClient;
+use net::{Endpoint, LinkId, Msg, Net};
+
+/// Simulated time in microseconds since the start of the run.
+pub type Micros = u64;
+
+pub const MS: Micros = 1000;
+
+/// How a run is set up besides its seed.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Allow network partitions (beyond the design's assumptions: see ARCHITECTURE.md).
+    pub partitions: bool,
+    /// A planted protocol bug the checkers must catch.
+    pub mutation: Option<Mutation>,
+    /// Print every fault and map change as it happens.
+    pub trace: bool,
+}
+
+/// What one seed did.
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    /// Client operations recorded in the history (final reads included).
+    pub ops: usize,
+    pub events: u64,
+    /// A hash of the histories, the maps and the final contents: equal for equal runs.
+    pub digest: u64,
+    /// One line on the cluster and the faults drawn for this seed.
+    pub shape: String,
+    /// Why the run failed a check, if it did.
+    pub failure: Option<String>,
+}
+
+/// The cluster's shape and fault rates, drawn per seed (swarm testing: each seed turns
+/// some faults off and others up, so rare combinations get tried).
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub bricks: usize,
+    pub replicas: usize,
+    pub cores: usize,
+    pub base_bits: u8,
+    pub clients: usize,
+    pub ops_per_client: usize,
+    pub depth: usize,
+    pub keys: usize,
+    /// Network: one-way delay and jitter, and the chance a message resets its link.
+    pub delay_us: Micros,
+    pub jitter_us: Micros,
+    pub reset_p: f64,
+    /// Mean time between node faults (crash, pause, restart); 0: none.
+    pub fault_every_ms: u64,
+    pub pause_max_ms: u64,
+    /// A crash is a power loss (un-synced writes lost, the tail torn) with this chance;
+    /// otherwise a process crash (the kernel keeps what was written).
+    pub power_loss_p: f64,
+    /// Disk: latency of a write and of a sync, and the chance each fails.
+    pub write_us: Micros,
+    pub sync_us: Micros,
+    pub sync_error_p: f64,
+    pub disk_full_p: f64,
+    /// Chance that a restart reads a corrupt byte in the middle of the log.
+    pub read_corrupt_p: f64,
+    /// Chance of a network partition per fault (only with `Options::partitions`).
+    pub partition_p: f64,
+}
+
+impl Shape {
+    fn draw(rng: &mut SmallRng, options: &Options) -> Shape {
+        let bricks = rng.random_range(2..=4);
+        let replicas = if rng.random_bool(0.25) { 1 } else { rng.random_range(2..=bricks.min(3)) };
+        let pick = |rng: &mut SmallRng, choices: &[f64]| choices[rng.random_range(0..choices.len())];
+        Shape {
+            bricks,
+            replicas,
+            cores: rng.random_range(1..=2),
+            base_bits: rng.random_range(2..=4),
+            clients: rng.random_range(2..=4),
+            ops_per_client: rng.random_range(20..=60),
+            depth: rng.random_range(1..=3),
+            keys: rng.random_range(3..=8),
+            delay_us: rng.random_range(20..=300),
+            jitter_us: pick(rng, &[0.0, 100.0, 2000.0]) as Micros,
+            reset_p: pick(rng, &[0.0, 0.001, 0.01]),
+            fault_every_ms: pick(rng, &[0.0, 300.0, 1000.0]) as u64,
+            pause_max_ms: pick(rng, &[100.0, 800.0, 3000.0]) as u64,
+            power_loss_p: pick(rng, &[0.0, 0.5, 1.0]),
+            write_us: rng.random_range(5..=100),
+            sync_us: pick(rng, &[20.0, 200.0, 2000.0]) as Micros,
+            sync_error_p: pick(rng, &[0.0, 0.0, 0.002]),
+            disk_full_p: pick(rng, &[0.0, 0.0, 0.001]),
+            // A corrupt log stops its brick for good; with one replica that loses the
+            // partitions it held (documented), so only replicated runs draw it.
+            read_corrupt_p: if replicas > 1 { pick(rng, &[0.0, 0.2]) } else { 0.0 },
+            partition_p: if options.partitions { 0.3 } else { 0.0 },
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, power loss {}); disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}",
+            self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
+            self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.power_loss_p,
+            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.partition_p
+        )
+    }
+}
+
+/// Something due at a time.
+#[derive(Debug)]
+enum Event {
+    /// A message arrives at the end of its link.
+    Deliver { link: LinkId, to: Endpoint, msg: Msg },
+    /// A link broke: tell this end.
+    LinkDown { link: LinkId, to: Endpoint },
+    /// The authority's clock tick (every 50 ms, as `dds meta`).
+    AuthorityTick,
+    /// The copy driver's next step.
+    CopyStep,
+    /// A brick's heartbeat timer (incarnation-tagged: a dead brick's timers are void).
+    Heartbeat { brick: usize, life: u64 },
+    /// A brick core's loop round, or the end of its disk I/O.
+    CoreRound { brick: usize, life: u64, core: usize },
+    CoreTick { brick: usize, life: u64, core: usize },
+    DiskDone { brick: usize, life: u64, core: usize },
+    Restart { brick: usize },
+    Reregister { brick: usize, life: u64 },
+    ClientWake { client: usize },
+    Fault,
+    HealPartition,
+    EndFaults,
+    QuietCheck,
+}
+
+/// Time to run the workload under faults; then faults stop and the cluster settles.
+const FAULTS_FOR_MS: u64 = 8_000;
+/// How long the cluster may take to become quiet once faults stop.
+const SETTLE_MAX_MS: u64 = 60_000;
+/// Events one run may take; a run that needs more is stuck in a loop (a failure).
+const EVENTS_MAX: u64 = 20_000_000;
+
+pub(crate) struct World {
+    now: Micros,
+    /// A real instant standing for time zero, for code that counts in `Instant`s.
+    epoch_instant: Instant,
+    seq: u64,
+    queue: BTreeMap<(Micros, u64), Event>,
+    rng: SmallRng,
+    shape: Shape,
+    options: Options,
+    net: Net,
+    authority: Authority,
+    /// Every map the authority published, in order.
+    maps: Vec<ClusterMap>,
+    copy: Option<brick::CopyJob>,
+    bricks: Vec<SimBrick>,
+    clients: Vec<SimClient>,
+    faults_on: bool,
+    /// Set when a check fails during the run.
+    failure: Option<String>,
+    trace: Vec<String>,
+    events: u64,
+    next_client_id: u64,
+}
+
+impl World {
+    fn schedule(&mut self, at: Micros, event: Event) {
+        debug_assert!(at >= self.now);
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    fn after(&mut self, delay: Micros, event: Event) {
+        self.schedule(self.now + delay, event);
+    }
+
+    pub(crate) fn instant(&self) -> Instant {
+        self.epoch_instant + Duration::from_micros(self.now)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now / MS
+    }
+
+    fn note(&mut self, what: String) {
+        if self.options.trace {
+            eprintln!("[{:>9.3} ms] {what}", self.now as f64 / 1000.0);
+        }
+        if self.trace.len() < 10_000 {
+            self.trace.push(format!("{} {what}", self.now));
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.note(format!("FAILED: {why}"));
+            self.failure = Some(why);
+        }
+    }
+
+    /// Carries out what the authority decided: record and check the map, start copies.
+    fn apply(&mut self, actions: Actions) {
+        for n in &actions.notes {
+            self.note(format!("authority: {n}"));
+        }
+        if actions.map_changed {
+            let map = self.authority.map().expect("a changed map exists").clone();
+            if let Err(e) = map.validate() {
+                self.fail(format!("the authority published an invalid map at epoch {}: {e}", map.epoch));
+            }
+            if let Some(last) = self.maps.last() {
+                if map.epoch <= last.epoch {
+                    self.fail(format!("map epoch went from {} to {}", last.epoch, map.epoch));
+                }
+            }
+            self.maps.push(map);
+        }
+        if !actions.copy.is_empty() {
+            let epoch = self.authority.map().expect("copying needs a map").epoch;
+            assert!(self.copy.is_none(), "the authority plans one copy at a time");
+            self.copy = Some(brick::CopyJob::new(actions.copy, epoch, self.now));
+            self.after(0, Event::CopyStep);
+        }
+    }
+
+    fn authority_tick(&mut self) {
+        let actions = self.authority.tick(self.now_ms());
+        self.apply(actions);
+        self.after(50 * MS, Event::AuthorityTick);
+    }
+
+    /// A message for the authority (registration, heartbeat, map request) or a brick's
+    /// session that closed.
+    fn authority_receive(&mut self, link: LinkId, msg: Msg) {
+        let now_ms = self.now_ms();
+        match msg {
+            Msg::Register { id, cores } => match self.authority.register(id, cores, now_ms) {
+                Ok((id, session, actions)) => {
+                    self.net.set_session(link, id, session);
+                    self.apply(actions);
+                    let map = self.authority.map().cloned();
+                    self.send_back(link, Msg::Registered { id: id.0, map });
+                }
+                Err(e) => self.fail(format!("registration refused: {e}")),
+            },
+            Msg::Heartbeat { epoch } => {
+                // As `meta::serve`: a heartbeat on a session the authority no longer
+                // knows is refused, so the brick registers again.
+                let known = match self.net.session(link) {
+                    Some((id, session)) => self.authority.heartbeat(id, session, epoch, now_ms),
+                    None => true, // still gathering: the brick waits for the first map
+                };
+                let map = self.authority.map().filter(|m| m.epoch > epoch).cloned();
+                self.send_back(link, if known { Msg::MapReply { map } } else { Msg::SessionEnded });
+            }
+            Msg::GetMap { epoch } => {
+                let map = self.authority.map().filter(|m| m.epoch > epoch).cloned();
+                self.send_back(link, Msg::MapReply { map });
+            }
+            Msg::Frame(bytes) => self.copy_receive(link, bytes),
+            other => unreachable!("the authority got {other:?}"),
+        }
+    }
+
+    /// A link of the authority's broke: a brick's session ends (the brick is removed),
+    /// or a copy's link is lost.
+    fn authority_link_down(&mut self, link: LinkId) {
+        if let Some((id, session)) = self.net.session(link) {
+            let actions = self.authority.disconnected(id, session, self.now_ms());
+            self.apply(actions);
+        }
+        self.copy_link_down(link);
+    }
+
+    fn dispatch(&mut self, event: Event) {
+        match event {
+            Event::Deliver { link, to, msg } => {
+                if !self.net.alive(link) {
+                    return;
+                }
+                match to {
+                    Endpoint::Authority => self.authority_receive(link, msg),
+                    Endpoint::Brick(b) => self.brick_receive(b, link, msg),
+                    Endpoint::Client(c) => self.client_receive(c, link, msg),
+                }
+            }
+            Event::LinkDown { link, to } => match to {
+                Endpoint::Authority => self.authority_link_down(link),
+                Endpoint::Brick(b) => self.brick_link_down(b, link),
+                Endpoint::Client(c) => self.client_link_down(c, link),
+            },
+            Event::AuthorityTick => self.authority_tick(),
+            Event::CopyStep => self.copy_step(),
+            Event::Heartbeat { brick, life } => self.heartbeat(brick, life),
+            Event::CoreRound { brick, life, core } => self.core_round(brick, life, core),
+            Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
+            Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
+            Event::Restart { brick } => self.restart(brick),
+            Event::Reregister { brick, life } => self.reregister(brick, life),
+            Event::ClientWake { client } => self.client_wake(client),
+            Event::Fault => self.fault(),
+            Event::HealPartition => {
+                self.net.heal();
+                self.note("network partition healed".into());
+            }
+            Event::EndFaults => self.end_faults(),
+            Event::QuietCheck => self.quiet_check(),
+        }
+    }
+
+    /// One fault, then the next one's time.
+    fn fault(&mut self) {
+        if !self.faults_on {
+            return;
+        }
+        let b = self.rng.random_range(0..self.bricks.len());
+        let roll: f64 = self.rng.random();
+        if roll < self.shape.partition_p {
+            let side: Vec<usize> = (0..self.bricks.len()).filter(|_| self.rng.random_bool(0.5)).collect();
+            let heal_ms = self.rng.random_range(100..=3000);
+            self.note(format!("network partition: bricks {side:?} apart from the rest for {heal_ms} ms"));
+            self.set_partition(&side, self.now + heal_ms * MS);
+            self.after(heal_ms * MS, Event::HealPartition);
+        } else if !self.bricks[b].is_up() {
+            self.restart(b);
+        } else if roll < 0.6 {
+            let power_loss = self.rng.random_bool(self.shape.power_loss_p);
+            self.crash(b, if power_loss { "power loss" } else { "process crash" }, power_loss);
+            let down_ms = self.rng.random_range(50..=4000);
+            self.after(down_ms * MS, Event::Restart { brick: b });
+        } else {
+            let ms = self.rng.random_range(10..=self.shape.pause_max_ms);
+            self.pause(b, ms * MS);
+        }
+        let every = self.shape.fault_every_ms;
+        let next = self.rng.random_range(every / 2..=every * 3 / 2).max(1);
+        self.after(next * MS, Event::Fault);
+    }
+
+    fn end_faults(&mut self) {
+        self.faults_on = false;
+        self.net.heal();
+        self.net.reset_p = 0.0;
+        self.note("faults stop; every brick restarts".into());
+        for b in 0..self.bricks.len() {
+            self.bricks[b].paused_until = self.bricks[b].paused_until.min(self.now);
+            if !self.bricks[b].is_up() {
+                self.restart(b);
+            }
+        }
+        self.after(100 * MS, Event::QuietCheck);
+    }
+
+    /// Whether the cluster has settled: every brick up and in the map, every partition
+    /// at full strength with nothing joining or leaving, nothing prepared, no client
+    /// operation open.
+    fn quiet(&self) -> bool {
+        let Some(map) = self.authority.map() else { return false };
+        let up: Vec<BrickId> = self.bricks.iter().filter(|b| b.serving()).filter_map(|b| b.id).collect();
+        let want = self.shape.replicas.min(up.len());
+        self.copy.is_none()
+            && up.len() == self.bricks.len()
+            && up.iter().all(|b| map.bricks.contains_key(b))
+            && map.bricks.len() == up.len()
+            && map.joining.is_empty()
+            && map.leaving.is_empty()
+            && map.groups.values().all(|g| g.len() == want)
+            && self.bricks.iter().all(|b| b.settled(map.epoch))
+            && self.clients.iter().all(|c| c.idle())
+    }
+
+    fn quiet_check(&mut self) {
+        if self.quiet() {
+            self.note("quiet: final reads".into());
+            self.final_reads();
+            return;
+        }
+        if self.now > (FAULTS_FOR_MS + SETTLE_MAX_MS) * MS {
+            let why = self.unsettled();
+            self.fail(format!("the cluster did not settle within {SETTLE_MAX_MS} ms after the faults stopped: {why}"));
+            return;
+        }
+        self.after(100 * MS, Event::QuietCheck);
+    }
+
+    fn unsettled(&self) -> String {
+        let Some(map) = self.authority.map() else { return "no map".into() };
+        let mut why = Vec::new();
+        for b in &self.bricks {
+            if !b.serving() {
+                why.push(format!("brick {:?} not serving ({})", b.id, b.state_name()));
+            } else if !b.settled(map.epoch) {
+                why.push(format!("brick {:?} unsettled ({})", b.id, b.unsettled(map.epoch)));
+            }
+        }
+        if self.copy.is_some() {
+            why.push("a copy is running".into());
+        }
+        if !map.joining.is_empty() || !map.leaving.is_empty() {
+            why.push(format!("joining {:?} leaving {:?}", map.joining.len(), map.leaving.len()));
+        }
+        for c in &self.clients {
+            if !c.idle() {
+                why.push(format!("client {} has {} operations open", c.id, c.core.in_flight()));
+            }
+        }
+        why.push(format!("epoch {}, {} bricks in the map", map.epoch, map.bricks.len()));
+        why.join("; ")
+    }
+
+    fn run_to_end(&mut self) {
+        while let Some(((at, _), event)) = self.queue.pop_first() {
+            debug_assert!(at >= self.now, "time goes forward");
+            self.now = at;
+            self.events += 1;
+            if self.events > EVENTS_MAX {
+                self.fail(format!("more than {EVENTS_MAX} events: the run does not end"));
+            }
+            if self.failure.is_some() {
+                return;
+            }
+            self.dispatch(event);
+            if self.clients.iter().all(|c| c.finished_final()) {
+                return;
+            }
+        }
+        if self.failure.is_none() && !self.clients.iter().all(|c| c.finished_final()) {
+            self.fail("the simulation ran out of events before the final reads".into());
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run(seed: u64, options: &Options) -> Report {
+    crate::logging::set_quiet(!options.trace);
+    crate::mutation::plant(options.mutation);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let shape = Shape::draw(&mut rng, options);
+    let authority = Authority::new(AuthorityConfig { bricks: shape.bricks, replicas: shape.replicas, base_bits: shape.base_bits }, None, 0);
+    let mut world = World {
+        now: 0,
+        epoch_instant: Instant::now(),
+        seq: 0,
+        queue: BTreeMap::new(),
+        net: Net::new(shape.delay_us, shape.jitter_us, shape.reset_p),
+        rng,
+        options: options.clone(),
+        authority,
+        maps: Vec::new(),
+        copy: None,
+        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores)).collect(),
+        clients: Vec::new(),
+        faults_on: true,
+        failure: None,
+        trace: Vec::new(),
+        events: 0,
+        next_client_id: 1,
+        shape,
+    };
+    world.note(format!("seed {seed}: {}", world.shape.line()));
+    for b in 0..world.shape.bricks {
+        world.start_brick(b);
+    }
+    world.after(50 * MS, Event::AuthorityTick);
+    for c in 0..world.shape.clients {
+        world.add_client(c);
+    }
+    if world.shape.fault_every_ms > 0 {
+        let first = world.rng.random_range(100..=1000);
+        world.after(first * MS, Event::Fault);
+    }
+    world.after(FAULTS_FOR_MS * MS, Event::EndFaults);
+    world.run_to_end();
+    if world.failure.is_none() {
+        if let Err(why) = world.check_end() {
+            world.fail(why);
+        }
+    }
+    let ops = world.clients.iter().map(|c| c.history.len()).sum();
+    Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take() }
+}
+
+/// The core address of `brick` (its `life`-th incarnation) for `core`: a restarted
+/// brick listens on new ports, as a real one does.
+pub(crate) fn core_addr(brick: usize, life: u64, core: usize) -> SocketAddr {
+    let port = 10_000 + (life as u16 % 1000) * 16 + core as u16;
+    SocketAddr::from(([10, 0, 1, brick as u8 + 1], port))
+}
+
+/// Which brick, incarnation and core listen at `addr`.
+pub(crate) fn addr_core(addr: SocketAddr) -> Option<(usize, u64, usize)> {
+    let SocketAddr::V4(v4) = addr else { return None };
+    let [10, 0, 1, b] = v4.ip().octets() else { return None };
+    let port = v4.port().checked_sub(10_000)?;
+    Some((b as usize - 1, (port / 16) as u64, (port % 16) as usize))
+}
+
+/// Joins the copy job holds (re-exported for the brick module).
+pub(crate) type Joins = Vec<Join>;

@@ -1,0 +1,196 @@
+//! The simulated network. Nodes talk over links that behave as TCP connections do:
+//! each direction delivers in order, after a delay drawn per message (so messages on
+//! different links overtake each other); a link can reset (the message is lost and both
+//! ends are told, as a reset connection tells both sides); a process that dies closes
+//! its links (the peers are told), a machine that loses power goes silent (they are
+//! not). A partition, when enabled, holds messages between the two sides until it
+//! heals, as TCP's retransmissions would.
+//!
+//! Duplicated frames are not modelled: TCP does not duplicate, and every retry in the
+//! protocol is a new message the protocol itself sends (prepares, decisions and copy
+//! chunks are idempotent by transaction id and cursor).
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+
+use crate::map::{BrickId, ClusterMap};
+
+use super::{Event, Micros, World};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct LinkId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Authority,
+    Brick(usize),
+    Client(usize),
+}
+
+/// What travels on a link: data-plane frames in the real wire format, and the control
+/// plane's registration, heartbeats and map requests (their JSON encoding is tested
+/// elsewhere; here they travel as values).
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Frame(Vec<u8>),
+    Register { id: Option<u32>, cores: Vec<std::net::SocketAddr> },
+    Registered { id: u32, map: Option<ClusterMap> },
+    Heartbeat { epoch: u64 },
+    GetMap { epoch: u64 },
+    MapReply { map: Option<ClusterMap> },
+    /// A heartbeat refused: the authority no longer knows the session.
+    SessionEnded,
+}
+
+struct Link {
+    a: Endpoint,
+    b: Endpoint,
+    /// The core of brick `b` this link reaches (data links), and its incarnation.
+    b_core: Option<(u64, usize)>,
+    alive: bool,
+    /// Last arrival time per direction (a→b, b→a): arrivals never overtake.
+    last: [Micros; 2],
+    session: Option<(BrickId, u64)>,
+}
+
+pub(crate) struct Net {
+    links: BTreeMap<LinkId, Link>,
+    next: u64,
+    pub delay_us: Micros,
+    pub jitter_us: Micros,
+    pub reset_p: f64,
+    /// Bricks cut off from everyone else, and when that heals.
+    cut: Vec<usize>,
+    heal_at: Micros,
+}
+
+impl Net {
+    pub fn new(delay_us: Micros, jitter_us: Micros, reset_p: f64) -> Net {
+        Net { links: BTreeMap::new(), next: 1, delay_us, jitter_us, reset_p, cut: Vec::new(), heal_at: 0 }
+    }
+
+    pub fn alive(&self, link: LinkId) -> bool {
+        self.links.get(&link).is_some_and(|l| l.alive)
+    }
+
+    pub fn set_session(&mut self, link: LinkId, id: BrickId, session: u64) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.session = Some((id, session));
+        }
+    }
+
+    pub fn session(&self, link: LinkId) -> Option<(BrickId, u64)> {
+        self.links.get(&link).and_then(|l| l.session)
+    }
+
+    /// The end that opened `link`.
+    pub fn opener(&self, link: LinkId) -> Option<Endpoint> {
+        self.links.get(&link).map(|l| l.a)
+    }
+
+    /// The brick core a data link reaches: (incarnation, core).
+    pub fn target_core(&self, link: LinkId) -> Option<(u64, usize)> {
+        self.links.get(&link).and_then(|l| l.b_core)
+    }
+
+    pub fn partition(&mut self, side: &[usize]) {
+        self.cut = side.to_vec();
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    fn apart(&self, x: Endpoint, y: Endpoint) -> bool {
+        let inside = |e: Endpoint| matches!(e, Endpoint::Brick(b) if self.cut.contains(&b));
+        !self.cut.is_empty() && inside(x) != inside(y)
+    }
+}
+
+impl World {
+    /// Opens a link from `a` to `b` (to core `b_core` of brick incarnation, for data).
+    pub(crate) fn open_link(&mut self, a: Endpoint, b: Endpoint, b_core: Option<(u64, usize)>) -> LinkId {
+        let id = LinkId(self.net.next);
+        self.net.next += 1;
+        self.net.links.insert(id, Link { a, b, b_core, alive: true, last: [0, 0], session: None });
+        id
+    }
+
+    /// Sends `msg` from the end `from` of `link`.
+    pub(crate) fn send(&mut self, link: LinkId, from: Endpoint, msg: Msg) {
+        let Some(l) = self.net.links.get(&link) else { return };
+        if !l.alive {
+            return;
+        }
+        let (to, dir) = if l.a == from { (l.b, 0) } else { (l.a, 1) };
+        if self.net.reset_p > 0.0 && self.rng.random_bool(self.net.reset_p) {
+            self.note(format!("link {} {:?}<->{:?} reset", link.0, l.a, l.b));
+            self.break_link(link, true);
+            return;
+        }
+        let jitter = if self.net.jitter_us > 0 { self.rng.random_range(0..=self.net.jitter_us) } else { 0 };
+        let mut at = self.now + self.net.delay_us + jitter;
+        if self.net.apart(from, to) {
+            at = at.max(self.net.heal_at_or_later(self.now));
+        }
+        let l = self.net.links.get_mut(&link).expect("checked");
+        at = at.max(l.last[dir] + 1);
+        l.last[dir] = at;
+        self.schedule(at, Event::Deliver { link, to, msg });
+    }
+
+    /// Sends `msg` back to the end that opened `link`.
+    pub(crate) fn send_back(&mut self, link: LinkId, msg: Msg) {
+        let Some(b) = self.net.links.get(&link).map(|l| l.b) else { return };
+        self.send(link, b, msg);
+    }
+
+    /// The link breaks. `tell`: both ends learn it after a delay (a reset, or a process
+    /// whose kernel closed its sockets); otherwise the link just goes silent.
+    pub(crate) fn break_link(&mut self, link: LinkId, tell: bool) {
+        let Some(l) = self.net.links.get_mut(&link) else { return };
+        if !l.alive {
+            return;
+        }
+        l.alive = false;
+        let (a, b) = (l.a, l.b);
+        if tell {
+            let delay = self.net.delay_us;
+            self.after(delay, Event::LinkDown { link, to: a });
+            self.after(delay, Event::LinkDown { link, to: b });
+        }
+    }
+
+    /// Every link with an end on brick `b` breaks (its process died or its machine lost
+    /// power); the other ends learn it only if `tell`.
+    pub(crate) fn break_links_of(&mut self, b: usize, tell: bool) {
+        let ids: Vec<LinkId> = self
+            .net
+            .links
+            .iter()
+            .filter(|(_, l)| l.alive && (l.a == Endpoint::Brick(b) || l.b == Endpoint::Brick(b)))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let l = self.net.links.get_mut(&id).expect("listed");
+            l.alive = false;
+            if tell {
+                let other = if l.a == Endpoint::Brick(b) { l.b } else { l.a };
+                let delay = self.net.delay_us;
+                self.after(delay, Event::LinkDown { link: id, to: other });
+            }
+        }
+    }
+
+    pub(crate) fn set_partition(&mut self, side: &[usize], heal_at: Micros) {
+        self.net.partition(side);
+        self.net.heal_at = heal_at;
+    }
+}
+
+impl Net {
+    fn heal_at_or_later(&self, now: Micros) -> Micros {
+        self.heal_at.max(now)
+    }
+}
