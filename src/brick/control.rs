@@ -31,6 +31,8 @@ pub struct Shared {
     pub fenced: AtomicBool,
     /// A core saw a request from a newer epoch: fetch the map now.
     pub refresh: AtomicBool,
+    /// The authority removed this brick (declared it dead) while it ran: it stops.
+    pub removed: AtomicBool,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -42,6 +44,7 @@ impl Shared {
             map: RwLock::new(Arc::new(map)),
             fenced: AtomicBool::new(false),
             refresh: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             stop,
         }
     }
@@ -159,9 +162,15 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
         }
         last_beat = Instant::now();
         if rpc.is_none() {
+            let mut id = None;
             rpc = Rpc::connect(meta, Duration::from_millis(LEASE_MS / 2)).ok().and_then(|mut r| {
-                send_registration(&mut r, Some(shared.me.0), cores, Duration::from_millis(LEASE_MS)).ok().map(|_| r)
+                id = send_registration(&mut r, Some(shared.me.0), cores, Duration::from_millis(LEASE_MS)).ok();
+                id.map(|_| r)
             });
+            if id.is_some_and(|id| id != shared.me.0) {
+                // A new id: the authority had removed this brick. Fail-stop.
+                return stop_removed(shared);
+            }
         }
         let beat = rpc.as_mut().map(|r| r.call(Op::Heartbeat, shared.epoch.load(Ordering::Acquire), &[], &[], Duration::from_millis(LEASE_MS)));
         match beat {
@@ -185,6 +194,9 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
             other => {
                 if let Some(Ok((status, value))) = &other {
                     crate::log!("brick", "heartbeat refused: {status:?}: {}", String::from_utf8_lossy(value));
+                    // The authority no longer knows this brick's session: it was removed
+                    // (declared dead) and others may have taken over its partitions.
+                    return stop_removed(shared);
                 }
                 // Fence before the connection drops: the authority takes a closed session
                 // for a dead brick and may write without it at once.
@@ -198,6 +210,16 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
             crate::log!("brick", "no word from the map authority at {meta} for {LEASE_MS} ms: fenced, serving nothing");
         }
     }
+}
+
+/// The authority removed this brick while it ran (a long pause, a broken session):
+/// fence, and stop the whole brick. It is dead to the cluster; started again, it
+/// rejoins as a new brick with a new id.
+fn stop_removed(shared: &Shared) {
+    shared.fenced.store(true, Ordering::SeqCst);
+    shared.removed.store(true, Ordering::SeqCst);
+    shared.stop.store(true, Ordering::SeqCst);
+    crate::log!("brick", "{} was removed from the cluster by the map authority: stopping", shared.me);
 }
 
 /// The map of a brick that runs alone (no authority): one brick, one replica, epoch 1.

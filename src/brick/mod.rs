@@ -111,6 +111,8 @@ pub enum BrickError {
          start it with --cores {found_cores} --partition-bits {found_bits} (a brick's logs cannot be re-partitioned)"
     )]
     LayoutMismatch { dir: PathBuf, found_cores: usize, found_bits: u8 },
+    #[error("brick: {id} was removed from the cluster (declared dead) while it ran; it stopped. Start it again to rejoin as a new brick")]
+    Removed { id: crate::map::BrickId },
     #[error("brick: --ports lists {given} port(s) for {cores} core(s)")]
     Ports { given: usize, cores: usize },
     #[error("brick: {0}")]
@@ -317,6 +319,9 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         results.insert(0, stored);
         results
     });
+    if shared.removed.load(Ordering::SeqCst) {
+        return Err(BrickError::Removed { id: shared.me });
+    }
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     crate::log!("brick", "stopped");
     Ok(())

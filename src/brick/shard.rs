@@ -430,7 +430,7 @@ impl Shard {
                     // (a tombstone no one else will ever see) must not decide anything.
                     return reply(Status::Unavailable, b"fenced: ask again later");
                 }
-                let state = self.tx_state(request.key, txid);
+                let state = self.tx_state(request.key, txid, fx);
                 reply(Status::Ok, &[state as u8]);
             }
             Op::SnapshotChunk => {
@@ -510,11 +510,19 @@ impl Shard {
 
     /// Applies or drops the prepared write `txid` on `key`; returns whether it was here.
     fn decide(&mut self, key: &[u8], txid: TxId, commit: bool, fx: &mut Effects) -> bool {
+        self.decide_logged(key, txid, commit, false, fx)
+    }
+
+    /// `decide`, with the decision's record made durable before any reply (`durable`):
+    /// a decision this replica took alone, while in doubt, must survive a crash, since
+    /// the rule might decide otherwise later (a participant may have left the map).
+    fn decide_logged(&mut self, key: &[u8], txid: TxId, commit: bool, durable: bool, fx: &mut Effects) -> bool {
         if self.prepared.get(key).is_none_or(|p| p.txid != txid) {
             // Already decided (a repeated message), or never prepared: remember the abort
             // so a late prepare is refused.
-            if !commit {
+            if !commit && !self.outcomes.state.contains_key(&txid) {
                 self.outcomes.record(txid, false);
+                fx.log(&Mutation::Decide { key, txid, commit: false }, true);
             }
             return self.outcomes.state.get(&txid) == Some(&commit);
         }
@@ -525,7 +533,7 @@ impl Shard {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);
         }
-        fx.log(&Mutation::Decide { key, txid, commit }, false);
+        fx.log(&Mutation::Decide { key, txid, commit }, durable);
         self.outcomes.record(txid, commit);
         self.answer_waiters(key, p.waiters, fx);
         true
@@ -545,7 +553,7 @@ impl Shard {
 
     /// What this replica knows of `txid`; a transaction never seen is aborted here and
     /// now, so that a prepare arriving late is refused.
-    fn tx_state(&mut self, key: &[u8], txid: TxId) -> TxState {
+    fn tx_state(&mut self, key: &[u8], txid: TxId, fx: &mut Effects) -> TxState {
         if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
             return TxState::Prepared;
         }
@@ -553,7 +561,10 @@ impl Shard {
             Some(true) => TxState::Committed,
             Some(false) => TxState::Aborted,
             None => {
+                // The answer decides the asker's abort: it must hold after a crash too,
+                // or a late prepare would be taken after all. Durable before the reply.
                 self.outcomes.record(txid, false);
+                fx.log(&Mutation::Decide { key, txid, commit: false }, true);
                 TxState::Aborted
             }
         }
@@ -585,7 +596,7 @@ impl Shard {
         }
         for (key, txid, commit) in decided {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved: {}", if commit { "commit" } else { "abort" });
-            self.decide(&key, txid, commit, fx);
+            self.decide_logged(&key, txid, commit, true, fx);
         }
     }
 
@@ -596,7 +607,7 @@ impl Shard {
         p.answers.push((from.0, state));
         if let Some(commit) = resolve_rule(&self.map, self.me, p) {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved by peers: {}", if commit { "commit" } else { "abort" });
-            self.decide(key, txid, commit, fx);
+            self.decide_logged(key, txid, commit, true, fx);
         }
     }
 

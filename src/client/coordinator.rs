@@ -332,6 +332,14 @@ impl ClientCore {
         let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
         let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let (txid, participants) = (*txid, participants.clone());
+        if participants.iter().all(gone) {
+            // Every replica that could hold the prepare is dead (a removed brick never
+            // comes back under its id): nothing of this attempt can be read. Try anew
+            // with the map's new group.
+            let attempts = op.attempts;
+            self.retry_in(token, backoff(attempts, token), format!("every participant of {txid} left the map"));
+            return;
+        }
         let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No));
         let all_yes = participants.iter().all(|b| matches!(vote(b), Some(Vote::Yes(_))) || gone(b));
         let existed = participants.iter().any(|b| matches!(vote(b), Some(Vote::Yes(true))));
@@ -388,6 +396,11 @@ impl ClientCore {
         let Phase::Confirm { txid, participants, votes, answers } = &op.phase else { return };
         let map = &self.map;
         let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b)).collect();
+        if live.is_empty() {
+            let (attempts, txid) = (op.attempts, *txid);
+            self.retry_in(token, backoff(attempts, token), format!("every participant of {txid} left the map"));
+            return;
+        }
         let answer = |b: &BrickId| answers.iter().find(|(x, _)| x == b).and_then(|(_, s)| *s);
         if live.iter().any(|b| answer(b).is_none()) {
             return;

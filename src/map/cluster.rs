@@ -66,6 +66,11 @@ pub struct ClusterMap {
     #[serde(default)]
     pub leaving: BTreeMap<PartitionId, Vec<BrickId>>,
     pub bricks: BTreeMap<BrickId, BrickAddr>,
+    /// Every brick id below this has been given out. A removed brick's id is never given
+    /// again: a brick declared dead stays dead (fail-stop), and what other bricks
+    /// remember about it (votes, in-doubt answers) can never be confused with a newcomer.
+    #[serde(default)]
+    pub next_brick_id: u32,
 }
 
 impl ClusterMap {
@@ -82,7 +87,8 @@ impl ClusterMap {
             .enumerate()
             .map(|(i, &p)| (p, (0..replicas).map(|k| ids[(i + k) % ids.len()]).collect()))
             .collect();
-        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), leaving: BTreeMap::new(), bricks };
+        let next_brick_id = bricks.keys().map(|b| b.0 + 1).max().unwrap_or(0);
+        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), leaving: BTreeMap::new(), bricks, next_brick_id };
         map.validate().map_err(MapError::Invalid)?;
         Ok(map)
     }
@@ -243,8 +249,21 @@ impl ClusterMap {
     pub fn add_brick(&self, id: BrickId, addr: BrickAddr) -> Result<ClusterMap, MapError> {
         self.next(|m| match m.bricks.insert(id, addr) {
             Some(_) => Err(MapError::DuplicateBrick(id)),
-            None => Ok(()),
+            None => {
+                m.next_brick_id = m.next_brick_id.max(id.0 + 1);
+                Ok(())
+            }
         })
+    }
+
+    /// The lowest id never given out.
+    pub fn fresh_brick_id(&self) -> BrickId {
+        BrickId(self.bricks.keys().map(|b| b.0 + 1).max().unwrap_or(0).max(self.next_brick_id))
+    }
+
+    /// Whether `id` was given out once and has since been removed.
+    pub fn is_retired(&self, id: BrickId) -> bool {
+        id.0 < self.next_brick_id && !self.bricks.contains_key(&id)
     }
 
     /// Takes a failed brick out of every group and out of the map (fail-stop).

@@ -94,14 +94,21 @@ impl Authority {
 
     fn next_id(&self) -> BrickId {
         let known = self.map.iter().flat_map(|m| m.bricks.keys()).chain(self.gathering.keys()).chain(self.seen.keys());
-        BrickId(known.map(|b| b.0 + 1).max().unwrap_or(0))
+        let floor = self.map.as_ref().map_or(0, |m| m.fresh_brick_id().0);
+        BrickId(known.map(|b| b.0 + 1).max().unwrap_or(0).max(floor))
     }
 
     /// A brick says it is here. Returns its id and the session serial that its later
     /// heartbeats and its disconnection carry.
     pub fn register(&mut self, id: Option<u32>, cores: Vec<SocketAddr>, now_ms: u64) -> Result<(BrickId, u64, Actions), MapError> {
         let mut actions = Actions::default();
-        let id = id.map(BrickId).unwrap_or_else(|| self.next_id());
+        // A brick removed from the map was declared dead: if it comes back it is a new
+        // brick with a new id (it rejoins empty and is copied to, like any newcomer).
+        let id = match id.map(BrickId) {
+            Some(old) if self.map.as_ref().is_some_and(|m| m.is_retired(old)) => self.next_id(),
+            Some(id) => id,
+            None => self.next_id(),
+        };
         let addr = BrickAddr { cores };
         let session = self.next_session;
         self.next_session += 1;
@@ -160,22 +167,32 @@ impl Authority {
     }
 
     fn remove(&mut self, id: BrickId, why: &str, now_ms: u64, actions: &mut Actions) {
-        self.seen.remove(&id);
         let Some(map) = &self.map else {
+            self.seen.remove(&id);
             self.gathering.remove(&id);
             return;
         };
         if !map.bricks.contains_key(&id) {
+            self.seen.remove(&id);
             return;
         }
         match map.remove_brick(id) {
             Ok(next) => {
                 // A copy under way stays planned until its driver reports: copies to a
                 // removed brick fail there at once, and no second plan may overlap it.
+                self.seen.remove(&id);
                 self.last_removal_ms = Some(now_ms);
                 self.set_map(next, format!("{id} removed: {why}"), actions);
             }
-            Err(e) => actions.notes.push(format!("cannot remove {id} ({why}): {e}")),
+            // It holds the last replica of a partition: it stays in the map (and its
+            // session stays known) so that it serves again as soon as it answers.
+            Err(e) => {
+                if let Some(seen) = self.seen.get_mut(&id) {
+                    // Try again (and say so) only after another timeout.
+                    seen.at_ms = now_ms;
+                }
+                actions.notes.push(format!("cannot remove {id} ({why}): {e}"));
+            }
         }
     }
 

@@ -71,8 +71,6 @@ pub(crate) struct SimBrick {
     fenced: bool,
     hb_sent: Option<Micros>,
     pub paused_until: Micros,
-    /// The log was found corrupt: the next restart starts from an empty directory.
-    wipe: bool,
 }
 
 impl SimBrick {
@@ -90,7 +88,6 @@ impl SimBrick {
             fenced: false,
             hb_sent: None,
             paused_until: 0,
-            wipe: false,
         }
     }
 
@@ -142,11 +139,6 @@ fn link_of(conn: ConnId) -> LinkId {
 impl World {
     pub(crate) fn start_brick(&mut self, b: usize) {
         let brick = &mut self.bricks[b];
-        if brick.wipe {
-            brick.wipe = false;
-            brick.id = None;
-            brick.disks = (0..brick.cores_n).map(|_| SimDisk::default()).collect();
-        }
         brick.life += 1;
         brick.state = State::Starting;
         brick.cores.clear();
@@ -164,11 +156,6 @@ impl World {
     pub(crate) fn restart(&mut self, b: usize) {
         match &self.bricks[b].state {
             State::Up | State::Starting => {}
-            State::Stopped(why) if why.contains("corrupt") => {
-                self.note(format!("brick {b}: the operator wipes its corrupt directory"));
-                self.bricks[b].wipe = true;
-                self.start_brick(b);
-            }
             _ => self.start_brick(b),
         }
     }
@@ -193,14 +180,20 @@ impl World {
         self.break_links_of(b, !power_loss);
     }
 
+    /// `control::stop_removed`: the authority removed this brick while it ran; it stops
+    /// and, started again, rejoins under a new id.
+    fn removed_while_running(&mut self, b: usize) {
+        let why = format!("removed from the cluster while running ({:?}): stopped", self.bricks[b].id);
+        self.stop_brick(b, why);
+    }
+
     /// Stops the brick for good on an error the design says must never be retried.
     fn stop_brick(&mut self, b: usize, why: String) {
         self.crash(b, &why, false);
         self.bricks[b].state = State::Stopped(why);
+        // Its supervisor starts it again.
         let down_ms = self.rng.random_range(100..=2000);
-        if self.faults_on {
-            self.after(down_ms * MS, Event::Restart { brick: b });
-        }
+        self.after(down_ms * MS, Event::Restart { brick: b });
     }
 
     pub(crate) fn pause(&mut self, b: usize, micros: Micros) {
@@ -226,12 +219,19 @@ impl World {
         match msg {
             Msg::Registered { id, map } => {
                 let brick = &mut self.bricks[b];
+                if brick.state == State::Up && brick.id != Some(BrickId(id)) {
+                    // Registered again and given a new id: it had been removed.
+                    return self.removed_while_running(b);
+                }
                 brick.id = Some(BrickId(id));
                 match brick.state {
                     State::Starting => match map {
                         Some(map) => self.boot(b, map),
-                        // The authority is still gathering bricks: ask again.
-                        None => self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 }),
+                        // The authority is still gathering bricks: ask again soon.
+                        None => {
+                            let life = self.bricks[b].life;
+                            self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
+                        }
                     },
                     State::Up => {
                         // Registered again after a broken session: beat at once.
@@ -245,7 +245,10 @@ impl World {
             Msg::MapReply { map } => match self.bricks[b].state {
                 State::Starting => match map {
                     Some(map) => self.boot(b, map),
-                    None => self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 }),
+                    None => {
+                        let life = self.bricks[b].life;
+                        self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
+                    }
                 },
                 State::Up => {
                     let brick = &mut self.bricks[b];
@@ -274,11 +277,7 @@ impl World {
                     let life = brick.life;
                     self.reregister(b, life);
                 } else if brick.state == State::Up {
-                    brick.fenced = true;
-                    if let Some(link) = brick.session_link.take() {
-                        self.note(format!("brick {b}: the authority ended its session: fenced, registering again"));
-                        self.break_link(link, true);
-                    }
+                    self.removed_while_running(b);
                 }
             }
             Msg::Frame(bytes) => {
@@ -307,14 +306,28 @@ impl World {
         let mut cores = Vec::new();
         let mut failure = None;
         for c in 0..brick.cores_n {
-            if self.rng.random_bool(corrupt_p) {
-                if let Some(at) = brick.disks[c].corrupt(&mut self.rng) {
-                    self.trace.push(format!("{} brick {b} core {c}: byte {at} of the log reads back corrupt", self.now));
-                }
+            // A read error (a flipped bit between disk and memory): this start must stop
+            // cleanly, or drop the record as a torn tail if nothing valid follows it.
+            // The fault is in the reading, not on the platter, so the next start reads
+            // the log intact: a wiped replica would be a second failure of its group.
+            let mut bytes = std::borrow::Cow::Borrowed(&brick.disks[c].bytes[..]);
+            if self.faults_on && self.rng.random_bool(corrupt_p) && bytes.len() >= 64 {
+                let at = self.rng.random_range(0..bytes.len() / 2);
+                bytes.to_mut()[at] ^= 1 << self.rng.random_range(0..8);
+                self.trace.push(format!("{} brick {b} core {c}: byte {at} of the log reads back corrupt", self.now));
             }
             let mut shard = Shard::new(c, brick.cores_n, map.base_bits, me, Arc::clone(&map));
+            let replayed = replay_segment(&bytes, 1, 1, &mut shard);
+            let read_corrupt = matches!(bytes, std::borrow::Cow::Owned(_));
+            drop(bytes);
             let disk = &mut brick.disks[c];
-            match replay_segment(&disk.bytes, 1, 1, &mut shard) {
+            if read_corrupt && replayed.as_ref().is_ok_and(|(_, _, end)| matches!(end, ScanEnd::TornTail { .. })) {
+                // Dropping a good record for a misread one would lose an acknowledged
+                // write; a real brick cannot tell. Count it as a stop, not a recovery.
+                failure = Some(format!("core {c}: misread the last record; stopped"));
+                break;
+            }
+            match replayed {
                 Ok((next_lsn, _, end)) => {
                     if let ScanEnd::TornTail { offset, .. } = end {
                         disk.bytes.truncate(offset as usize);
@@ -383,6 +396,14 @@ impl World {
             core.round_due = true;
             let life = self.bricks[b].life;
             self.after(0, Event::CoreRound { brick: b, life, core: c });
+        }
+    }
+
+    /// A starting brick asks for the first map again (`control::register`'s loop).
+    pub(crate) fn start_poll(&mut self, b: usize, life: u64, link: LinkId) {
+        let brick = &self.bricks[b];
+        if brick.life == life && brick.state == State::Starting && brick.session_link == Some(link) {
+            self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 });
         }
     }
 
@@ -566,7 +587,7 @@ impl World {
             return;
         }
         // Group commit: one write, and one sync if a record must be durable first.
-        if self.rng.random_bool(self.shape.disk_full_p) {
+        if self.faults_on && self.rng.random_bool(self.shape.disk_full_p) {
             return self.stop_brick(b, format!("core {c}: log write failed: no space left on device; brick stopped"));
         }
         let (write_us, sync_us) = (self.shape.write_us, self.shape.sync_us);
@@ -587,7 +608,7 @@ impl World {
             return self.schedule(at, Event::DiskDone { brick: b, life, core: c });
         }
         if self.bricks[b].cores[c].sync_pending {
-            if self.rng.random_bool(self.shape.sync_error_p) {
+            if self.faults_on && self.rng.random_bool(self.shape.sync_error_p) {
                 return self.stop_brick(b, format!("core {c}: fdatasync failed (EIO); brick stopped, never retried"));
             }
             self.bricks[b].disks[c].sync();
@@ -769,6 +790,9 @@ impl World {
             if kind_install {
                 return self.copy_skip(format!("{target} cannot be reached"));
             }
+            if std::env::var("DDS_SIM_COPY").is_ok() {
+                eprintln!("[{:>9.3} ms] copy source for {p} unreachable at {to:?}; map bricks {:?}", self.now as f64 / 1000.0, map.bricks);
+            }
             return self.copy_retry(50, true);
         };
         let job = self.copy.as_mut().expect("present");
@@ -786,6 +810,9 @@ impl World {
         let Some((_, install, _)) = job.waiting.filter(|(l, _, _)| *l == link) else { return };
         let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50, true) };
         let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50, true) };
+        if std::env::var("DDS_SIM_COPY").is_ok() {
+            eprintln!("[{:>9.3} ms] copy reply install={install} {status:?} {}", self.now as f64 / 1000.0, String::from_utf8_lossy(&frame.value[..frame.value.len().min(80)]));
+        }
         self.break_link(link, false);
         if install {
             match status {

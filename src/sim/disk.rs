@@ -52,16 +52,4 @@ impl SimDisk {
         self.synced = self.synced.min(self.bytes.len());
         lost
     }
-
-    /// A byte in the first half of the log reads back wrong from now on; returns its
-    /// offset (the brick must refuse to start, or drop it as a torn tail if nothing
-    /// valid follows it).
-    pub fn corrupt(&mut self, rng: &mut SmallRng) -> Option<usize> {
-        if self.bytes.len() < 64 {
-            return None;
-        }
-        let at = rng.random_range(0..self.bytes.len() / 2);
-        self.bytes[at] ^= 1 << rng.random_range(0..8);
-        Some(at)
-    }
 }

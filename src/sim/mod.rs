@@ -165,6 +165,7 @@ enum Event {
     DiskDone { brick: usize, life: u64, core: usize },
     Restart { brick: usize },
     Reregister { brick: usize, life: u64 },
+    StartPoll { brick: usize, life: u64, link: LinkId },
     ClientWake { client: usize },
     Fault,
     HealPartition,
@@ -337,6 +338,7 @@ impl World {
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
             Event::Restart { brick } => self.restart(brick),
             Event::Reregister { brick, life } => self.reregister(brick, life),
+            Event::StartPoll { brick, life, link } => self.start_poll(brick, life, link),
             Event::ClientWake { client } => self.client_wake(client),
             Event::Fault => self.fault(),
             Event::HealPartition => {
