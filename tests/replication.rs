@@ -61,6 +61,12 @@ fn check_all(client: &mut Client, prefix: &str, n: usize) {
     }
 }
 
+/// The id the authority gave the brick in `<dir>/brick-<index>`.
+fn brick_id(dir: &str, index: usize) -> dds::map::BrickId {
+    let id = dds::brick::control::load_identity(&std::path::Path::new(dir).join(format!("brick-{index}")));
+    dds::map::BrickId(id.expect("the brick registered"))
+}
+
 fn status(cluster: &TestCluster) -> String {
     text(&run_ok(&["cluster", "status", "--dir", &cluster.dir_arg()]).stdout)
 }
@@ -100,13 +106,16 @@ fn bricks_killed_and_recovered_lose_nothing() {
     assert!(said.contains("rejoined") && said.contains("recovery:"), "{said}");
     let after = status(&cluster);
     println!("{after}");
-    let held = cluster.client().map().partitions_of(dds::map::BrickId(1)).count();
-    assert!(held > 0, "brick 1 holds partitions again:\n{after}");
+    // The authority declared brick 1 dead: it rejoins under a new id, empty, and is copied to.
+    let rejoined = brick_id(&dir, 1);
+    assert_ne!(rejoined, dds::map::BrickId(1), "a removed brick's id is never given again");
+    let held = cluster.client().map().partitions_of(rejoined).count();
+    assert!(held > 0, "brick 1 holds partitions again as {rejoined}:\n{after}");
 
     // Growth: a fourth brick takes its share of replicas.
     let out = run_ok(&["cluster", "add", "--dir", &dir]);
     println!("{}", text(&out.stdout));
-    assert!(cluster.client().map().partitions_of(dds::map::BrickId(3)).count() > 0);
+    assert!(cluster.client().map().partitions_of(brick_id(&dir, 3)).count() > 0);
 
     // The stale client: epoch 1 against a map changed by a kill, a restart and an add:
     // the first brick it asks returns the map (lazy repair).
@@ -228,7 +237,7 @@ fn small_clusters_split_partitions_and_keep_every_key() {
     let map = cluster.client().map().clone();
     println!("epoch {}: {} partitions on base {} bits", map.epoch, map.dp.leaves().len(), map.base_bits);
     assert!(map.dp.leaves().len() >= 48, "3 bricks need at least 48 partitions: {}", map.dp.leaves().len());
-    assert!(map.partitions_of(dds::map::BrickId(2)).count() > 0);
+    assert!(map.partitions_of(brick_id(&dir, 2)).count() > 0);
     check_all(&mut client, "split", 2_000);
     write_all(&mut client, "after-split", 500);
     check_all(&mut client, "after-split", 500);

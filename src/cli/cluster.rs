@@ -185,7 +185,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             let b = add(&args.dir)?;
             println!("brick {} added: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&args.dir)?;
-            let map = wait_for_replicas(&cluster, BrickId(b.index as u32), true)?;
+            let map = wait_for_replicas(&cluster, brick_id(&b), true)?;
             let mut load: std::collections::BTreeMap<BrickId, usize> = map.bricks.keys().map(|&id| (id, 0)).collect();
             for g in map.groups.values() {
                 for id in g {
@@ -201,10 +201,11 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             let b = restart(&sel.dir, sel.brick)?;
             println!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&sel.dir)?;
-            let map = wait_for_replicas(&cluster, BrickId(b.index as u32), false)?;
-            let held = map.partitions_of(BrickId(b.index as u32)).count();
+            let id = brick_id(&b);
+            let map = wait_for_replicas(&cluster, id, false)?;
+            let held = map.partitions_of(id).count();
             println!(
-                "brick {} rejoined at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
+                "brick {} rejoined as {id} at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
                 b.index,
                 map.epoch,
                 started.elapsed().as_millis()
@@ -277,7 +278,9 @@ pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
     crate::meta::fetch_map(&cluster.addrs(), Duration::from_millis(500)).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
 }
 
-fn spawn_brick(exe: &Path, bdir: &Path, index: usize, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
+/// `ask_id`: a brick of the first map asks for its index as its id; a brick added
+/// later takes the id the authority gives (ids of removed bricks are never reused).
+fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
     std::fs::create_dir_all(bdir).with_context(|| format!("create {}", bdir.display()))?;
     let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
     let log_path = bdir.join("brick.log");
@@ -290,7 +293,10 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, shape: &BrickShape, ports:
         .args(["--partition-bits", &shape.partition_bits.to_string()])
         .args(["--durability", &value_name(shape.durability)])
         .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()])
-        .args(["--meta", &shape.meta.to_string(), "--id", &index.to_string()]);
+        .args(["--meta", &shape.meta.to_string()]);
+    if ask_id {
+        cmd.args(["--id", &index.to_string()]);
+    }
     if let Some(ports) = ports {
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         cmd.args(["--ports", &list.join(",")]);
@@ -324,7 +330,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     }
     ensure_meta(&mut cluster)?;
     cluster.store(dir)?;
-    let file = start_brick(&cluster, index, &b.dir, b.cores, Some(&b.ports)).with_context(|| format!("brick {index} did not restart"))?;
+    let file = start_brick(&cluster, index, false, &b.dir, b.cores, Some(&b.ports)).with_context(|| format!("brick {index} did not restart"))?;
     cluster.bricks[index].pid = file.pid;
     cluster.bricks[index].addr = file.addrs[0];
     cluster.store(dir)?;
@@ -332,7 +338,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
 }
 
 /// Starts brick `index` of `cluster` on `bdir` and waits until it serves.
-fn start_brick(cluster: &ClusterFile, index: usize, bdir: &Path, cores: usize, ports: Option<&[u16]>) -> anyhow::Result<BrickFile> {
+fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, cores: usize, ports: Option<&[u16]>) -> anyhow::Result<BrickFile> {
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let shape = BrickShape {
         cores,
@@ -341,7 +347,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, bdir: &Path, cores: usize, p
         checkpoint_log_mb: cluster.checkpoint_log_mb,
         meta: cluster.meta.addr,
     };
-    let mut child = spawn_brick(&exe, bdir, index, &shape, ports)?;
+    let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
         let _ = child.kill();
         let _ = child.wait();
@@ -356,11 +362,17 @@ pub fn add(dir: &Path) -> anyhow::Result<ClusterBrick> {
     let index = cluster.bricks.len();
     let bdir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?.join(format!("brick-{index}"));
     let cores = cluster.bricks.first().map_or(1, |b| b.cores);
-    let file = start_brick(&cluster, index, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
+    let file = start_brick(&cluster, index, false, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
     let ports = file.addrs.iter().map(|a| a.port()).collect();
     cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
+}
+
+/// The id the map authority gave brick `b` (its directory's `identity.json`): a brick
+/// that was removed and started again has a new one.
+fn brick_id(b: &ClusterBrick) -> BrickId {
+    BrickId(crate::brick::control::load_identity(&b.dir).unwrap_or(b.index as u32))
 }
 
 /// Waits until `brick` is in the map and no partition is short of replicas (as far as
@@ -438,7 +450,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let started = (|| {
         for index in 0..args.bricks {
             let bdir = dir.join(format!("brick-{index}"));
-            let child = spawn_brick(&exe, &bdir, index, &shape, None)
+            let child = spawn_brick(&exe, &bdir, index, true, &shape, None)
                 .with_context(|| format!("start brick {index}"))?;
             children.push((bdir, child));
         }
@@ -608,12 +620,12 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         Err(e) => println!("  map unavailable: {e}"),
     }
     println!(
-        "{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}",
-        "brick", "pid", "state", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns"
+        "{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}",
+        "brick", "id", "pid", "state", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns"
     );
     let mut down = 0;
     for b in &cluster.bricks {
-        let id = BrickId(b.index as u32);
+        let id = brick_id(b);
         let (held, copying, member) = match &map {
             Ok(m) => (m.partitions_of(id).count(), m.joining.values().filter(|j| j.contains(&id)).count(), m.bricks.contains_key(&id)),
             Err(_) => (0, 0, false),
@@ -627,11 +639,11 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         match stats {
             Ok(cores) => {
                 let (keys, bytes, conns) = cores.iter().fold((0, 0, 0), |a, s| (a.0 + s.keys, a.1 + s.bytes, a.2 + s.connections_open));
-                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}", b.index, b.pid, state, b.addr, b.cores, held, copying, keys, bytes, conns);
+                println!("{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}", b.index, id.0, b.pid, state, b.addr, b.cores, held, copying, keys, bytes, conns);
             }
             Err(why) => {
                 down += 1;
-                println!("{:<6} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, b.pid, state, b.addr, b.cores, held, copying);
+                println!("{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, id.0, b.pid, state, b.addr, b.cores, held, copying);
             }
         }
     }

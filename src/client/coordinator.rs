@@ -332,13 +332,14 @@ impl ClientCore {
         let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
         let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let (txid, participants) = (*txid, participants.clone());
-        if participants.iter().all(gone) {
-            // Every replica that could hold the prepare is dead (a removed brick never
-            // comes back under its id): nothing of this attempt can be read. Try anew
-            // with the map's new group.
-            let attempts = op.attempts;
-            self.retry_in(token, backoff(attempts, token), format!("every participant of {txid} left the map"));
-            return;
+        if participants.iter().all(gone) && !participants.iter().any(|b| vote(b) == Some(Vote::No)) {
+            // Every participant left the map before this client learned the outcome.
+            // They may have committed it among themselves (in doubt, all prepared) and
+            // served it before they died, so a retry could apply the write twice; and
+            // committing here would claim a write no live replica may hold.
+            let timeout_ms = self.config.op_timeout.as_millis() as u64;
+            let err = ClientError::Unknown { op: op.name(), timeout_ms, why: format!("every participant of {txid} left the map before its outcome was known") };
+            return self.complete(token, Err(err));
         }
         let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No));
         let all_yes = participants.iter().all(|b| matches!(vote(b), Some(Vote::Yes(_))) || gone(b));
@@ -397,9 +398,9 @@ impl ClientCore {
         let map = &self.map;
         let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b)).collect();
         if live.is_empty() {
-            let (attempts, txid) = (op.attempts, *txid);
-            self.retry_in(token, backoff(attempts, token), format!("every participant of {txid} left the map"));
-            return;
+            let timeout_ms = self.config.op_timeout.as_millis() as u64;
+            let err = ClientError::Unknown { op: op.name(), timeout_ms, why: format!("every participant of {txid} left the map before its outcome was known") };
+            return self.complete(token, Err(err));
         }
         let answer = |b: &BrickId| answers.iter().find(|(x, _)| x == b).and_then(|(_, s)| *s);
         if live.iter().any(|b| answer(b).is_none()) {

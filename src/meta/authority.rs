@@ -62,6 +62,10 @@ pub struct Authority {
     pending_drop: Option<(u64, Vec<Join>)>,
     last_removal_ms: Option<u64>,
     last_join_ms: Option<u64>,
+    /// Bricks that restarted (same id, new addresses) while joining partitions in the
+    /// running copy: a restarted brick drops what it held of partitions it is joining,
+    /// so their copies, even finished ones, must be done again.
+    restarted: std::collections::BTreeSet<BrickId>,
 }
 
 impl Authority {
@@ -79,6 +83,7 @@ impl Authority {
             pending_drop: None,
             last_removal_ms: None,
             last_join_ms: None,
+            restarted: std::collections::BTreeSet::new(),
         }
     }
 
@@ -104,10 +109,20 @@ impl Authority {
         let mut actions = Actions::default();
         // A brick removed from the map was declared dead: if it comes back it is a new
         // brick with a new id (it rejoins empty and is copied to, like any newcomer).
+        // A brick with no id whose addresses are a known brick's is that brick asking
+        // again (the answer to its first registration was lost): same id.
+        let same_addrs = |known: &BrickAddr| known.cores == cores;
+        let asked_before = self
+            .map
+            .iter()
+            .flat_map(|m| m.bricks.iter())
+            .chain(self.gathering.iter())
+            .find(|(_, a)| same_addrs(a))
+            .map(|(&b, _)| b);
         let id = match id.map(BrickId) {
             Some(old) if self.map.as_ref().is_some_and(|m| m.is_retired(old)) => self.next_id(),
             Some(id) => id,
-            None => self.next_id(),
+            None => asked_before.unwrap_or_else(|| self.next_id()),
         };
         let addr = BrickAddr { cores };
         let session = self.next_session;
@@ -126,6 +141,9 @@ impl Authority {
             Some(map) if map.bricks.contains_key(&id) => {
                 // Same brick, new addresses: it restarted before anyone noticed, with
                 // its state intact (it replayed its log).
+                if map.joining.values().any(|j| j.contains(&id)) {
+                    self.restarted.insert(id);
+                }
                 let mut next = map.clone();
                 next.bricks.insert(id, addr);
                 next.epoch += 1;
@@ -231,6 +249,7 @@ impl Authority {
         let orphans: Vec<Join> = map.joining.iter().flat_map(|(&p, bs)| bs.iter().map(move |&b| (p, b))).filter(|(_, b)| self.seen.contains_key(b)).collect();
         if !orphans.is_empty() {
             actions.notes.push(format!("{} joining replica(s) whose copy failed are copied again", orphans.len()));
+            self.restarted.clear();
             self.copying = orphans.clone();
             actions.copy = orphans;
             return;
@@ -278,6 +297,7 @@ impl Authority {
             Ok(next) => {
                 let why = format!("{} partition(s) short of replicas start copying", joins.len());
                 self.set_map(next, why, actions);
+                self.restarted.clear();
                 self.copying = joins.clone();
                 self.drop_after = drops;
                 actions.copy = joins;
@@ -290,7 +310,11 @@ impl Authority {
     pub fn copied(&mut self, joins: &[Join]) -> Actions {
         let mut actions = Actions::default();
         let Some(map) = &self.map else { return actions };
-        let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b)).collect();
+        let restarted = std::mem::take(&mut self.restarted);
+        let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b) && !restarted.contains(b)).collect();
+        if !restarted.is_empty() {
+            actions.notes.push(format!("{restarted:?} restarted while copying: their partitions are copied again"));
+        }
         self.copying.clear();
         // A moved replica leaves only where its replacement was copied; moves whose copy
         // failed wait for it to be copied again (or are forgotten if it stopped joining).
@@ -393,14 +417,16 @@ mod tests {
         assert!(map.groups.values().all(|g| !g.contains(&BrickId(1))));
         // Short partitions wait for the failed brick to come back.
         assert!(a.tick(100).copy.is_empty());
-        // Brick 1 comes back: it joins empty, and every short partition is copied to the
-        // least loaded brick outside its group, brick 1 first.
+        // Brick 1 comes back: it was declared dead, so it joins empty under a new id, and
+        // every short partition is copied to the least loaded brick outside its group,
+        // the newcomer first.
         let short = a.map().unwrap().groups.values().filter(|g| g.len() < 2).count();
-        let (_, _, actions) = a.register(Some(1), addr(1), 200).unwrap();
+        let (again, session3, actions) = a.register(Some(1), addr(1), 200).unwrap();
+        assert_eq!(again, BrickId(3), "a removed brick's id is never given again");
         assert!(actions.map_changed);
         let actions = a.tick(300);
         assert_eq!(actions.copy.len(), short);
-        assert!(actions.copy.iter().filter(|(_, b)| *b == BrickId(1)).count() >= short / 2);
+        assert!(actions.copy.iter().filter(|(_, b)| *b == BrickId(3)).count() >= short / 2);
         let joining = a.map().unwrap().clone();
         assert!(actions.copy.iter().all(|(p, b)| joining.is_joining(*p, *b)));
         assert!(a.tick(400).copy.is_empty(), "one plan at a time");
@@ -409,12 +435,23 @@ mod tests {
         let map = a.map().unwrap();
         assert!(map.joining.is_empty());
         assert!(map.groups.values().all(|g| g.len() == 2));
+        // A heartbeat on the removed brick's old session is refused: it must stop.
+        assert!(!a.heartbeat(BrickId(1), sessions[1], 9, 1000));
         // Silence past the timeout removes a brick too.
-        for i in [0, 1] {
-            assert!(a.heartbeat(BrickId(i), sessions[i as usize], 9, 2000));
-        }
+        assert!(a.heartbeat(BrickId(0), sessions[0], 9, 2000));
+        assert!(a.heartbeat(BrickId(3), session3, 9, 2000));
         let actions = a.tick(2000);
-        assert!(actions.notes.iter().any(|n| n.contains("brick 1 removed")), "{actions:?}");
+        assert!(actions.notes.iter().any(|n| n.contains("brick 2 removed")), "{actions:?}");
+    }
+
+    #[test]
+    fn a_brick_whose_registration_answer_was_lost_keeps_its_id() {
+        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 1, base_bits: 2 }, None, 0);
+        let (first, _, _) = a.register(None, addr(0), 0).unwrap();
+        let (again, _, _) = a.register(None, addr(0), 10).unwrap();
+        assert_eq!(first, again, "same addresses, same brick");
+        let (other, _, _) = a.register(None, addr(1), 20).unwrap();
+        assert_ne!(first, other);
     }
 
     #[test]

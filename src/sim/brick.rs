@@ -707,6 +707,10 @@ pub(crate) struct CopyJob {
     chunk: Option<Vec<u8>>,
     deadline: Micros,
     next_id: u64,
+    /// This attempt's connections, held for all its chunks as the real driver holds
+    /// them: a target that restarts mid-copy breaks its connection and fails the join.
+    src_link: Option<LinkId>,
+    dst_link: Option<LinkId>,
 }
 
 /// A copy that has not finished in this long gives up (`meta::COPY_DEADLINE`).
@@ -716,18 +720,39 @@ const COPY_RPC_TIMEOUT_MS: u64 = 5_000;
 
 impl CopyJob {
     pub fn new(joins: Joins, epoch: u64, now: Micros) -> CopyJob {
-        CopyJob { joins, epoch, at: 0, cursor: 0, done: Vec::new(), waiting: None, chunk: None, deadline: now + COPY_DEADLINE_MS * MS, next_id: 1 }
+        CopyJob {
+            joins,
+            epoch,
+            at: 0,
+            cursor: 0,
+            done: Vec::new(),
+            waiting: None,
+            chunk: None,
+            deadline: now + COPY_DEADLINE_MS * MS,
+            next_id: 1,
+            src_link: None,
+            dst_link: None,
+        }
     }
 }
 
 impl World {
-    fn copy_retry(&mut self, delay_ms: u64, restart: bool) {
+    /// Drops this attempt's connections.
+    fn copy_hang_up(&mut self) {
+        let Some(job) = &mut self.copy else { return };
+        let links = [job.src_link.take(), job.dst_link.take()];
+        for link in links.into_iter().flatten() {
+            self.break_link(link, false);
+        }
+    }
+
+    /// The source failed: a new attempt at this partition, from the start.
+    fn copy_retry(&mut self, delay_ms: u64) {
+        self.copy_hang_up();
         if let Some(job) = &mut self.copy {
             job.waiting = None;
-            if restart {
-                job.cursor = 0;
-                job.chunk = None;
-            }
+            job.cursor = 0;
+            job.chunk = None;
         }
         self.after(delay_ms * MS, Event::CopyStep);
     }
@@ -735,6 +760,7 @@ impl World {
     /// The current join failed: go on with the next.
     fn copy_skip(&mut self, why: String) {
         self.note(format!("copy: {why}"));
+        self.copy_hang_up();
         if let Some(job) = &mut self.copy {
             job.at += 1;
             job.cursor = 0;
@@ -780,20 +806,33 @@ impl World {
             Some(chunk) => (true, addr_of(target), Op::Install, chunk),
             None => {
                 let Some(source) = map.readable(p).next() else { return self.copy_skip("no readable replica".into()) };
+                if cursor == 0 && std::env::var("DDS_SIM_COPY").is_ok() {
+                    eprintln!("[{:>9.3} ms] copy {p} from {source} to {target} at epoch {epoch}, group {:?}", self.now as f64 / 1000.0, map.groups.get(&p));
+                }
                 let mut req = Vec::with_capacity(8);
                 req.extend_from_slice(&p.0.to_le_bytes());
                 req.extend_from_slice(&cursor.to_le_bytes());
                 (false, addr_of(source), Op::SnapshotChunk, req)
             }
         };
-        let Some(link) = to.and_then(|a| self.connect(Endpoint::Authority, a)) else {
-            if kind_install {
-                return self.copy_skip(format!("{target} cannot be reached"));
-            }
-            if std::env::var("DDS_SIM_COPY").is_ok() {
-                eprintln!("[{:>9.3} ms] copy source for {p} unreachable at {to:?}; map bricks {:?}", self.now as f64 / 1000.0, map.bricks);
-            }
-            return self.copy_retry(50, true);
+        let held = self.copy.as_ref().and_then(|j| if kind_install { j.dst_link } else { j.src_link });
+        let link = match held {
+            Some(l) if self.net.alive(l) => l,
+            Some(_) if kind_install => return self.copy_skip(format!("{target}: connection lost")),
+            Some(_) => return self.copy_retry(50),
+            None => match to.and_then(|a| self.connect(Endpoint::Authority, a)) {
+                Some(l) => {
+                    let job = self.copy.as_mut().expect("present");
+                    if kind_install {
+                        job.dst_link = Some(l);
+                    } else {
+                        job.src_link = Some(l);
+                    }
+                    l
+                }
+                None if kind_install => return self.copy_skip(format!("{target} cannot be reached")),
+                None => return self.copy_retry(50),
+            },
         };
         let job = self.copy.as_mut().expect("present");
         let id = job.next_id;
@@ -808,12 +847,11 @@ impl World {
     pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
         let Some(job) = &self.copy else { return };
         let Some((_, install, _)) = job.waiting.filter(|(l, _, _)| *l == link) else { return };
-        let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50, true) };
-        let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50, true) };
+        let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50) };
+        let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50) };
         if std::env::var("DDS_SIM_COPY").is_ok() {
             eprintln!("[{:>9.3} ms] copy reply install={install} {status:?} {}", self.now as f64 / 1000.0, String::from_utf8_lossy(&frame.value[..frame.value.len().min(80)]));
         }
-        self.break_link(link, false);
         if install {
             match status {
                 Status::Ok => {
@@ -827,6 +865,7 @@ impl World {
                         job.done.push(join);
                         job.at += 1;
                         job.cursor = 0;
+                        self.copy_hang_up();
                     } else {
                         job.cursor = next;
                     }
@@ -858,18 +897,17 @@ impl World {
                 }
                 self.after(2 * MS, Event::CopyStep);
             }
-            _ => self.copy_retry(50, true),
+            _ => self.copy_retry(50),
         }
     }
 
     pub(crate) fn copy_link_down(&mut self, link: LinkId) {
-        if self.copy.as_ref().and_then(|j| j.waiting).is_some_and(|(l, _, _)| l == link) {
-            let install = self.copy.as_ref().and_then(|j| j.waiting).is_some_and(|(_, i, _)| i);
-            if install {
-                let target = self.copy.as_ref().map(|j| j.joins[j.at].1);
-                return self.copy_skip(format!("{target:?}: link lost during install"));
-            }
-            self.copy_retry(50, true);
+        let Some(job) = &self.copy else { return };
+        if job.dst_link == Some(link) {
+            let target = job.joins.get(job.at).map(|j| j.1);
+            self.copy_skip(format!("{target:?}: connection lost during the copy"));
+        } else if job.src_link == Some(link) {
+            self.copy_retry(50);
         }
     }
 }

@@ -462,8 +462,16 @@ impl World {
                 return;
             }
             self.dispatch(event);
+            // Done once the final reads are in and the cluster is quiet again (a move
+            // the authority planned meanwhile has finished), so replicas can be compared.
             if self.clients.iter().all(|c| c.finished_final()) {
-                return;
+                if self.quiet() {
+                    return;
+                }
+                if self.now > (FAULTS_FOR_MS + SETTLE_MAX_MS) * MS {
+                    let why = self.unsettled();
+                    return self.fail(format!("the cluster did not settle again after the final reads: {why}"));
+                }
             }
         }
         if self.failure.is_none() && !self.clients.iter().all(|c| c.finished_final()) {
