@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::proto::{BrickInfo, DdsFraming};
 
 pub use core_loop::{replay_segment, SegmentError};
-pub use shard::{Effects, Query, Shard};
+pub use shard::{Effects, Query, Shard, PROBE_CURSOR};
 
 /// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

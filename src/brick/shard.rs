@@ -33,6 +33,9 @@ const RESOLVE_RETRY_MS: u64 = 250;
 const WAITERS_MAX: usize = 1024;
 /// Decided transactions remembered for peers that ask (and to refuse late prepares).
 const OUTCOMES_MAX: usize = 1 << 16;
+/// The cursor of a `SnapshotChunk` that only asks whether the partition has writes from
+/// older epochs pending (the copy driver probes every member before a copy starts).
+pub const PROBE_CURSOR: u32 = u32::MAX;
 /// Entry bytes in one snapshot chunk.
 pub const CHUNK_BYTES_MAX: usize = 256 << 10;
 
@@ -509,14 +512,12 @@ impl Shard {
     }
 
     /// Applies or drops the prepared write `txid` on `key`; returns whether it was here.
+    ///
+    /// The decision's record is durable before any reply leaves. Without that, a replica
+    /// that loses power after acknowledging a commit comes back in doubt, and if its
+    /// peer did the same, the rule asks peers that no longer know either (the simulator
+    /// found this losing an acknowledged write).
     fn decide(&mut self, key: &[u8], txid: TxId, commit: bool, fx: &mut Effects) -> bool {
-        self.decide_logged(key, txid, commit, false, fx)
-    }
-
-    /// `decide`, with the decision's record made durable before any reply (`durable`):
-    /// a decision this replica took alone, while in doubt, must survive a crash, since
-    /// the rule might decide otherwise later (a participant may have left the map).
-    fn decide_logged(&mut self, key: &[u8], txid: TxId, commit: bool, durable: bool, fx: &mut Effects) -> bool {
         if self.prepared.get(key).is_none_or(|p| p.txid != txid) {
             // Already decided (a repeated message), or never prepared: remember the abort
             // so a late prepare is refused.
@@ -533,7 +534,7 @@ impl Shard {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);
         }
-        fx.log(&Mutation::Decide { key, txid, commit }, durable);
+        fx.log(&Mutation::Decide { key, txid, commit }, true);
         self.outcomes.record(txid, commit);
         self.answer_waiters(key, p.waiters, fx);
         true
@@ -596,7 +597,7 @@ impl Shard {
         }
         for (key, txid, commit) in decided {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved: {}", if commit { "commit" } else { "abort" });
-            self.decide_logged(&key, txid, commit, true, fx);
+            self.decide(&key, txid, commit, fx);
         }
     }
 
@@ -607,7 +608,7 @@ impl Shard {
         p.answers.push((from.0, state));
         if let Some(commit) = resolve_rule(&self.map, self.me, p) {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved by peers: {}", if commit { "commit" } else { "abort" });
-            self.decide_logged(key, txid, commit, true, fx);
+            self.decide(key, txid, commit, fx);
         }
     }
 
@@ -629,12 +630,29 @@ impl Shard {
             out.extend_from_slice(b"brick has not seen that epoch yet");
             return Status::Behind;
         }
+        let pending_older = |shard: &Shard| shard.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k)));
+        if cursor == PROBE_CURSOR {
+            // A probe from the copy driver, to every member of the group: a write
+            // prepared under an older epoch on any member (not only the source) must be
+            // decided before the copy starts, or it could commit where the copy never
+            // sees it.
+            let member = self.map.dp.is_leaf(p) && self.map.groups.get(&p).is_some_and(|g| g.contains(&self.me)) && self.owns_partition(&self.map, p);
+            if !member {
+                out.extend_from_slice(format!("{} core {} is not a member of partition {p}", self.me, self.core).as_bytes());
+                return Status::WrongShard;
+            }
+            if pending_older(self) {
+                out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
+                return Status::Behind;
+            }
+            return Status::Ok;
+        }
         if !self.map.dp.is_leaf(p) || !self.map.readable(p).any(|b| b == self.me) || !self.owns_partition(&self.map, p) {
             out.extend_from_slice(format!("{} core {} serves no copy of partition {p}", self.me, self.core).as_bytes());
             return Status::WrongShard;
         }
         if cursor == 0 {
-            if self.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k))) {
+            if pending_older(self) {
                 out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
                 return Status::Behind;
             }
@@ -811,7 +829,7 @@ mod tests {
         assert_eq!(fx.deferred.len(), 1);
         let (frame, _) = decode(&fx.deferred[0].1).unwrap().unwrap();
         assert_eq!((frame.kind, frame.request_id, frame.value), (Kind::Reply(Op::Get, Status::Ok), 5, &b"v1"[..]));
-        assert!(!fx.must_sync, "a decision needs no sync before replies");
+        assert!(fx.must_sync, "a decision is durable before replies");
         assert_eq!(run(&mut shard, Op::Resolve, b"k", &t1.to_bytes()), (Status::Ok, vec![TxState::Committed as u8]));
         // Asked about a transaction it never saw, a replica aborts it for good.
         assert_eq!(run(&mut shard, Op::Resolve, b"k", &t2.to_bytes()), (Status::Ok, vec![TxState::Aborted as u8]));

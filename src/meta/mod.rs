@@ -287,7 +287,7 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
 fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target: BrickId, epoch: u64) -> Result<(u64, Duration), String> {
     let deadline = Instant::now() + COPY_DEADLINE;
     let mut keys = 0u64;
-    let mut drain = Duration::ZERO;
+    let mut drain;
     'attempt: loop {
         if Instant::now() > deadline {
             return Err("deadline passed".into());
@@ -302,6 +302,42 @@ fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target
             let cores = &map.bricks.get(&b).ok_or(format!("{b} not in the map"))?.cores;
             Ok(cores[map.core_of(hash, cores.len())])
         };
+        let first = Instant::now();
+        // Every other member first (not only the source): a write prepared under an
+        // older epoch on any of them must be decided before the copy starts.
+        let mut probe = Vec::with_capacity(8);
+        probe.extend_from_slice(&p.0.to_le_bytes());
+        probe.extend_from_slice(&crate::brick::PROBE_CURSOR.to_le_bytes());
+        for &member in map.groups.get(&p).map_or(&[][..], |g| &g[..]) {
+            if member == target {
+                continue;
+            }
+            let Ok(addr) = core_addr(member) else { continue };
+            let mut rpc = match Rpc::connect(addr, COPY_RPC_TIMEOUT) {
+                Ok(r) => r,
+                Err(e) => {
+                    crate::log!("meta", "copy of {p}: probe {member}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue 'attempt;
+                }
+            };
+            loop {
+                if Instant::now() > deadline {
+                    return Err(format!("{member} still holds writes of older epochs"));
+                }
+                match rpc.call(Op::SnapshotChunk, epoch, &[], &probe, COPY_RPC_TIMEOUT) {
+                    Ok((Status::Behind | Status::Unavailable, _)) => std::thread::sleep(Duration::from_millis(2)),
+                    // Ok: nothing pending; anything else: no longer a member at its epoch.
+                    Ok(_) => break,
+                    Err(e) => {
+                        crate::log!("meta", "copy of {p}: probe {member}: {e}; retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue 'attempt;
+                    }
+                }
+            }
+        }
+        drain = first.elapsed();
         let (src_addr, dst_addr) = (core_addr(source)?, core_addr(target)?);
         let connect = |a| Rpc::connect(a, COPY_RPC_TIMEOUT).map_err(|e| e.to_string());
         let (mut src, mut dst) = match (connect(src_addr), connect(dst_addr)) {
@@ -313,7 +349,6 @@ fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target
             }
         };
         let mut cursor = 0u32;
-        let first = Instant::now();
         loop {
             let mut req = Vec::with_capacity(8);
             req.extend_from_slice(&p.0.to_le_bytes());

@@ -711,6 +711,10 @@ pub(crate) struct CopyJob {
     /// them: a target that restarts mid-copy breaks its connection and fails the join.
     src_link: Option<LinkId>,
     dst_link: Option<LinkId>,
+    /// Members still to probe for older-epoch writes before this attempt copies
+    /// (`None`: not listed yet), and the probe on the wire.
+    probes: Option<Vec<BrickId>>,
+    probe_wait: Option<(LinkId, Micros)>,
 }
 
 /// A copy that has not finished in this long gives up (`meta::COPY_DEADLINE`).
@@ -732,6 +736,8 @@ impl CopyJob {
             next_id: 1,
             src_link: None,
             dst_link: None,
+            probes: None,
+            probe_wait: None,
         }
     }
 }
@@ -740,7 +746,8 @@ impl World {
     /// Drops this attempt's connections.
     fn copy_hang_up(&mut self) {
         let Some(job) = &mut self.copy else { return };
-        let links = [job.src_link.take(), job.dst_link.take()];
+        job.probes = None;
+        let links = [job.src_link.take(), job.dst_link.take(), job.probe_wait.take().map(|(l, _)| l)];
         for link in links.into_iter().flatten() {
             self.break_link(link, false);
         }
@@ -772,6 +779,13 @@ impl World {
 
     pub(crate) fn copy_step(&mut self) {
         let Some(job) = &self.copy else { return };
+        if let Some((link, sent)) = job.probe_wait {
+            if self.now >= sent + COPY_RPC_TIMEOUT_MS * MS {
+                self.break_link(link, false);
+                self.copy_retry(50);
+            }
+            return;
+        }
         if let Some((link, _, sent)) = job.waiting {
             if self.now >= sent + COPY_RPC_TIMEOUT_MS * MS {
                 // The call timed out, as `Rpc::call` does: the link is as good as lost.
@@ -802,6 +816,28 @@ impl World {
         }
         let hash = p.prefix() as u64;
         let addr_of = |bk: BrickId| map.bricks.get(&bk).map(|a| a.cores[map.core_of(hash, a.cores.len())]);
+        // `meta::copy_partition`: probe every other member for older-epoch writes first.
+        if cursor == 0 && self.copy.as_ref().is_some_and(|j| j.chunk.is_none()) {
+            let job = self.copy.as_mut().expect("present");
+            let probes = job.probes.get_or_insert_with(|| map.groups.get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| *b != target).collect()));
+            if let Some(&member) = probes.first() {
+                let Some(link) = addr_of(member).and_then(|a| self.connect(Endpoint::Authority, a)) else {
+                    return self.copy_retry(50);
+                };
+                let mut req = Vec::with_capacity(8);
+                req.extend_from_slice(&p.0.to_le_bytes());
+                req.extend_from_slice(&crate::brick::PROBE_CURSOR.to_le_bytes());
+                let job = self.copy.as_mut().expect("present");
+                let id = job.next_id;
+                job.next_id += 1;
+                job.probe_wait = Some((link, self.now));
+                let mut bytes = Vec::new();
+                encode(&mut bytes, &Frame { kind: Kind::Request(Op::SnapshotChunk), request_id: id, epoch, key: &[], value: &req });
+                self.send(link, Endpoint::Authority, Msg::Frame(bytes));
+                self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep);
+                return;
+            }
+        }
         let (kind_install, to, op, value) = match self.copy.as_ref().and_then(|j| j.chunk.clone()) {
             Some(chunk) => (true, addr_of(target), Op::Install, chunk),
             None => {
@@ -846,6 +882,29 @@ impl World {
 
     pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
         let Some(job) = &self.copy else { return };
+        if job.probe_wait.is_some_and(|(l, _)| l == link) {
+            let status = decode_exact(&bytes).ok().and_then(|f| match f.kind {
+                Kind::Reply(_, status) => Some(status),
+                Kind::Request(_) => None,
+            });
+            let job = self.copy.as_mut().expect("present");
+            job.probe_wait = None;
+            self.break_link(link, false);
+            match status {
+                Some(Status::Behind | Status::Unavailable) => self.after(2 * MS, Event::CopyStep),
+                Some(_) => {
+                    // Nothing pending there (or no longer a member): next member.
+                    if let Some(probes) = &mut self.copy.as_mut().expect("present").probes {
+                        if !probes.is_empty() {
+                            probes.remove(0);
+                        }
+                    }
+                    self.after(0, Event::CopyStep);
+                }
+                None => self.copy_retry(50),
+            }
+            return;
+        }
         let Some((_, install, _)) = job.waiting.filter(|(l, _, _)| *l == link) else { return };
         let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50) };
         let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50) };
@@ -903,7 +962,9 @@ impl World {
 
     pub(crate) fn copy_link_down(&mut self, link: LinkId) {
         let Some(job) = &self.copy else { return };
-        if job.dst_link == Some(link) {
+        if job.probe_wait.is_some_and(|(l, _)| l == link) {
+            self.copy_retry(50);
+        } else if job.dst_link == Some(link) {
             let target = job.joins.get(job.at).map(|j| j.1);
             self.copy_skip(format!("{target:?}: connection lost during the copy"));
         } else if job.src_link == Some(link) {
