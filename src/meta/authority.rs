@@ -66,6 +66,9 @@ pub struct Authority {
     /// running copy: a restarted brick drops what it held of partitions it is joining,
     /// so their copies, even finished ones, must be done again.
     restarted: std::collections::BTreeSet<BrickId>,
+    /// Ids below this were given out by this authority (the map keeps the same mark
+    /// once it exists; before the first map, only this does): never given again.
+    next_fresh: u32,
 }
 
 impl Authority {
@@ -84,6 +87,7 @@ impl Authority {
             last_removal_ms: None,
             last_join_ms: None,
             restarted: std::collections::BTreeSet::new(),
+            next_fresh: 0,
         }
     }
 
@@ -99,7 +103,7 @@ impl Authority {
 
     fn next_id(&self) -> BrickId {
         let known = self.map.iter().flat_map(|m| m.bricks.keys()).chain(self.gathering.keys()).chain(self.seen.keys());
-        let floor = self.map.as_ref().map_or(0, |m| m.fresh_brick_id().0);
+        let floor = self.map.as_ref().map_or(0, |m| m.fresh_brick_id().0).max(self.next_fresh);
         BrickId(known.map(|b| b.0 + 1).max().unwrap_or(0).max(floor))
     }
 
@@ -124,6 +128,7 @@ impl Authority {
             Some(id) => id,
             None => asked_before.unwrap_or_else(|| self.next_id()),
         };
+        self.next_fresh = self.next_fresh.max(id.0 + 1);
         let addr = BrickAddr { cores };
         let session = self.next_session;
         self.next_session += 1;
@@ -132,7 +137,8 @@ impl Authority {
             None => {
                 self.gathering.insert(id, addr);
                 if self.gathering.len() >= self.config.bricks {
-                    let map = ClusterMap::initial(self.config.base_bits, self.gathering.clone(), self.config.replicas)?;
+                    let mut map = ClusterMap::initial(self.config.base_bits, self.gathering.clone(), self.config.replicas)?;
+                    map.next_brick_id = map.next_brick_id.max(self.next_fresh);
                     let n = map.bricks.len();
                     self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
                 }
