@@ -243,6 +243,12 @@ impl Shard {
                 self.mutate(key, None);
             }
             Mutation::Prepare { key, body } => {
+                if body.participants().all(|b| b != self.me.0) {
+                    // Prepared under an earlier id of this directory (the brick was
+                    // removed and came back as a new brick): not this brick's to decide.
+                    // Resolving it here would apply a write no other replica shares.
+                    return;
+                }
                 // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
                 self.prepared.insert(key.into(), Prepared::new(&body, 0, 0));
             }

@@ -544,7 +544,8 @@ impl World {
                 Kind::Request(op) => {
                     out.clear();
                     core.shard.execute(conn_of(link), &frame, &info, &mut out, &mut core.fx);
-                    if watch.as_deref().is_some_and(|w| w.as_bytes() == frame.key) {
+                    let in_chunk = |w: &str| op == Op::Install && frame.value.windows(w.len()).any(|x| x == w.as_bytes());
+                    if watch.as_deref().is_some_and(|w| w.as_bytes() == frame.key || in_chunk(w)) {
                         let reply = decode_exact(&out).ok().map(|r| (r.kind, String::from_utf8_lossy(r.value).into_owned()));
                         eprintln!("[{:>9.3} ms] watch: brick {b} ({}) core {c} epoch {}: {op:?} epoch {} value {:?} -> {reply:?}", now_ms as f64, map_id, core.shard.epoch(), frame.epoch, String::from_utf8_lossy(frame.value));
                     }
