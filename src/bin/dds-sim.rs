@@ -29,6 +29,9 @@ struct Args {
     /// Allow network partitions (outside the design's assumptions).
     #[arg(long)]
     partitions: bool,
+    /// With --seed: print every request on this key as the bricks execute it.
+    #[arg(long)]
+    watch: Option<String>,
     /// Run every seed twice and require equal digests.
     #[arg(long)]
     twice: bool,
@@ -62,13 +65,14 @@ fn main() -> Result<()> {
         })?),
         None => None,
     };
-    let options = Options { partitions: args.partitions, mutation, trace: args.seed.is_some() };
+    let options = Options { partitions: args.partitions, mutation, trace: args.seed.is_some(), watch: args.watch.clone() };
     if let Some(seed) = args.seed {
         let started = Instant::now();
         let report = run(seed, &options);
         eprintln!("seed {seed}: {}", report.shape);
+        let [ok, unknown, failed] = report.outcomes;
         println!(
-            "seed {seed}: {} operations, {} events, digest {:016x}, {:.2} s",
+            "seed {seed}: {} operations checked ({ok} ok, {unknown} unknown, {failed} failed), {} events, digest {:016x}, {:.2} s",
             report.ops,
             report.events,
             report.digest,
@@ -108,6 +112,7 @@ fn main() -> Result<()> {
     let passed = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let ops = AtomicU64::new(0);
+    let outcomes: [AtomicU64; 3] = Default::default();
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -127,6 +132,9 @@ fn main() -> Result<()> {
                     }
                 }
                 ops.fetch_add(report.ops as u64, Ordering::Relaxed);
+                for (total, n) in outcomes.iter().zip(report.outcomes) {
+                    total.fetch_add(n, Ordering::Relaxed);
+                }
                 match failure {
                     None => {
                         passed.fetch_add(1, Ordering::Relaxed);
@@ -146,7 +154,12 @@ fn main() -> Result<()> {
         }
     });
     let (passed, failed) = (passed.into_inner(), failed.into_inner());
-    eprintln!("dds-sim: {} client operations checked in {:.1} s", ops.into_inner(), started.elapsed().as_secs_f64());
+    let [ok, unknown, failed_ops] = outcomes.map(AtomicU64::into_inner);
+    eprintln!(
+        "dds-sim: {} operations in the checked histories; client operations {ok} ok, {unknown} unknown, {failed_ops} failed; {:.1} s",
+        ops.into_inner(),
+        started.elapsed().as_secs_f64()
+    );
     println!("{passed} passed, {failed} failed");
     if args.expect_failure {
         if failed == 0 {

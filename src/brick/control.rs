@@ -33,6 +33,10 @@ pub struct Shared {
     pub refresh: AtomicBool,
     /// The authority removed this brick (declared it dead) while it ran: it stops.
     pub removed: AtomicBool,
+    /// When the authority last answered (ms since `started`); `u64::MAX`: this brick
+    /// runs alone and holds no lease.
+    lease_ok_ms: AtomicU64,
+    started: Instant,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -45,8 +49,26 @@ impl Shared {
             fenced: AtomicBool::new(false),
             refresh: AtomicBool::new(false),
             removed: AtomicBool::new(false),
+            lease_ok_ms: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
             stop,
         }
+    }
+
+    /// The authority answered now: the lease runs `LEASE_MS` from here.
+    pub fn renew_lease(&self) {
+        self.lease_ok_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Whether the cores must serve nothing: fenced by the control thread, or the lease
+    /// ran out without the control thread noticing yet (after the whole process was
+    /// paused, a core can run before the control thread does).
+    pub fn is_fenced(&self) -> bool {
+        if self.fenced.load(Ordering::Acquire) {
+            return true;
+        }
+        let ok_ms = self.lease_ok_ms.load(Ordering::Acquire);
+        ok_ms != u64::MAX && self.started.elapsed().as_millis() as u64 > ok_ms + LEASE_MS
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
@@ -153,6 +175,7 @@ pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &Atomi
 /// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
 pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], mut rpc: Option<Rpc>) {
     let mut last_ok = Instant::now();
+    shared.renew_lease();
     let mut last_beat = Instant::now() - Duration::from_millis(HEARTBEAT_MS);
     while !shared.stop.load(Ordering::Relaxed) {
         let due = last_beat.elapsed() >= Duration::from_millis(HEARTBEAT_MS) || shared.refresh.swap(false, Ordering::Relaxed);
@@ -187,6 +210,7 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
                     }
                 }
                 last_ok = Instant::now();
+                shared.renew_lease();
                 if shared.fenced.swap(false, Ordering::AcqRel) {
                     crate::log!("brick", "in touch with the map authority again: serving");
                 }

@@ -377,7 +377,7 @@ pub fn run(
     while !shared.stop.load(Ordering::Relaxed) {
         // Fence first: the control thread unfences only after installing the map that
         // came with the authority's answer, so an unfenced core sees that map too.
-        handler.shard.fenced = shared.fenced.load(Ordering::Acquire);
+        handler.shard.fenced = shared.is_fenced();
         if shared.epoch.load(Ordering::Acquire) != handler.shard.epoch() {
             let map = shared.map();
             if map.epoch > handler.shard.epoch() {

@@ -40,6 +40,9 @@ pub(crate) enum State {
     Stopped(String),
 }
 
+/// An in-doubt question on the wire: key, transaction, whom, and on which link.
+type Asked = (Box<[u8]>, TxId, BrickId, LinkId);
+
 pub(crate) struct SimCore {
     shard: Shard,
     fx: Effects,
@@ -50,7 +53,7 @@ pub(crate) struct SimCore {
     /// Replies of the round, released when its log write (and sync) is done.
     held: Vec<(LinkId, Vec<u8>)>,
     sync_pending: bool,
-    asked: HashMap<u64, (Box<[u8]>, TxId, BrickId, LinkId)>,
+    asked: HashMap<u64, Asked>,
     next_ask: u64,
     peers: HashMap<(BrickId, usize), LinkId>,
     last_tick_ms: u64,
@@ -517,7 +520,8 @@ impl World {
         }
         let now_ms = self.now_ms();
         let brick = &mut self.bricks[b];
-        let fenced = brick.fenced;
+        // `Shared::is_fenced`: the core checks the lease itself.
+        let fenced = brick.fenced || self.now > brick.last_ok + LEASE_MS * MS;
         let map = brick.map.clone().expect("an up brick has a map");
         let info = BrickInfo { partition_bits: map.base_bits, core: c as u16, ports: Vec::new() };
         let core = &mut brick.cores[c];
@@ -528,8 +532,8 @@ impl World {
         }
         let mut out = Vec::new();
         let mut bad_links = Vec::new();
-        // Debugging aid: DDS_SIM_WATCH=<key> prints every request on that key.
-        let watch = std::env::var("DDS_SIM_WATCH").ok();
+        // `dds-sim --seed N --watch KEY` prints every request on that key.
+        let watch = self.options.watch.clone();
         let map_id = brick.id.map(|i| i.0).unwrap_or(u32::MAX);
         for _ in 0..FRAMES_PER_ROUND_MAX {
             let Some((link, bytes)) = core.inbox.pop_front() else { break };
@@ -843,8 +847,8 @@ impl World {
             Some(chunk) => (true, addr_of(target), Op::Install, chunk),
             None => {
                 let Some(source) = map.readable(p).next() else { return self.copy_skip("no readable replica".into()) };
-                if cursor == 0 && std::env::var("DDS_SIM_COPY").is_ok() {
-                    eprintln!("[{:>9.3} ms] copy {p} from {source} to {target} at epoch {epoch}, group {:?}", self.now as f64 / 1000.0, map.groups.get(&p));
+                if cursor == 0 && self.options.trace {
+                    self.note(format!("copy {p} from {source} to {target} at epoch {epoch}, group {:?}", map.groups.get(&p)));
                 }
                 let mut req = Vec::with_capacity(8);
                 req.extend_from_slice(&p.0.to_le_bytes());
@@ -909,9 +913,6 @@ impl World {
         let Some((_, install, _)) = job.waiting.filter(|(l, _, _)| *l == link) else { return };
         let Ok(frame) = decode_exact(&bytes) else { return self.copy_retry(50) };
         let Kind::Reply(_, status) = frame.kind else { return self.copy_retry(50) };
-        if std::env::var("DDS_SIM_COPY").is_ok() {
-            eprintln!("[{:>9.3} ms] copy reply install={install} {status:?} {}", self.now as f64 / 1000.0, String::from_utf8_lossy(&frame.value[..frame.value.len().min(80)]));
-        }
         if install {
             match status {
                 Status::Ok => {

@@ -6,6 +6,8 @@ use crate::check::{self, Event as Seen};
 use crate::map::key_hash;
 
 use super::client::key_name;
+
+type Entries = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 use super::World;
 
 impl World {
@@ -54,7 +56,7 @@ impl World {
             }
         }
         for (&p, group) in &map.groups {
-            let mut first: Option<(crate::map::BrickId, std::collections::BTreeMap<Vec<u8>, Vec<u8>>)> = None;
+            let mut first: Option<(crate::map::BrickId, Entries)> = None;
             for brick_id in group {
                 let brick = self.bricks.iter().find(|b| b.id == Some(*brick_id)).ok_or(format!("{brick_id} is not a simulated brick"))?;
                 let entries = brick.entries_of(p);

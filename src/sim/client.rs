@@ -41,6 +41,8 @@ pub(crate) struct SimClient {
     map_asked: Option<Micros>,
     /// Think time: the next operation starts no earlier than this.
     next_issue: Micros,
+    /// Operations that succeeded, ended `Unknown`, or failed (timed out, refused).
+    pub outcomes: [u64; 3],
 }
 
 impl SimClient {
@@ -84,6 +86,7 @@ impl World {
             wake_at: None,
             map_asked: None,
             next_issue: 0,
+            outcomes: [0; 3],
         });
         self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
     }
@@ -291,6 +294,12 @@ impl World {
     fn record(&mut self, c: usize, completion: Completion) {
         let client = &mut self.clients[c];
         let Some((kind, key, invoke)) = client.open.remove(&completion.token) else { return };
+        let slot = match &completion.result {
+            Ok(_) => 0,
+            Err(ClientError::Unknown { .. }) => 1,
+            Err(_) => 2,
+        };
+        client.outcomes[slot] += 1;
         let seen = match (&kind, completion.result) {
             (Kind::Get, Ok(Outcome::Value(v))) => Some(Seen::Read(Some(v))),
             (Kind::Get, Ok(Outcome::NotFound)) => Some(Seen::Read(None)),

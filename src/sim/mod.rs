@@ -55,6 +55,8 @@ pub struct Options {
     pub mutation: Option<Mutation>,
     /// Print every fault and map change as it happens.
     pub trace: bool,
+    /// Print every request on this key (with `trace`).
+    pub watch: Option<String>,
 }
 
 /// What one seed did.
@@ -70,6 +72,9 @@ pub struct Report {
     pub shape: String,
     /// Why the run failed a check, if it did.
     pub failure: Option<String>,
+    /// Client operations that succeeded, ended `Unknown`, or failed: what the faults
+    /// cost in availability (the checks are about safety).
+    pub outcomes: [u64; 3],
 }
 
 /// The cluster's shape and fault rates, drawn per seed (swarm testing: each seed turns
@@ -116,7 +121,7 @@ impl Shape {
             cores: rng.random_range(1..=2),
             base_bits: rng.random_range(2..=4),
             clients: rng.random_range(2..=4),
-            ops_per_client: rng.random_range(20..=60),
+            ops_per_client: rng.random_range(30..=150),
             depth: rng.random_range(1..=3),
             keys: rng.random_range(3..=8),
             delay_us: rng.random_range(20..=300),
@@ -358,10 +363,14 @@ impl World {
         let b = self.rng.random_range(0..self.bricks.len());
         let roll: f64 = self.rng.random();
         if roll < self.shape.partition_p {
+            // Some bricks, and maybe the map authority, apart from the rest (clients
+            // stay with the rest): messages across wait until it heals, as TCP's
+            // retransmissions would deliver them.
             let side: Vec<usize> = (0..self.bricks.len()).filter(|_| self.rng.random_bool(0.5)).collect();
+            let authority = self.rng.random_bool(0.3);
             let heal_ms = self.rng.random_range(100..=3000);
-            self.note(format!("network partition: bricks {side:?} apart from the rest for {heal_ms} ms"));
-            self.set_partition(&side, self.now + heal_ms * MS);
+            self.note(format!("network partition: bricks {side:?}{} apart from the rest for {heal_ms} ms", if authority { " and the authority" } else { "" }));
+            self.set_partition(&side, authority, self.now + heal_ms * MS);
             self.after(heal_ms * MS, Event::HealPartition);
         } else if !self.bricks[b].is_up() {
             self.restart(b);
@@ -527,7 +536,13 @@ pub fn run(seed: u64, options: &Options) -> Report {
         }
     }
     let ops = world.clients.iter().map(|c| c.history.len()).sum();
-    Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take() }
+    let mut outcomes = [0; 3];
+    for c in &world.clients {
+        for (total, n) in outcomes.iter_mut().zip(c.outcomes) {
+            *total += n;
+        }
+    }
+    Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take(), outcomes }
 }
 
 /// The core address of `brick` (its `life`-th incarnation) for `core`: a restarted

@@ -62,12 +62,14 @@ pub(crate) struct Net {
     pub reset_p: f64,
     /// Bricks cut off from everyone else, and when that heals.
     cut: Vec<usize>,
+    /// The map authority is on the cut-off side.
+    authority_cut: bool,
     heal_at: Micros,
 }
 
 impl Net {
     pub fn new(delay_us: Micros, jitter_us: Micros, reset_p: f64) -> Net {
-        Net { links: BTreeMap::new(), next: 1, delay_us, jitter_us, reset_p, cut: Vec::new(), heal_at: 0 }
+        Net { links: BTreeMap::new(), next: 1, delay_us, jitter_us, reset_p, cut: Vec::new(), authority_cut: false, heal_at: 0 }
     }
 
     pub fn alive(&self, link: LinkId) -> bool {
@@ -94,17 +96,23 @@ impl Net {
         self.links.get(&link).and_then(|l| l.b_core)
     }
 
-    pub fn partition(&mut self, side: &[usize]) {
+    pub fn partition(&mut self, side: &[usize], authority: bool) {
         self.cut = side.to_vec();
+        self.authority_cut = authority;
     }
 
     pub fn heal(&mut self) {
         self.cut.clear();
+        self.authority_cut = false;
     }
 
     fn apart(&self, x: Endpoint, y: Endpoint) -> bool {
-        let inside = |e: Endpoint| matches!(e, Endpoint::Brick(b) if self.cut.contains(&b));
-        !self.cut.is_empty() && inside(x) != inside(y)
+        let inside = |e: Endpoint| match e {
+            Endpoint::Brick(b) => self.cut.contains(&b),
+            Endpoint::Authority => self.authority_cut,
+            Endpoint::Client(_) => false,
+        };
+        (!self.cut.is_empty() || self.authority_cut) && inside(x) != inside(y)
     }
 }
 
@@ -183,8 +191,8 @@ impl World {
         }
     }
 
-    pub(crate) fn set_partition(&mut self, side: &[usize], heal_at: Micros) {
-        self.net.partition(side);
+    pub(crate) fn set_partition(&mut self, side: &[usize], authority: bool, heal_at: Micros) {
+        self.net.partition(side, authority);
         self.net.heal_at = heal_at;
     }
 }
