@@ -5,6 +5,7 @@
 # redis-server, memcached and a font from Debian).
 #   FUZZ_SECONDS=60       how long the frame decoder is fuzzed (at least 60 asked)
 #   LOG_FUZZ_SECONDS=30   how long the log scanner is fuzzed
+#   SIM_SEEDS=2000        how many simulator seeds (ci/sim.sh) run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
@@ -28,6 +29,17 @@ cargo test --locked --test durability acknowledged_writes_survive_sigkill -- --n
 
 step "linearizability: the broken build (replicas that lose commits) must fail the checker"
 cargo test --locked --features mutation-lost-commit --test linearizability -- --nocapture 2>&1 | tee -a "$LOG"
+
+step "simulator: regression seeds, 2000 seeds, determinism, partitions (ci/sim.sh)"
+bash ci/sim.sh --regressions ci/sim-regressions.txt 2>&1 | tee -a "$LOG"
+bash ci/sim.sh --seeds "${SIM_SEEDS:-2000}" 2>&1 | tee -a "$LOG"
+bash ci/sim.sh --seeds 200 --start 1000000 --twice 2>&1 | tee -a "$LOG"
+bash ci/sim.sh --seeds 300 --partitions 2>&1 | tee -a "$LOG"
+
+step "simulator: each planted bug must fail the checkers within 500 seeds"
+for mutation in read-uncommitted skip-sync lost-commit; do
+  bash ci/sim.sh --seeds 500 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
+done
 
 step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
 bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"
@@ -60,6 +72,10 @@ fuzz decode_frame "$FUZZ_SECONDS" -dict=decode_frame.dict
 fuzz log_scan "$LOG_FUZZ_SECONDS"
 
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' "$LOG" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
+sim_passed=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$LOG" | awk '{s+=$1} END {print s+0}')
+sim_failed=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$LOG" | awk '{s+=$3} END {print s+0}')
+passed=$((passed + sim_passed))
+failed=$((failed + sim_failed))
 step "done"
 echo "ci: $passed passed, $failed failed"

@@ -14,9 +14,9 @@ use dds::sim::{run, Options};
 #[derive(Parser, Debug)]
 #[command(name = "dds-sim", about = "Deterministic simulation of a dds cluster under seeded faults")]
 struct Args {
-    /// How many seeds to run, from --start on.
-    #[arg(long, default_value_t = 100)]
-    seeds: u64,
+    /// How many seeds to run, from --start on [default: 100, or none with --regressions].
+    #[arg(long)]
+    seeds: Option<u64>,
     /// The first seed.
     #[arg(long, default_value_t = 1)]
     start: u64,
@@ -41,7 +41,8 @@ struct Args {
     /// Worker threads (each runs whole seeds).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Seeds to run first, from a file with one seed per line ('#' starts a comment).
+    /// Seeds to run (before any --seeds), from a file with one seed per line ('#' starts
+    /// a comment).
     #[arg(long)]
     regressions: Option<std::path::PathBuf>,
 }
@@ -106,7 +107,8 @@ fn main() -> Result<()> {
             }
         }
     }
-    seeds.extend(args.start..args.start + args.seeds);
+    let count = args.seeds.unwrap_or(if args.regressions.is_some() { 0 } else { 100 });
+    seeds.extend(args.start..args.start + count);
     let total = seeds.len();
     let next = AtomicUsize::new(0);
     let passed = AtomicU64::new(0);

@@ -83,7 +83,7 @@ pub struct Effects {
     pub batch: Vec<u8>,
     pub next_lsn: u64,
     /// A record in `batch` must be durable before any reply leaves (under sync
-    /// durability). Decisions alone do not need it: every participant prepared durably.
+    /// durability): writes, prepares, decisions and tombstones all are.
     pub must_sync: bool,
     /// Replies to requests that waited (parked reads): (connection, frame bytes).
     pub deferred: Vec<(ConnId, Vec<u8>)>,

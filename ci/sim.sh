@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The deterministic simulator (src/sim): a whole cluster in one thread with simulated
+# network, disk and clock, faults drawn from each seed, checkers after every run.
+#   ci/sim.sh --seeds N                 N seeds from 1; prints "N passed, 0 failed"
+#   ci/sim.sh --seeds N --start S       N seeds from S (a longer run: --seeds 100000)
+#   ci/sim.sh --seed S                  replay one seed with its trace (the failure line
+#                                       prints this command)
+#   ci/sim.sh --seed S --watch key-3    ... and every request on one key
+#   ci/sim.sh --regressions ci/sim-regressions.txt
+#   ci/sim.sh --seeds N --twice         every seed twice: equal digests (determinism)
+#   ci/sim.sh --seeds N --mutation read-uncommitted|skip-sync|lost-commit --expect-failure
+#                                       a planted bug the checkers must catch
+#   ci/sim.sh --seeds N --partitions    also network partitions (beyond the design's
+#                                       assumptions; see ARCHITECTURE.md)
+# Builds `dds-sim` (cargo feature `sim`, which the `dds` binary never has) first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_log="$(mktemp -t dds-sim-build-XXXXXX.log)"
+if ! cargo build --release --locked --features sim --bin dds-sim 2>"$build_log"; then
+  cat "$build_log" >&2
+  exit 1
+fi
+rm -f "$build_log"
+exec target/release/dds-sim "$@"
