@@ -71,8 +71,19 @@ fn check_key<'a>(key: &[u8], ops: &[&'a Operation]) -> Result<(), CheckError> {
         let next = ids.len() as u32;
         *ids.entry(v).or_insert(next)
     };
+    // A write of unknown outcome whose value no read returned can be taken as never
+    // applied: had it taken effect, no read saw the register until the next write, so
+    // dropping it changes no read's explanation. (Values are unique per write; a
+    // remove's `None` can be read, so removes stay.) This keeps the search small when
+    // faults leave many outcomes unknown.
+    let read_values: HashSet<&[u8]> = ops.iter().filter_map(|o| match &o.event {
+        Event::Read(Some(v)) => Some(&v[..]),
+        _ => None,
+    }).collect();
+    let relevant = |o: &&&Operation| !matches!(&o.event, Event::MaybeWrite(Some(v)) if !read_values.contains(&v[..]));
     let mut list: Vec<Op> = ops
         .iter()
+        .filter(relevant)
         .map(|o| match &o.event {
             Event::Read(v) => Op { invoke: o.invoke, complete: o.complete, value: id(v.as_deref()), write: false, required: true },
             Event::Write(v) => Op { invoke: o.invoke, complete: o.complete, value: id(v.as_deref()), write: true, required: true },

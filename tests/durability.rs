@@ -41,7 +41,8 @@ fn acknowledged_writes_survive_sigkill() {
                 run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "0"]);
             })
         };
-        // Short: after the kill every write fails only at its deadline (the client retries).
+        // Short: after the kill, writes on the wire end `Unknown` at once and new ones fail
+        // at their deadline.
         let config = ClientConfig { op_timeout: Duration::from_secs(1), ..ClientConfig::default() };
         let mut client = dds::Client::connect(&addrs, config).unwrap();
         let mut in_flight: HashMap<u64, (Vec<u8>, Vec<u8>)> = HashMap::new();

@@ -224,6 +224,11 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
             if let ScanEnd::TornTail { offset, .. } = end {
                 file.truncate_to(offset)?;
             }
+            // What was replayed will be served: make it durable first. After a process
+            // crash the log's tail may still be only in the page cache, and a power loss
+            // later would take back values this brick had served (the simulator found
+            // it: a read of a value that a later read found gone).
+            file.append(&[], true)?;
             active = Some(file);
         }
     }

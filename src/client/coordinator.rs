@@ -74,9 +74,6 @@ pub(crate) struct OpState {
     /// A message of this attempt went unanswered past the suspicion time.
     suspect: bool,
     why: String,
-    /// A one-phase attempt of this write was lost on the wire: it may have been applied,
-    /// so the write can end only as done or `Unknown`, never as failed.
-    maybe_applied: bool,
 }
 
 /// How long to wait before attempt `n` after a conflict: grows, with jitter by token so
@@ -104,7 +101,6 @@ impl OpState {
             avoid: Vec::new(),
             suspect: false,
             why: String::new(),
-            maybe_applied: false,
         }
     }
 
@@ -123,6 +119,11 @@ impl OpState {
             OpKind::Remove => "remove",
         }
     }
+}
+
+/// The error for a write whose message was lost: `Unknown`, it may have been applied.
+fn lost_write(op: &OpState, config: &super::ClientConfig, why: String) -> ClientError {
+    ClientError::Unknown { op: op.name(), timeout_ms: config.op_timeout.as_millis() as u64, why }
 }
 
 /// The vote a prepare's reply amounts to.
@@ -259,20 +260,21 @@ impl ClientCore {
                         self.fetch_map();
                         self.retry_in(token, Duration::from_millis(5), why);
                     }
+                    None if op.kind != OpKind::Get => {
+                        // A one-phase write lost on the wire may have been applied, and
+                        // sending it again could apply it a second time after a later
+                        // write: its outcome is unknown.
+                        let err = lost_write(op, &self.config, format!("connection to {brick} lost with the write on it"));
+                        self.fetch_map();
+                        self.complete(token, Err(err));
+                    }
                     None => {
                         op.avoid.push(brick);
-                        op.maybe_applied |= op.kind != OpKind::Get;
                         self.fetch_map();
                         self.retry_in(token, Duration::from_millis(5), format!("connection to {brick} lost"));
                     }
                     Some(status) => {
-                        let message = String::from_utf8_lossy(&r.value).into_owned();
-                        let err = if op.maybe_applied {
-                            let timeout_ms = self.config.op_timeout.as_millis() as u64;
-                            ClientError::Unknown { op: op.name(), timeout_ms, why: format!("{brick} refused a retry ({status:?}: {message}) of a write that may have been applied") }
-                        } else {
-                            ClientError::Refused { op: r.op.name(), brick, status, message }
-                        };
+                        let err = ClientError::Refused { op: r.op.name(), brick, status, message: String::from_utf8_lossy(&r.value).into_owned() };
                         self.complete(token, Err(err));
                     }
                 }
@@ -485,9 +487,12 @@ impl ClientCore {
             return;
         }
         match op.phase {
-            Phase::Read { .. } | Phase::Direct { .. } => {
+            Phase::Direct { .. } => {
+                let err = lost_write(op, &self.config, format!("{brick} left the map with the write unanswered"));
+                self.complete(token, Err(err));
+            }
+            Phase::Read { .. } => {
                 op.avoid.push(brick);
-                op.maybe_applied |= matches!(op.phase, Phase::Direct { .. });
                 self.msgs.retain(|_, m| m.token != token);
                 self.retry_in(token, Duration::ZERO, format!("{brick} left the map"));
             }
@@ -515,8 +520,6 @@ impl ClientCore {
                 }
                 Phase::Prepare { .. } | Phase::Confirm { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },
                 Phase::Direct { .. } => ClientError::Unknown { op: name, timeout_ms, why },
-                // An earlier attempt of this write may have been applied.
-                _ if op.maybe_applied => ClientError::Unknown { op: name, timeout_ms, why },
                 _ => ClientError::Timeout { op: name, timeout_ms, why },
             };
             return self.complete(token, Err(err));

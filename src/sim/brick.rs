@@ -334,8 +334,9 @@ impl World {
                 Ok((next_lsn, _, end)) => {
                     if let ScanEnd::TornTail { offset, .. } = end {
                         disk.bytes.truncate(offset as usize);
-                        disk.synced = disk.synced.min(disk.bytes.len());
                     }
+                    // `core_loop::recover` syncs the log before the core serves.
+                    disk.sync();
                     let mut fx = Effects::new(next_lsn);
                     shard.install_map(Arc::clone(&map), &mut fx);
                     cores.push(SimCore {

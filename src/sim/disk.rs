@@ -49,7 +49,8 @@ impl SimDisk {
         } else {
             self.bytes.truncate(keep);
         }
-        self.synced = self.synced.min(self.bytes.len());
+        // What survived is on the platter now.
+        self.synced = self.bytes.len();
         lost
     }
 }
