@@ -12,6 +12,8 @@
 #                                       a planted bug the checkers must catch
 #   ci/sim.sh --seeds N --partitions    also network partitions (beyond the design's
 #                                       assumptions; see ARCHITECTURE.md)
+#   ci/sim.sh --seeds N --raw-network   frames duplicated or reordered within a connection
+#                                       (beyond TCP; the checkers must catch what breaks)
 # Builds `dds-sim` (cargo feature `sim`, which the `dds` binary never has) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."

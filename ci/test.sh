@@ -36,10 +36,11 @@ bash ci/sim.sh --seeds "${SIM_SEEDS:-2000}" 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 200 --start 1000000 --twice 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 300 --partitions 2>&1 | tee -a "$LOG"
 
-step "simulator: each planted bug must fail the checkers within 500 seeds"
+step "simulator: each planted bug, and frames duplicated within a connection, must fail the checkers within 500 seeds"
 for mutation in read-uncommitted skip-sync lost-commit; do
   bash ci/sim.sh --seeds 500 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
 done
+bash ci/sim.sh --seeds 500 --raw-network --expect-failure 2>&1 | tail -n 4
 
 step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
 bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"

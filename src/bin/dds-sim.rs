@@ -29,6 +29,10 @@ struct Args {
     /// Allow network partitions (outside the design's assumptions).
     #[arg(long)]
     partitions: bool,
+    /// Let frames within a connection come twice or out of order (outside what TCP
+    /// allows): shows what breaks.
+    #[arg(long)]
+    raw_network: bool,
     /// With --seed: print every request on this key as the bricks execute it.
     #[arg(long)]
     watch: Option<String>,
@@ -55,6 +59,9 @@ fn replay_command(seed: u64, args: &Args) -> String {
     if args.partitions {
         cmd.push_str(" --partitions");
     }
+    if args.raw_network {
+        cmd.push_str(" --raw-network");
+    }
     cmd
 }
 
@@ -66,14 +73,20 @@ fn main() -> Result<()> {
         })?),
         None => None,
     };
-    let options = Options { partitions: args.partitions, mutation, trace: args.seed.is_some(), watch: args.watch.clone() };
+    let options = Options {
+        partitions: args.partitions,
+        raw_network: args.raw_network,
+        mutation,
+        trace: args.seed.is_some(),
+        watch: args.watch.clone(),
+    };
     if let Some(seed) = args.seed {
         let started = Instant::now();
         let report = run(seed, &options);
         eprintln!("seed {seed}: {}", report.shape);
         let [ok, unknown, failed] = report.outcomes;
         println!(
-            "seed {seed}: {} operations checked ({ok} ok, {unknown} unknown, {failed} failed), {} events, digest {:016x}, {:.2} s",
+            "seed {seed}: {} operations checked ({ok} ok, {unknown} unknown, {failed} refused or timed out), {} events, digest {:016x}, {:.2} s",
             report.ops,
             report.events,
             report.digest,
@@ -158,7 +171,7 @@ fn main() -> Result<()> {
     let (passed, failed) = (passed.into_inner(), failed.into_inner());
     let [ok, unknown, failed_ops] = outcomes.map(AtomicU64::into_inner);
     eprintln!(
-        "dds-sim: {} operations in the checked histories; client operations {ok} ok, {unknown} unknown, {failed_ops} failed; {:.1} s",
+        "dds-sim: {} operations in the checked histories; client operations: {ok} ok, {unknown} unknown, {failed_ops} refused or timed out; {:.1} s",
         ops.into_inner(),
         started.elapsed().as_secs_f64()
     );

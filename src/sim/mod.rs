@@ -51,6 +51,9 @@ pub const MS: Micros = 1000;
 pub struct Options {
     /// Allow network partitions (beyond the design's assumptions: see ARCHITECTURE.md).
     pub partitions: bool,
+    /// Let frames within one connection come twice or out of order (beyond what TCP
+    /// allows, which the protocol relies on).
+    pub raw_network: bool,
     /// A planted protocol bug the checkers must catch.
     pub mutation: Option<Mutation>,
     /// Print every fault and map change as it happens.

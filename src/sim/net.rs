@@ -6,9 +6,10 @@
 //! not). A partition, when enabled, holds messages between the two sides until it
 //! heals, as TCP's retransmissions would.
 //!
-//! Duplicated frames are not modelled: TCP does not duplicate, and every retry in the
-//! protocol is a new message the protocol itself sends (prepares, decisions and copy
-//! chunks are idempotent by transaction id and cursor).
+//! Duplicated and reordered frames within one connection are outside what TCP (and RC
+//! verbs) allow, and the protocol relies on that: a one-phase put delivered twice, the
+//! second time after a later write, would undo it. `--raw-network` turns them on
+//! anyway, to show that the checkers catch what breaks.
 
 use std::collections::BTreeMap;
 
@@ -31,7 +32,7 @@ pub(crate) enum Endpoint {
 /// What travels on a link: data-plane frames in the real wire format, and the control
 /// plane's registration, heartbeats and map requests (their JSON encoding is tested
 /// elsewhere; here they travel as values).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Msg {
     Frame(Vec<u8>),
     Register { id: Option<u32>, cores: Vec<std::net::SocketAddr> },
@@ -141,6 +142,14 @@ impl World {
         let mut at = self.now + self.net.delay_us + jitter;
         if self.net.apart(from, to) {
             at = at.max(self.net.heal_at_or_later(self.now));
+        }
+        if self.options.raw_network {
+            // Beyond TCP: this frame may overtake others on its link, or come twice.
+            if self.rng.random_bool(0.01) {
+                let again = at + self.rng.random_range(0..=5 * super::MS);
+                self.schedule(again, Event::Deliver { link, to, msg: msg.clone() });
+            }
+            return self.schedule(at, Event::Deliver { link, to, msg });
         }
         let l = self.net.links.get_mut(&link).expect("checked");
         at = at.max(l.last[dir] + 1);
