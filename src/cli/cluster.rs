@@ -395,6 +395,20 @@ fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> an
     }
 }
 
+/// Why this cluster's bricks cannot speak RDMA (one line, for the fallback message).
+#[cfg(feature = "rdma")]
+fn rdma_unavailable() -> String {
+    match dds_transport::rdma::probe() {
+        Err(e) => e.to_string(),
+        Ok(d) => format!("{} is usable, but bricks do not serve over RDMA yet (only the verbs path is built)", d.name),
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_unavailable() -> String {
+    "this build has no RDMA transport (build with --features rdma)".into()
+}
+
 /// The command-line spelling of a value, as clap parses it.
 fn value_name<T: ValueEnum>(value: T) -> String {
     value.to_possible_value().expect("no variant is skipped").get_name().to_string()
@@ -410,7 +424,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     }
     let mut transport = args.transport;
     if transport != TransportKind::Tcp {
-        eprintln!("dds: --transport {}: this build has no RDMA transport; falling back to TCP", value_name(transport));
+        eprintln!("dds: --transport {}: {}; falling back to TCP", value_name(transport), rdma_unavailable());
         transport = TransportKind::Tcp;
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 mod tcp;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 pub use tcp::{TcpConfig, TcpTransport};
 
