@@ -163,3 +163,468 @@ impl Loopback {
         Ok(received.expect("loop ends once received"))
     }
 }
+
+// ---- The transport: frames over RC queue pairs, set up over TCP ----
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::{CloseReason, ConnId, Framing, Handler, TcpConfig, TcpTransport, Transport, TransportError};
+
+/// Send slots per connection (sends in flight at once).
+pub const SEND_SLOTS: usize = 16;
+/// Bytes of each message's header: the credits it returns to the peer.
+const MSG_HEADER_BYTES: usize = 4;
+/// Completion queue entries shared by every connection of a transport.
+const CQ_ENTRIES: usize = 16384;
+/// Connections a transport holds: every one's sends and receives fit the queue.
+pub const RDMA_CONNECTIONS_MAX: usize = CQ_ENTRIES / (SEND_SLOTS + RECV_SLOTS);
+/// Longest control message (the JSON of a queue pair endpoint).
+const HANDSHAKE_BYTES_MAX: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct RdmaConfig {
+    /// Queued bytes past which a connection whose peer grants no credits is closed.
+    pub outbox_bytes_max: usize,
+    /// How long `connect` waits for the peer's queue pair.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        RdmaConfig { outbox_bytes_max: 32 << 20, handshake_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// Control messages on the TCP connection: a little-endian `u32` length, then bytes.
+struct ControlFraming;
+
+impl Framing for ControlFraming {
+    fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, String> {
+        let Some(len) = buf.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4")) as usize) else { return Ok(None) };
+        if len > HANDSHAKE_BYTES_MAX {
+            return Err(format!("control message of {len} bytes (at most {HANDSHAKE_BYTES_MAX})"));
+        }
+        Ok(Some(4 + len))
+    }
+}
+
+fn control_message(endpoint: &ibverbs::QueuePairEndpoint) -> Vec<u8> {
+    let json = serde_json::to_vec(endpoint).expect("an endpoint serialises");
+    let mut out = (json.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out
+}
+
+/// What the control channel reported during a TCP poll.
+enum Control {
+    Endpoint(ConnId, Result<ibverbs::QueuePairEndpoint, String>),
+    Closed(ConnId, SocketAddr, CloseReason),
+}
+
+#[derive(Default)]
+struct ControlEvents(Vec<Control>);
+
+impl Handler for ControlEvents {
+    fn on_frame(&mut self, conn: ConnId, frame: &[u8], _out: &mut Vec<u8>) -> Result<(), String> {
+        let endpoint = serde_json::from_slice(&frame[4..]).map_err(|e| format!("bad queue pair endpoint: {e}"));
+        self.0.push(Control::Endpoint(conn, endpoint));
+        Ok(())
+    }
+
+    fn on_close(&mut self, conn: ConnId, peer: SocketAddr, reason: &CloseReason) {
+        let reason = match reason {
+            CloseReason::PeerClosed => CloseReason::PeerClosed,
+            other => CloseReason::Io(std::io::Error::other(format!("control connection: {other}"))),
+        };
+        self.0.push(Control::Closed(conn, peer, reason));
+    }
+}
+
+/// One connection: its queue pair, registered slots, and byte streams both ways.
+struct RConn {
+    qp: ibverbs::QueuePair<'static>,
+    /// `SEND_SLOTS` send slots, then `RECV_SLOTS` receive slots.
+    mem: ibverbs::MemoryRegion<u8>,
+    free_send: Vec<usize>,
+    /// Received stream bytes not yet cut into frames: `inbound[ipos..]`.
+    inbound: Vec<u8>,
+    ipos: usize,
+    /// Frames to send: `outbox[opos..]`.
+    outbox: Vec<u8>,
+    opos: usize,
+    /// Messages the peer can take now; receives reposted here and not yet told.
+    credits: u32,
+    grant: u32,
+    peer: SocketAddr,
+}
+
+fn conn_wr(conn: ConnId, recv: bool, slot: usize) -> u64 {
+    (conn.slot as u64) << 32 | ((conn.generation & 0xffff) as u64) << 16 | (recv as u64) << 15 | slot as u64
+}
+
+fn wr_parts(wr: u64) -> (u32, u32, bool, usize) {
+    ((wr >> 32) as u32, (wr >> 16 & 0xffff) as u32, wr >> 15 & 1 == 1, (wr & 0x7fff) as usize)
+}
+
+impl RConn {
+    fn recv_range(slot: usize) -> std::ops::Range<usize> {
+        let start = (SEND_SLOTS + slot) * SLOT_BYTES;
+        start..start + SLOT_BYTES
+    }
+
+    fn post_recv(&mut self, conn: ConnId, slot: usize) -> Result<(), RdmaError> {
+        // SAFETY: receive slot `slot` of this connection's registered region; it is posted
+        // again only after its completion was taken, so the device never writes a slot
+        // this code is reading, and the region outlives the queue pair (dropped after it).
+        unsafe { self.qp.post_receive(&mut self.mem, Self::recv_range(slot), conn_wr(conn, true, slot)) }.map_err(verbs("post receive"))
+    }
+}
+
+/// Frames over RDMA RC queue pairs. Each connection starts as a TCP connection that
+/// carries the two queue pairs' endpoints and then only tells whether the peer is
+/// still there (its close closes the RDMA connection); frames travel as SENDs of up to
+/// one slot, each led by the credits it returns, so a sender never posts more than the
+/// receiver has receives for. Completions of every connection share one queue,
+/// busy-polled by `poll`.
+pub struct RdmaTransport<F: Framing> {
+    framing: F,
+    config: RdmaConfig,
+    tcp: TcpTransport<ControlFraming>,
+    pd: &'static ibverbs::ProtectionDomain<'static>,
+    cq: &'static ibverbs::CompletionQueue<'static>,
+    conns: HashMap<ConnId, RConn>,
+    control: ControlEvents,
+    /// Connections dialled by `connect` waiting for the peer's endpoint.
+    dialling: HashMap<ConnId, ibverbs::PreparedQueuePair<'static>>,
+    ready: Vec<(ConnId, ibverbs::QueuePairEndpoint)>,
+}
+
+impl<F: Framing> RdmaTransport<F> {
+    pub fn new(framing: F, config: RdmaConfig) -> Result<Self, RdmaError> {
+        let list = ibverbs::devices().map_err(|e| RdmaError::NoDevice(format!("listing devices: {e}")))?;
+        let device = list.iter().next().ok_or_else(|| RdmaError::NoDevice("no device listed".into()))?;
+        // The context, protection domain and completion queue live for the process.
+        let ctx: &'static ibverbs::Context = Box::leak(Box::new(device.open().map_err(verbs("open device"))?));
+        let cq: &'static ibverbs::CompletionQueue<'static> =
+            Box::leak(Box::new(ctx.create_cq(CQ_ENTRIES as i32, 0).map_err(verbs("create cq"))?));
+        let pd: &'static ibverbs::ProtectionDomain<'static> =
+            Box::leak(Box::new(ctx.alloc_pd().map_err(|_| RdmaError::Verbs { op: "alloc pd", source: std::io::Error::last_os_error() })?));
+        let tcp_config = TcpConfig { connections_max: RDMA_CONNECTIONS_MAX, ..TcpConfig::default() };
+        let tcp = TcpTransport::new(ControlFraming, tcp_config).map_err(|e| RdmaError::Verbs { op: "control channel", source: std::io::Error::other(e.to_string()) })?;
+        Ok(RdmaTransport { framing, config, tcp, pd, cq, conns: HashMap::new(), control: ControlEvents::default(), dialling: HashMap::new(), ready: Vec::new() })
+    }
+
+    fn prepare(&self) -> Result<ibverbs::PreparedQueuePair<'static>, RdmaError> {
+        self.pd
+            .create_qp(self.cq, self.cq, ibverbs::ibv_qp_type::IBV_QPT_RC)
+            .set_gid_index(1)
+            .set_max_send_wr(SEND_SLOTS as u32)
+            .set_max_recv_wr(RECV_SLOTS as u32)
+            .set_rnr_retry(7)
+            .build()
+            .map_err(verbs("create qp"))
+    }
+
+    /// A queue pair connected to `remote`, its slots registered and receives posted.
+    fn open_conn(&self, conn: ConnId, prepared: ibverbs::PreparedQueuePair<'static>, remote: ibverbs::QueuePairEndpoint, peer: SocketAddr) -> Result<RConn, RdmaError> {
+        let qp = prepared.handshake(remote).map_err(verbs("connect qp"))?;
+        let mem = self.pd.allocate::<u8>((SEND_SLOTS + RECV_SLOTS) * SLOT_BYTES).map_err(verbs("register memory"))?;
+        let mut c = RConn {
+            qp,
+            mem,
+            free_send: (0..SEND_SLOTS).collect(),
+            inbound: Vec::new(),
+            ipos: 0,
+            outbox: Vec::new(),
+            opos: 0,
+            credits: RECV_SLOTS as u32,
+            grant: 0,
+            peer,
+        };
+        for slot in 0..RECV_SLOTS {
+            c.post_recv(conn, slot)?;
+        }
+        Ok(c)
+    }
+
+    /// Handles what the control channel reported: endpoints of accepted and dialled
+    /// connections, and closes.
+    fn control<H: Handler>(&mut self, handler: &mut H) {
+        for event in std::mem::take(&mut self.control.0) {
+            match event {
+                Control::Endpoint(conn, endpoint) => {
+                    let peer = self.tcp.peer(conn).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let endpoint = match endpoint {
+                        Ok(e) => e,
+                        Err(why) => {
+                            self.tcp.close(conn, CloseReason::Malformed(why.clone()), &mut ControlEvents::default());
+                            self.dialling.remove(&conn);
+                            handler.on_close(conn, peer, &CloseReason::Malformed(why));
+                            continue;
+                        }
+                    };
+                    if self.dialling.contains_key(&conn) {
+                        self.ready.push((conn, endpoint));
+                        continue;
+                    }
+                    if self.conns.contains_key(&conn) {
+                        let why = "a second queue pair endpoint on one connection".to_string();
+                        self.close_conn(conn, CloseReason::Malformed(why), handler);
+                        continue;
+                    }
+                    // Accepted: answer with our queue pair.
+                    let opened = self.prepare().and_then(|p| {
+                        let mine = p.endpoint();
+                        self.open_conn(conn, p, endpoint, peer).map(|c| (c, mine))
+                    });
+                    match opened {
+                        Ok((c, mine)) => {
+                            if let Ok(out) = self.tcp.outbox(conn) {
+                                out.extend_from_slice(&control_message(&mine));
+                            }
+                            self.conns.insert(conn, c);
+                            handler.on_accept(conn, peer);
+                        }
+                        Err(e) => {
+                            self.tcp.close(conn, CloseReason::Io(std::io::Error::other(e.to_string())), &mut ControlEvents::default());
+                        }
+                    }
+                }
+                Control::Closed(conn, peer, reason) => {
+                    self.dialling.remove(&conn);
+                    if self.conns.remove(&conn).is_some() {
+                        handler.on_close(conn, peer, &reason);
+                    }
+                }
+            }
+        }
+        let mut scratch = ControlEvents::default();
+        self.tcp.flush(&mut scratch);
+        self.control.0.extend(scratch.0);
+    }
+
+    fn close_conn<H: Handler>(&mut self, conn: ConnId, reason: CloseReason, handler: &mut H) {
+        let mut scratch = ControlEvents::default();
+        self.tcp.close(conn, CloseReason::Local, &mut scratch);
+        self.dialling.remove(&conn);
+        if let Some(c) = self.conns.remove(&conn) {
+            handler.on_close(conn, c.peer, &reason);
+        }
+    }
+
+    /// Takes completions: received bytes join their connection's stream, credits come
+    /// back, receives are reposted, send slots are freed. Returns how many it took.
+    fn completions<H: Handler>(&mut self, handler: &mut H) -> usize {
+        let mut wc = [ibverbs::ibv_wc::default(); POLL_BATCH];
+        let done: Vec<(u64, Option<String>, usize)> = match self.cq.poll(&mut wc) {
+            Ok(c) => c.iter().map(|w| (w.wr_id(), w.error().map(|(s, _)| format!("{s:?}")), w.len())).collect(),
+            Err(_) => return 0,
+        };
+        let n = done.len();
+        for (wr, error, len) in done {
+            let (slot_id, generation, recv, slot) = wr_parts(wr);
+            let Some(conn) = self.conns.keys().copied().find(|c| c.slot == slot_id && c.generation & 0xffff == generation) else { continue };
+            if let Some(status) = error {
+                let why = format!("{} completion failed: {status}", if recv { "receive" } else { "send" });
+                self.close_conn(conn, CloseReason::Io(std::io::Error::other(why)), handler);
+                continue;
+            }
+            let c = self.conns.get_mut(&conn).expect("found");
+            if !recv {
+                c.free_send.push(slot);
+                continue;
+            }
+            if len < MSG_HEADER_BYTES {
+                let why = format!("a {len}-byte message is shorter than its header");
+                self.close_conn(conn, CloseReason::Malformed(why), handler);
+                continue;
+            }
+            let range = RConn::recv_range(slot);
+            let message = &c.mem[range.start..range.start + len];
+            let credits = u32::from_le_bytes(message[..4].try_into().expect("4"));
+            c.credits += credits;
+            c.inbound.extend_from_slice(&message[MSG_HEADER_BYTES..]);
+            if c.credits > RECV_SLOTS as u32 || c.post_recv(conn, slot).is_err() {
+                let why = format!("the peer granted {} credits for {RECV_SLOTS} receives", c.credits);
+                self.close_conn(conn, CloseReason::Malformed(why), handler);
+                continue;
+            }
+            c.grant += 1;
+        }
+        n
+    }
+
+    /// Cuts whole frames from each connection's stream and hands them to `handler`.
+    fn deliver<H: Handler>(&mut self, handler: &mut H) -> usize {
+        let mut delivered = 0;
+        let mut bad: Vec<(ConnId, CloseReason)> = Vec::new();
+        for (&conn, c) in self.conns.iter_mut() {
+            loop {
+                let rest = &c.inbound[c.ipos..];
+                let len = match self.framing.frame_len(rest) {
+                    Ok(Some(len)) if len <= rest.len() => len,
+                    Ok(_) => break,
+                    Err(why) => {
+                        bad.push((conn, CloseReason::Malformed(why)));
+                        break;
+                    }
+                };
+                let frame = &c.inbound[c.ipos..c.ipos + len];
+                if let Err(why) = handler.on_frame(conn, frame, &mut c.outbox) {
+                    bad.push((conn, CloseReason::Refused(why)));
+                    break;
+                }
+                c.ipos += len;
+                delivered += 1;
+            }
+            if c.ipos == c.inbound.len() {
+                c.inbound.clear();
+                c.ipos = 0;
+            }
+        }
+        for (conn, reason) in bad {
+            self.close_conn(conn, reason, handler);
+        }
+        delivered
+    }
+
+    /// Posts what each connection's credits and free send slots allow.
+    fn send_all<H: Handler>(&mut self, handler: &mut H) {
+        let mut full: Vec<(ConnId, usize)> = Vec::new();
+        for (&conn, c) in self.conns.iter_mut() {
+            loop {
+                let pending = c.outbox.len() - c.opos;
+                // A data message needs a spare credit: the last one is kept for grants,
+                // so two peers that both wait for credits can always tell each other.
+                let data = pending > 0 && c.credits > 1;
+                let grant_only = !data && c.grant as usize >= RECV_SLOTS / 2 && c.credits >= 1;
+                if !(data || grant_only) {
+                    break;
+                }
+                let Some(slot) = c.free_send.pop() else { break };
+                let n = if data { pending.min(SLOT_BYTES - MSG_HEADER_BYTES) } else { 0 };
+                let start = slot * SLOT_BYTES;
+                c.mem[start..start + 4].copy_from_slice(&c.grant.to_le_bytes());
+                c.mem[start + 4..start + 4 + n].copy_from_slice(&c.outbox[c.opos..c.opos + n]);
+                // SAFETY: send slot `slot` was free (its last send's completion was taken)
+                // and stays out of `free_send` until this send completes.
+                let posted = unsafe { c.qp.post_send(&mut c.mem, start..start + MSG_HEADER_BYTES + n, conn_wr(conn, false, slot)) };
+                if posted.is_err() {
+                    c.free_send.push(slot);
+                    break;
+                }
+                c.credits -= 1;
+                c.grant = 0;
+                c.opos += n;
+            }
+            if c.opos == c.outbox.len() {
+                c.outbox.clear();
+                c.opos = 0;
+            } else if c.outbox.len() - c.opos > self.config.outbox_bytes_max {
+                full.push((conn, c.outbox.len() - c.opos));
+            }
+        }
+        for (conn, bytes) in full {
+            // The peer stopped granting credits (or never reads): it is cut off.
+            self.close_conn(conn, CloseReason::OutboxFull { bytes }, handler);
+        }
+    }
+
+    /// One non-blocking round of the control channel.
+    fn tcp_poll(&mut self) -> Result<(), TransportError> {
+        let mut events = std::mem::take(&mut self.control);
+        let r = self.tcp.poll(Some(Duration::ZERO), &mut events);
+        self.control = events;
+        r.map(|_| ())
+    }
+}
+
+impl<F: Framing> Transport for RdmaTransport<F> {
+    fn listen(&mut self, addr: SocketAddr) -> Result<SocketAddr, TransportError> {
+        self.tcp.listen(addr)
+    }
+
+    fn connect(&mut self, addr: SocketAddr, timeout: Duration) -> Result<ConnId, TransportError> {
+        let fail = |e: RdmaError| TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(e.to_string()) };
+        let conn = self.tcp.connect(addr, timeout)?;
+        let prepared = self.prepare().map_err(fail)?;
+        self.tcp.outbox(conn)?.extend_from_slice(&control_message(&prepared.endpoint()));
+        self.dialling.insert(conn, prepared);
+        let deadline = std::time::Instant::now() + self.config.handshake_timeout.min(timeout.max(Duration::from_millis(100)));
+        loop {
+            self.tcp_poll()?;
+            // Endpoints and closes of other connections wait in `control` for `poll`.
+            let mut i = 0;
+            while i < self.control.0.len() {
+                match &self.control.0[i] {
+                    Control::Endpoint(c, Ok(endpoint)) if *c == conn => {
+                        let endpoint = *endpoint;
+                        self.control.0.remove(i);
+                        let prepared = self.dialling.remove(&conn).expect("dialling");
+                        let c = self.open_conn(conn, prepared, endpoint, addr).map_err(fail)?;
+                        self.conns.insert(conn, c);
+                        return Ok(conn);
+                    }
+                    Control::Endpoint(c, Err(why)) if *c == conn => {
+                        let why = why.clone();
+                        self.control.0.remove(i);
+                        self.dialling.remove(&conn);
+                        self.tcp.close(conn, CloseReason::Local, &mut ControlEvents::default());
+                        return Err(TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(why) });
+                    }
+                    Control::Closed(c, _, reason) if *c == conn => {
+                        let why = reason.to_string();
+                        self.control.0.remove(i);
+                        self.dialling.remove(&conn);
+                        return Err(TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(why) });
+                    }
+                    _ => i += 1,
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                self.dialling.remove(&conn);
+                self.tcp.close(conn, CloseReason::Local, &mut ControlEvents::default());
+                return Err(TransportError::Io { op: "rdma connect", addr, source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no queue pair endpoint from the peer") });
+            }
+        }
+    }
+
+    fn outbox(&mut self, conn: ConnId) -> Result<&mut Vec<u8>, TransportError> {
+        self.conns.get_mut(&conn).map(|c| &mut c.outbox).ok_or(TransportError::Closed(conn))
+    }
+
+    fn flush<H: Handler>(&mut self, handler: &mut H) {
+        self.send_all(handler);
+    }
+
+    fn poll<H: Handler>(&mut self, timeout: Option<Duration>, handler: &mut H) -> Result<usize, TransportError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            self.send_all(handler);
+            self.tcp_poll()?;
+            self.control(handler);
+            let took = self.completions(handler);
+            let delivered = self.deliver(handler);
+            self.send_all(handler);
+            if delivered > 0 || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(delivered);
+            }
+            if took == 0 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn close<H: Handler>(&mut self, conn: ConnId, reason: CloseReason, handler: &mut H) {
+        self.close_conn(conn, reason, handler);
+    }
+
+    fn peer(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.conns.get(&conn).map(|c| c.peer)
+    }
+
+    fn connections_open(&self) -> usize {
+        self.conns.len()
+    }
+}
