@@ -255,3 +255,39 @@ fn a_peer_that_goes_away_is_closed_with_a_reason_and_others_go_on() {
     assert!(!reasons.is_empty(), "the server saw the peer go");
     println!("server close reasons: {reasons:?}");
 }
+
+/// The same echo round trip over the TCP transport, for the RDMA figures to stand beside
+/// (`ci/bench-rdma.sh` runs both in one VM boot).
+#[test]
+fn tcp_echo_round_trips_for_comparison() {
+    use dds_transport::{TcpConfig, TcpTransport};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let s = Arc::clone(&stop);
+    let server = std::thread::spawn(move || {
+        let mut t = TcpTransport::new(LenPrefix, TcpConfig::default()).unwrap();
+        tx.send(t.listen("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let mut echo = Echo::default();
+        while !s.load(Ordering::Relaxed) {
+            t.poll(Some(Duration::ZERO), &mut echo).unwrap();
+        }
+    });
+    let mut t = TcpTransport::new(LenPrefix, TcpConfig::default()).unwrap();
+    let conn = t.connect(rx.recv().unwrap(), Duration::from_secs(2)).unwrap();
+    let small = frame(&[5u8; 24]);
+    let mut rtts = Vec::new();
+    for _ in 0..2000 {
+        let t0 = Instant::now();
+        t.outbox(conn).unwrap().extend_from_slice(&small);
+        let mut got = Collect::default();
+        while got.frames.is_empty() {
+            t.poll(Some(Duration::ZERO), &mut got).unwrap();
+        }
+        assert_eq!(got.frames[0], small);
+        rtts.push(t0.elapsed());
+    }
+    rtts.sort();
+    println!("tcp transport, 28-byte frames: p50 {:.1} us, p99 {:.1} us round trip", rtts[1000].as_secs_f64() * 1e6, rtts[1980].as_secs_f64() * 1e6);
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
