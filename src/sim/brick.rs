@@ -228,14 +228,7 @@ impl World {
                 }
                 brick.id = Some(BrickId(id));
                 match brick.state {
-                    State::Starting => match map {
-                        Some(map) => self.boot(b, map),
-                        // The authority is still gathering bricks: ask again soon.
-                        None => {
-                            let life = self.bricks[b].life;
-                            self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
-                        }
-                    },
+                    State::Starting => self.first_map(b, link, map),
                     State::Up => {
                         // Registered again after a broken session: beat at once.
                         let epoch = self.bricks[b].map.as_ref().map_or(0, |m| m.epoch);
@@ -246,13 +239,7 @@ impl World {
                 }
             }
             Msg::MapReply { map } => match self.bricks[b].state {
-                State::Starting => match map {
-                    Some(map) => self.boot(b, map),
-                    None => {
-                        let life = self.bricks[b].life;
-                        self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
-                    }
-                },
+                State::Starting => self.first_map(b, link, map),
                 State::Up => {
                     let brick = &mut self.bricks[b];
                     brick.hb_sent = None;
@@ -297,6 +284,18 @@ impl World {
                 self.wake_core(b, core);
             }
             other => unreachable!("a brick got {other:?}"),
+        }
+    }
+
+    /// A starting brick's answer from the authority: with the first map it boots;
+    /// without (the authority still gathers bricks) it asks again soon.
+    fn first_map(&mut self, b: usize, link: LinkId, map: Option<ClusterMap>) {
+        match map {
+            Some(map) => self.boot(b, map),
+            None => {
+                let life = self.bricks[b].life;
+                self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
+            }
         }
     }
 

@@ -7,28 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use dds_transport::{CloseReason, ConnId, Framing, Handler, TcpConfig, TcpTransport, Transport};
+use dds_transport::{CloseReason, ConnId, Handler, TcpConfig, TcpTransport, Transport};
 
-const FRAME_MAX: usize = 8 << 20;
-
-struct LenPrefix;
-
-impl Framing for LenPrefix {
-    fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, String> {
-        let Some(h) = buf.get(..4) else { return Ok(None) };
-        let len = u32::from_le_bytes(h.try_into().unwrap()) as usize + 4;
-        if len > FRAME_MAX {
-            return Err(format!("frame of {len} bytes is too long"));
-        }
-        Ok(Some(len))
-    }
-}
-
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = (payload.len() as u32).to_le_bytes().to_vec();
-    f.extend_from_slice(payload);
-    f
-}
+mod common;
+use common::{frame, LenPrefix};
 
 #[derive(Default)]
 struct Echo {
