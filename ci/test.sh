@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every test of dds, as CI runs it: lint, unit/property/end-to-end tests, the README's
-# main command, a smoke run of the benchmark harness against Redis and memcached, and
-# the frame decoder's fuzz target. Installs what it needs (cargo-fuzz from crates.io;
-# redis-server, memcached and a font from Debian).
+# Every test of dds, as CI runs it: lint, unit/property/end-to-end tests, the SIGKILL
+# crash test, the deterministic simulator (ci/sim.sh), the multi-host test in network
+# namespaces, the README's main command, a smoke run of the benchmark harness against
+# Redis and memcached, the RDMA tests in the soft-RoCE VM (ci/rdma.sh), and the fuzz
+# targets. Installs what it needs (cargo-fuzz from crates.io; redis-server, memcached, a
+# font, qemu and Debian's kernel, rdma-core and perftest, cmake, libclang-dev and
+# libibverbs-dev from Debian).
 #   FUZZ_SECONDS=60       how long the frame decoder is fuzzed (at least 60 asked)
 #   LOG_FUZZ_SECONDS=30   how long the log scanner is fuzzed
 #   SIM_SEEDS=2000        how many simulator seeds (ci/sim.sh) run
