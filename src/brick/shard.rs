@@ -54,6 +54,10 @@ struct Prepared {
     /// Answers from peers while in doubt.
     answers: Vec<(u32, TxState)>,
     asked_ms: Option<u64>,
+    /// The partition left this brick and came back as joining: the data it would apply
+    /// to is gone (the copy brings it anew), but this replica's vote stands, so the
+    /// entry stays until the transaction is decided and is then dropped unapplied.
+    detached: bool,
 }
 
 impl Prepared {
@@ -68,6 +72,7 @@ impl Prepared {
             waiters: Vec::new(),
             answers: Vec::new(),
             asked_ms: None,
+            detached: false,
         }
     }
 
@@ -313,11 +318,19 @@ impl Shard {
                 self.mutate(key, None);
                 fx.log(&Mutation::Remove { key }, true);
             }
-            let stale: Vec<Box<[u8]>> = self.prepared.keys().filter(|k| p.contains(key_hash(k))).cloned().collect();
-            for key in stale {
-                let prepared = self.prepared.remove(&key).expect("listed");
-                fx.log(&Mutation::Decide { key: &key, txid: prepared.txid, commit: false }, false);
-                self.answer_waiters(&key, prepared.waiters, fx);
+            // Writes prepared here before the partition left: this replica voted, so
+            // they stay undecided (and answer `Prepared` when asked) until decided; but
+            // reads waiting on them were admitted when this replica served the
+            // partition, and its data is gone now: they are refused, to go elsewhere.
+            let epoch = map.epoch;
+            for (_, prepared) in self.prepared.iter_mut().filter(|(k, _)| p.contains(key_hash(k))) {
+                prepared.detached = true;
+                for (conn, id) in prepared.waiters.drain(..) {
+                    let mut out = Vec::new();
+                    let why = format!("{} no longer serves reads of partition {p}: it left and is joining again", self.me);
+                    reply_frame(&mut out, Op::Get, id, epoch, Status::Unavailable, why.as_bytes());
+                    fx.deferred.push((conn, out));
+                }
             }
             crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {} stale keys", keys.len());
             self.joining.insert(p, HashSet::default());
@@ -534,6 +547,12 @@ impl Shard {
             return self.outcomes.state.get(&txid) == Some(&commit);
         }
         let p = self.prepared.remove(key).expect("present");
+        if p.detached {
+            // Decided after its partition left: nothing here to apply it to.
+            fx.log(&Mutation::Decide { key, txid, commit }, true);
+            self.outcomes.record(txid, commit);
+            return true;
+        }
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
         if commit && !lose {
@@ -856,6 +875,7 @@ mod tests {
             waiters: vec![],
             answers,
             asked_ms: None,
+            detached: false,
         };
         let me = BrickId(0);
         assert_eq!(resolve_rule(&map, me, &p(vec![])), None);
