@@ -91,9 +91,11 @@ impl Handler for Core {
                 };
                 match (status, frame.value.first().and_then(|&b| TxState::from_u8(b))) {
                     (Status::Ok, Some(state)) if frame.value.len() == 1 => {
-                        self.shard.on_answer(&key, txid, from, state, &mut self.fx);
+                        self.shard.on_answer(&key, txid, from, state, frame.epoch, &mut self.fx);
                         Ok(())
                     }
+                    // Fenced, or behind this core's map: asked again on a later tick.
+                    (Status::Unavailable | Status::Behind, _) => Ok(()),
                     _ => Err(format!("bad resolve answer from {from}: {status:?}")),
                 }
             }

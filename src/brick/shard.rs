@@ -51,13 +51,12 @@ struct Prepared {
     since_ms: u64,
     /// Reads that wait for the decision: (connection, request id).
     waiters: Vec<(ConnId, u64)>,
-    /// Answers from peers while in doubt.
+    /// Answers from peers while in doubt, all given at map epoch `answers_epoch` or
+    /// later: a map change drops them (an answer from before a participant left can be
+    /// stale: that peer may since have aborted on the departed one's word).
     answers: Vec<(u32, TxState)>,
+    answers_epoch: u64,
     asked_ms: Option<u64>,
-    /// The partition left this brick and came back as joining: the data it would apply
-    /// to is gone (the copy brings it anew), but this replica's vote stands, so the
-    /// entry stays until the transaction is decided and is then dropped unapplied.
-    detached: bool,
 }
 
 impl Prepared {
@@ -71,8 +70,8 @@ impl Prepared {
             since_ms,
             waiters: Vec::new(),
             answers: Vec::new(),
+            answers_epoch: 0,
             asked_ms: None,
-            detached: false,
         }
     }
 
@@ -319,12 +318,13 @@ impl Shard {
                 fx.log(&Mutation::Remove { key }, true);
             }
             // Writes prepared here before the partition left: this replica voted, so
-            // they stay undecided (and answer `Prepared` when asked) until decided; but
-            // reads waiting on them were admitted when this replica served the
-            // partition, and its data is gone now: they are refused, to go elsewhere.
+            // they stay undecided (and answer `Prepared` when asked) until decided, and
+            // a commit is applied and counted as a write since the join, like any other
+            // (the copy must not overwrite it). Reads waiting on them were admitted when
+            // this replica served the partition, and its data is gone now: they are
+            // refused, to go elsewhere.
             let epoch = map.epoch;
             for (_, prepared) in self.prepared.iter_mut().filter(|(k, _)| p.contains(key_hash(k))) {
-                prepared.detached = true;
                 for (conn, id) in prepared.waiters.drain(..) {
                     let mut out = Vec::new();
                     let why = format!("{} no longer serves reads of partition {p}: it left and is joining again", self.me);
@@ -440,6 +440,16 @@ impl Shard {
                 if self.tables[self.base_of(request.key) as usize].is_none() {
                     return reply(Status::WrongShard, b"key stored on another core");
                 }
+                if op == Op::Abort {
+                    if let Some(gone) = self.prepared.get(request.key).filter(|p| p.txid == txid).and_then(|p| self.departed_participant(p)) {
+                        // A participant left the map, so the live ones may already have
+                        // committed this write among themselves (all of them prepared:
+                        // the rule in ARCHITECTURE.md), whatever the departed one voted.
+                        // The coordinator's abort would split them: it asks them instead.
+                        let why = format!("{txid} stays prepared on {}: participant {gone} left the map, the live participants decide it", self.me);
+                        return reply(Status::Conflict, why.as_bytes());
+                    }
+                }
                 let found = self.decide(request.key, txid, op == Op::Commit, fx);
                 reply(if found { Status::Ok } else { Status::NotFound }, &[]);
             }
@@ -451,6 +461,13 @@ impl Shard {
                     // A fenced brick may already be out of the map: an "aborted" from it
                     // (a tombstone no one else will ever see) must not decide anything.
                     return reply(Status::Unavailable, b"fenced: ask again later");
+                }
+                if request.epoch > self.map.epoch {
+                    // The asker counts this answer only if it holds at its epoch: a
+                    // replica that has not seen a participant's removal could still
+                    // abort on that participant's word after answering "prepared".
+                    fx.behind = true;
+                    return reply(Status::Behind, b"behind the asker's map");
                 }
                 let state = self.tx_state(request.key, txid, fx);
                 reply(Status::Ok, &[state as u8]);
@@ -547,12 +564,6 @@ impl Shard {
             return self.outcomes.state.get(&txid) == Some(&commit);
         }
         let p = self.prepared.remove(key).expect("present");
-        if p.detached {
-            // Decided after its partition left: nothing here to apply it to.
-            fx.log(&Mutation::Decide { key, txid, commit }, true);
-            self.outcomes.record(txid, commit);
-            return true;
-        }
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
         if commit && !lose {
@@ -596,13 +607,24 @@ impl Shard {
         }
     }
 
+    /// A participant of `p` that is no longer in the map (dead), if any.
+    fn departed_participant(&self, p: &Prepared) -> Option<BrickId> {
+        p.body().participants().map(BrickId).find(|b| !self.map.bricks.contains_key(b))
+    }
+
     /// Time passes: in-doubt prepares ask their peers.
     pub fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
         self.now_ms = now_ms;
         let mut decided = Vec::new();
+        let epoch = self.map.epoch;
         for (key, p) in self.prepared.iter_mut() {
             if now_ms.saturating_sub(p.since_ms) < RESOLVE_AFTER_MS {
                 continue;
+            }
+            if p.answers_epoch != epoch {
+                p.answers.clear();
+                p.answers_epoch = epoch;
+                p.asked_ms = None;
             }
             if let Some(commit) = resolve_rule(&self.map, self.me, p) {
                 decided.push((key.clone(), p.txid, commit));
@@ -626,9 +648,20 @@ impl Shard {
         }
     }
 
-    /// A peer's answer to a `Query`.
-    pub fn on_answer(&mut self, key: &[u8], txid: TxId, from: BrickId, state: TxState, fx: &mut Effects) {
+    /// A peer's answer to a `Query`, given at the peer's map epoch `answered_epoch`.
+    pub fn on_answer(&mut self, key: &[u8], txid: TxId, from: BrickId, state: TxState, answered_epoch: u64, fx: &mut Effects) {
         let Some(p) = self.prepared.get_mut(key).filter(|p| p.txid == txid) else { return };
+        // Only answers given at this replica's epoch or later count, and only from
+        // members: a peer that had not yet seen a participant's removal could still abort
+        // on that participant's word after answering "prepared", and a departed peer's
+        // "aborted" may have raced with its removal.
+        if p.answers_epoch != self.map.epoch {
+            p.answers.clear();
+            p.answers_epoch = self.map.epoch;
+        }
+        if answered_epoch < self.map.epoch || !self.map.bricks.contains_key(&from) {
+            return;
+        }
         p.answers.retain(|(b, _)| *b != from.0);
         p.answers.push((from.0, state));
         if let Some(commit) = resolve_rule(&self.map, self.me, p) {
@@ -874,8 +907,8 @@ mod tests {
             since_ms: 0,
             waiters: vec![],
             answers,
+            answers_epoch: 1,
             asked_ms: None,
-            detached: false,
         };
         let me = BrickId(0);
         assert_eq!(resolve_rule(&map, me, &p(vec![])), None);

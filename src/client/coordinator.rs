@@ -57,7 +57,7 @@ enum Phase {
     /// prepared, and said so).
     Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
     /// Phase two: waiting for every participant still in the map to acknowledge.
-    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, existed: bool },
+    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)> },
 }
 
 pub(crate) struct OpState {
@@ -313,6 +313,17 @@ impl ClientCore {
                 answers.push((r.brick, state));
                 self.confirm(token);
             }
+            Phase::Decide { txid, commit: false, participants, votes, .. } if r.op == Op::Abort && matches!(r.status, Some(Status::Conflict | Status::NotFound)) => {
+                // The participant committed the transaction while in doubt (`NotFound`:
+                // not aborted there) or keeps it prepared because a participant left
+                // the map (`Conflict`): the live participants decide it among
+                // themselves, and this client follows what they answer (`Confirm`).
+                // Retrying now could apply the write twice.
+                op.why = format!("{}: {:?} {}", r.brick, r.status, String::from_utf8_lossy(&r.value));
+                let (txid, participants, votes) = (*txid, std::mem::take(participants), std::mem::take(votes));
+                op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
+                op.timer = Some(self.now + Duration::from_millis(20));
+            }
             Phase::Decide { pending, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
@@ -345,7 +356,6 @@ impl ClientCore {
         }
         let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No));
         let all_yes = participants.iter().all(|b| matches!(vote(b), Some(Vote::Yes(_))) || gone(b));
-        let existed = participants.iter().any(|b| matches!(vote(b), Some(Vote::Yes(true))));
         let commit = if any_no {
             false
         } else if all_yes {
@@ -366,7 +376,7 @@ impl ClientCore {
             op.timer = None;
             return self.ask_live(token);
         }
-        self.decide(token, txid, participants, commit, existed);
+        self.decide(token, txid, participants, commit);
     }
 
     /// Asks every live participant not yet answered what it knows of the transaction.
@@ -396,7 +406,7 @@ impl ClientCore {
     /// now: the only participant that could say "never prepared" has left the map).
     fn confirm(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Confirm { txid, participants, votes, answers } = &op.phase else { return };
+        let Phase::Confirm { txid, participants, answers, .. } = &op.phase else { return };
         let map = &self.map;
         let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b)).collect();
         if live.is_empty() {
@@ -409,17 +419,16 @@ impl ClientCore {
             return;
         }
         let commit = !live.iter().any(|b| answer(b) == Some(TxState::Aborted)) || live.iter().any(|b| answer(b) == Some(TxState::Committed));
-        let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
         if !commit {
             op.why = format!("{txid}: a participant had aborted it while in doubt");
         }
         let (txid, participants) = (*txid, participants.clone());
-        self.decide(token, txid, participants, commit, existed);
+        self.decide(token, txid, participants, commit);
     }
 
     /// Phase two: sends the decision to every participant that may hold the prepare and
     /// is alive.
-    fn decide(&mut self, token: u64, txid: TxId, participants: Vec<BrickId>, commit: bool, existed: bool) {
+    fn decide(&mut self, token: u64, txid: TxId, participants: Vec<BrickId>, commit: bool) {
         let Some(op) = self.ops.get_mut(&token) else { return };
         let map = &self.map;
         let votes: Vec<(BrickId, Vote)> = match &op.phase {
@@ -430,7 +439,7 @@ impl ClientCore {
         let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
-        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), existed };
+        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes };
         op.timer = None;
         if !commit {
             self.stats.aborts += 1;
@@ -455,15 +464,16 @@ impl ClientCore {
     /// Completes (commit) or retries (abort) once every live participant acknowledged.
     fn finish_decide(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Decide { pending, commit, existed, .. } = &mut op.phase else { return };
+        let Phase::Decide { pending, commit, votes, .. } = &mut op.phase else { return };
         let map = &self.map;
         pending.retain(|b| map.bricks.contains_key(b));
         if !pending.is_empty() {
             return;
         }
         if *commit {
+            let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
             let outcome = match op.kind {
-                OpKind::Remove if !*existed => Outcome::NotFound,
+                OpKind::Remove if !existed => Outcome::NotFound,
                 OpKind::Remove => Outcome::Removed,
                 _ => Outcome::Stored,
             };

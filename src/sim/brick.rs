@@ -677,7 +677,7 @@ impl World {
             if core.asked.get(&frame.request_id).is_some_and(|q| q.3 == link) {
                 let (key, txid, from, _) = core.asked.remove(&frame.request_id).expect("present");
                 if let (Status::Ok, Some(state)) = (status, frame.value.first().and_then(|&v| TxState::from_u8(v))) {
-                    core.shard.on_answer(&key, txid, from, state, &mut core.fx);
+                    core.shard.on_answer(&key, txid, from, state, frame.epoch, &mut core.fx);
                     self.wake_core(b, c);
                 }
                 return;
