@@ -5,61 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{run_ok, text, TestCluster};
-use dds::{Client, Completion, Outcome, Request};
-
-fn key(prefix: &str, i: usize) -> Vec<u8> {
-    format!("{prefix}-{i:05}").into_bytes()
-}
-
-fn value(prefix: &str, i: usize) -> Vec<u8> {
-    format!("value of {prefix} {i} ").repeat(1 + i % 5).into_bytes()
-}
-
-/// Writes `n` keys, 32 in flight; every write must succeed.
-fn write_all(client: &mut Client, prefix: &str, n: usize) {
-    let mut done: Vec<Completion> = Vec::new();
-    let mut next = 0;
-    let mut finished = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while finished < n {
-        while next < n && client.in_flight() < 32 {
-            client.submit(Request::Put(&key(prefix, next), &value(prefix, next))).unwrap();
-            next += 1;
-        }
-        done.clear();
-        client.poll(&mut done, Duration::from_millis(10)).unwrap();
-        for c in &done {
-            assert!(c.result.is_ok(), "write failed: {:?}", c.result);
-        }
-        finished += done.len();
-        assert!(Instant::now() < deadline, "writes did not finish");
-    }
-}
-
-/// Reads `n` keys back, 32 in flight, and checks each byte for byte.
-fn check_all(client: &mut Client, prefix: &str, n: usize) {
-    let mut tokens = std::collections::HashMap::new();
-    let mut done: Vec<Completion> = Vec::new();
-    let mut next = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while next < n || !tokens.is_empty() {
-        while next < n && client.in_flight() < 32 {
-            tokens.insert(client.submit(Request::Get(&key(prefix, next))).unwrap(), next);
-            next += 1;
-        }
-        done.clear();
-        client.poll(&mut done, Duration::from_millis(10)).unwrap();
-        for c in done.drain(..) {
-            let i = tokens.remove(&c.token).expect("our token");
-            match c.result {
-                Ok(Outcome::Value(v)) => assert_eq!(v, value(prefix, i), "{prefix} {i}: wrong value"),
-                other => panic!("{prefix} {i}: {other:?}"),
-            }
-        }
-        assert!(Instant::now() < deadline, "reads did not finish");
-    }
-}
+use common::{check_all, key, run_ok, text, value, write_all, TestCluster};
+use dds::Client;
 
 /// The id the authority gave the brick in `<dir>/brick-<index>`.
 fn brick_id(dir: &str, index: usize) -> dds::map::BrickId {

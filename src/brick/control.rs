@@ -123,8 +123,8 @@ pub enum ControlError {
 const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Sends `Register` on `rpc`; returns the id the authority answered with.
-fn send_registration(rpc: &mut Rpc, id: Option<u32>, cores: &[SocketAddr], timeout: Duration) -> Result<u32, String> {
-    let reg = Registration { id, cores: cores.to_vec() };
+fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: Duration) -> Result<u32, String> {
+    let reg = Registration { id, cores: addr.cores.clone(), rdma: addr.rdma.clone() };
     let body = serde_json::to_string(&reg).expect("serialises");
     let (status, value) = rpc.call(Op::Register, 0, &[], body.as_bytes(), timeout).map_err(|e| e.to_string())?;
     if status != Status::Ok {
@@ -136,14 +136,14 @@ fn send_registration(rpc: &mut Rpc, id: Option<u32>, cores: &[SocketAddr], timeo
 
 /// Registers with the authority (retrying until `deadline`), records the id it gives,
 /// and waits until the authority has a map. Returns the id and the map.
-pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Rpc), ControlError> {
+pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Rpc), ControlError> {
     let fail = |why: String| ControlError::Register { meta, why };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last_err = String::new();
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let attempt = (|| {
             let mut rpc = Rpc::connect(meta, RPC_TIMEOUT).map_err(|e| e.to_string())?;
-            let id = send_registration(&mut rpc, load_identity(dir), cores, RPC_TIMEOUT)?;
+            let id = send_registration(&mut rpc, load_identity(dir), addr, RPC_TIMEOUT)?;
             Ok((rpc, id))
         })();
         match attempt {
@@ -173,7 +173,7 @@ pub fn register(meta: SocketAddr, dir: &Path, cores: &[SocketAddr], stop: &Atomi
 
 /// The control thread: heartbeats carry the brick's epoch, and their replies bring newer
 /// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
-pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], mut rpc: Option<Rpc>) {
+pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, addr: &BrickAddr, mut rpc: Option<Rpc>) {
     let mut last_ok = Instant::now();
     shared.renew_lease();
     let mut last_beat = Instant::now() - Duration::from_millis(HEARTBEAT_MS);
@@ -187,7 +187,7 @@ pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, cores: &[SocketAddr], m
         if rpc.is_none() {
             let mut id = None;
             rpc = Rpc::connect(meta, Duration::from_millis(LEASE_MS / 2)).ok().and_then(|mut r| {
-                id = send_registration(&mut r, Some(shared.me.0), cores, Duration::from_millis(LEASE_MS)).ok();
+                id = send_registration(&mut r, Some(shared.me.0), addr, Duration::from_millis(LEASE_MS)).ok();
                 id.map(|_| r)
             });
             if id.is_some_and(|id| id != shared.me.0) {
@@ -247,7 +247,7 @@ fn stop_removed(shared: &Shared) {
 }
 
 /// The map of a brick that runs alone (no authority): one brick, one replica, epoch 1.
-pub fn standalone_map(partition_bits: u8, cores: &[SocketAddr]) -> ClusterMap {
-    let bricks = [(BrickId(0), BrickAddr { cores: cores.to_vec() })].into_iter().collect();
+pub fn standalone_map(partition_bits: u8, addr: &BrickAddr) -> ClusterMap {
+    let bricks = [(BrickId(0), addr.clone())].into_iter().collect();
     ClusterMap::initial(partition_bits, bricks, 1).expect("a one-brick map is valid")
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dds_transport::{CloseReason, ConnId, Handler, TcpTransport, Transport, TransportError};
+use dds_transport::{CloseReason, ConnId, Handler, MixedTransport, Transport, TransportError};
 use hashbrown::HashMap;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +74,9 @@ impl Handler for Core {
         let frame = decode_exact(frame).map_err(|e| e.to_string())?;
         match frame.kind {
             Kind::Request(_) => {
+                if conn.is_rdma() {
+                    self.shard.stats.rdma_requests += 1;
+                }
                 let mut scratch = std::mem::take(&mut self.scratch);
                 scratch.clear();
                 self.shard.execute(conn, &frame, &self.info, &mut scratch, &mut self.fx);
@@ -320,7 +323,7 @@ pub enum CoreError {
 /// Sends each question to the peer core that stores its key, connecting on first use.
 /// A peer that cannot be reached is skipped: the question is asked again later, and a
 /// dead peer leaves the map.
-fn ask_peers(transport: &mut TcpTransport<DdsFraming>, handler: &mut Core, queries: Vec<Query>) {
+fn ask_peers(transport: &mut MixedTransport<DdsFraming>, handler: &mut Core, queries: Vec<Query>) {
     let map = Arc::clone(handler.shard.map());
     for q in queries {
         let Some(addr) = map.bricks.get(&q.brick) else { continue };
@@ -353,7 +356,7 @@ fn ask_peers(transport: &mut TcpTransport<DdsFraming>, handler: &mut Core, queri
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     core: usize,
-    mut transport: TcpTransport<DdsFraming>,
+    mut transport: MixedTransport<DdsFraming>,
     shard: Shard,
     mut storage: Storage,
     next_lsn: u64,

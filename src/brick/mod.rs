@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dds_transport::{TcpConfig, TcpTransport, Transport, TransportError};
+use dds_transport::{MixedTransport, TcpConfig, Transport, TransportError};
 use serde::{Deserialize, Serialize};
 
+use crate::map::BrickAddr;
 use crate::proto::{BrickInfo, DdsFraming};
 
 pub use core_loop::{replay_segment, SegmentError};
@@ -67,6 +68,9 @@ pub struct BrickConfig {
     pub meta: Option<SocketAddr>,
     /// The id to ask the authority for (a new brick otherwise gets the next free one).
     pub id: Option<u32>,
+    /// Serve RDMA beside TCP (each core on a second, free port) when a verbs device
+    /// opens; without one the brick says why in one line and serves TCP only.
+    pub rdma: bool,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -77,6 +81,9 @@ pub struct BrickFile {
     pub partition_bits: u8,
     /// One address per core.
     pub addrs: Vec<SocketAddr>,
+    /// One RDMA listener per core; empty when the brick serves TCP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rdma: Vec<SocketAddr>,
 }
 
 pub const BRICK_FILE: &str = "brick.json";
@@ -181,6 +188,28 @@ fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
     }
 }
 
+/// With `--transport rdma|auto`: opens the verbs device on every core and listens for
+/// RDMA on a free port beside each TCP one. Without a usable device, one line says why
+/// and the brick serves TCP only (the fallback); a device that opens but cannot listen
+/// is an error.
+fn listen_rdma(config: &BrickConfig, transports: &mut [MixedTransport<DdsFraming>]) -> Result<Vec<SocketAddr>, BrickError> {
+    if !config.rdma {
+        return Ok(Vec::new());
+    }
+    for t in transports.iter_mut() {
+        if let Err(why) = t.enable_rdma() {
+            crate::log!("brick", "RDMA unavailable: {why}; serving over TCP only");
+            return Ok(Vec::new());
+        }
+    }
+    let mut rdma = Vec::with_capacity(transports.len());
+    for (core, t) in transports.iter_mut().enumerate() {
+        let addr = SocketAddr::new(config.listen.ip(), 0);
+        rdma.push(t.listen_rdma(addr).map_err(|source| BrickError::Listen { core, source })?);
+    }
+    Ok(rdma)
+}
+
 /// Runs a brick until `stop` is set (the binary sets it on SIGTERM or SIGINT).
 pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError> {
     use control::Shared;
@@ -212,11 +241,13 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             addr.set_port(port);
         }
         let mut transport =
-            TcpTransport::new(DdsFraming, TcpConfig::default()).map_err(|source| BrickError::Listen { core, source })?;
+            MixedTransport::new(DdsFraming, TcpConfig::default()).map_err(|source| BrickError::Listen { core, source })?;
         let bound = transport.listen(addr).map_err(|source| BrickError::Listen { core, source })?;
         transports.push(transport);
         addrs.push(bound);
     }
+    let rdma_addrs = listen_rdma(config, &mut transports)?;
+    let brick_addr = BrickAddr { cores: addrs.clone(), rdma: rdma_addrs.clone() };
     let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
     // The map first: from the authority (which may wait for the rest of the cluster),
     // or this brick's own when it runs alone.
@@ -226,11 +257,11 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     }
     let (shared, session) = match config.meta {
         Some(meta) => {
-            let (me, map, rpc) = control::register(meta, &config.dir, &addrs, &stop)?;
+            let (me, map, rpc) = control::register(meta, &config.dir, &brick_addr, &stop)?;
             crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch);
             (Shared::new(me, map, Arc::clone(&stop)), Some((meta, rpc)))
         }
-        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &addrs), Arc::clone(&stop)), None),
+        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), Arc::clone(&stop)), None),
     };
     if shared.map().base_bits != config.partition_bits {
         return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits });
@@ -282,10 +313,10 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             .collect();
         drop(ready_tx);
         if let Some((meta, rpc)) = session {
-            let addrs = addrs.clone();
+            let brick_addr = brick_addr.clone();
             std::thread::Builder::new()
                 .name("dds-control".into())
-                .spawn_scoped(scope, move || control::heartbeat_loop(shared, meta, &addrs, Some(rpc)))
+                .spawn_scoped(scope, move || control::heartbeat_loop(shared, meta, &brick_addr, Some(rpc)))
                 .expect("spawn control thread");
         }
         // brick.json says "serving": only once every core has replayed its log.
@@ -296,14 +327,16 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 cores: config.cores,
                 partition_bits: config.partition_bits,
                 addrs: addrs.clone(),
+                rdma: rdma_addrs.clone(),
             };
             let stored = file.store(&config.dir);
             if stored.is_ok() {
                 crate::log!(
                     "brick",
-                    "serving on {} core(s): {:?} (pid {}, durability {:?})",
+                    "serving on {} core(s): {:?}{} (pid {}, durability {:?})",
                     config.cores,
                     addrs,
+                    if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {rdma_addrs:?}") },
                     file.pid,
                     config.durability
                 );

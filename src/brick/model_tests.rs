@@ -11,13 +11,13 @@ use std::sync::Arc;
 use super::control::standalone_map;
 use super::{Effects, Shard};
 use crate::log::record::{self, ScanEnd};
-use crate::map::BrickId;
+use crate::map::{BrickAddr, BrickId};
 use crate::proto::{BrickInfo, Frame, Kind, Op};
 
 const CONN: dds_transport::ConnId = dds_transport::ConnId { slot: 0, generation: 0 };
 
 fn new_shard() -> Shard {
-    Shard::new(0, 1, 4, BrickId(0), Arc::new(standalone_map(4, &[])))
+    Shard::new(0, 1, 4, BrickId(0), Arc::new(standalone_map(4, &BrickAddr::tcp(Vec::new()))))
 }
 
 /// Executes one write; returns the log records it made.

@@ -798,7 +798,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     pub fn solo_map(bits: u8) -> Arc<ClusterMap> {
-        let bricks = BTreeMap::from([(BrickId(0), BrickAddr { cores: vec![] })]);
+        let bricks = BTreeMap::from([(BrickId(0), BrickAddr::tcp(vec![]))]);
         Arc::new(ClusterMap::initial(bits, bricks, 1).unwrap())
     }
 
@@ -896,7 +896,7 @@ mod tests {
 
     #[test]
     fn in_doubt_rule() {
-        let bricks: BTreeMap<_, _> = (0..3).map(|i| (BrickId(i), BrickAddr { cores: vec![] })).collect();
+        let bricks: BTreeMap<_, _> = (0..3).map(|i| (BrickId(i), BrickAddr::tcp(vec![]))).collect();
         let map = ClusterMap::initial(2, bricks, 3).unwrap();
         let p = |answers: Vec<(u32, TxState)>| Prepared {
             txid: TxId { client: 1, seq: 1 },

@@ -15,14 +15,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::cluster::{self, ClusterFile, TransportKind, UpArgs};
 use crate::brick::Durability;
-use crate::client::{Client, ClientConfig, Completion, Request};
+use crate::client::{Client, Completion, Request};
 use crate::map::DEFAULT_PARTITION_BITS;
 
 /// A system to measure.
 #[derive(Clone, Debug)]
 pub(super) enum System {
-    /// A dds cluster, by its directory.
-    Dds(PathBuf),
+    /// A dds cluster, by its directory, and how its clients connect (the cluster's
+    /// transport when `None`).
+    Dds(PathBuf, Option<TransportKind>),
     /// The floor: an in-process echo server on the same TCP transport.
     Echo,
     Redis(SocketAddr),
@@ -30,12 +31,12 @@ pub(super) enum System {
 }
 
 impl System {
-    fn parse(target: &str, cluster: Option<&PathBuf>) -> anyhow::Result<System> {
+    fn parse(target: &str, cluster: Option<&PathBuf>, transport: Option<TransportKind>) -> anyhow::Result<System> {
         let addr = |rest: &str| -> anyhow::Result<SocketAddr> {
             rest.trim_end_matches('/').parse().with_context(|| format!("--target {target}: expected HOST:PORT with an IP"))
         };
         Ok(match target {
-            "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR")?),
+            "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR")?, transport),
             "echo" => System::Echo,
             t if t.starts_with("redis://") => System::Redis(addr(&t["redis://".len()..])?),
             t if t.starts_with("memcached://") => System::Memcached(addr(&t["memcached://".len()..])?),
@@ -45,7 +46,7 @@ impl System {
 
     pub(super) fn name(&self) -> &'static str {
         match self {
-            System::Dds(_) => "dds",
+            System::Dds(..) => "dds",
             System::Echo => "echo",
             System::Redis(_) => "redis",
             System::Memcached(_) => "memcached",
@@ -142,6 +143,10 @@ pub struct BenchArgs {
     /// Plot latency by percentile to STEM.svg and STEM.png.
     #[arg(long, value_name = "STEM")]
     plot: Option<PathBuf>,
+    /// How dds clients connect [default: as the cluster was started]: tcp on an RDMA
+    /// cluster measures TCP against the same bricks.
+    #[arg(long, value_enum)]
+    transport: Option<TransportKind>,
 }
 
 #[derive(Args)]
@@ -218,10 +223,16 @@ trait WithTarget {
 
 fn with_target<W: WithTarget>(system: &System, value_size: usize, w: W) -> anyhow::Result<W::Out> {
     match system {
-        System::Dds(dir) => {
-            let addrs = ClusterFile::load(dir)?.addrs();
+        System::Dds(dir, transport) => {
+            let cluster = ClusterFile::load(dir)?;
+            let addrs = cluster.addrs();
+            let mut config = cluster.client_config();
+            if let Some(t) = transport {
+                config.rdma = *t != TransportKind::Tcp;
+            }
             w.call(move |_| {
-                let client = Client::connect(&addrs, ClientConfig::default()).map_err(|e| TargetError::new("connect", e))?;
+                let client = Client::connect(&addrs, config.clone()).map_err(|e| TargetError::new("connect", e))?;
+                cluster::say_client_fallback(&client);
                 Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
             })
         }
@@ -309,7 +320,7 @@ fn print_table(reports: &[Report]) {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let system = System::parse(&args.target, args.cluster.as_ref())?;
+    let system = System::parse(&args.target, args.cluster.as_ref(), args.transport)?;
     let config = args.load.config(system.name())?;
     let report = measure(&system, &config, !args.no_preload)?;
     print_table(std::slice::from_ref(&report));
@@ -355,7 +366,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.depth,
         args.seconds
     );
-    let system = System::Dds(dir.path().to_path_buf());
+    let system = System::Dds(dir.path().to_path_buf(), None);
     let result = (|| {
         let mut reports = Vec::new();
         for (i, workload) in [Workload::Read, Workload::Write, Workload::Mixed].into_iter().enumerate() {

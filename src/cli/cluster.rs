@@ -141,8 +141,26 @@ impl ClusterFile {
         std::iter::once(self.meta.addr).chain(self.bricks.iter().map(|b| b.addr)).collect()
     }
 
+    /// How a client of this cluster connects: over RDMA to bricks that serve it when
+    /// the cluster was started with RDMA.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig { rdma: self.transport != TransportKind::Tcp, ..ClientConfig::default() }
+    }
+
     pub fn connect(&self) -> anyhow::Result<Client> {
-        Client::connect(&self.addrs(), ClientConfig::default()).context("connect to the cluster")
+        let client = Client::connect(&self.addrs(), self.client_config()).context("connect to the cluster")?;
+        say_client_fallback(&client);
+        Ok(client)
+    }
+}
+
+/// Says once per process, on stderr, why a client asked for RDMA uses TCP.
+pub fn say_client_fallback(client: &Client) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Some(why) = client.rdma_unavailable() {
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("dds: client: {why}; falling back to TCP");
+        }
     }
 }
 
@@ -228,6 +246,8 @@ struct BrickShape {
     durability: Durability,
     checkpoint_log_mb: f64,
     meta: SocketAddr,
+    /// Serve RDMA beside TCP (`--transport rdma`).
+    rdma: bool,
 }
 
 /// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
@@ -301,6 +321,9 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
         let list: Vec<String> = ports.iter().map(u16::to_string).collect();
         cmd.args(["--ports", &list.join(",")]);
     }
+    if shape.rdma {
+        cmd.args(["--transport", "rdma"]);
+    }
     let child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -346,6 +369,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         durability: cluster.durability,
         checkpoint_log_mb: cluster.checkpoint_log_mb,
         meta: cluster.meta.addr,
+        rdma: cluster.transport != TransportKind::Tcp,
     };
     let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
@@ -395,18 +419,16 @@ fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> an
     }
 }
 
-/// Why this cluster's bricks cannot speak RDMA (one line, for the fallback message).
+/// The RDMA device this machine's bricks would use, or why there is none (one line,
+/// for the fallback message).
 #[cfg(feature = "rdma")]
-fn rdma_unavailable() -> String {
-    match dds_transport::rdma::probe() {
-        Err(e) => e.to_string(),
-        Ok(d) => format!("{} is usable, but bricks do not serve over RDMA yet (only the verbs path is built)", d.name),
-    }
+fn rdma_device() -> Result<String, String> {
+    dds_transport::rdma::probe().map(|d| d.name).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "rdma"))]
-fn rdma_unavailable() -> String {
-    "this build has no RDMA transport (build with --features rdma)".into()
+fn rdma_device() -> Result<String, String> {
+    Err("this build has no RDMA transport (build with --features rdma)".into())
 }
 
 /// The command-line spelling of a value, as clap parses it.
@@ -422,11 +444,17 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     if args.replicas == 0 || args.replicas > args.bricks {
         bail!("--replicas {} needs at least that many bricks (--bricks {})", args.replicas, args.bricks);
     }
-    let mut transport = args.transport;
-    if transport != TransportKind::Tcp {
-        eprintln!("dds: --transport {}: {}; falling back to TCP", value_name(transport), rdma_unavailable());
-        transport = TransportKind::Tcp;
-    }
+    let transport = match (args.transport, rdma_device()) {
+        (TransportKind::Tcp, _) => TransportKind::Tcp,
+        (_, Ok(device)) => {
+            eprintln!("dds: --transport {}: bricks serve RDMA on {device} beside TCP", value_name(args.transport));
+            TransportKind::Rdma
+        }
+        (asked, Err(why)) => {
+            eprintln!("dds: --transport {}: {why}; falling back to TCP", value_name(asked));
+            TransportKind::Tcp
+        }
+    };
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = args.dir.canonicalize().with_context(|| format!("resolve {}", args.dir.display()))?;
     if let Ok(old) = ClusterFile::load(&dir) {
@@ -459,6 +487,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         durability: args.durability,
         checkpoint_log_mb: args.checkpoint_log_mb,
         meta: meta_file.addr,
+        rdma: transport != TransportKind::Tcp,
     };
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
@@ -633,9 +662,13 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         ),
         Err(e) => println!("  map unavailable: {e}"),
     }
+    if let Ok(m) = &map {
+        let rdma = m.bricks.values().filter(|a| !a.rdma.is_empty()).count();
+        println!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks.len());
+    }
     println!(
-        "{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}",
-        "brick", "id", "pid", "state", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns"
+        "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}",
+        "brick", "id", "pid", "state", "net", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns", "requests", "over rdma"
     );
     let mut down = 0;
     for b in &cluster.bricks {
@@ -643,6 +676,12 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         let (held, copying, member) = match &map {
             Ok(m) => (m.partitions_of(id).count(), m.joining.values().filter(|j| j.contains(&id)).count(), m.bricks.contains_key(&id)),
             Err(_) => (0, 0, false),
+        };
+        // What the brick registered: RDMA listeners beside its TCP ones, or TCP only.
+        let net = match map.as_ref().ok().and_then(|m| m.bricks.get(&id)) {
+            Some(a) if !a.rdma.is_empty() => "rdma",
+            Some(_) => "tcp",
+            None => "-",
         };
         let stats = if is_brick_process(b) { brick_stats(b) } else { Err("not running".to_string()) };
         let state = match (&stats, member) {
@@ -652,12 +691,17 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         };
         match stats {
             Ok(cores) => {
-                let (keys, bytes, conns) = cores.iter().fold((0, 0, 0), |a, s| (a.0 + s.keys, a.1 + s.bytes, a.2 + s.connections_open));
-                println!("{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6}", b.index, id.0, b.pid, state, b.addr, b.cores, held, copying, keys, bytes, conns);
+                let sum = |f: fn(&CoreStats) -> u64| cores.iter().map(f).sum::<u64>();
+                let (keys, bytes, conns) = (sum(|s| s.keys), sum(|s| s.bytes), sum(|s| s.connections_open));
+                let (requests, rdma_requests) = (sum(|s| s.requests), sum(|s| s.rdma_requests));
+                println!(
+                    "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}",
+                    b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying, keys, bytes, conns, requests, rdma_requests
+                );
             }
             Err(why) => {
                 down += 1;
-                println!("{:<6} {:<4} {:<8} {:<6} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, id.0, b.pid, state, b.addr, b.cores, held, copying);
+                println!("{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying);
             }
         }
     }

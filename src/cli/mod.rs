@@ -93,6 +93,10 @@ struct BrickArgs {
     /// it is deleted.
     #[arg(long, default_value_t = 64.0)]
     checkpoint_log_mb: f64,
+    /// Serve RDMA beside TCP (rdma, auto) when a verbs device opens; without one the
+    /// brick logs why and serves TCP only.
+    #[arg(long, value_enum, default_value_t = cluster::TransportKind::Tcp)]
+    transport: cluster::TransportKind,
 }
 
 #[derive(Args)]
@@ -180,6 +184,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
         meta: args.meta,
         id: args.id,
+        rdma: args.transport != cluster::TransportKind::Tcp,
     };
     brick::run(&config, stop)?;
     Ok(())

@@ -167,7 +167,7 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     if reps == 0 || seconds.is_nan() || seconds <= 0.0 {
         bail!("--reps and --seconds must be positive");
     }
-    let mut systems = vec![System::Dds(args.cluster.clone())];
+    let mut systems = vec![System::Dds(args.cluster.clone(), None)];
     systems.extend(args.redis.map(System::Redis));
     systems.extend(args.memcached.map(System::Memcached));
     systems.push(System::Echo);

@@ -21,7 +21,7 @@ mod core;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use dds_transport::{CloseReason, ConnId, Handler, TcpConfig, TcpTransport, Transport, TransportError};
+use dds_transport::{CloseReason, ConnId, Handler, MixedTransport, TcpConfig, Transport, TransportError};
 use hashbrown::HashMap;
 
 use crate::map::{BrickId, ClusterMap};
@@ -38,6 +38,9 @@ pub struct ClientConfig {
     /// A brick silent this long on one message is suspected: the client looks for a
     /// newer map (in which a dead brick is gone).
     pub suspect_after: Duration,
+    /// Speak RDMA to the brick cores that serve it, when a verbs device opens here;
+    /// TCP to the rest, and to all when none opens (`Client::rdma_unavailable` says why).
+    pub rdma: bool,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +49,7 @@ impl Default for ClientConfig {
             op_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
             suspect_after: Duration::from_millis(300),
+            rdma: false,
         }
     }
 }
@@ -130,10 +134,17 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// The client over TCP: `ClientCore` with one connection per brick core it talks to.
+/// The client over TCP or RDMA: `ClientCore` with one connection per brick core it
+/// talks to.
 pub struct Client {
     core: ClientCore,
-    transport: TcpTransport<DdsFraming>,
+    transport: MixedTransport<DdsFraming>,
+    /// Why RDMA was asked for and is not used.
+    rdma_unavailable: Option<String>,
+    /// Brick core (TCP address, as the core knows it) to its RDMA listener, for the map
+    /// of epoch `rdma_epoch`.
+    rdma_addrs: HashMap<SocketAddr, SocketAddr>,
+    rdma_epoch: Option<u64>,
     /// Where to ask for a map when bricks cannot tell: the seeds given to `connect`.
     seeds: Vec<SocketAddr>,
     conns: HashMap<SocketAddr, ConnId>,
@@ -155,13 +166,41 @@ impl Client {
     /// A client that starts from `map` as it is (even an old one: it repairs itself on
     /// first use) and asks `seeds` for newer maps.
     pub fn with_map(seeds: &[SocketAddr], map: ClusterMap, config: ClientConfig) -> Client {
+        let mut transport = MixedTransport::new(DdsFraming, TcpConfig::default()).expect("an epoll instance");
+        let rdma_unavailable = if config.rdma { transport.enable_rdma().err() } else { None };
+        // Replies over RDMA raise no epoll event: a client waiting for them spins.
+        transport.set_spin_wait(true);
         Client {
             core: ClientCore::new(map, config, random_u64(), Instant::now()),
-            transport: TcpTransport::new(DdsFraming, TcpConfig::default()).expect("an epoll instance"),
+            transport,
+            rdma_unavailable,
+            rdma_addrs: HashMap::new(),
+            rdma_epoch: None,
             seeds: seeds.to_vec(),
             conns: HashMap::new(),
             addrs: HashMap::new(),
         }
+    }
+
+    /// Why RDMA was asked for (`ClientConfig::rdma`) and is not used: no device here.
+    pub fn rdma_unavailable(&self) -> Option<&str> {
+        self.rdma_unavailable.as_deref()
+    }
+
+    /// Connections open now, and how many of them are RDMA.
+    pub fn connections(&self) -> (usize, usize) {
+        let rdma = self.conns.values().filter(|c| c.is_rdma() && self.transport.peer(**c).is_some()).count();
+        (self.transport.connections_open(), rdma)
+    }
+
+    /// The RDMA listener of each brick core that has one, from the current map.
+    fn refresh_rdma_addrs(&mut self) {
+        let map = self.core.map();
+        if !self.transport.rdma_enabled() || self.rdma_epoch == Some(map.epoch) {
+            return;
+        }
+        self.rdma_addrs = map.bricks.values().flat_map(|b| b.cores.iter().copied().zip(b.rdma.iter().copied())).collect();
+        self.rdma_epoch = Some(map.epoch);
     }
 
     /// The map this client routes by now.
@@ -194,20 +233,25 @@ impl Client {
                 self.core.install_fetched(map);
             }
         }
-        let Client { core, transport, conns, addrs, .. } = self;
+        self.refresh_rdma_addrs();
+        let Client { core, transport, conns, addrs, rdma_addrs, .. } = self;
         let connect_timeout = core.config.connect_timeout;
         core.drain_out(|at, frame| {
-            let conn = match conns.get(&at).filter(|c| transport.peer(**c).is_some()) {
-                Some(&c) => c,
-                None => match transport.connect(at, connect_timeout) {
-                    Ok(c) => {
-                        conns.insert(at, c);
-                        addrs.retain(|_, a| *a != at);
-                        addrs.insert(c, at);
-                        c
-                    }
-                    Err(_) => return false,
-                },
+            let open = conns.get(&at).copied().filter(|c| transport.peer(*c).is_some());
+            let conn = match open {
+                Some(c) => c,
+                None => {
+                    // Over RDMA where the brick core serves it and this client has a device.
+                    let dialled = match rdma_addrs.get(&at) {
+                        Some(&rdma_at) => transport.connect_rdma(rdma_at, connect_timeout),
+                        None => transport.connect(at, connect_timeout),
+                    };
+                    let Ok(c) = dialled else { return false };
+                    conns.insert(at, c);
+                    addrs.retain(|_, a| *a != at);
+                    addrs.insert(c, at);
+                    c
+                }
             };
             match transport.outbox(conn) {
                 Ok(out) => {

@@ -18,10 +18,20 @@ impl std::fmt::Display for BrickId {
     }
 }
 
-/// Where a brick serves: one address per core.
+/// Where a brick serves: one address per core, over TCP, and, when the brick serves
+/// RDMA too, one RDMA listener (its control channel) per core.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrickAddr {
     pub cores: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rdma: Vec<SocketAddr>,
+}
+
+impl BrickAddr {
+    /// A brick that serves TCP only.
+    pub fn tcp(cores: Vec<SocketAddr>) -> BrickAddr {
+        BrickAddr { cores, rdma: Vec::new() }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -369,7 +379,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn bricks(n: u32) -> BTreeMap<BrickId, BrickAddr> {
-        (0..n).map(|i| (BrickId(i), BrickAddr { cores: vec![SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16))] })).collect()
+        (0..n).map(|i| (BrickId(i), BrickAddr::tcp(vec![SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16))]))).collect()
     }
 
     #[test]
@@ -444,7 +454,7 @@ mod tests {
                     Change::Split(i) => map.split(leaves[i as usize % leaves.len()]),
                     Change::Merge(i) => map.merge(leaves[i as usize % leaves.len()]),
                     Change::Remove(i) => map.remove_brick(ids[i as usize % ids.len()]),
-                    Change::Add(i) => map.add_brick(BrickId(100 + i as u32), BrickAddr { cores: vec![] }),
+                    Change::Add(i) => map.add_brick(BrickId(100 + i as u32), BrickAddr::tcp(vec![])),
                     Change::Replica(p, b) => map.add_replica(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()]),
                     Change::Join(p, b) => map.begin_join(&[(leaves[p as usize % leaves.len()], ids[b as usize % ids.len()])]),
                     Change::Finish(p) => {

@@ -110,12 +110,17 @@ impl Authority {
     /// A brick says it is here. Returns its id and the session serial that its later
     /// heartbeats and its disconnection carry.
     pub fn register(&mut self, id: Option<u32>, cores: Vec<SocketAddr>, now_ms: u64) -> Result<(BrickId, u64, Actions), MapError> {
+        self.register_at(id, BrickAddr::tcp(cores), now_ms)
+    }
+
+    /// `register` for a brick that may serve RDMA too (`addr.rdma`).
+    pub fn register_at(&mut self, id: Option<u32>, addr: BrickAddr, now_ms: u64) -> Result<(BrickId, u64, Actions), MapError> {
         let mut actions = Actions::default();
         // A brick removed from the map was declared dead: if it comes back it is a new
         // brick with a new id (it rejoins empty and is copied to, like any newcomer).
         // A brick with no id whose addresses are a known brick's is that brick asking
         // again (the answer to its first registration was lost): same id.
-        let same_addrs = |known: &BrickAddr| known.cores == cores;
+        let same_addrs = |known: &BrickAddr| known.cores == addr.cores;
         let asked_before = self
             .map
             .iter()
@@ -129,7 +134,6 @@ impl Authority {
             None => asked_before.unwrap_or_else(|| self.next_id()),
         };
         self.next_fresh = self.next_fresh.max(id.0 + 1);
-        let addr = BrickAddr { cores };
         let session = self.next_session;
         self.next_session += 1;
         self.seen.insert(id, Seen { at_ms: now_ms, session, epoch: 0 });

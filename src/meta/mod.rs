@@ -28,6 +28,9 @@ pub struct Registration {
     pub id: Option<u32>,
     /// One address per core.
     pub cores: Vec<SocketAddr>,
+    /// One RDMA listener per core, if the brick serves RDMA.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rdma: Vec<SocketAddr>,
 }
 
 /// The authority's answer to `Register`.
@@ -201,7 +204,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             };
             match op {
                 Op::Register => match serde_json::from_slice::<Registration>(frame.value) {
-                    Ok(reg) => match state.authority.register(reg.id, reg.cores, now) {
+                    Ok(reg) => match state.authority.register_at(reg.id, crate::map::BrickAddr { cores: reg.cores, rdma: reg.rdma }, now) {
                         Ok((id, serial, actions)) => {
                             session = Some((id, serial));
                             crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");

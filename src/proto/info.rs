@@ -70,13 +70,15 @@ pub struct CoreStats {
     pub requests: u64,
     pub connections_open: u64,
     pub connections_closed_bad_input: u64,
+    /// Of `requests`, those that came over RDMA.
+    pub rdma_requests: u64,
 }
 
 impl CoreStats {
-    const LEN: usize = 40;
+    const LEN: usize = 48;
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        for v in [self.keys, self.bytes, self.requests, self.connections_open, self.connections_closed_bad_input] {
+        for v in [self.keys, self.bytes, self.requests, self.connections_open, self.connections_closed_bad_input, self.rdma_requests] {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -92,6 +94,7 @@ impl CoreStats {
             requests: field(2),
             connections_open: field(3),
             connections_closed_bad_input: field(4),
+            rdma_requests: field(5),
         })
     }
 }

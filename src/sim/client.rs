@@ -67,7 +67,7 @@ impl World {
         self.next_client_id += 1;
         // The client starts from a placeholder map of epoch 0 that its first fetch
         // replaces, as `Client::connect` starts from the map a seed gives.
-        let bricks = std::iter::once((crate::map::BrickId(u32::MAX), crate::map::BrickAddr { cores: vec![] })).collect();
+        let bricks = std::iter::once((crate::map::BrickId(u32::MAX), crate::map::BrickAddr::tcp(vec![]))).collect();
         let mut placeholder = crate::map::ClusterMap::initial(self.shape.base_bits, bricks, 1).expect("a one-brick map");
         placeholder.epoch = 0;
         let core = ClientCore::new(placeholder, config, id, self.instant());

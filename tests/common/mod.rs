@@ -1,12 +1,13 @@
 //! Helpers for tests that drive the real `dds` binary.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::io::Write;
+use std::time::{Duration, Instant};
 
 use dds::cli::cluster::{is_brick_process, ClusterFile};
-use dds::{Client, ClientConfig};
+use dds::{Client, ClientConfig, Completion, Outcome, Request};
 
 pub fn dds() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dds"))
@@ -101,5 +102,58 @@ impl Drop for TestCluster {
         if !self.down {
             let _ = run(&["cluster", "down", "--dir", &self.dir_arg()]);
         }
+    }
+}
+
+pub fn key(prefix: &str, i: usize) -> Vec<u8> {
+    format!("{prefix}-{i:05}").into_bytes()
+}
+
+pub fn value(prefix: &str, i: usize) -> Vec<u8> {
+    format!("value of {prefix} {i} ").repeat(1 + i % 5).into_bytes()
+}
+
+/// Writes `n` keys, 32 in flight; every write must succeed.
+pub fn write_all(client: &mut Client, prefix: &str, n: usize) {
+    let mut done: Vec<Completion> = Vec::new();
+    let mut next = 0;
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished < n {
+        while next < n && client.in_flight() < 32 {
+            client.submit(Request::Put(&key(prefix, next), &value(prefix, next))).unwrap();
+            next += 1;
+        }
+        done.clear();
+        client.poll(&mut done, Duration::from_millis(10)).unwrap();
+        for c in &done {
+            assert!(c.result.is_ok(), "write failed: {:?}", c.result);
+        }
+        finished += done.len();
+        assert!(Instant::now() < deadline, "writes did not finish");
+    }
+}
+
+/// Reads `n` keys back, 32 in flight, and checks each byte for byte.
+pub fn check_all(client: &mut Client, prefix: &str, n: usize) {
+    let mut tokens = std::collections::HashMap::new();
+    let mut done: Vec<Completion> = Vec::new();
+    let mut next = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next < n || !tokens.is_empty() {
+        while next < n && client.in_flight() < 32 {
+            tokens.insert(client.submit(Request::Get(&key(prefix, next))).unwrap(), next);
+            next += 1;
+        }
+        done.clear();
+        client.poll(&mut done, Duration::from_millis(10)).unwrap();
+        for c in done.drain(..) {
+            let i = tokens.remove(&c.token).expect("our token");
+            match c.result {
+                Ok(Outcome::Value(v)) => assert_eq!(v, value(prefix, i), "{prefix} {i}: wrong value"),
+                other => panic!("{prefix} {i}: {other:?}"),
+            }
+        }
+        assert!(Instant::now() < deadline, "reads did not finish");
     }
 }

@@ -12,10 +12,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod mixed;
 mod tcp;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 
+pub use mixed::MixedTransport;
 pub use tcp::{TcpConfig, TcpTransport};
 
 /// One connection of a transport. Ids are never reused: a slot freed by a closed
@@ -24,6 +26,13 @@ pub use tcp::{TcpConfig, TcpTransport};
 pub struct ConnId {
     pub slot: u32,
     pub generation: u32,
+}
+
+impl ConnId {
+    /// Whether this is an RDMA connection of a [`MixedTransport`].
+    pub fn is_rdma(&self) -> bool {
+        mixed::is_rdma(*self)
+    }
 }
 
 /// Where frames end in a byte stream.
