@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# RDMA latency inside the soft-RoCE VM: perftest's verbs floor beside dds's RDMA paths,
-# all in one VM boot, REPS repetitions interleaved; prints a markdown table (median and
+# RDMA latency inside the soft-RoCE VM: perftest's verbs floor beside dds's RDMA paths
+# (the bare queue pair, the transport's echo, and dds gets and puts over RDMA and over
+# TCP against the same brick), all in one VM boot, REPS repetitions interleaved; prints a markdown table (median and
 # range of the repetitions) for PERF.md. The VM emulates its CPU (qemu TCG): absolute
 # figures are not what real hardware gives, the ratios are what to read.
 #   ci/bench-rdma.sh [--reps N]
@@ -14,8 +15,12 @@ if ! cargo test --locked --release -p dds-transport --features rdma --test rdma 
   exit 1
 fi
 bin="$(grep -o 'target/release/deps/rdma-[0-9a-f]*' "$build_log" | tail -n 1)"
+if ! cargo build --locked --release --features rdma --bin dds >"$build_log" 2>&1; then
+  cat "$build_log" >&2
+  exit 1
+fi
 rm -f "$build_log"
-out="$(bash hw/qemu-rxe.sh --timeout 600 -- bash ci/bench-rdma-vm.sh "$bin" "$reps")"
+out="$(bash hw/qemu-rxe.sh --timeout 900 -- bash ci/bench-rdma-vm.sh "$bin" "$PWD/target/release/dds" "$reps")"
 echo "$out" | grep " rep " >&2
 echo
 echo "round trips in the soft-RoCE VM, median (min–max) of $reps repetition(s); ratio: p50 over ib_send_lat's"

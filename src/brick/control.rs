@@ -95,10 +95,30 @@ struct Identity {
 }
 
 const IDENTITY_FILE: &str = "identity.json";
+const TOKEN_FILE: &str = "token";
 
 pub fn load_identity(dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(dir.join(IDENTITY_FILE)).ok()?;
     serde_json::from_str::<Identity>(&text).ok().map(|i| i.id)
+}
+
+/// The directory's token (`BrickAddr::token`): drawn and made durable the first time,
+/// before the brick ever registers, so a registration whose answer is lost can be
+/// matched to the brick when it asks again.
+pub fn load_or_make_token(dir: &Path) -> std::io::Result<u64> {
+    let path = dir.join(TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Some(token) = text.trim().parse::<u64>().ok().filter(|t| *t != 0) {
+            return Ok(token);
+        }
+    }
+    let token = crate::hash::random_u64().max(1);
+    let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
+    std::fs::write(&tmp, token.to_string())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(token)
 }
 
 pub fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
@@ -124,7 +144,7 @@ const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Sends `Register` on `rpc`; returns the id the authority answered with.
 fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: Duration) -> Result<u32, String> {
-    let reg = Registration { id, cores: addr.cores.clone(), rdma: addr.rdma.clone() };
+    let reg = Registration { id, cores: addr.cores.clone(), rdma: addr.rdma.clone(), token: addr.token };
     let body = serde_json::to_string(&reg).expect("serialises");
     let (status, value) = rpc.call(Op::Register, 0, &[], body.as_bytes(), timeout).map_err(|e| e.to_string())?;
     if status != Status::Ok {

@@ -247,7 +247,9 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         addrs.push(bound);
     }
     let rdma_addrs = listen_rdma(config, &mut transports)?;
-    let brick_addr = BrickAddr { cores: addrs.clone(), rdma: rdma_addrs.clone() };
+    let token = control::load_or_make_token(&config.dir)
+        .map_err(|source| BrickError::File { op: "write", path: config.dir.join("token"), source })?;
+    let brick_addr = BrickAddr { cores: addrs.clone(), rdma: rdma_addrs.clone(), token };
     let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
     // The map first: from the authority (which may wait for the rest of the cluster),
     // or this brick's own when it runs alone.

@@ -351,6 +351,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         replicas: args.replicas,
         cores: args.cores,
         transport: TransportKind::Tcp,
+        busy_poll: false,
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,

@@ -77,8 +77,14 @@ pub struct UpArgs {
     /// Cores per brick [default: the machine's cores shared out among the bricks].
     #[arg(long)]
     pub cores: Option<usize>,
+    /// tcp, or rdma beside it (rdma: when this machine has a usable verbs device, else
+    /// one line says why and the cluster runs on TCP; auto: the same).
     #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
     pub transport: TransportKind,
+    /// Bricks never sleep in the kernel between requests (dedicated cores only: on a
+    /// shared machine this starves everything else).
+    #[arg(long)]
+    pub busy_poll: bool,
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     pub partition_bits: u8,
     /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
@@ -118,6 +124,8 @@ pub struct ClusterFile {
     pub durability: Durability,
     pub checkpoint_log_mb: f64,
     pub transport: TransportKind,
+    #[serde(default)]
+    pub busy_poll: bool,
     pub bricks: Vec<ClusterBrick>,
 }
 
@@ -248,6 +256,7 @@ struct BrickShape {
     meta: SocketAddr,
     /// Serve RDMA beside TCP (`--transport rdma`).
     rdma: bool,
+    busy_poll: bool,
 }
 
 /// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
@@ -324,6 +333,9 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
     if shape.rdma {
         cmd.args(["--transport", "rdma"]);
     }
+    if shape.busy_poll {
+        cmd.arg("--busy-poll");
+    }
     let child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -370,6 +382,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         checkpoint_log_mb: cluster.checkpoint_log_mb,
         meta: cluster.meta.addr,
         rdma: cluster.transport != TransportKind::Tcp,
+        busy_poll: cluster.busy_poll,
     };
     let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
@@ -488,6 +501,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         checkpoint_log_mb: args.checkpoint_log_mb,
         meta: meta_file.addr,
         rdma: transport != TransportKind::Tcp,
+        busy_poll: args.busy_poll,
     };
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
@@ -510,6 +524,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             durability: args.durability,
             checkpoint_log_mb: args.checkpoint_log_mb,
             transport,
+            busy_poll: args.busy_poll,
             bricks,
         };
         cluster.store(&dir)?;

@@ -126,14 +126,6 @@ impl Handler for Inbound<'_> {
     }
 }
 
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    h.write_u32(std::process::id());
-    h.finish()
-}
-
 /// The client over TCP or RDMA: `ClientCore` with one connection per brick core it
 /// talks to.
 pub struct Client {
@@ -171,7 +163,7 @@ impl Client {
         // Replies over RDMA raise no epoll event: a client waiting for them spins.
         transport.set_spin_wait(true);
         Client {
-            core: ClientCore::new(map, config, random_u64(), Instant::now()),
+            core: ClientCore::new(map, config, crate::hash::random_u64(), Instant::now()),
             transport,
             rdma_unavailable,
             rdma_addrs: HashMap::new(),

@@ -25,12 +25,27 @@ pub struct BrickAddr {
     pub cores: Vec<SocketAddr>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rdma: Vec<SocketAddr>,
+    /// A number the brick's directory drew when it was made (0: none): a brick that
+    /// registers again without its id, because the answer to its first registration
+    /// was lost, is known by it even on new ports.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl BrickAddr {
     /// A brick that serves TCP only.
     pub fn tcp(cores: Vec<SocketAddr>) -> BrickAddr {
-        BrickAddr { cores, rdma: Vec::new() }
+        BrickAddr { cores, rdma: Vec::new(), token: 0 }
+    }
+
+    /// Whether a registration from `other` is this brick asking again: the same
+    /// directory token, or the same addresses.
+    pub fn same_brick(&self, other: &BrickAddr) -> bool {
+        (self.token != 0 && self.token == other.token) || self.cores == other.cores
     }
 }
 

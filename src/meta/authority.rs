@@ -120,7 +120,7 @@ impl Authority {
         // brick with a new id (it rejoins empty and is copied to, like any newcomer).
         // A brick with no id whose addresses are a known brick's is that brick asking
         // again (the answer to its first registration was lost): same id.
-        let same_addrs = |known: &BrickAddr| known.cores == addr.cores;
+        let same_addrs = |known: &BrickAddr| known.same_brick(&addr);
         let asked_before = self
             .map
             .iter()
@@ -462,6 +462,14 @@ mod tests {
         assert_eq!(first, again, "same addresses, same brick");
         let (other, _, _) = a.register(None, addr(1), 20).unwrap();
         assert_ne!(first, other);
+        // The first map exists now: the same directory on new ports is still that brick.
+        let with_token = |ports: u16, token: u64| BrickAddr { cores: addr(ports), rdma: Vec::new(), token };
+        let (tokened, _, _) = a.register_at(None, with_token(5, 42), 30).unwrap();
+        let (moved, _, actions) = a.register_at(None, with_token(6, 42), 40).unwrap();
+        assert_eq!(tokened, moved, "same directory token, same brick");
+        assert!(actions.notes.iter().any(|n| n.contains("moved")), "{actions:?}");
+        let (stranger, _, _) = a.register_at(None, with_token(7, 43), 50).unwrap();
+        assert_ne!(stranger, moved);
     }
 
     #[test]

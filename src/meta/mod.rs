@@ -31,6 +31,9 @@ pub struct Registration {
     /// One RDMA listener per core, if the brick serves RDMA.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rdma: Vec<SocketAddr>,
+    /// The brick directory's token (`BrickAddr::token`).
+    #[serde(default)]
+    pub token: u64,
 }
 
 /// The authority's answer to `Register`.
@@ -204,7 +207,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             };
             match op {
                 Op::Register => match serde_json::from_slice::<Registration>(frame.value) {
-                    Ok(reg) => match state.authority.register_at(reg.id, crate::map::BrickAddr { cores: reg.cores, rdma: reg.rdma }, now) {
+                    Ok(reg) => match state.authority.register_at(reg.id, crate::map::BrickAddr { cores: reg.cores, rdma: reg.rdma, token: reg.token }, now) {
                         Ok((id, serial, actions)) => {
                             session = Some((id, serial));
                             crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");

@@ -76,6 +76,12 @@ pub(crate) struct SimBrick {
     pub paused_until: Micros,
 }
 
+/// The token brick `b`'s directory drew when it was made (`control::load_or_make_token`):
+/// its directory never changes, so neither does the token.
+fn dir_token(b: usize) -> u64 {
+    b as u64 + 1
+}
+
 impl SimBrick {
     pub fn new(cores_n: usize) -> SimBrick {
         SimBrick {
@@ -153,7 +159,7 @@ impl World {
         let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
         self.bricks[b].session_link = Some(link);
         self.note(format!("brick {b} (id {id:?}) starts, incarnation {life}"));
-        self.send(link, Endpoint::Brick(b), Msg::Register { id: id.map(|i| i.0), cores });
+        self.send(link, Endpoint::Brick(b), Msg::Register { id: id.map(|i| i.0), cores, token: dir_token(b) });
     }
 
     pub(crate) fn restart(&mut self, b: usize) {
@@ -424,7 +430,7 @@ impl World {
         let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
         let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
         self.bricks[b].session_link = Some(link);
-        self.send(link, Endpoint::Brick(b), Msg::Register { id, cores });
+        self.send(link, Endpoint::Brick(b), Msg::Register { id, cores, token: dir_token(b) });
     }
 
     /// A core's loop wakes at least every `TICK_MS`, work or not (its poll timeout).
@@ -471,7 +477,7 @@ impl World {
                     brick.hb_sent = Some(self.now);
                     let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
                     self.bricks[b].session_link = Some(link);
-                    self.send(link, Endpoint::Brick(b), Msg::Register { id, cores });
+                    self.send(link, Endpoint::Brick(b), Msg::Register { id, cores, token: dir_token(b) });
                 }
             }
         }

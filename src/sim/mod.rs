@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::map::{BrickId, ClusterMap};
+use crate::map::{BrickAddr, BrickId, ClusterMap};
 use crate::meta::authority::{Actions, Authority, AuthorityConfig, Join};
 use crate::mutation::Mutation;
 
@@ -283,7 +283,7 @@ impl World {
     fn authority_receive(&mut self, link: LinkId, msg: Msg) {
         let now_ms = self.now_ms();
         match msg {
-            Msg::Register { id, cores } => match self.authority.register(id, cores, now_ms) {
+            Msg::Register { id, cores, token } => match self.authority.register_at(id, BrickAddr { cores, rdma: Vec::new(), token }, now_ms) {
                 Ok((id, session, actions)) => {
                     self.net.set_session(link, id, session);
                     self.apply(actions);

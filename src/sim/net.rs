@@ -35,7 +35,7 @@ pub(crate) enum Endpoint {
 #[derive(Clone, Debug)]
 pub(crate) enum Msg {
     Frame(Vec<u8>),
-    Register { id: Option<u32>, cores: Vec<std::net::SocketAddr> },
+    Register { id: Option<u32>, cores: Vec<std::net::SocketAddr>, token: u64 },
     Registered { id: u32, map: Option<ClusterMap> },
     Heartbeat { epoch: u64 },
     GetMap { epoch: u64 },

@@ -16,6 +16,8 @@ mod mixed;
 mod tcp;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+#[cfg(feature = "rdma")]
+mod verbs;
 
 pub use mixed::MixedTransport;
 pub use tcp::{TcpConfig, TcpTransport};

@@ -1,9 +1,9 @@
-//! RDMA verbs (feature `rdma`), on the `ibverbs` crate. What is here so far: finding a
-//! usable device (the start-up check behind `--transport rdma|auto`, whose failure is
-//! the cue to fall back to TCP), and a reliable-connected queue pair carrying frames
-//! between two endpoints over pre-registered buffers, with a receive ring kept full and
-//! completions busy-polled. The `Transport` implementation over it is the next step
-//! (see ARCHITECTURE.md).
+//! RDMA verbs (feature `rdma`). `probe` finds a usable device (the start-up check
+//! behind `--transport rdma|auto`, whose failure is the cue to fall back to TCP);
+//! `Loopback` is the bare verbs path on the `ibverbs` crate (two queue pairs in one
+//! process, one message at a time: the floor the transport is measured against);
+//! `RdmaTransport` carries frames over RC queue pairs with credit-based flow control,
+//! small messages inline and selective signalling, on the raw verbs of `verbs.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -166,8 +166,10 @@ impl Loopback {
 
 // ---- The transport: frames over RC queue pairs, set up over TCP ----
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+
+use crate::verbs::{Device as VerbsDevice, Qp, Region};
 
 use crate::{CloseReason, ConnId, Framing, Handler, TcpConfig, TcpTransport, Transport, TransportError};
 
@@ -179,6 +181,13 @@ const MSG_HEADER_BYTES: usize = 4;
 const CQ_ENTRIES: usize = 16384;
 /// Connections a transport holds: every one's sends and receives fit the queue.
 pub const RDMA_CONNECTIONS_MAX: usize = CQ_ENTRIES / (SEND_SLOTS + RECV_SLOTS);
+/// Bytes a send carries inline (copied into the work request, no DMA read of the slot)
+/// where the device allows: a credit header and a small frame (a get, a put of a short
+/// value, most replies).
+const INLINE_BYTES: usize = 256;
+/// A send is signalled at least this often (the rest complete silently, covered by the
+/// next signalled completion).
+const SIGNAL_EVERY: usize = SEND_SLOTS / 4;
 /// Longest control message (the JSON of a queue pair endpoint).
 const HANDSHAKE_BYTES_MAX: usize = 1024;
 
@@ -194,6 +203,16 @@ impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig { outbox_bytes_max: 32 << 20, handshake_timeout: Duration::from_secs(2) }
     }
+}
+
+/// Counters of a transport's sends (see `RdmaTransport::send_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendStats {
+    pub sends: u64,
+    /// Of `sends`, those posted inline (no DMA read of the send slot).
+    pub inline: u64,
+    /// Send completions taken: one per signalled send, the rest complete silently.
+    pub completions: u64,
 }
 
 /// Control messages on the TCP connection: a little-endian `u32` length, then bytes.
@@ -243,10 +262,17 @@ impl Handler for ControlEvents {
 
 /// One connection: its queue pair, registered slots, and byte streams both ways.
 struct RConn {
-    qp: ibverbs::QueuePair<'static>,
+    /// Declared before `mem`: dropped (destroyed) before the region is deregistered.
+    qp: Qp,
     /// `SEND_SLOTS` send slots, then `RECV_SLOTS` receive slots.
-    mem: ibverbs::MemoryRegion<u8>,
+    mem: Region,
     free_send: Vec<usize>,
+    /// Send slots posted and not yet covered by a completion, oldest first. Sends are
+    /// signalled only now and then (`SIGNAL_EVERY`); a signalled send's completion
+    /// frees it and every send posted before it (an RC send queue completes in order).
+    posted: VecDeque<usize>,
+    /// Sends posted since the last signalled one.
+    unsignalled: usize,
     /// Received stream bytes not yet cut into frames: `inbound[ipos..]`.
     inbound: Vec<u8>,
     ipos: usize,
@@ -277,7 +303,18 @@ impl RConn {
         // SAFETY: receive slot `slot` of this connection's registered region; it is posted
         // again only after its completion was taken, so the device never writes a slot
         // this code is reading, and the region outlives the queue pair (dropped after it).
-        unsafe { self.qp.post_receive(&mut self.mem, Self::recv_range(slot), conn_wr(conn, true, slot)) }.map_err(verbs("post receive"))
+        unsafe { self.qp.post_recv(&mut self.mem, Self::recv_range(slot), conn_wr(conn, true, slot)) }.map_err(verbs("post receive"))
+    }
+
+    /// A signalled send of `slot` completed: it and every send posted before it are done.
+    fn sends_done(&mut self, slot: usize) {
+        while let Some(s) = self.posted.pop_front() {
+            self.free_send.push(s);
+            if s == slot {
+                return;
+            }
+        }
+        panic!("a completion for send slot {slot}, which was not posted");
     }
 }
 
@@ -291,49 +328,63 @@ pub struct RdmaTransport<F: Framing> {
     framing: F,
     config: RdmaConfig,
     tcp: TcpTransport<ControlFraming>,
-    pd: &'static ibverbs::ProtectionDomain<'static>,
-    cq: &'static ibverbs::CompletionQueue<'static>,
+    device: &'static VerbsDevice,
     conns: HashMap<ConnId, RConn>,
     control: ControlEvents,
     /// Connections dialled by `connect` waiting for the peer's endpoint.
-    dialling: HashMap<ConnId, ibverbs::PreparedQueuePair<'static>>,
+    dialling: HashMap<ConnId, Qp>,
+    stats: SendStats,
     ready: Vec<(ConnId, ibverbs::QueuePairEndpoint)>,
 }
 
 impl<F: Framing> RdmaTransport<F> {
     pub fn new(framing: F, config: RdmaConfig) -> Result<Self, RdmaError> {
-        let list = ibverbs::devices().map_err(|e| RdmaError::NoDevice(format!("listing devices: {e}")))?;
-        let device = list.iter().next().ok_or_else(|| RdmaError::NoDevice("no device listed".into()))?;
-        // The context, protection domain and completion queue live for the process.
-        let ctx: &'static ibverbs::Context = Box::leak(Box::new(device.open().map_err(verbs("open device"))?));
-        let cq: &'static ibverbs::CompletionQueue<'static> =
-            Box::leak(Box::new(ctx.create_cq(CQ_ENTRIES as i32, 0).map_err(verbs("create cq"))?));
-        let pd: &'static ibverbs::ProtectionDomain<'static> =
-            Box::leak(Box::new(ctx.alloc_pd().map_err(|_| RdmaError::Verbs { op: "alloc pd", source: std::io::Error::last_os_error() })?));
+        // The device, its protection domain and completion queue live for the process.
+        let device = VerbsDevice::open(CQ_ENTRIES).map_err(|e| RdmaError::NoDevice(e.to_string()))?;
         let tcp_config = TcpConfig { connections_max: RDMA_CONNECTIONS_MAX, ..TcpConfig::default() };
         let tcp = TcpTransport::new(ControlFraming, tcp_config).map_err(|e| RdmaError::Verbs { op: "control channel", source: std::io::Error::other(e.to_string()) })?;
-        Ok(RdmaTransport { framing, config, tcp, pd, cq, conns: HashMap::new(), control: ControlEvents::default(), dialling: HashMap::new(), ready: Vec::new() })
+        Ok(RdmaTransport {
+            framing,
+            config,
+            tcp,
+            device,
+            conns: HashMap::new(),
+            control: ControlEvents::default(),
+            dialling: HashMap::new(),
+            stats: SendStats::default(),
+            ready: Vec::new(),
+        })
     }
 
-    fn prepare(&self) -> Result<ibverbs::PreparedQueuePair<'static>, RdmaError> {
-        self.pd
-            .create_qp(self.cq, self.cq, ibverbs::ibv_qp_type::IBV_QPT_RC)
-            .set_gid_index(1)
-            .set_max_send_wr(SEND_SLOTS as u32)
-            .set_max_recv_wr(RECV_SLOTS as u32)
-            .set_rnr_retry(7)
-            .build()
+    /// The device this transport uses.
+    pub fn device_name(&self) -> &str {
+        &self.device.name
+    }
+
+    /// What this transport's sends have been: how many, how many inline, how many
+    /// completions they raised.
+    pub fn send_stats(&self) -> SendStats {
+        self.stats
+    }
+
+    /// A queue pair with room for small sends inline; without it, where the device
+    /// refuses that much inline room.
+    fn prepare(&self) -> Result<Qp, RdmaError> {
+        Qp::create(self.device, SEND_SLOTS, RECV_SLOTS, INLINE_BYTES)
+            .or_else(|_| Qp::create(self.device, SEND_SLOTS, RECV_SLOTS, 0))
             .map_err(verbs("create qp"))
     }
 
     /// A queue pair connected to `remote`, its slots registered and receives posted.
-    fn open_conn(&self, conn: ConnId, prepared: ibverbs::PreparedQueuePair<'static>, remote: ibverbs::QueuePairEndpoint, peer: SocketAddr) -> Result<RConn, RdmaError> {
-        let qp = prepared.handshake(remote).map_err(verbs("connect qp"))?;
-        let mem = self.pd.allocate::<u8>((SEND_SLOTS + RECV_SLOTS) * SLOT_BYTES).map_err(verbs("register memory"))?;
+    fn open_conn(&self, conn: ConnId, mut qp: Qp, remote: ibverbs::QueuePairEndpoint, peer: SocketAddr) -> Result<RConn, RdmaError> {
+        qp.connect(self.device, &remote).map_err(verbs("connect qp"))?;
+        let mem = Region::new(self.device, (SEND_SLOTS + RECV_SLOTS) * SLOT_BYTES).map_err(verbs("register memory"))?;
         let mut c = RConn {
             qp,
             mem,
             free_send: (0..SEND_SLOTS).collect(),
+            posted: VecDeque::with_capacity(SEND_SLOTS),
+            unsignalled: 0,
             inbound: Vec::new(),
             ipos: 0,
             outbox: Vec::new(),
@@ -375,7 +426,7 @@ impl<F: Framing> RdmaTransport<F> {
                     }
                     // Accepted: answer with our queue pair.
                     let opened = self.prepare().and_then(|p| {
-                        let mine = p.endpoint();
+                        let mine = p.endpoint(self.device);
                         self.open_conn(conn, p, endpoint, peer).map(|c| (c, mine))
                     });
                     match opened {
@@ -417,8 +468,8 @@ impl<F: Framing> RdmaTransport<F> {
     /// back, receives are reposted, send slots are freed. Returns how many it took.
     fn completions<H: Handler>(&mut self, handler: &mut H) -> usize {
         let mut wc = [ibverbs::ibv_wc::default(); POLL_BATCH];
-        let done: Vec<(u64, Option<String>, usize)> = match self.cq.poll(&mut wc) {
-            Ok(c) => c.iter().map(|w| (w.wr_id(), w.error().map(|(s, _)| format!("{s:?}")), w.len())).collect(),
+        let done: Vec<(u64, Option<String>, usize)> = match self.device.poll(&mut wc) {
+            Ok(n) => wc[..n].iter().map(|w| (w.wr_id(), w.error().map(|(s, _)| format!("{s:?}")), w.len())).collect(),
             Err(_) => return 0,
         };
         let n = done.len();
@@ -432,7 +483,8 @@ impl<F: Framing> RdmaTransport<F> {
             }
             let c = self.conns.get_mut(&conn).expect("found");
             if !recv {
-                c.free_send.push(slot);
+                c.sends_done(slot);
+                self.stats.completions += 1;
                 continue;
             }
             if len < MSG_HEADER_BYTES {
@@ -507,13 +559,20 @@ impl<F: Framing> RdmaTransport<F> {
                 let start = slot * SLOT_BYTES;
                 c.mem[start..start + 4].copy_from_slice(&c.grant.to_le_bytes());
                 c.mem[start + 4..start + 4 + n].copy_from_slice(&c.outbox[c.opos..c.opos + n]);
-                // SAFETY: send slot `slot` was free (its last send's completion was taken)
-                // and stays out of `free_send` until this send completes.
-                let posted = unsafe { c.qp.post_send(&mut c.mem, start..start + MSG_HEADER_BYTES + n, conn_wr(conn, false, slot)) };
+                // Signal every few sends, and always the one that takes the last free
+                // slot, so a completion always comes to free the slots again.
+                let signaled = c.unsignalled + 1 >= SIGNAL_EVERY || c.free_send.is_empty();
+                // SAFETY: send slot `slot` was free (a completion covered its last send)
+                // and stays in `posted`, out of `free_send`, until one covers this one.
+                let posted = unsafe { c.qp.post_send(&c.mem, start..start + MSG_HEADER_BYTES + n, conn_wr(conn, false, slot), signaled) };
                 if posted.is_err() {
                     c.free_send.push(slot);
                     break;
                 }
+                c.posted.push_back(slot);
+                c.unsignalled = if signaled { 0 } else { c.unsignalled + 1 };
+                self.stats.sends += 1;
+                self.stats.inline += (MSG_HEADER_BYTES + n <= c.qp.inline_max) as u64;
                 c.credits -= 1;
                 c.grant = 0;
                 c.opos += n;
@@ -549,7 +608,7 @@ impl<F: Framing> Transport for RdmaTransport<F> {
         let fail = |e: RdmaError| TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(e.to_string()) };
         let conn = self.tcp.connect(addr, timeout)?;
         let prepared = self.prepare().map_err(fail)?;
-        self.tcp.outbox(conn)?.extend_from_slice(&control_message(&prepared.endpoint()));
+        self.tcp.outbox(conn)?.extend_from_slice(&control_message(&prepared.endpoint(self.device)));
         self.dialling.insert(conn, prepared);
         let deadline = std::time::Instant::now() + self.config.handshake_timeout.min(timeout.max(Duration::from_millis(100)));
         loop {

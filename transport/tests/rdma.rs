@@ -176,6 +176,11 @@ fn frames_of_every_size_echo_over_rdma_byte_for_byte() {
     }
     rtts.sort();
     println!("rdma transport, 28-byte frames: p50 {:.1} us, p99 {:.1} us round trip", rtts[1000].as_secs_f64() * 1e6, rtts[1980].as_secs_f64() * 1e6);
+    // Small frames went inline, and only some sends were signalled.
+    let stats = t.send_stats();
+    println!("client sends: {stats:?}");
+    assert!(stats.inline >= 2000, "the one-at-a-time frames fit inline: {stats:?}");
+    assert!(stats.completions > 0 && stats.completions * 2 <= stats.sends, "selective signalling: {stats:?}");
     drop(t);
     server.stop();
 }
