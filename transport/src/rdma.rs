@@ -361,6 +361,14 @@ impl<F: Framing> RdmaTransport<F> {
         &self.device.name
     }
 
+    /// Breaks `conn`'s queue pair (moves it to the error state) and leaves the rest as
+    /// it is: the control connection stays open. For tests of what the peer does with a
+    /// peer whose queue pair broke.
+    pub fn break_queue_pair(&mut self, conn: ConnId) -> Result<(), RdmaError> {
+        let c = self.conns.get_mut(&conn).ok_or_else(|| RdmaError::Verbs { op: "break qp", source: std::io::Error::other("no such connection") })?;
+        c.qp.set_error().map_err(verbs("break qp"))
+    }
+
     /// What this transport's sends have been: how many, how many inline, how many
     /// completions they raised.
     pub fn send_stats(&self) -> SendStats {
@@ -469,7 +477,7 @@ impl<F: Framing> RdmaTransport<F> {
     fn completions<H: Handler>(&mut self, handler: &mut H) -> usize {
         let mut wc = [ibverbs::ibv_wc::default(); POLL_BATCH];
         let done: Vec<(u64, Option<String>, usize)> = match self.device.poll(&mut wc) {
-            Ok(n) => wc[..n].iter().map(|w| (w.wr_id(), w.error().map(|(s, _)| format!("{s:?}")), w.len())).collect(),
+            Ok(n) => wc[..n].iter().map(|w| (w.wr_id(), w.error().map(|(s, _)| crate::verbs::status_name(s)), w.len())).collect(),
             Err(_) => return 0,
         };
         let n = done.len();

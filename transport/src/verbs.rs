@@ -119,6 +119,13 @@ impl Device {
     }
 }
 
+/// A completion status as libibverbs names it ("transport retry counter exceeded").
+pub fn status_name(status: ffi::ibv_wc_status::Type) -> String {
+    // SAFETY: `ibv_wc_status_str` returns a static NUL-terminated string for any value.
+    let name = unsafe { std::ffi::CStr::from_ptr(ffi::ibv_wc_status_str(status)) };
+    format!("{} (status {status})", name.to_string_lossy())
+}
+
 /// A registered buffer.
 pub struct Region {
     mr: *mut ffi::ibv_mr,
@@ -263,6 +270,13 @@ impl Qp {
         };
         let rts = M::IBV_QP_STATE | M::IBV_QP_SQ_PSN | M::IBV_QP_TIMEOUT | M::IBV_QP_RETRY_CNT | M::IBV_QP_RNR_RETRY | M::IBV_QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut attr, rts, "qp to ready-to-send")
+    }
+
+    /// Moves the queue pair to the error state: what a broken peer's looks like to the
+    /// other side (its sends go unanswered until they fail).
+    pub fn set_error(&mut self) -> io::Result<()> {
+        let mut attr = ffi::ibv_qp_attr { qp_state: ffi::ibv_qp_state::IBV_QPS_ERR, ..Default::default() };
+        self.modify(&mut attr, ffi::ibv_qp_attr_mask::IBV_QP_STATE, "qp to error")
     }
 
     fn modify(&mut self, attr: &mut ffi::ibv_qp_attr, mask: ffi::ibv_qp_attr_mask, op: &str) -> io::Result<()> {

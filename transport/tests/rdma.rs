@@ -68,14 +68,21 @@ use dds_transport::{CloseReason, ConnId, Handler, Transport};
 mod common;
 use common::{frame, LenPrefix};
 
-/// Echoes each frame; a frame `big:N` is answered with N bytes.
+/// Echoes each frame; a frame `big:N` is answered with N bytes, `later:MS` with a frame
+/// `late` MS milliseconds later.
 #[derive(Default)]
 struct Echo {
     closed: Vec<String>,
+    later: Vec<(ConnId, Instant)>,
 }
 
 impl Handler for Echo {
-    fn on_frame(&mut self, _conn: ConnId, f: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    fn on_frame(&mut self, conn: ConnId, f: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+        if let Some(ms) = f.get(4..).and_then(|p| p.strip_prefix(b"later:")) {
+            let ms: u64 = std::str::from_utf8(ms).unwrap().parse().unwrap();
+            self.later.push((conn, Instant::now() + Duration::from_millis(ms)));
+            return Ok(());
+        }
         if let Some(n) = f.get(4..).and_then(|p| p.strip_prefix(b"big:")) {
             let n: usize = std::str::from_utf8(n).unwrap().parse().unwrap();
             out.extend_from_slice(&frame(&vec![7u8; n]));
@@ -123,6 +130,13 @@ impl Server {
             let mut echo = Echo::default();
             while !s.load(Ordering::Relaxed) {
                 t.poll(Some(Duration::from_millis(5)), &mut echo).unwrap();
+                let now = Instant::now();
+                for (conn, _) in echo.later.iter().filter(|(_, due)| *due <= now) {
+                    if let Ok(out) = t.outbox(*conn) {
+                        out.extend_from_slice(&frame(b"late"));
+                    }
+                }
+                echo.later.retain(|(_, due)| *due > now);
             }
             echo.closed
         });
@@ -243,6 +257,35 @@ fn a_peer_that_goes_away_is_closed_with_a_reason_and_others_go_on() {
     let reasons = server.stop();
     assert!(!reasons.is_empty(), "the server saw the peer go");
     println!("server close reasons: {reasons:?}");
+}
+
+#[test]
+fn a_queue_pair_that_breaks_closes_its_connection_with_a_reason_and_others_go_on() {
+    let server = Server::start(RdmaConfig::default());
+    let mut good = client();
+    let g = good.connect(server.addr, Duration::from_secs(2)).unwrap();
+    let mut broken = client();
+    let b = broken.connect(server.addr, Duration::from_secs(2)).unwrap();
+    assert_eq!(round_trip(&mut broken, b, &[frame(b"before")]), vec![frame(b"before")]);
+    // The queue pair goes to the error state (as after a fatal transport error): its
+    // posted receives complete with errors, and its side closes the connection, with
+    // the reason, which closes the control channel and so the server's side too.
+    broken.break_queue_pair(b).expect("break the queue pair");
+    let mut seen = Collect::default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.closed.is_empty() {
+        assert!(Instant::now() < deadline, "the broken connection was not closed");
+        broken.poll(Some(Duration::from_millis(5)), &mut seen).unwrap();
+    }
+    println!("broken side closed: {:?}", seen.closed);
+    assert!(seen.closed.iter().any(|r| r.contains("completion failed")), "{:?}", seen.closed);
+    assert_eq!(broken.connections_open(), 0);
+    let frames = vec![frame(b"unaffected")];
+    assert_eq!(round_trip(&mut good, g, &frames), frames);
+    std::thread::sleep(Duration::from_millis(200));
+    let reasons = server.stop();
+    println!("server close reasons: {reasons:?}");
+    assert_eq!(reasons.len(), 1, "the server closed the broken peer's connection only: {reasons:?}");
 }
 
 /// The same echo round trip over the TCP transport, for the RDMA figures to stand beside
