@@ -27,7 +27,7 @@ pub(crate) fn is_rdma(conn: ConnId) -> bool {
 
 #[cfg(feature = "rdma")]
 fn tagged(conn: ConnId) -> ConnId {
-    debug_assert!(conn.slot & RDMA_BIT == 0, "slot numbers stay far below 2^31");
+    assert!(conn.slot & RDMA_BIT == 0, "slot numbers stay far below 2^31");
     ConnId { slot: conn.slot | RDMA_BIT, generation: conn.generation }
 }
 
