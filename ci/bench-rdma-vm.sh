@@ -5,17 +5,20 @@
 # BIN) and the TCP transport's echo round trip on the VM's loopback, and dds itself
 # (the `dds` binary DDS, built with the rdma feature): gets and puts of 64 B values, one
 # client at depth 1, against a one-brick cluster whose core busy-polls, over RDMA and
-# over TCP against the same brick; REPS times each, interleaved. Prints one line per
+# over TCP against the same brick, and gets at 200/s (open loop) against a brick that
+# polls adaptively, so it sleeps between them; REPS times each, interleaved. Prints one line per
 # measurement:
 #   <what> rep <n>: p50 <us> p99 <us>   (round trips; perftest's one-way figures doubled)
 #   ci/bench-rdma-vm.sh BIN DDS REPS
 set -euo pipefail
 bin="$1"; dds="$2"; reps="${3:-3}"
-# One dds operation kind over one transport: `dds bench` for 3 s, its JSON's p50 and p99.
+# One dds operation kind over one transport: `dds bench` for 3 s (more flags may
+# follow), its JSON's p50 and p99.
 dds_op() {
   local cluster="$1" workload="$2" transport="$3"
+  shift 3
   "$dds" bench --cluster "$cluster" --workload "$workload" --clients 1 --depth 1 --seconds 3 \
-    --transport "$transport" --json "$cluster/bench.json" >/dev/null 2>&1
+    --transport "$transport" --json "$cluster/bench.json" "$@" >/dev/null 2>&1
   local p50 p99
   p50="$(grep -o '"p50_us": [0-9.]*' "$cluster/bench.json" | head -n 1 | awk '{print $2}')"
   p99="$(grep -o '"p99_us": [0-9.]*' "$cluster/bench.json" | head -n 1 | awk '{print $2}')"
@@ -48,6 +51,15 @@ for rep in $(seq "$reps"); do
   for transport in rdma tcp; do
     echo "dds get over $transport (64 B, 1 brick) rep $rep: $(dds_op "$cluster" read "$transport")"
     echo "dds put over $transport (64 B, 1 brick) rep $rep: $(dds_op "$cluster" write "$transport")"
+  done
+  "$dds" cluster down --dir "$cluster" >/dev/null 2>&1
+  rm -rf "$cluster"
+  # A brick that is idle between requests (adaptive polling, 200 gets/s open loop):
+  # over RDMA it sleeps in epoll until the completion channel wakes it.
+  cluster="$(mktemp -d)"
+  "$dds" cluster up --dir "$cluster" --bricks 1 --cores 1 --transport rdma >/dev/null 2>&1
+  for transport in rdma tcp; do
+    echo "dds get over $transport, idle brick (200/s) rep $rep: $(dds_op "$cluster" read "$transport" --rate 200)"
   done
   "$dds" cluster down --dir "$cluster" >/dev/null 2>&1
   rm -rf "$cluster"

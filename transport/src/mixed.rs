@@ -13,13 +13,6 @@ use crate::{CloseReason, ConnId, Framing, Handler, TcpConfig, TcpTransport, Tran
 
 /// The `ConnId` slot bit of RDMA connections.
 const RDMA_BIT: u32 = 1 << 31;
-#[cfg(feature = "rdma")]
-/// With RDMA on, the longest one wait in epoll lasts before the completion queue is
-/// polled again: RDMA completions raise no epoll event (this crate does not arm a
-/// completion channel), so an idle core looks at both every millisecond. A core with
-/// work spins (its loop's `--spin-us`), where this slice plays no part.
-const RDMA_IDLE_SLICE: Duration = Duration::from_millis(1);
-
 /// Which transport a connection belongs to.
 pub(crate) fn is_rdma(conn: ConnId) -> bool {
     conn.slot & RDMA_BIT != 0
@@ -66,7 +59,7 @@ pub struct MixedTransport<F: Framing + Clone> {
     #[cfg(feature = "rdma")]
     framing: F,
     /// With RDMA on, wait by spinning on both (a client waiting for its replies), not
-    /// in epoll slices (a brick core, whose loop spins by itself while busy).
+    /// asleep in epoll (a brick core, whose loop spins by itself while busy).
     #[cfg(feature = "rdma")]
     spin_wait: bool,
 }
@@ -85,8 +78,9 @@ impl<F: Framing + Clone> MixedTransport<F> {
         })
     }
 
-    /// With RDMA on, `poll` waits by spinning rather than in 1 ms epoll slices: for a
-    /// client, whose thread has nothing to do but wait for its replies.
+    /// With RDMA on, `poll` waits by spinning rather than asleep in epoll until a
+    /// completion wakes it: for a client, whose thread has nothing to do but wait for
+    /// its replies.
     pub fn set_spin_wait(&mut self, spin: bool) {
         #[cfg(feature = "rdma")]
         {
@@ -104,7 +98,13 @@ impl<F: Framing + Clone> MixedTransport<F> {
         {
             if self.rdma.is_none() {
                 let config = crate::rdma::RdmaConfig::default();
-                self.rdma = Some(crate::rdma::RdmaTransport::new(self.framing.clone(), config).map_err(|e| e.to_string())?);
+                let rdma = crate::rdma::RdmaTransport::new(self.framing.clone(), config).map_err(|e| e.to_string())?;
+                // An idle loop sleeps in this transport's epoll: RDMA completions and
+                // control messages must wake it too.
+                for fd in rdma.wake_fds() {
+                    self.tcp.watch_fd(fd).map_err(|e| format!("watch the RDMA completion channel: {e}"))?;
+                }
+                self.rdma = Some(rdma);
             }
             Ok(())
         }
@@ -173,12 +173,22 @@ impl<F: Framing + Clone> Transport for MixedTransport<F> {
         #[cfg(feature = "rdma")]
         if let Some(rdma) = self.rdma.as_mut() {
             let deadline = timeout.map(|t| Instant::now() + t);
-            let slice = if self.spin_wait { Duration::ZERO } else { RDMA_IDLE_SLICE };
             loop {
                 let mut delivered = rdma.poll(Some(Duration::ZERO), &mut Tagged(handler))?;
                 let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-                let wait = if delivered > 0 { Duration::ZERO } else { remaining.unwrap_or(slice).min(slice) };
-                delivered += self.tcp.poll(Some(wait), handler)?;
+                let mut wait = if delivered > 0 || self.spin_wait { Some(Duration::ZERO) } else { remaining };
+                if wait != Some(Duration::ZERO) {
+                    // About to sleep in epoll: have the next completion wake it (the
+                    // completion channel is watched there, as is the control channel).
+                    delivered += rdma.arm(&mut Tagged(handler))?;
+                    if delivered > 0 {
+                        wait = Some(Duration::ZERO);
+                    }
+                }
+                delivered += self.tcp.poll(wait, handler)?;
+                if self.tcp.take_woken() {
+                    rdma.take_wakes();
+                }
                 if delivered > 0 || deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(delivered);
                 }

@@ -369,6 +369,28 @@ impl<F: Framing> RdmaTransport<F> {
         c.qp.set_error().map_err(verbs("break qp"))
     }
 
+    /// Descriptors an idle loop can sleep on in epoll and wake when this transport has
+    /// work: the completion channel (after `arm`) and the control channel's epoll.
+    pub fn wake_fds(&self) -> [std::os::fd::RawFd; 2] {
+        [self.device.wake_fd(), self.tcp.poll_fd()]
+    }
+
+    /// Before sleeping: asks for a wake-up at the next completion, then takes what
+    /// already came (a completion just before arming raises no event). Returns the
+    /// frames delivered; if any, do not sleep.
+    pub fn arm<H: Handler>(&mut self, handler: &mut H) -> Result<usize, TransportError> {
+        if let Err(e) = self.device.arm() {
+            return Err(TransportError::Poll(e));
+        }
+        self.poll(Some(Duration::ZERO), handler)
+    }
+
+    /// After waking: takes the completion channel's events (their completions are
+    /// taken by the next `poll`).
+    pub fn take_wakes(&mut self) {
+        self.device.drain_events();
+    }
+
     /// What this transport's sends have been: how many, how many inline, how many
     /// completions they raised.
     pub fn send_stats(&self) -> SendStats {

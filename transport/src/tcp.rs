@@ -12,6 +12,8 @@ use mio::{Events, Interest, Poll, Token};
 use crate::{CloseReason, ConnId, Framing, Handler, Transport, TransportError};
 
 const LISTENER: Token = Token(usize::MAX);
+/// Descriptors watched for another transport (`watch_fd`): an event only wakes `poll`.
+const WATCHED: Token = Token(usize::MAX - 1);
 
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
@@ -86,6 +88,8 @@ pub struct TcpTransport<F: Framing> {
     /// Slots whose input was not read to the end last round (fairness bound, or paused
     /// because their replies were not being read).
     unread: Vec<u32>,
+    /// A watched descriptor became readable since `take_woken`.
+    woken: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -120,7 +124,26 @@ impl<F: Framing> TcpTransport<F> {
             open: 0,
             dirty: Vec::new(),
             unread: Vec::new(),
+            woken: false,
         })
+    }
+
+    /// Wakes `poll` when `fd` becomes readable (an RDMA completion channel, another
+    /// transport's epoll); nothing is read from it here.
+    pub fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> Result<(), TransportError> {
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), WATCHED, Interest::READABLE).map_err(TransportError::Poll)
+    }
+
+    /// Whether a watched descriptor woke `poll` since the last call.
+    pub fn take_woken(&mut self) -> bool {
+        std::mem::take(&mut self.woken)
+    }
+
+    /// This transport's epoll descriptor: readable when it has events, so another
+    /// transport's loop can watch it (`watch_fd`).
+    pub fn poll_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.poll.as_raw_fd()
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
@@ -449,6 +472,10 @@ impl<F: Framing> Transport for TcpTransport<F> {
             let (token, readable, writable) = self.ready[i];
             if token == LISTENER {
                 self.accept_all(handler);
+                continue;
+            }
+            if token == WATCHED {
+                self.woken = true;
                 continue;
             }
             let slot = token.0 as u32;

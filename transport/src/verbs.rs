@@ -25,6 +25,9 @@ const GID_INDEX: u8 = 1;
 pub struct Device {
     ctx: *mut ffi::ibv_context,
     pd: *mut ffi::ibv_pd,
+    /// Where the completion queue says, once armed, that a completion came: a
+    /// non-blocking file descriptor an idle loop can sleep on in epoll.
+    channel: *mut ffi::ibv_comp_channel,
     cq: *mut ffi::ibv_cq,
     lid: u16,
     gid: ffi::ibv_gid,
@@ -91,16 +94,70 @@ impl Device {
             if pd.is_null() {
                 return Err(last_error("alloc pd"));
             }
-            // SAFETY: `ctx` is open; no completion channel, no context pointer.
-            let cq = unsafe { ffi::ibv_create_cq(ctx, cq_entries as i32, ptr::null_mut(), ptr::null_mut(), 0) };
+            // SAFETY: `ctx` is open.
+            let channel = unsafe { ffi::ibv_create_comp_channel(ctx) };
+            if channel.is_null() {
+                return Err(last_error("create completion channel"));
+            }
+            // SAFETY: the channel's descriptor is open; only its status flags change.
+            let rc = unsafe {
+                let fd = (*channel).fd;
+                libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK)
+            };
+            if rc < 0 {
+                return Err(last_error("make the completion channel non-blocking"));
+            }
+            // SAFETY: `ctx` and `channel` are open; no context pointer.
+            let cq = unsafe { ffi::ibv_create_cq(ctx, cq_entries as i32, ptr::null_mut(), channel, 0) };
             if cq.is_null() {
                 return Err(last_error("create cq"));
             }
-            Ok(Device { ctx, pd, cq, lid: port.lid, gid, mtu: port.active_mtu, name })
+            Ok(Device { ctx, pd, channel, cq, lid: port.lid, gid, mtu: port.active_mtu, name })
         })();
         // SAFETY: the list came from `ibv_get_device_list`; the opened context stays valid.
         unsafe { ffi::ibv_free_device_list(list) };
         Ok(Box::leak(Box::new(result?)))
+    }
+
+    /// The completion channel's descriptor: readable once a completion came after `arm`.
+    pub fn wake_fd(&self) -> std::os::fd::RawFd {
+        // SAFETY: the channel lives as long as the process.
+        unsafe { (*self.channel).fd }
+    }
+
+    /// Asks for one event on the channel at the next completion. Poll the queue once
+    /// more after arming: a completion that came just before is not announced.
+    pub fn arm(&self) -> io::Result<()> {
+        // SAFETY: the completion queue is alive; `req_notify_cq` is the provider's entry
+        // point, as `ibv_req_notify_cq` itself calls it.
+        let rc = unsafe {
+            let ops = &mut (*self.ctx).ops;
+            ops.req_notify_cq.as_mut().expect("every provider notifies")(self.cq, 0)
+        };
+        if rc != 0 {
+            return Err(errno("arm cq", rc));
+        }
+        Ok(())
+    }
+
+    /// Takes and acknowledges every event waiting on the channel (it is non-blocking:
+    /// none waiting ends at once). Returns how many there were.
+    pub fn drain_events(&self) -> usize {
+        let mut n = 0u32;
+        loop {
+            let mut cq: *mut ffi::ibv_cq = ptr::null_mut();
+            let mut ctx: *mut std::os::raw::c_void = ptr::null_mut();
+            // SAFETY: the channel is alive and non-blocking; both out-pointers are valid.
+            if unsafe { ffi::ibv_get_cq_event(self.channel, &mut cq, &mut ctx) } != 0 {
+                break;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            // SAFETY: `n` events of this queue (the channel's only one) were taken above.
+            unsafe { ffi::ibv_ack_cq_events(self.cq, n) };
+        }
+        n as usize
     }
 
     /// Takes up to `out.len()` completions; returns how many.
