@@ -334,7 +334,6 @@ pub struct RdmaTransport<F: Framing> {
     /// Connections dialled by `connect` waiting for the peer's endpoint.
     dialling: HashMap<ConnId, Qp>,
     stats: SendStats,
-    ready: Vec<(ConnId, ibverbs::QueuePairEndpoint)>,
 }
 
 impl<F: Framing> RdmaTransport<F> {
@@ -352,13 +351,7 @@ impl<F: Framing> RdmaTransport<F> {
             control: ControlEvents::default(),
             dialling: HashMap::new(),
             stats: SendStats::default(),
-            ready: Vec::new(),
         })
-    }
-
-    /// The device this transport uses.
-    pub fn device_name(&self) -> &str {
-        &self.device.name
     }
 
     /// Breaks `conn`'s queue pair (moves it to the error state) and leaves the rest as
@@ -446,7 +439,7 @@ impl<F: Framing> RdmaTransport<F> {
                         }
                     };
                     if self.dialling.contains_key(&conn) {
-                        self.ready.push((conn, endpoint));
+                        // `connect` takes its own dialled connection's endpoint.
                         continue;
                     }
                     if self.conns.contains_key(&conn) {

@@ -32,7 +32,6 @@ pub struct Device {
     lid: u16,
     gid: ffi::ibv_gid,
     mtu: ffi::ibv_mtu,
-    pub name: String,
 }
 
 // SAFETY: verbs objects may be used from any thread (libibverbs locks internally). Each
@@ -69,9 +68,7 @@ impl Device {
             }
             // SAFETY: the list holds `n` > 0 device pointers.
             let dev = unsafe { *list };
-            // SAFETY: a device from the live list; its name is a NUL-terminated string it owns.
-            let name = unsafe { std::ffi::CStr::from_ptr(ffi::ibv_get_device_name(dev)) }.to_string_lossy().into_owned();
-            // SAFETY: as above.
+            // SAFETY: a device from the live list.
             let ctx = unsafe { ffi::ibv_open_device(dev) };
             if ctx.is_null() {
                 return Err(last_error("open device"));
@@ -112,7 +109,7 @@ impl Device {
             if cq.is_null() {
                 return Err(last_error("create cq"));
             }
-            Ok(Device { ctx, pd, channel, cq, lid: port.lid, gid, mtu: port.active_mtu, name })
+            Ok(Device { ctx, pd, channel, cq, lid: port.lid, gid, mtu: port.active_mtu })
         })();
         // SAFETY: the list came from `ibv_get_device_list`; the opened context stays valid.
         unsafe { ffi::ibv_free_device_list(list) };
