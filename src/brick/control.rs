@@ -144,7 +144,7 @@ const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Sends `Register` on `rpc`; returns the id the authority answered with.
 fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: Duration) -> Result<u32, String> {
-    let reg = Registration { id, cores: addr.cores.clone(), rdma: addr.rdma.clone(), token: addr.token };
+    let reg = Registration { id, addr: addr.clone() };
     let body = serde_json::to_string(&reg).expect("serialises");
     let (status, value) = rpc.call(Op::Register, 0, &[], body.as_bytes(), timeout).map_err(|e| e.to_string())?;
     if status != Status::Ok {

@@ -75,6 +75,17 @@ impl Prepared {
         }
     }
 
+    /// Drops the answers gathered at another map epoch (they may be stale); returns
+    /// whether it did.
+    fn answers_at(&mut self, epoch: u64) -> bool {
+        if self.answers_epoch == epoch {
+            return false;
+        }
+        self.answers.clear();
+        self.answers_epoch = epoch;
+        true
+    }
+
     fn body(&self) -> PrepareBody<'_> {
         PrepareBody { txid: self.txid, kind: self.kind, participants: &self.participants, value: &self.value }
     }
@@ -621,9 +632,7 @@ impl Shard {
             if now_ms.saturating_sub(p.since_ms) < RESOLVE_AFTER_MS {
                 continue;
             }
-            if p.answers_epoch != epoch {
-                p.answers.clear();
-                p.answers_epoch = epoch;
+            if p.answers_at(epoch) {
                 p.asked_ms = None;
             }
             if let Some(commit) = resolve_rule(&self.map, self.me, p) {
@@ -655,10 +664,7 @@ impl Shard {
         // members: a peer that had not yet seen a participant's removal could still abort
         // on that participant's word after answering "prepared", and a departed peer's
         // "aborted" may have raced with its removal.
-        if p.answers_epoch != self.map.epoch {
-            p.answers.clear();
-            p.answers_epoch = self.map.epoch;
-        }
+        p.answers_at(self.map.epoch);
         if answered_epoch < self.map.epoch || !self.map.bricks.contains_key(&from) {
             return;
         }

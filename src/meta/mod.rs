@@ -26,14 +26,10 @@ use rpc::{read_frame, Rpc};
 pub struct Registration {
     /// The id it had before, if any.
     pub id: Option<u32>,
-    /// One address per core.
-    pub cores: Vec<SocketAddr>,
-    /// One RDMA listener per core, if the brick serves RDMA.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rdma: Vec<SocketAddr>,
-    /// The brick directory's token (`BrickAddr::token`).
-    #[serde(default)]
-    pub token: u64,
+    /// Where it serves and its directory's token, as the map will hold them (the JSON
+    /// fields `cores`, `rdma`, `token`).
+    #[serde(flatten)]
+    pub addr: crate::map::BrickAddr,
 }
 
 /// The authority's answer to `Register`.
@@ -207,7 +203,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             };
             match op {
                 Op::Register => match serde_json::from_slice::<Registration>(frame.value) {
-                    Ok(reg) => match state.authority.register_at(reg.id, crate::map::BrickAddr { cores: reg.cores, rdma: reg.rdma, token: reg.token }, now) {
+                    Ok(reg) => match state.authority.register_at(reg.id, reg.addr, now) {
                         Ok((id, serial, actions)) => {
                             session = Some((id, serial));
                             crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");
