@@ -30,6 +30,9 @@ cargo test --workspace --locked -- --skip acknowledged_writes_survive_sigkill 2>
 step "crash test: SIGKILL under a writer, 20 rounds, every acknowledged write checked"
 cargo test --locked --test durability acknowledged_writes_survive_sigkill -- --nocapture 2>&1 | tee -a "$LOG"
 
+step "failpoints in the real I/O paths: a core's panic ends its brick, a failed fsync stops it, lost heartbeats fence it"
+cargo test --locked --features failpoints --test failpoints -- --nocapture 2>&1 | tee -a "$LOG"
+
 step "linearizability: the broken build (replicas that lose commits) must fail the checker"
 cargo test --locked --features mutation-lost-commit --test linearizability -- --nocapture 2>&1 | tee -a "$LOG"
 
@@ -38,9 +41,10 @@ bash ci/sim.sh --regressions ci/sim-regressions.txt 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds "${SIM_SEEDS:-2000}" 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 200 --start 1000000 --twice 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 300 --partitions 2>&1 | tee -a "$LOG"
+bash ci/sim.sh --seeds 1000 --durability memory 2>&1 | tee -a "$LOG"
 
 step "simulator: each planted bug, and frames duplicated within a connection, must fail the checkers within 500 seeds"
-for mutation in read-uncommitted skip-sync lost-commit; do
+for mutation in read-uncommitted skip-sync lost-commit early-replies; do
   bash ci/sim.sh --seeds 500 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
 done
 bash ci/sim.sh --seeds 500 --raw-network --expect-failure 2>&1 | tail -n 4

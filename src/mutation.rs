@@ -11,16 +11,25 @@ pub enum Mutation {
     SkipSync = 2,
     /// Replicas with odd ids acknowledge a commit without applying it.
     LostCommit = 3,
+    /// A core's round checks the lease only at its top, not again for each request: a
+    /// process paused after that check serves what arrived during the pause.
+    StaleLease = 4,
+    /// A core's round sends the replies of its writes before the round's log write and
+    /// sync complete.
+    EarlyReplies = 5,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 3] = [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit];
+    pub const ALL: [Mutation; 5] =
+        [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit, Mutation::StaleLease, Mutation::EarlyReplies];
 
     pub fn name(self) -> &'static str {
         match self {
             Mutation::ReadUncommitted => "read-uncommitted",
             Mutation::SkipSync => "skip-sync",
             Mutation::LostCommit => "lost-commit",
+            Mutation::StaleLease => "stale-lease",
+            Mutation::EarlyReplies => "early-replies",
         }
     }
 

@@ -23,7 +23,8 @@ struct Args {
     /// Run this one seed and print its trace (what the failure line's command does).
     #[arg(long)]
     seed: Option<u64>,
-    /// Plant a protocol bug: read-uncommitted, skip-sync or lost-commit.
+    /// Plant a protocol bug: read-uncommitted, skip-sync, lost-commit, stale-lease or
+    /// early-replies.
     #[arg(long)]
     mutation: Option<String>,
     /// Allow network partitions (outside the design's assumptions).
@@ -33,6 +34,10 @@ struct Args {
     /// allows): shows what breaks.
     #[arg(long)]
     raw_network: bool,
+    /// When bricks acknowledge writes: sync (after fdatasync) or memory (after the
+    /// write reaches the kernel; crashes are then never power losses).
+    #[arg(long, value_enum, default_value = "sync")]
+    durability: dds::brick::Durability,
     /// With --seed: print every request on this key as the bricks execute it.
     #[arg(long)]
     watch: Option<String>,
@@ -62,6 +67,9 @@ fn replay_command(seed: u64, args: &Args) -> String {
     if args.raw_network {
         cmd.push_str(" --raw-network");
     }
+    if args.durability == dds::brick::Durability::Memory {
+        cmd.push_str(" --durability memory");
+    }
     cmd
 }
 
@@ -79,6 +87,7 @@ fn main() -> Result<()> {
         mutation,
         trace: args.seed.is_some(),
         watch: args.watch.clone(),
+        durability: args.durability,
     };
     if let Some(seed) = args.seed {
         let started = Instant::now();

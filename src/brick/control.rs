@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
 use crate::meta::rpc::Rpc;
 use crate::meta::{Registered, Registration};
@@ -68,7 +69,7 @@ impl Shared {
             return true;
         }
         let ok_ms = self.lease_ok_ms.load(Ordering::Acquire);
-        ok_ms != u64::MAX && self.started.elapsed().as_millis() as u64 > ok_ms + LEASE_MS
+        ok_ms != u64::MAX && lease_expired(ok_ms, self.started.elapsed().as_millis() as u64, LEASE_MS)
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
@@ -85,6 +86,16 @@ impl Shared {
         *held = Arc::new(map);
         self.epoch.store(epoch, Ordering::Release);
         true
+    }
+}
+
+impl Control for Shared {
+    fn fenced(&self) -> bool {
+        self.is_fenced()
+    }
+
+    fn newer_map(&self, epoch: u64) -> Option<Arc<ClusterMap>> {
+        (self.epoch.load(Ordering::Acquire) > epoch).then(|| self.map())
     }
 }
 

@@ -5,7 +5,9 @@ pub mod control;
 mod core_loop;
 #[cfg(test)]
 mod model_tests;
+pub mod round;
 mod shard;
+mod storage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,15 +21,17 @@ use serde::{Deserialize, Serialize};
 use crate::map::BrickAddr;
 use crate::proto::{BrickInfo, DdsFraming};
 
-pub use core_loop::{replay_segment, SegmentError};
+pub use round::{Control, CoreRound};
+pub use storage::{replay_segment, SegmentError};
 pub use shard::{Effects, Query, Shard, PROBE_CURSOR};
 
 /// When a write is acknowledged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// After its log record is written and fdatasync'd (group commit): survives a crash
     /// of the process and of the machine.
+    #[default]
     Sync,
     /// After it is applied in memory and its record handed to the kernel: survives a
     /// crash of the process, not of the machine. For users who rely on replication.
@@ -124,6 +128,14 @@ pub enum BrickError {
     Ports { given: usize, cores: usize },
     #[error("brick: {0}")]
     Control(#[from] control::ControlError),
+    #[error("brick: cannot start the {thread} thread: {source}")]
+    Spawn {
+        thread: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("brick: a thread panicked")]
+    Panicked,
 }
 
 impl BrickFile {
@@ -295,7 +307,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         let (storage, next_lsn) =
-                            match core_loop::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes) {
+                            match storage::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);
@@ -304,22 +316,28 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         };
                         let _ = ready.send(core);
                         drop(ready);
-                        let result =
-                            core_loop::run(core, transport, shard, storage, next_lsn, config.durability, info, loop_config, shared);
+                        let round = CoreRound::new(shard, info, config.durability, next_lsn);
+                        let result = core_loop::run(transport, round, storage, config.durability, loop_config, shared);
                         // One core stopping stops the brick: it serves all its partitions or none.
                         stop.store(true, Ordering::SeqCst);
                         result.map_err(fail)
                     })
-                    .expect("spawn core thread")
+                    .map_err(|source| BrickError::Spawn { thread: format!("core {core}"), source })
             })
             .collect();
         drop(ready_tx);
+        let mut spawned = Ok(());
         if let Some((meta, rpc)) = session {
             let brick_addr = brick_addr.clone();
-            std::thread::Builder::new()
+            spawned = std::thread::Builder::new()
                 .name("dds-control".into())
                 .spawn_scoped(scope, move || control::heartbeat_loop(shared, meta, &brick_addr, Some(rpc)))
-                .expect("spawn control thread");
+                .map(|_| ())
+                .map_err(|source| BrickError::Spawn { thread: "control".into(), source });
+        }
+        if spawned.is_err() || handles.iter().any(|h| h.is_err()) {
+            // A brick serves with every core and its control plane, or not at all.
+            stop.store(true, Ordering::SeqCst);
         }
         // brick.json says "serving": only once every core has replayed its log.
         let all_ready = ready_rx.iter().take(config.cores).count() == config.cores;
@@ -350,8 +368,11 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         if !all_ready || stored.is_err() {
             stop.store(true, Ordering::SeqCst);
         }
-        let mut results: Vec<_> = handles.into_iter().map(|h| h.join().expect("core thread panicked")).collect();
+        // A panic ends the process (fail-stop), so a join that fails is a bug.
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), BrickError>>| h.join().unwrap_or(Err(BrickError::Panicked));
+        let mut results: Vec<_> = handles.into_iter().map(|h| h.and_then(joined)).collect();
         results.insert(0, stored);
+        results.insert(0, spawned);
         results
     });
     if shared.removed.load(Ordering::SeqCst) {

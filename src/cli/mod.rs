@@ -130,12 +130,20 @@ pub fn available_cores() -> usize {
 }
 
 pub fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => bench::demo(args),
         Command::Cluster(cmd) => cluster::run(cmd),
-        Command::Brick(args) => run_brick(args),
-        Command::Meta(args) => run_meta(args),
+        Command::Brick(args) => {
+            crate::logging::fail_stop_on_panic();
+            run_brick(args)
+        }
+        Command::Meta(args) => {
+            crate::logging::fail_stop_on_panic();
+            run_meta(args)
+        }
         Command::Put(args) => kv::put(args),
         Command::Get(args) => kv::get(args),
         Command::Del(args) => kv::del(args),

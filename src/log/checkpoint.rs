@@ -126,6 +126,11 @@ impl Writer {
     pub fn finish(mut self) -> Result<u64, LogError> {
         self.file.write_at(0, &header(self.start_lsn, self.entries))?;
         self.file.append(&[], true)?;
+        crate::failpoint!("checkpoint-rename", |_| Err(LogError::Io {
+            op: "rename checkpoint",
+            path: self.tmp.clone(),
+            source: std::io::Error::other("failpoint checkpoint-rename"),
+        }));
         std::fs::rename(&self.tmp, &self.path)
             .map_err(|source| LogError::Io { op: "rename checkpoint", path: self.tmp.clone(), source })?;
         sync_dir(&self.path)?;

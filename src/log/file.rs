@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
+use nix::errno::Errno;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -81,25 +82,40 @@ impl LogFile {
     fn run(&mut self, entry: io_uring::squeue::Entry, op: &'static str) -> Result<u32, LogError> {
         // SAFETY: `entry` points into a buffer the caller keeps borrowed until this
         // function returns, and this function does not return before the kernel has
-        // completed the operation (submit_and_wait(1), then the completion is consumed).
-        unsafe { self.ring.submission().push(&entry) }.expect("ring has room: one operation at a time");
+        // completed the operation: it returns once the completion is consumed, with an
+        // error only while the entry is still unsubmitted, and otherwise ends the process.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            return Err(self.err(op, std::io::Error::other("io_uring submission queue full")));
+        }
+        // `submit_and_wait` returns once the entry is submitted, even when the wait was
+        // cut short (a signal, SIGSTOP and SIGCONT, a spurious wake-up): a completion is
+        // there only when the queue shows one. Bounded: each turn either consumes a
+        // completion or blocks in the kernel until one can come.
         loop {
+            let completed = self.ring.completion().next().map(|cqe| cqe.result());
+            if let Some(result) = completed {
+                if result < 0 {
+                    return Err(self.err(op, std::io::Error::from_raw_os_error(-result)));
+                }
+                return Ok(result as u32);
+            }
+            // Submits what is queued (nothing, after the first turn) and waits.
             match self.ring.submit_and_wait(1) {
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.err("io_uring submit", e)),
+                Ok(_) => {}
+                Err(e) if [Errno::EINTR, Errno::EAGAIN, Errno::EBUSY].iter().any(|n| e.raw_os_error() == Some(*n as i32)) => {}
+                // Not submitted: nothing of the buffer is in the kernel's hands.
+                Err(e) if !self.ring.submission().is_empty() => return Err(self.err("io_uring submit", e)),
+                // In flight and no way left to wait for it: returning would free a
+                // buffer the kernel may still read. Fail-stop (the panic hook aborts).
+                Err(e) => panic!("log {}: {op}: cannot wait for an io_uring completion: {e}", self.path.display()),
             }
         }
-        let cqe = self.ring.completion().next().expect("submit_and_wait(1) returned a completion");
-        if cqe.result() < 0 {
-            return Err(self.err(op, std::io::Error::from_raw_os_error(-cqe.result())));
-        }
-        Ok(cqe.result() as u32)
     }
 
     /// Writes all of `bytes` at `offset`, resubmitting from where a short write stopped
     /// (disk full, a signal).
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
+        crate::failpoint!("log-write", |_| Err(self.err("write", std::io::Error::other("failpoint log-write"))));
         let fd = types::Fd(self.file.as_raw_fd());
         let mut done = 0usize;
         while done < bytes.len() {
@@ -125,6 +141,7 @@ impl LogFile {
         self.write_all_at(self.end, batch)?;
         if sync {
             // Submitted only once every byte of the batch has completed.
+            crate::failpoint!("log-fsync", |_| Err(self.err("fdatasync", std::io::Error::other("failpoint log-fsync"))));
             let fd = types::Fd(self.file.as_raw_fd());
             let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
             self.run(entry, "fdatasync")?;

@@ -218,6 +218,16 @@ impl ClusterMap {
         Ok(map)
     }
 
+    /// A brick that restarted with its state intact, on new addresses.
+    pub fn move_brick(&self, id: BrickId, addr: BrickAddr) -> Result<ClusterMap, MapError> {
+        self.next(|m| {
+            if m.bricks.insert(id, addr).is_none() {
+                return Err(MapError::UnknownBrick(id));
+            }
+            Ok(())
+        })
+    }
+
     /// Splits a partition; both halves keep its replica group (the keys stay where they
     /// are; moving a half is a separate change).
     pub fn split(&self, p: PartitionId) -> Result<ClusterMap, MapError> {

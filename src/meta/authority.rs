@@ -154,9 +154,7 @@ impl Authority {
                 if map.joining.values().any(|j| j.contains(&id)) {
                     self.restarted.insert(id);
                 }
-                let mut next = map.clone();
-                next.bricks.insert(id, addr);
-                next.epoch += 1;
+                let next = map.move_brick(id, addr)?;
                 self.set_map(next, format!("{id} moved"), &mut actions);
             }
             Some(map) => {

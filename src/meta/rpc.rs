@@ -61,6 +61,11 @@ impl Rpc {
     pub fn call(&mut self, op: Op, epoch: u64, key: &[u8], value: &[u8], timeout: Duration) -> Result<(Status, Vec<u8>), RpcError> {
         let addr = self.addr;
         let io = |source| RpcError::Io { op: op.name(), addr, source };
+        // `FAILPOINTS=rpc-heartbeat=return` (failpoints builds): the call is lost, as on
+        // a broken connection; `rpc-snapshot-chunk` fails copy chunks the same way.
+        if cfg!(feature = "failpoints") && crate::logging::failpoint_hit(&format!("rpc-{}", op.name())) {
+            return Err(io(std::io::Error::other("failpoint")));
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.buf.clear();

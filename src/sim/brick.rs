@@ -14,20 +14,22 @@ use dds_transport::ConnId;
 use rand::Rng;
 
 use crate::brick::control::{HEARTBEAT_MS, LEASE_MS};
-use crate::brick::{replay_segment, Effects, SegmentError, Shard};
+use crate::brick::round::{lease_expired, TICK_MS};
+use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;
 use crate::log::record::ScanEnd;
 use crate::map::{key_hash, BrickId, ClusterMap, PartitionId};
-use crate::proto::{decode_exact, encode, BrickInfo, Chunk, Frame, Kind, Op, Status, TxId, TxState};
+use crate::proto::{decode_exact, encode, BrickInfo, Chunk, Frame, Kind, Op, Status};
 
 use super::disk::SimDisk;
 use super::net::{Endpoint, LinkId, Msg};
 use super::{core_addr, Event, Joins, Micros, World, MS};
 
-/// Frames one core executes per round (the transport's fairness bound).
-const FRAMES_PER_ROUND_MAX: usize = 256;
-/// How often a core looks at in-doubt prepares (`core_loop::TICK_MS`).
-const TICK_MS: u64 = 100;
+/// Frames one core takes from one link per round: the transport's fairness bound
+/// (`TcpConfig::reads_per_round_max`), one frame per read, the fewest a read holds.
+fn frames_per_link_max() -> usize {
+    dds_transport::TcpConfig::default().reads_per_round_max
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum State {
@@ -40,23 +42,31 @@ pub(crate) enum State {
     Stopped(String),
 }
 
-/// An in-doubt question on the wire: key, transaction, whom, and on which link.
-type Asked = (Box<[u8]>, TxId, BrickId, LinkId);
-
 pub(crate) struct SimCore {
-    shard: Shard,
-    fx: Effects,
+    /// The core's round: the same state machine the core thread drives.
+    round: CoreRound,
     inbox: VecDeque<(LinkId, Vec<u8>)>,
-    /// A round (or its disk I/O) is under way; frames wait in the inbox.
+    /// A round's log write (and sync) is under way; frames wait in the inbox.
     busy: bool,
     round_due: bool,
-    /// Replies of the round, released when its log write (and sync) is done.
-    held: Vec<(LinkId, Vec<u8>)>,
     sync_pending: bool,
-    asked: HashMap<u64, Asked>,
-    next_ask: u64,
-    peers: HashMap<(BrickId, usize), LinkId>,
-    last_tick_ms: u64,
+}
+
+/// What a core reads of its brick's control plane, as of the simulated now: the
+/// lease by the clock of the moment the request executes (`Shared::is_fenced`).
+struct SimControl {
+    fenced: bool,
+    map: Option<Arc<ClusterMap>>,
+}
+
+impl Control for SimControl {
+    fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    fn newer_map(&self, epoch: u64) -> Option<Arc<ClusterMap>> {
+        self.map.clone().filter(|m| m.epoch > epoch)
+    }
 }
 
 pub(crate) struct SimBrick {
@@ -114,26 +124,26 @@ impl SimBrick {
 
     /// Runs `epoch` everywhere, holds nothing prepared, has no work queued.
     pub fn settled(&self, epoch: u64) -> bool {
-        self.cores.iter().all(|c| c.shard.epoch() == epoch && c.shard.prepared_len() == 0 && c.inbox.is_empty() && !c.busy)
+        self.cores.iter().all(|c| c.round.shard().epoch() == epoch && c.round.shard().prepared_len() == 0 && c.inbox.is_empty() && !c.busy)
     }
 
     pub fn unsettled(&self, epoch: u64) -> String {
         self.cores
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("core {i}: epoch {}/{epoch}, {} prepared, {} queued", c.shard.epoch(), c.shard.prepared_len(), c.inbox.len()))
+            .map(|(i, c)| format!("core {i}: epoch {}/{epoch}, {} prepared, {} queued", c.round.shard().epoch(), c.round.shard().prepared_len(), c.inbox.len()))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
     /// Every entry this brick's cores hold whose key hashes into `p`.
     pub fn entries_of(&self, p: PartitionId) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-        self.cores.iter().flat_map(|c| c.shard.entries()).filter(|(k, _)| p.contains(key_hash(k))).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        self.cores.iter().flat_map(|c| c.round.shard().entries()).filter(|(k, _)| p.contains(key_hash(k))).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
     }
 
     /// Digest input: every entry, in key order.
     pub fn all_entries(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-        self.cores.iter().flat_map(|c| c.shard.entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        self.cores.iter().flat_map(|c| c.round.shard().entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
     }
 }
 
@@ -342,21 +352,10 @@ impl World {
                     }
                     // `core_loop::recover` syncs the log before the core serves.
                     disk.sync();
-                    let mut fx = Effects::new(next_lsn);
-                    shard.install_map(Arc::clone(&map), &mut fx);
-                    cores.push(SimCore {
-                        shard,
-                        fx,
-                        inbox: VecDeque::new(),
-                        busy: false,
-                        round_due: false,
-                        held: Vec::new(),
-                        sync_pending: false,
-                        asked: HashMap::default(),
-                        next_ask: 1,
-                        peers: HashMap::default(),
-                        last_tick_ms: 0,
-                    });
+                    let info = BrickInfo { partition_bits: map.base_bits, core: c as u16, ports: Vec::new() };
+                    let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn);
+                    round.begin(&SimControl { fenced: false, map: None });
+                    cores.push(SimCore { round, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false });
                 }
                 Err(SegmentError::Corrupt { offset, error }) => {
                     failure = Some(format!("core {c}: corrupt record at offset {offset}: {error}; refusing to start"));
@@ -511,12 +510,20 @@ impl World {
             return;
         }
         for core in &mut brick.cores {
-            core.asked.retain(|_, q| q.3 != link);
-            core.peers.retain(|_, l| *l != link);
+            core.round.on_close(conn_of(link));
         }
     }
 
-    /// One round of a core's loop (`core_loop::run`).
+    /// What brick `b`'s cores read of its control plane now.
+    fn control_of(&self, b: usize) -> SimControl {
+        let brick = &self.bricks[b];
+        // `Shared::is_fenced`: fenced, or the lease ran out by the clock of this moment.
+        SimControl { fenced: brick.fenced || lease_expired(brick.last_ok, self.now, LEASE_MS * MS), map: brick.map.clone() }
+    }
+
+    /// One round of a core's loop (`core_loop::run`): the frames that came since the
+    /// last round (its top, `begin`, ran when the last round ended: the core then
+    /// waited in the kernel, where a pause may land), the tick, and the group commit.
     pub(crate) fn core_round(&mut self, b: usize, life: u64, c: usize) {
         if self.bricks[b].life != life || self.bricks[b].state != State::Up {
             return;
@@ -525,78 +532,65 @@ impl World {
             return self.schedule(at, Event::CoreRound { brick: b, life, core: c });
         }
         let now_ms = self.now_ms();
-        let brick = &mut self.bricks[b];
-        // `Shared::is_fenced`: the core checks the lease itself.
-        let fenced = brick.fenced || self.now > brick.last_ok + LEASE_MS * MS;
-        let map = brick.map.clone().expect("an up brick has a map");
-        let info = BrickInfo { partition_bits: map.base_bits, core: c as u16, ports: Vec::new() };
-        let core = &mut brick.cores[c];
-        core.round_due = false;
-        core.shard.fenced = fenced;
-        if map.epoch > core.shard.epoch() {
-            core.shard.install_map(Arc::clone(&map), &mut core.fx);
-        }
-        let mut out = Vec::new();
-        let mut bad_links = Vec::new();
+        let control = self.control_of(b);
         // `dds-sim --seed N --watch KEY` prints every request on that key.
         let watch = self.options.watch.clone();
+        let brick = &mut self.bricks[b];
         let map_id = brick.id.map(|i| i.0).unwrap_or(u32::MAX);
-        for _ in 0..FRAMES_PER_ROUND_MAX {
-            let Some((link, bytes)) = core.inbox.pop_front() else { break };
-            let frame = match decode_exact(&bytes) {
-                Ok(f) => f,
-                Err(_) => {
-                    bad_links.push(link);
-                    continue;
-                }
-            };
-            match frame.kind {
-                Kind::Request(op) => {
-                    out.clear();
-                    core.shard.execute(conn_of(link), &frame, &info, &mut out, &mut core.fx);
-                    let in_chunk = |w: &str| op == Op::Install && frame.value.windows(w.len()).any(|x| x == w.as_bytes());
-                    if watch.as_deref().is_some_and(|w| w.as_bytes() == frame.key || in_chunk(w)) {
-                        let reply = decode_exact(&out).ok().map(|r| (r.kind, String::from_utf8_lossy(r.value).into_owned()));
-                        eprintln!("[{:>9.3} ms] watch: brick {b} ({}) core {c} epoch {}: {op:?} epoch {} value {:?} -> {reply:?}", now_ms as f64, map_id, core.shard.epoch(), frame.epoch, String::from_utf8_lossy(frame.value));
+        let core = &mut brick.cores[c];
+        core.round_due = false;
+        let mut sent = Vec::new();
+        let mut bad_links = Vec::new();
+        let mut taken: HashMap<LinkId, usize> = HashMap::default();
+        let mut later = VecDeque::new();
+        while let Some((link, bytes)) = core.inbox.pop_front() {
+            let n = taken.entry(link).or_insert(0);
+            if *n >= frames_per_link_max() || bad_links.contains(&link) {
+                later.push_back((link, bytes));
+                continue;
+            }
+            *n += 1;
+            let mut out = Vec::new();
+            if let Err(why) = core.round.on_frame(&control, conn_of(link), &bytes, &mut out) {
+                self.trace.push(format!("{} brick {b} core {c}: closing a link: {why}", self.now));
+                bad_links.push(link);
+                continue;
+            }
+            if let Some(w) = watch.as_deref() {
+                if let Ok(frame) = decode_exact(&bytes) {
+                    let in_chunk = frame.kind == Kind::Request(Op::Install) && frame.value.windows(w.len()).any(|x| x == w.as_bytes());
+                    if w.as_bytes() == frame.key || in_chunk {
+                        let reply = decode_exact(core.round.last_reply()).ok().map(|r| (r.kind, String::from_utf8_lossy(r.value).into_owned()));
+                        eprintln!("[{:>9.3} ms] watch: brick {b} ({}) core {c} epoch {}: {:?} epoch {} value {:?} -> {reply:?}", now_ms as f64, map_id, core.round.shard().epoch(), frame.kind, frame.epoch, String::from_utf8_lossy(frame.value));
                     }
-                    if !out.is_empty() {
-                        core.held.push((link, out.clone()));
-                    }
                 }
-                Kind::Reply(..) => bad_links.push(link),
+            }
+            if !out.is_empty() {
+                sent.push((link, out));
             }
         }
-        if now_ms >= core.last_tick_ms + TICK_MS {
-            core.last_tick_ms = now_ms;
-            core.shard.tick(now_ms, &mut core.fx);
+        // Frames of a link that closed go with it.
+        later.retain(|(l, _)| !bad_links.contains(l));
+        core.inbox = later;
+        let queries = core.round.tick(now_ms);
+        let behind = core.round.take_behind();
+        let batch = core.round.batch().map(|(bytes, sync)| (bytes.to_vec(), sync));
+        for (link, bytes) in sent {
+            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
         }
-        let queries = std::mem::take(&mut core.fx.queries);
-        let behind = std::mem::take(&mut core.fx.behind);
-        for (conn, bytes) in std::mem::take(&mut core.fx.deferred) {
-            core.held.push((link_of(conn), bytes));
-        }
-        let batch = std::mem::take(&mut core.fx.batch);
-        let must_sync = std::mem::take(&mut core.fx.must_sync);
-        let more = !core.inbox.is_empty();
         for link in bad_links {
             self.break_link(link, true);
         }
-        self.ask_peers(b, c, &map, queries);
+        self.ask_peers(b, c, queries);
         if behind && self.bricks[b].hb_sent.is_none() {
             // A request from a newer epoch: ask the authority now.
             if let Some(link) = self.bricks[b].session_link {
                 self.bricks[b].hb_sent = Some(self.now);
-                let epoch = map.epoch;
+                let epoch = self.bricks[b].map.as_ref().map_or(0, |m| m.epoch);
                 self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
             }
         }
-        if batch.is_empty() {
-            self.release(b, c);
-            if more {
-                self.wake_core(b, c);
-            }
-            return;
-        }
+        let Some((batch, must_sync)) = batch else { return self.end_round(b, c) };
         // Group commit: one write, and one sync if a record must be durable first.
         if self.faults_on && self.rng.random_bool(self.shape.disk_full_p) {
             return self.stop_brick(b, format!("core {c}: log write failed: no space left on device; brick stopped"));
@@ -627,68 +621,50 @@ impl World {
         let core = &mut self.bricks[b].cores[c];
         core.busy = false;
         core.sync_pending = false;
-        self.release(b, c);
-        if !self.bricks[b].cores[c].inbox.is_empty() {
-            self.wake_core(b, c);
-        }
+        self.end_round(b, c);
     }
 
-    fn release(&mut self, b: usize, c: usize) {
-        let held = std::mem::take(&mut self.bricks[b].cores[c].held);
-        for (link, bytes) in held {
+    /// The end of a round: the replies it held leave, and the next round's top reads
+    /// the fence and the map before the core waits for more.
+    fn end_round(&mut self, b: usize, c: usize) {
+        let control = self.control_of(b);
+        let mut released = Vec::new();
+        let core = &mut self.bricks[b].cores[c];
+        core.round.committed(|conn, bytes| released.push((link_of(conn), bytes.to_vec())));
+        core.round.begin(&control);
+        let more = !core.inbox.is_empty();
+        for (link, bytes) in released {
             self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+        }
+        if more {
+            self.wake_core(b, c);
         }
     }
 
     /// Sends in-doubt questions to the peer cores that store their keys
     /// (`core_loop::ask_peers`).
-    fn ask_peers(&mut self, b: usize, c: usize, map: &ClusterMap, queries: Vec<crate::brick::Query>) {
+    fn ask_peers(&mut self, b: usize, c: usize, queries: Vec<crate::brick::Query>) {
         for q in queries {
-            let Some(addr) = map.bricks.get(&q.brick) else { continue };
-            if addr.cores.is_empty() {
-                continue;
-            }
-            let peer_core = map.core_of(key_hash(&q.key), addr.cores.len());
-            let at = addr.cores[peer_core];
-            let existing = self.bricks[b].cores[c].peers.get(&(q.brick, peer_core)).copied().filter(|l| self.net.alive(*l));
-            let link = match existing {
-                Some(l) => l,
-                None => match self.connect(Endpoint::Brick(b), at) {
-                    Some(l) => {
-                        self.bricks[b].cores[c].peers.insert((q.brick, peer_core), l);
-                        l
-                    }
-                    None => continue,
-                },
-            };
-            let core = &mut self.bricks[b].cores[c];
-            let id = core.next_ask;
-            core.next_ask += 1;
+            let Some((peer, at)) = self.bricks[b].cores[c].round.peer_of(&q) else { continue };
+            let existing = self.bricks[b].cores[c].round.peer_conn(peer).map(link_of).filter(|l| self.net.alive(*l));
+            let Some(link) = existing.or_else(|| self.connect(Endpoint::Brick(b), at)) else { continue };
             let mut bytes = Vec::new();
-            encode(&mut bytes, &Frame { kind: Kind::Request(Op::Resolve), request_id: id, epoch: map.epoch, key: &q.key, value: &q.txid.to_bytes() });
-            core.asked.insert(id, (q.key, q.txid, q.brick, link));
+            self.bricks[b].cores[c].round.ask(q, peer, conn_of(link), &mut bytes);
             self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
         }
     }
 
-    /// A peer's answer to an in-doubt question.
+    /// A peer's answer to an in-doubt question: to the inbox of the core that asked
+    /// it, as the transport hands it to the core that opened the connection. An answer
+    /// nobody waits for any more goes to core 0, which drops it as any core would.
     fn peer_answer(&mut self, b: usize, link: LinkId, bytes: Vec<u8>) {
         if self.bricks[b].state != State::Up {
             return;
         }
-        let Ok(frame) = decode_exact(&bytes) else { return self.break_link(link, true) };
-        let Kind::Reply(Op::Resolve, status) = frame.kind else { return self.break_link(link, true) };
-        for c in 0..self.bricks[b].cores.len() {
-            let core = &mut self.bricks[b].cores[c];
-            if core.asked.get(&frame.request_id).is_some_and(|q| q.3 == link) {
-                let (key, txid, from, _) = core.asked.remove(&frame.request_id).expect("present");
-                if let (Status::Ok, Some(state)) = (status, frame.value.first().and_then(|&v| TxState::from_u8(v))) {
-                    core.shard.on_answer(&key, txid, from, state, frame.epoch, &mut core.fx);
-                    self.wake_core(b, c);
-                }
-                return;
-            }
-        }
+        let request_id = decode_exact(&bytes).map(|f| f.request_id).unwrap_or(0);
+        let c = self.bricks[b].cores.iter().position(|core| core.round.asked_on(request_id, conn_of(link))).unwrap_or(0);
+        self.bricks[b].cores[c].inbox.push_back((link, bytes));
+        self.wake_core(b, c);
     }
 
     /// Opens a link from `from` to the brick core listening at `at`, if one listens

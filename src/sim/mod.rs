@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::brick::Durability;
 use crate::map::{BrickAddr, BrickId, ClusterMap};
 use crate::meta::authority::{Actions, Authority, AuthorityConfig, Join};
 use crate::mutation::Mutation;
@@ -60,6 +61,9 @@ pub struct Options {
     pub trace: bool,
     /// Print every request on this key (with `trace`).
     pub watch: Option<String>,
+    /// When bricks acknowledge writes. Under `memory` a crash is never a power loss:
+    /// the mode promises to survive a process crash, not a machine's.
+    pub durability: Durability,
 }
 
 /// What one seed did.
@@ -99,6 +103,12 @@ pub struct Shape {
     /// Mean time between node faults (crash, pause, restart); 0: none.
     pub fault_every_ms: u64,
     pub pause_max_ms: u64,
+    /// Chance that a pause lasts past the authority's removal timeout: the brick comes
+    /// back to find its partitions served by others (the stale-read case).
+    pub pause_past_removal_p: f64,
+    /// How long clients wait on a brick before they suspect it and go elsewhere: long
+    /// waits keep requests queued to a paused brick until it resumes.
+    pub suspect_after_ms: u64,
     /// A crash is a power loss (un-synced writes lost, the tail torn) with this chance;
     /// otherwise a process crash (the kernel keeps what was written).
     pub power_loss_p: f64,
@@ -111,6 +121,7 @@ pub struct Shape {
     pub read_corrupt_p: f64,
     /// Chance of a network partition per fault (only with `Options::partitions`).
     pub partition_p: f64,
+    pub durability: Durability,
 }
 
 impl Shape {
@@ -132,7 +143,9 @@ impl Shape {
             reset_p: pick(rng, &[0.0, 0.001, 0.01]),
             fault_every_ms: pick(rng, &[0.0, 300.0, 1000.0]) as u64,
             pause_max_ms: pick(rng, &[100.0, 800.0, 3000.0]) as u64,
-            power_loss_p: pick(rng, &[0.0, 0.5, 1.0]),
+            pause_past_removal_p: pick(rng, &[0.0, 0.5]),
+            suspect_after_ms: pick(rng, &[300.0, 2000.0, 10_000.0]) as u64,
+            power_loss_p: if options.durability == Durability::Memory { 0.0 } else { pick(rng, &[0.0, 0.5, 1.0]) },
             write_us: rng.random_range(5..=100),
             sync_us: pick(rng, &[20.0, 200.0, 2000.0]) as Micros,
             sync_error_p: pick(rng, &[0.0, 0.0, 0.002]),
@@ -141,15 +154,17 @@ impl Shape {
             // partitions it held (documented), so only replicated runs draw it.
             read_corrupt_p: if replicas > 1 { pick(rng, &[0.0, 0.2]) } else { 0.0 },
             partition_p: if options.partitions { 0.3 } else { 0.0 },
+            durability: options.durability,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, power loss {}); disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, power loss {}); clients suspect after {} ms; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}; durability {:?}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
-            self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.power_loss_p,
-            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.partition_p
+            self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.power_loss_p, self.suspect_after_ms,
+            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.partition_p,
+            self.durability
         )
     }
 }
@@ -383,7 +398,12 @@ impl World {
             let down_ms = self.rng.random_range(50..=4000);
             self.after(down_ms * MS, Event::Restart { brick: b });
         } else {
-            let ms = self.rng.random_range(10..=self.shape.pause_max_ms);
+            let removal_ms = crate::meta::authority::BRICK_TIMEOUT_MS;
+            let ms = if self.rng.random_bool(self.shape.pause_past_removal_p) {
+                self.rng.random_range(removal_ms..=removal_ms + 1500)
+            } else {
+                self.rng.random_range(10..=self.shape.pause_max_ms)
+            };
             self.pause(b, ms * MS);
         }
         let every = self.shape.fault_every_ms;

@@ -1,0 +1,194 @@
+//! A core's durable state: its log segments and checkpoint, and recovery from them at
+//! start-up (checkpoint, then every record from its start lsn).
+
+use std::path::{Path, PathBuf};
+
+use crate::log::record::{self, Mutation, ScanEnd};
+use crate::log::{self, checkpoint, LogError, LogFile};
+
+use super::Shard;
+
+/// A core's durable state on disk: the active log segment and, while one is being
+/// written, a checkpoint.
+pub struct Storage {
+    dir: PathBuf,
+    core: usize,
+    active: LogFile,
+    checkpoint: Option<checkpoint::Writer>,
+    /// Active segment size that starts a checkpoint (and a new segment).
+    checkpoint_log_bytes: u64,
+}
+
+/// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
+const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
+
+fn read(path: &Path) -> Result<Vec<u8>, LogError> {
+    std::fs::read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
+}
+
+/// Why one log segment cannot be replayed.
+#[derive(Debug)]
+pub enum SegmentError {
+    Corrupt { offset: u64, error: record::RecordError },
+    Gap { found: u64, expected: u64 },
+}
+
+/// Replays the records of one segment that starts at `first_lsn` into `shard`, those
+/// from `start_lsn` on (older ones are in the checkpoint). Returns the lsn after the
+/// last record, how many were replayed, and whether the segment ends in a torn tail.
+/// Pure: the simulator replays its simulated disk through it too.
+pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut Shard) -> Result<(u64, u64, ScanEnd), SegmentError> {
+    let mut expected = first_lsn;
+    let mut replayed = 0;
+    let mut out_of_order = None;
+    let end = record::scan(contents, |r| {
+        if r.lsn != expected && out_of_order.is_none() {
+            out_of_order = Some((r.lsn, expected));
+        }
+        expected = r.lsn + 1;
+        if r.lsn >= start_lsn {
+            shard.replay(&r.mutation);
+            replayed += 1;
+        }
+    })
+    .map_err(|error| SegmentError::Corrupt { offset: error.offset(), error })?;
+    if let Some((found, expected)) = out_of_order {
+        return Err(SegmentError::Gap { found, expected });
+    }
+    Ok((expected, replayed, end))
+}
+
+/// Loads this core's checkpoint and replays its log segments into `shard`: a torn tail
+/// of the last segment is cut off with a log line; a corrupt record, a defective
+/// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
+pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64) -> Result<(Storage, u64), LogError> {
+    let who = format_args!("core {core}").to_string();
+    let ckpt_path = log::checkpoint_path(dir, core);
+    let _ = std::fs::remove_file(ckpt_path.with_extension("ckpt.tmp"));
+    let mut start_lsn = 1;
+    if ckpt_path.exists() {
+        let bytes = read(&ckpt_path)?;
+        let mut keys = 0u64;
+        start_lsn = checkpoint::load(&bytes, |key, value| {
+            shard.replay(&Mutation::Put { key, value });
+            keys += 1;
+        })
+        .map_err(|error| LogError::CorruptCheckpoint { path: ckpt_path.clone(), error })?;
+        crate::log!(who, "{}: loaded {keys} keys, log from lsn {start_lsn}", ckpt_path.display());
+    }
+    let segments = log::segments(dir, core)?;
+    let mut next_lsn = start_lsn;
+    let mut replayed = 0u64;
+    let mut active = None;
+    for (i, (first_lsn, path)) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        let next_first = segments.get(i + 1).map(|s| s.0);
+        if next_first.is_some_and(|n| n <= start_lsn) {
+            // Wholly covered by the checkpoint: left over from a crash before its delete.
+            std::fs::remove_file(path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+            continue;
+        }
+        if *first_lsn > next_lsn {
+            return Err(LogError::Gap { path: path.clone(), found: *first_lsn, expected: next_lsn });
+        }
+        let (file, contents) = if last { let (f, c) = LogFile::open(path)?; (Some(f), c) } else { (None, read(path)?) };
+        let (expected, n, end) = replay_segment(&contents, *first_lsn, start_lsn, shard).map_err(|e| match e {
+            SegmentError::Corrupt { offset, error } => LogError::Corrupt { path: path.clone(), offset, error },
+            SegmentError::Gap { found, expected } => LogError::Gap { path: path.clone(), found, expected },
+        })?;
+        replayed += n;
+        next_lsn = next_lsn.max(expected);
+        if let ScanEnd::TornTail { offset, error } = end {
+            if !last {
+                // Segments are synced before the next one starts: only the last can tear.
+                return Err(LogError::Corrupt { path: path.clone(), offset, error });
+            }
+            crate::log!(who, "{}: dropping a torn tail of {} bytes at offset {offset} ({error})", path.display(), contents.len() as u64 - offset);
+        }
+        if let Some(mut file) = file {
+            if let ScanEnd::TornTail { offset, .. } = end {
+                file.truncate_to(offset)?;
+            }
+            // What was replayed will be served: make it durable first. After a process
+            // crash the log's tail may still be only in the page cache, and a power loss
+            // later would take back values this brick had served (the simulator found
+            // it: a read of a value that a later read found gone).
+            file.append(&[], true)?;
+            active = Some(file);
+        }
+    }
+    let active = match active {
+        Some(file) => file,
+        None => {
+            let (file, _) = LogFile::open(&log::segment_path(dir, core, next_lsn))?;
+            checkpoint::sync_dir(file.path())?;
+            file
+        }
+    };
+    if replayed > 0 {
+        crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
+    }
+    let storage = Storage { dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes };
+    Ok((storage, next_lsn))
+}
+
+impl Storage {
+    /// One group commit.
+    pub fn commit(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
+        self.active.append(batch, sync)
+    }
+
+    /// Checkpoint work between rounds: start one when the active segment has grown past
+    /// its bound, copy about a chunk of partitions, finish and trim when all are copied.
+    /// Returns whether a checkpoint is still in progress.
+    pub fn step(&mut self, shard: &Shard, next_lsn: &mut u64) -> Result<bool, LogError> {
+        if self.checkpoint.is_none() {
+            if self.active.len() < self.checkpoint_log_bytes {
+                return Ok(false);
+            }
+            // A new segment from `next_lsn`: everything before it is in memory now and
+            // will be in the checkpoint (or in the older segments until it is durable).
+            self.active.append(&[], true)?;
+            let start_lsn = *next_lsn;
+            let (next, _) = LogFile::open(&log::segment_path(&self.dir, self.core, start_lsn))?;
+            checkpoint::sync_dir(next.path())?;
+            self.active = next;
+            // Undecided prepares go first into the new segment: the checkpoint holds
+            // only applied state, and their decisions may come after it.
+            let mut batch = Vec::new();
+            for (key, body) in shard.prepared_records() {
+                record::encode(&mut batch, *next_lsn, &Mutation::Prepare { key, body });
+                *next_lsn += 1;
+            }
+            if !batch.is_empty() {
+                self.active.append(&batch, true)?;
+            }
+            self.checkpoint = Some(checkpoint::Writer::start(&log::checkpoint_path(&self.dir, self.core), start_lsn)?);
+        }
+        let writer = self.checkpoint.as_mut().expect("in progress");
+        let mut copied = 0usize;
+        while writer.next_partition < shard.partitions() && copied < CHECKPOINT_CHUNK_BYTES {
+            copied += writer.add(shard.partition_entries(writer.next_partition))?;
+            writer.next_partition += 1;
+        }
+        if writer.next_partition < shard.partitions() {
+            return Ok(true);
+        }
+        let started = self.checkpoint.take().expect("in progress").finish()?;
+        let mut trimmed = 0;
+        for (first_lsn, path) in log::segments(&self.dir, self.core)? {
+            if first_lsn < started {
+                std::fs::remove_file(&path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+                trimmed += 1;
+            }
+        }
+        checkpoint::sync_dir(self.active.path())?;
+        crate::log!(
+            format_args!("core {}", self.core),
+            "checkpoint at lsn {started}: {} keys; {trimmed} old log segment(s) removed",
+            shard.stats.keys
+        );
+        Ok(false)
+    }
+}
+

@@ -1,0 +1,120 @@
+//! Failpoints in the real binary's I/O paths (`--features failpoints`; `ci/test.sh` runs
+//! this file so): a panic in a core thread ends the brick process at once and the
+//! authority removes it; a failed fsync or log write stops the brick with the error; lost
+//! heartbeats fence it and get it removed. The brick processes inherit `FAILPOINTS` from
+//! `dds cluster up` / `restart`.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{text, TestCluster};
+use dds::map::key_hash;
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn dds_with(failpoints: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_dds")).args(args).env("FAILPOINTS", failpoints).output().expect("run dds");
+    assert!(out.status.success(), "dds {args:?}: {}\n{}", text(&out.stdout), text(&out.stderr));
+    out
+}
+
+fn authority_holds(cluster: &TestCluster, addr: std::net::SocketAddr) -> bool {
+    let map = dds::meta::fetch_map(&[cluster.file().meta.addr], Duration::from_secs(2)).expect("map");
+    map.bricks.values().any(|a| a.cores[0] == addr)
+}
+
+#[test]
+fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it() {
+    let cluster = TestCluster::up_with(3, 2, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    // Brick 1 again, with the failpoint armed: a request for "boom" panics its core.
+    common::run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "1"]);
+    dds_with("core-panic-on-key=return(boom)", &["cluster", "restart", "--dir", &dir, "--brick", "1"]);
+    let b = cluster.file().bricks[1].clone();
+    let victim = b.pid;
+    // Wait until the restarted brick is readable for some key, then ask it for "boom"
+    // directly on the core that stores it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let core_addr = loop {
+        let map = dds::meta::fetch_map(&[cluster.file().meta.addr], Duration::from_secs(2)).expect("map");
+        if let Some((&id, addr)) = map.bricks.iter().find(|(_, a)| a.cores[0] == b.addr) {
+            if map.partitions_of(id).all(|p| map.is_readable(p, id)) && map.partitions_of(id).count() > 0 {
+                break addr.cores[map.core_of(key_hash(b"boom"), addr.cores.len())];
+            }
+        }
+        assert!(Instant::now() < deadline, "the restarted brick never became readable");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = Vec::new();
+    dds::proto::encode(
+        &mut out,
+        &dds::proto::Frame { kind: dds::proto::Kind::Request(dds::proto::Op::Get), request_id: 1, epoch: 0, key: b"boom", value: &[] },
+    );
+    let mut conn = std::net::TcpStream::connect(core_addr).expect("connect");
+    std::io::Write::write_all(&mut conn, &out).unwrap();
+    let sent = Instant::now();
+    while alive(victim) {
+        assert!(sent.elapsed() < Duration::from_secs(2), "the brick with a panicked core is still alive");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let exit_ms = sent.elapsed().as_millis();
+    println!("brick process gone {exit_ms} ms after the request that panicked its core");
+    assert!(exit_ms <= 100, "the brick took {exit_ms} ms to exit after a core panicked");
+    let log = cluster.brick_log(1);
+    assert!(log.contains("fail-stop") && log.contains("core-panic-on-key"), "the panic is in the brick log:\n{log}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while authority_holds(&cluster, b.addr) {
+        assert!(Instant::now() < deadline, "the authority still holds a brick whose process ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The rest of the cluster serves every key.
+    let mut client = cluster.client();
+    client.put(b"after", b"the panic").expect("write after the panic");
+    assert_eq!(client.get(b"after").unwrap().as_deref(), Some(&b"the panic"[..]));
+}
+
+#[test]
+fn a_failed_fsync_stops_the_brick_with_the_error() {
+    let dir = tempfile::Builder::new().prefix("dds-fp-").tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    // Every fdatasync through the log fails: the first write's does.
+    dds_with("log-fsync=return", &["cluster", "up", "--dir", &d, "--bricks", "1", "--cores", "1"]);
+    let cluster = TestCluster { dir, down: false };
+    let pid = cluster.file().bricks[0].pid;
+    let mut client = cluster.client();
+    assert!(client.put(b"k", b"v").is_err(), "a write whose fsync failed was acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "a brick whose fsync failed kept running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = cluster.brick_log(0);
+    assert!(log.contains("fdatasync") && log.contains("failpoint log-fsync"), "the brick log names the failed fsync:\n{log}");
+}
+
+#[test]
+fn lost_heartbeats_fence_a_brick_and_get_it_removed() {
+    let cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    common::run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "2"]);
+    // After 40 heartbeats (about 2 s) every one is lost.
+    dds_with("rpc-heartbeat=40*off->return", &["cluster", "restart", "--dir", &dir, "--brick", "2"]);
+    let b = cluster.file().bricks[2].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(b.pid) {
+        assert!(Instant::now() < deadline, "a brick that lost every heartbeat kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = cluster.brick_log(2);
+    assert!(log.contains("fenced"), "the brick fenced itself before it was removed:\n{log}");
+    assert!(!authority_holds(&cluster, b.addr), "the authority still holds the silent brick");
+    let mut client = cluster.client();
+    client.put(b"k", b"v").expect("the rest of the cluster takes writes");
+}
