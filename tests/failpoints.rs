@@ -10,14 +10,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{text, TestCluster};
+use common::{process_alive, text, TestCluster};
 use dds::map::key_hash;
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
 
 fn dds_with(failpoints: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_dds")).args(args).env("FAILPOINTS", failpoints).output().expect("run dds");
@@ -60,7 +54,7 @@ fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it(
     let mut conn = std::net::TcpStream::connect(core_addr).expect("connect");
     std::io::Write::write_all(&mut conn, &out).unwrap();
     let sent = Instant::now();
-    while alive(victim) {
+    while process_alive(victim) {
         assert!(sent.elapsed() < Duration::from_secs(2), "the brick with a panicked core is still alive");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -91,7 +85,7 @@ fn a_failed_fsync_stops_the_brick_with_the_error() {
     let mut client = cluster.client();
     assert!(client.put(b"k", b"v").is_err(), "a write whose fsync failed was acknowledged");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
+    while process_alive(pid) {
         assert!(Instant::now() < deadline, "a brick whose fsync failed kept running");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -108,7 +102,7 @@ fn lost_heartbeats_fence_a_brick_and_get_it_removed() {
     dds_with("rpc-heartbeat=40*off->return", &["cluster", "restart", "--dir", &dir, "--brick", "2"]);
     let b = cluster.file().bricks[2].clone();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(b.pid) {
+    while process_alive(b.pid) {
         assert!(Instant::now() < deadline, "a brick that lost every heartbeat kept running");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -28,18 +28,8 @@ fn client_thread(t: usize, addrs: Vec<std::net::SocketAddr>, start: Instant, sto
         seq += 1;
         // A fixed, thread-varied pattern: no randomness needed to interleave.
         let key = format!("lin-{}", (seq as usize * 7 + t * 3) % KEYS).into_bytes();
-        let invoke = now();
-        if (seq + t as u64) % 3 == 0 {
-            let value = format!("t{t}-s{seq}").into_bytes();
-            let event = match client.put(&key, &value) {
-                Ok(()) => Event::Write(Some(value)),
-                // Outcome not known to the client (timeouts included, conservatively).
-                Err(_) => Event::MaybeWrite(Some(value)),
-            };
-            history.push(Operation { key, event, invoke, complete: now() });
-        } else if let Ok(found) = client.get(&key) {
-            history.push(Operation { key, event: Event::Read(found), invoke, complete: now() });
-        }
+        let value = ((seq + t as u64) % 3 == 0).then(|| format!("t{t}-s{seq}").into_bytes());
+        history.extend(common::recorded_op(&mut client, key, value, now));
         std::thread::sleep(PAUSE);
     }
     history

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{run_ok, TestCluster};
+use common::{process_alive, run_ok, TestCluster};
 use dds::check::{check, Event, Operation};
 use dds::map::{key_hash, BrickId, ClusterMap};
 use dds::proto::{decode, encode, Frame, Kind, Op, Status};
@@ -31,12 +31,6 @@ fn authority_map(cluster: &TestCluster) -> ClusterMap {
 fn index_of(cluster: &TestCluster, map: &ClusterMap, id: BrickId) -> usize {
     let addr = map.bricks[&id].cores[0];
     cluster.file().bricks.iter().position(|b| b.addr == addr).expect("the brick is in cluster.json")
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
 }
 
 /// The names of a process's threads.
@@ -190,17 +184,8 @@ fn load_thread(t: usize, addrs: Vec<SocketAddr>, start: Instant, stop: Arc<Atomi
     while !stop.load(Ordering::Relaxed) && history.len() < 200_000 {
         seq += 1;
         let key = format!("load-{}", (seq as usize * 5 + t) % 8).into_bytes();
-        let invoke = now();
-        if t < 2 {
-            let value = format!("t{t}-{seq}").into_bytes();
-            let event = match client.put(&key, &value) {
-                Ok(()) => Event::Write(Some(value)),
-                Err(_) => Event::MaybeWrite(Some(value)),
-            };
-            history.push(Operation { key, event, invoke, complete: now() });
-        } else if let Ok(found) = client.get(&key) {
-            history.push(Operation { key, event: Event::Read(found), invoke, complete: now() });
-        }
+        let value = (t < 2).then(|| format!("t{t}-{seq}").into_bytes());
+        history.extend(common::recorded_op(&mut client, key, value, now));
         std::thread::sleep(Duration::from_micros(300));
     }
     history

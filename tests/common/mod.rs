@@ -157,3 +157,24 @@ pub fn check_all(client: &mut Client, prefix: &str, n: usize) {
         assert!(Instant::now() < deadline, "reads did not finish");
     }
 }
+
+/// Whether `pid` is a running process (a zombie is not).
+pub fn process_alive(pid: u32) -> bool {
+    !process_is_zombie(pid)
+}
+
+/// One recorded operation for a linearizability history: a put when `value` is given,
+/// else a get. A put that fails has an unknown outcome (timeouts included,
+/// conservatively); a get that fails saw nothing and is not recorded.
+pub fn recorded_op(client: &mut Client, key: Vec<u8>, value: Option<Vec<u8>>, now: impl Fn() -> u64) -> Option<dds::check::Operation> {
+    use dds::check::{Event, Operation};
+    let invoke = now();
+    let event = match value {
+        Some(value) => match client.put(&key, &value) {
+            Ok(()) => Event::Write(Some(value)),
+            Err(_) => Event::MaybeWrite(Some(value)),
+        },
+        None => Event::Read(client.get(&key).ok()?),
+    };
+    Some(Operation { key, event, invoke, complete: now() })
+}
