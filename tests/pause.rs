@@ -229,8 +229,20 @@ fn bricks_paused_under_load_serve_correctly_or_exit() {
         std::thread::sleep(Duration::from_millis(60));
         if process_alive(pid) {
             let cores = threads(pid).iter().filter(|n| n.starts_with("dds-core-")).count();
-            assert_eq!(cores, b.cores, "brick {index} lives on after a {pause_ms} ms pause with {cores} of {} core threads", b.cores);
-            continue;
+            if cores == b.cores {
+                continue;
+            }
+            // Fewer cores: only a brick on its way out (removed while paused, its cores
+            // stopped) may be seen so, and it must be gone soon.
+            let exit_deadline = Instant::now() + Duration::from_secs(3);
+            while process_alive(pid) {
+                assert!(
+                    Instant::now() < exit_deadline,
+                    "brick {index} lives on after a {pause_ms} ms pause with {cores} of {} core threads",
+                    b.cores
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         // It exited (removed while paused): the authority must not keep it in the map.
         exited += 1;
