@@ -103,7 +103,6 @@ pub fn run(
     mut transport: MixedTransport<DdsFraming>,
     round: CoreRound,
     mut storage: Storage,
-    durability: Durability,
     config: LoopConfig,
     shared: &Shared,
 ) -> Result<(), CoreError> {
@@ -145,7 +144,7 @@ pub fn run(
         let (shard, next_lsn) = shell.round.shard_and_lsn();
         checkpointing = storage.step(shard, next_lsn)?;
     }
-    if durability == Durability::Memory {
+    if shell.round.durability() == Durability::Memory {
         // A clean stop leaves nothing unsynced.
         storage.commit(&[], true)?;
     }

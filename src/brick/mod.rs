@@ -317,7 +317,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let _ = ready.send(core);
                         drop(ready);
                         let round = CoreRound::new(shard, info, config.durability, next_lsn);
-                        let result = core_loop::run(transport, round, storage, config.durability, loop_config, shared);
+                        let result = core_loop::run(transport, round, storage, loop_config, shared);
                         // One core stopping stops the brick: it serves all its partitions or none.
                         stop.store(true, Ordering::SeqCst);
                         result.map_err(fail)

@@ -268,9 +268,8 @@ impl CoreRound {
         self.held_at.clear();
     }
 
-    /// Whether `committed` has replies to release.
-    pub fn has_held(&self) -> bool {
-        !self.held_at.is_empty() || !self.fx.deferred.is_empty()
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     pub fn stats_mut(&mut self) -> &mut crate::proto::CoreStats {

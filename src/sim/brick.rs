@@ -543,9 +543,10 @@ impl World {
         let mut bad_links = Vec::new();
         let mut taken: HashMap<LinkId, usize> = HashMap::default();
         let mut later = VecDeque::new();
+        let per_link_max = frames_per_link_max();
         while let Some((link, bytes)) = core.inbox.pop_front() {
             let n = taken.entry(link).or_insert(0);
-            if *n >= frames_per_link_max() || bad_links.contains(&link) {
+            if *n >= per_link_max || bad_links.contains(&link) {
                 later.push_back((link, bytes));
                 continue;
             }
