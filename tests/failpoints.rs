@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{process_alive, text, TestCluster};
+use common::{process_alive, text, wait_exit, TestCluster};
 use dds::map::key_hash;
 
 fn dds_with(failpoints: &str, args: &[&str]) -> std::process::Output {
@@ -19,25 +19,25 @@ fn dds_with(failpoints: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
-fn authority_holds(cluster: &TestCluster, addr: std::net::SocketAddr) -> bool {
-    let map = dds::meta::fetch_map(&[cluster.file().meta.addr], Duration::from_secs(2)).expect("map");
-    map.bricks.values().any(|a| a.cores[0] == addr)
+/// Kills brick `index` and starts it again with `failpoints` armed; returns its entry.
+fn restart_armed(cluster: &TestCluster, index: usize, failpoints: &str) -> dds::cli::cluster::ClusterBrick {
+    let (dir, i) = (cluster.dir_arg(), index.to_string());
+    common::run_ok(&["cluster", "kill", "--dir", &dir, "--brick", &i]);
+    dds_with(failpoints, &["cluster", "restart", "--dir", &dir, "--brick", &i]);
+    cluster.file().bricks[index].clone()
 }
 
 #[test]
 fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it() {
     let cluster = TestCluster::up_with(3, 2, &["--replicas", "2"]);
-    let dir = cluster.dir_arg();
     // Brick 1 again, with the failpoint armed: a request for "boom" panics its core.
-    common::run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "1"]);
-    dds_with("core-panic-on-key=return(boom)", &["cluster", "restart", "--dir", &dir, "--brick", "1"]);
-    let b = cluster.file().bricks[1].clone();
+    let b = restart_armed(&cluster, 1, "core-panic-on-key=return(boom)");
     let victim = b.pid;
     // Wait until the restarted brick is readable for some key, then ask it for "boom"
     // directly on the core that stores it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let core_addr = loop {
-        let map = dds::meta::fetch_map(&[cluster.file().meta.addr], Duration::from_secs(2)).expect("map");
+        let map = cluster.authority_map();
         if let Some((&id, addr)) = map.bricks.iter().find(|(_, a)| a.cores[0] == b.addr) {
             if map.partitions_of(id).all(|p| map.is_readable(p, id)) && map.partitions_of(id).count() > 0 {
                 break addr.cores[map.core_of(key_hash(b"boom"), addr.cores.len())];
@@ -64,7 +64,7 @@ fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it(
     let log = cluster.brick_log(1);
     assert!(log.contains("fail-stop") && log.contains("core-panic-on-key"), "the panic is in the brick log:\n{log}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while authority_holds(&cluster, b.addr) {
+    while cluster.authority_holds(b.addr) {
         assert!(Instant::now() < deadline, "the authority still holds a brick whose process ended");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -84,11 +84,7 @@ fn a_failed_fsync_stops_the_brick_with_the_error() {
     let pid = cluster.file().bricks[0].pid;
     let mut client = cluster.client();
     assert!(client.put(b"k", b"v").is_err(), "a write whose fsync failed was acknowledged");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(pid) {
-        assert!(Instant::now() < deadline, "a brick whose fsync failed kept running");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_exit(pid, Duration::from_secs(5), Duration::from_millis(10)), "a brick whose fsync failed kept running");
     let log = cluster.brick_log(0);
     assert!(log.contains("fdatasync") && log.contains("failpoint log-fsync"), "the brick log names the failed fsync:\n{log}");
 }
@@ -96,19 +92,12 @@ fn a_failed_fsync_stops_the_brick_with_the_error() {
 #[test]
 fn lost_heartbeats_fence_a_brick_and_get_it_removed() {
     let cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
-    let dir = cluster.dir_arg();
-    common::run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "2"]);
     // After 40 heartbeats (about 2 s) every one is lost.
-    dds_with("rpc-heartbeat=40*off->return", &["cluster", "restart", "--dir", &dir, "--brick", "2"]);
-    let b = cluster.file().bricks[2].clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while process_alive(b.pid) {
-        assert!(Instant::now() < deadline, "a brick that lost every heartbeat kept running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let b = restart_armed(&cluster, 2, "rpc-heartbeat=40*off->return");
+    assert!(wait_exit(b.pid, Duration::from_secs(20), Duration::from_millis(20)), "a brick that lost every heartbeat kept running");
     let log = cluster.brick_log(2);
     assert!(log.contains("fenced"), "the brick fenced itself before it was removed:\n{log}");
-    assert!(!authority_holds(&cluster, b.addr), "the authority still holds the silent brick");
+    assert!(!cluster.authority_holds(b.addr), "the authority still holds the silent brick");
     let mut client = cluster.client();
     client.put(b"k", b"v").expect("the rest of the cluster takes writes");
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{process_alive, run_ok, TestCluster};
+use common::{process_alive, run_ok, wait_exit, TestCluster};
 use dds::check::{check, Event, Operation};
 use dds::map::{key_hash, BrickId, ClusterMap};
 use dds::proto::{decode, encode, Frame, Kind, Op, Status};
@@ -21,10 +21,6 @@ use nix::unistd::Pid;
 
 fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| panic!("{sig} to pid {pid}: {e}"));
-}
-
-fn authority_map(cluster: &TestCluster) -> ClusterMap {
-    dds::meta::fetch_map(&[cluster.file().meta.addr], Duration::from_secs(2)).expect("the authority's map")
 }
 
 /// The cluster index of the brick the map knows as `id` (by its core 0 address).
@@ -44,11 +40,10 @@ fn get_frame(out: &mut Vec<u8>, id: u64, epoch: u64, key: &[u8]) {
 }
 
 /// Reads whole frames from `stream` until `n` came, it closes, or `deadline`.
-fn read_replies(stream: &mut TcpStream, n: usize, deadline: Instant) -> Vec<(u64, Status, Vec<u8>, u64)> {
+fn read_replies(stream: &mut TcpStream, n: usize, deadline: Instant) -> Vec<(u64, Status, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
-    let start = Instant::now();
     while got.len() < n && Instant::now() < deadline {
         stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         match stream.read(&mut chunk) {
@@ -59,7 +54,7 @@ fn read_replies(stream: &mut TcpStream, n: usize, deadline: Instant) -> Vec<(u64
         }
         while let Ok(Some((frame, len))) = decode(&buf) {
             if let Kind::Reply(_, status) = frame.kind {
-                got.push((frame.request_id, status, frame.value.to_vec(), start.elapsed().as_micros() as u64));
+                got.push((frame.request_id, status, frame.value.to_vec()));
             }
             buf.drain(..len);
         }
@@ -92,7 +87,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         // A readable replica of the key, and its core's address, from a settled map.
         let deadline = Instant::now() + Duration::from_secs(30);
         let (map, victim) = loop {
-            let map = authority_map(&cluster);
+            let map = cluster.authority_map();
             let (p, group) = map.route(key_hash(&key));
             let readable: Vec<BrickId> = map.readable(p).collect();
             if group.len() == 2 && readable.len() == 2 {
@@ -116,8 +111,8 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
             conn.write_all(&out).unwrap();
             let first = read_replies(&mut conn, 1, Instant::now() + Duration::from_secs(5));
             match first.first() {
-                Some((1, Status::Ok, v, _)) if *v == old => break,
-                Some((1, Status::Behind, _, _)) if Instant::now() < serve_deadline => std::thread::sleep(Duration::from_millis(20)),
+                Some((1, Status::Ok, v)) if *v == old => break,
+                Some((1, Status::Behind, _)) if Instant::now() < serve_deadline => std::thread::sleep(Duration::from_millis(20)),
                 other => panic!("the brick does not serve the key before the pause: {other:?}"),
             }
         }
@@ -132,7 +127,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         }
         conn.write_all(&out).unwrap();
         let removal_deadline = Instant::now() + Duration::from_secs(10);
-        while authority_map(&cluster).bricks.contains_key(&victim) {
+        while cluster.authority_map().bricks.contains_key(&victim) {
             assert!(Instant::now() < removal_deadline, "the authority did not remove a brick paused for 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -150,7 +145,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         signal(pid, Signal::SIGCONT);
         let replies = read_replies(&mut conn, sent.len(), Instant::now() + Duration::from_secs(3));
         let resumed = now();
-        for (id, status, value, _) in replies {
+        for (id, status, value) in replies {
             let Some(&(_, invoked)) = sent.iter().find(|(i, _)| *i == id) else { continue };
             match status {
                 Status::Ok => {
@@ -162,11 +157,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         }
         drop(conn);
         // The removed brick stops by itself; started again it rejoins as a new brick.
-        let stop_deadline = Instant::now() + Duration::from_secs(10);
-        while process_alive(pid) {
-            assert!(Instant::now() < stop_deadline, "a brick removed while paused did not stop after it resumed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(wait_exit(pid, Duration::from_secs(10), Duration::from_millis(10)), "a brick removed while paused did not stop after it resumed");
         run_ok(&["cluster", "restart", "--dir", &dir, "--brick", &index.to_string()]);
     }
     println!("{STALE_ROUNDS} rounds: {queued_served} queued reads answered, {refused} refused; {} operations checked", history.len());
@@ -234,24 +225,16 @@ fn bricks_paused_under_load_serve_correctly_or_exit() {
             }
             // Fewer cores: only a brick on its way out (removed while paused, its cores
             // stopped) may be seen so, and it must be gone soon.
-            let exit_deadline = Instant::now() + Duration::from_secs(3);
-            while process_alive(pid) {
-                assert!(
-                    Instant::now() < exit_deadline,
-                    "brick {index} lives on after a {pause_ms} ms pause with {cores} of {} core threads",
-                    b.cores
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            assert!(
+                wait_exit(pid, Duration::from_secs(3), Duration::from_millis(5)),
+                "brick {index} lives on after a {pause_ms} ms pause with {cores} of {} core threads",
+                b.cores
+            );
         }
         // It exited (removed while paused): the authority must not keep it in the map.
         exited += 1;
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let map = authority_map(&cluster);
-            if !map.bricks.values().any(|a| a.cores[0] == b.addr) {
-                break;
-            }
+        while cluster.authority_holds(b.addr) {
             assert!(Instant::now() < deadline, "brick {index} exited but the authority still holds it");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -178,3 +178,28 @@ pub fn recorded_op(client: &mut Client, key: Vec<u8>, value: Option<Vec<u8>>, no
     };
     Some(Operation { key, event, invoke, complete: now() })
 }
+
+impl TestCluster {
+    /// The map the cluster's authority serves now.
+    pub fn authority_map(&self) -> dds::map::ClusterMap {
+        dds::meta::fetch_map(&[self.file().meta.addr], Duration::from_secs(2)).expect("the authority's map")
+    }
+
+    /// Whether the authority's map still holds the brick whose core 0 is at `addr`.
+    pub fn authority_holds(&self, addr: std::net::SocketAddr) -> bool {
+        self.authority_map().bricks.values().any(|a| a.cores[0] == addr)
+    }
+}
+
+/// Waits until `pid` has exited, polling every `poll`; false if it still runs after
+/// `within`.
+pub fn wait_exit(pid: u32, within: Duration, poll: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while process_alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(poll);
+    }
+    true
+}
