@@ -23,7 +23,7 @@ use crate::proto::{BrickInfo, DdsFraming};
 
 pub use round::{Control, CoreRound};
 pub use storage::{replay_segment, SegmentError};
-pub use shard::{Effects, Query, Shard, PROBE_CURSOR};
+pub use shard::{Effects, Query, Shard};
 
 /// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

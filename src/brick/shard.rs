@@ -19,7 +19,7 @@ use crate::hash::{HashMap, HashSet};
 
 use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
-use crate::proto::{encode, BrickInfo, Chunk, CoreStats, Frame, Kind, Op, PrepareBody, Status, TxId, TxState, WriteKind};
+use crate::proto::{encode, BrickInfo, Chunk, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
 /// A request refused: the status and its message (or map) for the reply.
@@ -33,9 +33,6 @@ const RESOLVE_RETRY_MS: u64 = 250;
 const WAITERS_MAX: usize = 1024;
 /// Decided transactions remembered for peers that ask (and to refuse late prepares).
 const OUTCOMES_MAX: usize = 1 << 16;
-/// The cursor of a `SnapshotChunk` that only asks whether the partition has writes from
-/// older epochs pending (the copy driver probes every member before a copy starts).
-pub const PROBE_CURSOR: u32 = u32::MAX;
 /// Entry bytes in one snapshot chunk.
 pub const CHUNK_BYTES_MAX: usize = 256 << 10;
 
@@ -680,14 +677,14 @@ impl Shard {
     /// write prepared under an older epoch is pending on the partition: such a write
     /// does not reach the joining replica, so the copy must start after it.
     fn snapshot_chunk(&mut self, epoch: u64, body: &[u8], out: &mut Vec<u8>, fx: &mut Effects) -> Status {
-        let Some((pid, cursor)) = body
-            .get(..8)
-            .filter(|_| body.len() == 8)
-            .map(|b| (u32::from_le_bytes(b[..4].try_into().expect("4")), u32::from_le_bytes(b[4..].try_into().expect("4"))))
-        else {
-            out.extend_from_slice(b"snapshot request is not 8 bytes");
-            return Status::Conflict;
+        let req = match SnapshotRequest::decode(body) {
+            Ok(req) => req,
+            Err(e) => {
+                out.extend_from_slice(e.to_string().as_bytes());
+                return Status::Conflict;
+            }
         };
+        let (pid, cursor) = (req.partition, req.cursor);
         let p = PartitionId(pid);
         if epoch > self.map.epoch {
             fx.behind = true;
@@ -695,7 +692,7 @@ impl Shard {
             return Status::Behind;
         }
         let pending_older = |shard: &Shard| shard.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k)));
-        if cursor == PROBE_CURSOR {
+        if req.is_probe() {
             // A probe from the copy driver, to every member of the group: a write
             // prepared under an older epoch on any member (not only the source) must be
             // decided before the copy starts, or it could commit where the copy never

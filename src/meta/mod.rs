@@ -309,7 +309,7 @@ fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target
         // older epoch on any of them must be decided before the copy starts.
         let mut probe = Vec::with_capacity(8);
         probe.extend_from_slice(&p.0.to_le_bytes());
-        probe.extend_from_slice(&crate::brick::PROBE_CURSOR.to_le_bytes());
+        probe.extend_from_slice(&crate::proto::PROBE_CURSOR.to_le_bytes());
         for &member in map.groups.get(&p).map_or(&[][..], |g| &g[..]) {
             if member == target {
                 continue;

@@ -26,7 +26,7 @@ mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
 pub use info::{BrickInfo, CoreStats, InfoError};
-pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, TxId, TxState, WriteKind};
+pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 
 pub const MAGIC: u16 = 0xDD5A;
 pub const VERSION: u8 = 1;

@@ -277,3 +277,40 @@ mod tests {
         }
     }
 }
+
+/// The cursor of a `SnapshotRequest` that only asks whether the partition has writes
+/// from older epochs pending (the copy driver probes every member before a copy starts).
+pub const PROBE_CURSOR: u32 = u32::MAX;
+
+/// A `SnapshotChunk` request: the partition (its raw id) and where to resume in it
+/// (`PROBE_CURSOR`: a probe, no entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub partition: u32,
+    pub cursor: u32,
+}
+
+pub const SNAPSHOT_REQUEST_LEN: usize = 8;
+
+impl SnapshotRequest {
+    pub fn probe(partition: u32) -> SnapshotRequest {
+        SnapshotRequest { partition, cursor: PROBE_CURSOR }
+    }
+
+    pub fn is_probe(&self) -> bool {
+        self.cursor == PROBE_CURSOR
+    }
+
+    pub fn to_bytes(self) -> [u8; SNAPSHOT_REQUEST_LEN] {
+        let mut b = [0; SNAPSHOT_REQUEST_LEN];
+        b[..4].copy_from_slice(&self.partition.to_le_bytes());
+        b[4..].copy_from_slice(&self.cursor.to_le_bytes());
+        b
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<SnapshotRequest, PayloadError> {
+        let b: &[u8; SNAPSHOT_REQUEST_LEN] = buf.try_into().map_err(|_| PayloadError::Invalid { what: "snapshot request", why: "not 8 bytes" })?;
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Ok(SnapshotRequest { partition: word(0), cursor: word(4) })
+    }
+}

@@ -814,7 +814,7 @@ impl World {
                 };
                 let mut req = Vec::with_capacity(8);
                 req.extend_from_slice(&p.0.to_le_bytes());
-                req.extend_from_slice(&crate::brick::PROBE_CURSOR.to_le_bytes());
+                req.extend_from_slice(&crate::proto::PROBE_CURSOR.to_le_bytes());
                 let job = self.copy.as_mut().expect("present");
                 let id = job.next_id;
                 job.next_id += 1;
