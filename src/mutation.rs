@@ -17,11 +17,14 @@ pub enum Mutation {
     /// A core's round sends the replies of its writes before the round's log write and
     /// sync complete.
     EarlyReplies = 5,
+    /// The copy driver starts copying without probing the group's members for writes
+    /// prepared under an older epoch.
+    SkipProbe = 6,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 5] =
-        [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit, Mutation::StaleLease, Mutation::EarlyReplies];
+    pub const ALL: [Mutation; 6] =
+        [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit, Mutation::StaleLease, Mutation::EarlyReplies, Mutation::SkipProbe];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,6 +33,7 @@ impl Mutation {
             Mutation::LostCommit => "lost-commit",
             Mutation::StaleLease => "stale-lease",
             Mutation::EarlyReplies => "early-replies",
+            Mutation::SkipProbe => "skip-probe",
         }
     }
 

@@ -5,6 +5,7 @@
 //! module is its I/O shell: a thread per connection, the map file, and the copy driver.
 
 pub mod authority;
+pub mod copy;
 pub mod rpc;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,8 +18,9 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{BrickId, ClusterMap};
-use crate::proto::{decode_exact, encode, Chunk, Frame, Kind, Op, Status};
+use crate::proto::{decode_exact, encode, Frame, Kind, Op, Status};
 use authority::{Actions, Authority, AuthorityConfig, Join};
+use copy::{Answer, CopyDriver, Step};
 use rpc::{read_frame, Rpc};
 
 /// A brick's `Register` request.
@@ -237,164 +239,45 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     }
 }
 
-const COPY_RPC_TIMEOUT: Duration = Duration::from_secs(5);
-/// A copy that has not finished in this long gives up; the next tick plans again.
-const COPY_DEADLINE: Duration = Duration::from_secs(120);
-
-/// Copies each joining partition from a readable replica to the joining brick, chunk by
-/// chunk, while writes go on to both; then makes the copies readable. Reports per
-/// partition how long the copy took and how long it waited for writes of older epochs
-/// to drain (the only time the source held the copy back).
+/// The copy thread: drives a `copy::CopyDriver` over blocking rpcs, one connection
+/// per line, then reports what finished to the authority.
 fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
-    let started = Instant::now();
-    let mut keys_total = 0u64;
-    let mut drain_max_ms = 0u128;
-    let mut done = Vec::new();
-    for &(p, target) in &joins {
-        let t0 = Instant::now();
-        match copy_partition(&shared, p, target, epoch) {
-            Ok((keys, drain)) => {
-                keys_total += keys;
-                drain_max_ms = drain_max_ms.max(drain.as_millis());
-                crate::log!(
-                    "meta",
-                    "copied partition {p} to {target}: {keys} keys in {} ms; writes never blocked, copy start waited {} ms for older writes",
-                    t0.elapsed().as_millis(),
-                    drain.as_millis()
-                );
-                done.push((p, target));
-            }
-            Err(why) => {
-                crate::log!("meta", "copy of partition {p} to {target} failed: {why}");
-            }
-        }
-    }
-    let mut state = shared.lock();
-    crate::log!(
-        "meta",
-        "recovery: {}/{} partition(s) copied, {keys_total} keys, {} ms; longest wait for older writes {drain_max_ms} ms",
-        done.len(),
-        joins.len(),
-        started.elapsed().as_millis()
-    );
-    let actions = if done.is_empty() {
-        state.authority.copy_failed();
-        Actions::default()
-    } else {
-        state.authority.copied(&done)
-    };
-    apply(&shared, &mut state, actions);
-}
-
-fn copy_partition(shared: &Arc<Mutex<State>>, p: crate::map::PartitionId, target: BrickId, epoch: u64) -> Result<(u64, Duration), String> {
-    let deadline = Instant::now() + COPY_DEADLINE;
-    let mut keys = 0u64;
-    let mut drain;
-    'attempt: loop {
-        if Instant::now() > deadline {
-            return Err("deadline passed".into());
-        }
-        let map = shared.lock().authority.map().cloned().ok_or("no map")?;
-        if !map.is_joining(p, target) {
-            return Err(format!("{target} is no longer joining {p}"));
-        }
-        let Some(source) = map.readable(p).next() else { return Err("no readable replica".into()) };
-        let hash = p.prefix() as u64;
-        let core_addr = |b: BrickId| -> Result<SocketAddr, String> {
-            let cores = &map.bricks.get(&b).ok_or(format!("{b} not in the map"))?.cores;
-            Ok(cores[map.core_of(hash, cores.len())])
-        };
-        let first = Instant::now();
-        // Every other member first (not only the source): a write prepared under an
-        // older epoch on any of them must be decided before the copy starts.
-        let mut probe = Vec::with_capacity(8);
-        probe.extend_from_slice(&p.0.to_le_bytes());
-        probe.extend_from_slice(&crate::proto::PROBE_CURSOR.to_le_bytes());
-        for &member in map.groups.get(&p).map_or(&[][..], |g| &g[..]) {
-            if member == target {
-                continue;
-            }
-            let Ok(addr) = core_addr(member) else { continue };
-            let mut rpc = match Rpc::connect(addr, COPY_RPC_TIMEOUT) {
-                Ok(r) => r,
-                Err(e) => {
-                    crate::log!("meta", "copy of {p}: probe {member}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue 'attempt;
+    let now_ms = || shared.lock().now_ms();
+    let mut driver = CopyDriver::new(joins, epoch, now_ms());
+    let timeout = Duration::from_millis(copy::COPY_RPC_TIMEOUT_MS);
+    let mut lines: [Option<Rpc>; copy::LINES.len()] = Default::default();
+    loop {
+        let map = shared.lock().authority.map().cloned();
+        match driver.poll(map.as_ref(), now_ms()) {
+            Step::Call { line, addr, op, epoch, value } => {
+                let rpc = &mut lines[line as usize];
+                let reply = match rpc {
+                    Some(r) => Ok(r),
+                    None => Rpc::connect(addr, timeout).map(|r| rpc.insert(r)),
                 }
-            };
-            loop {
-                if Instant::now() > deadline {
-                    return Err(format!("{member} still holds writes of older epochs"));
-                }
-                match rpc.call(Op::SnapshotChunk, epoch, &[], &probe, COPY_RPC_TIMEOUT) {
-                    Ok((Status::Behind | Status::Unavailable, _)) => std::thread::sleep(Duration::from_millis(2)),
-                    // Ok: nothing pending; anything else: no longer a member at its epoch.
-                    Ok(_) => break,
+                .and_then(|r| r.call(op, epoch, &[], &value, timeout));
+                let answer = match reply {
+                    Ok((status, value)) => Answer::Reply(status, value),
                     Err(e) => {
-                        crate::log!("meta", "copy of {p}: probe {member}: {e}; retrying");
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue 'attempt;
+                        *rpc = None;
+                        Answer::Lost(e.to_string())
                     }
-                }
+                };
+                driver.answer(answer, now_ms());
             }
-        }
-        drain = first.elapsed();
-        let (src_addr, dst_addr) = (core_addr(source)?, core_addr(target)?);
-        let connect = |a| Rpc::connect(a, COPY_RPC_TIMEOUT).map_err(|e| e.to_string());
-        let (mut src, mut dst) = match (connect(src_addr), connect(dst_addr)) {
-            (Ok(s), Ok(d)) => (s, d),
-            (Err(e), _) | (_, Err(e)) => {
-                std::thread::sleep(Duration::from_millis(50));
-                crate::log!("meta", "copy of {p}: {e}; retrying");
-                continue;
+            Step::HangUp(line) => lines[line as usize] = None,
+            Step::Wait { ms } => std::thread::sleep(Duration::from_millis(ms)),
+            Step::Note(note) => crate::log!("meta", "{note}"),
+            Step::Finished(done) => {
+                let mut state = shared.lock();
+                let actions = if done.is_empty() {
+                    state.authority.copy_failed();
+                    Actions::default()
+                } else {
+                    state.authority.copied(&done)
+                };
+                return apply(&shared, &mut state, actions);
             }
-        };
-        let mut cursor = 0u32;
-        loop {
-            let mut req = Vec::with_capacity(8);
-            req.extend_from_slice(&p.0.to_le_bytes());
-            req.extend_from_slice(&cursor.to_le_bytes());
-            let (status, chunk) = match src.call(Op::SnapshotChunk, epoch, &[], &req, COPY_RPC_TIMEOUT) {
-                Ok(r) => r,
-                Err(e) => {
-                    crate::log!("meta", "copy of {p} from {source}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue 'attempt;
-                }
-            };
-            match status {
-                Status::Ok => {}
-                Status::Behind | Status::Unavailable if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    if cursor == 0 {
-                        drain = first.elapsed();
-                    }
-                    continue;
-                }
-                _ => {
-                    crate::log!("meta", "copy of {p} from {source}: {status:?}: {}; retrying", String::from_utf8_lossy(&chunk));
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue 'attempt;
-                }
-            }
-            let parsed = Chunk::decode(&chunk).map_err(|e| format!("bad chunk from {source}: {e}"))?;
-            let (next, finished) = (parsed.cursor, parsed.done);
-            loop {
-                match dst.call(Op::Install, epoch, &[], &chunk, COPY_RPC_TIMEOUT) {
-                    Ok((Status::Ok, n)) if n.len() == 8 => {
-                        keys += u64::from_le_bytes(n[..8].try_into().expect("8"));
-                        break;
-                    }
-                    Ok((Status::Behind, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-                    Ok((status, why)) => return Err(format!("{target} refused the copy: {status:?}: {}", String::from_utf8_lossy(&why))),
-                    Err(e) => return Err(format!("{target}: {e}")),
-                }
-            }
-            if finished {
-                return Ok((keys, drain));
-            }
-            cursor = next;
         }
     }
 }

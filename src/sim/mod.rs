@@ -23,6 +23,7 @@
 mod brick;
 mod checks;
 mod client;
+mod copy;
 mod disk;
 mod net;
 
@@ -35,7 +36,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::brick::Durability;
 use crate::map::{BrickAddr, BrickId, ClusterMap};
-use crate::meta::authority::{Actions, Authority, AuthorityConfig, Join};
+use crate::meta::authority::{Actions, Authority, AuthorityConfig};
 use crate::mutation::Mutation;
 
 use brick::SimBrick;
@@ -216,7 +217,7 @@ pub(crate) struct World {
     authority: Authority,
     /// Every map the authority published, in order.
     maps: Vec<ClusterMap>,
-    copy: Option<brick::CopyJob>,
+    copy: Option<copy::SimCopy>,
     bricks: Vec<SimBrick>,
     clients: Vec<SimClient>,
     faults_on: bool,
@@ -282,7 +283,7 @@ impl World {
         if !actions.copy.is_empty() {
             let epoch = self.authority.map().expect("copying needs a map").epoch;
             assert!(self.copy.is_none(), "the authority plans one copy at a time");
-            self.copy = Some(brick::CopyJob::new(actions.copy, epoch, self.now));
+            self.copy = Some(copy::SimCopy::new(actions.copy, epoch, self.now_ms()));
             self.after(0, Event::CopyStep);
         }
     }
@@ -583,5 +584,3 @@ pub(crate) fn addr_core(addr: SocketAddr) -> Option<(usize, u64, usize)> {
     Some((b as usize - 1, (port / 16) as u64, (port % 16) as usize))
 }
 
-/// Joins the copy job holds (re-exported for the brick module).
-pub(crate) type Joins = Vec<Join>;

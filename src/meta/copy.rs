@@ -1,0 +1,317 @@
+//! The copy driver, sans-I/O: brings each joining replica up to date, chunk by chunk
+//! from a readable replica, while writes go on to both. The authority's copy thread
+//! (`meta::copy_thread`, blocking rpcs) and the simulator (simulated links and timers)
+//! both drive it: `poll` says what to do next, `answer` takes the reply to the last
+//! `Step::Call`. It owns the per-partition deadline, the older-epoch probe of every
+//! member before a copy starts, retries and their pauses; it never touches a socket,
+//! a clock or the authority (its shell hands `Step::Finished` to `Authority::copied`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use crate::map::{BrickId, ClusterMap, PartitionId};
+use crate::mutation::{self, Mutation};
+use crate::proto::{Chunk, Op, SnapshotRequest, Status};
+
+use super::authority::Join;
+
+/// A copy request unanswered this long is lost (the shell's rpc timeout).
+pub const COPY_RPC_TIMEOUT_MS: u64 = 5_000;
+/// A partition whose copy has not finished in this long gives up; the authority plans
+/// again at its next tick.
+pub const COPY_DEADLINE_MS: u64 = 120_000;
+/// The pause before a new attempt after a lost connection or a refusing source.
+const RETRY_MS: u64 = 50;
+/// The pause before asking again a brick that answered `Behind` or `Unavailable`.
+const BEHIND_WAIT_MS: u64 = 2;
+
+/// One of the driver's connections. The shell keeps at most one open per line, opens
+/// it at the first `Call` on it, and closes it at `HangUp` or when a call on it fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// To the member being probed for older-epoch writes.
+    Probe = 0,
+    /// To the replica read from.
+    Source = 1,
+    /// To the joining replica.
+    Target = 2,
+}
+
+pub const LINES: [Line; 3] = [Line::Probe, Line::Source, Line::Target];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send a request on `line` (connecting to `addr` first if it is not open) and
+    /// hand the reply, or why there is none, to `answer`.
+    Call { line: Line, addr: SocketAddr, op: Op, epoch: u64, value: Vec<u8> },
+    /// Close `line` if it is open.
+    HangUp(Line),
+    /// Poll again after this long.
+    Wait { ms: u64 },
+    /// A line for the authority's log.
+    Note(String),
+    /// Every join was tried: these finished (`Authority::copied`; none: `copy_failed`).
+    Finished(Vec<Join>),
+}
+
+/// What became of a `Step::Call`.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Reply(Status, Vec<u8>),
+    /// Refused, timed out, closed or malformed: the line is closed.
+    Lost(String),
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Start the next join, or finish.
+    Next,
+    /// A new attempt at the current join: check it still stands, pick a source.
+    Attempt,
+    /// Probing `members[at]`; the copy from `source` starts after the last.
+    Probe { source: BrickId, members: Vec<BrickId>, at: usize },
+    /// Reading from `source` at `cursor`.
+    Read { source: BrickId, cursor: u32 },
+    /// Installing the chunk read; then `next` (or done if `last`).
+    Install { source: BrickId, chunk: Vec<u8>, next: u32, last: bool },
+    Finished,
+}
+
+pub struct CopyDriver {
+    joins: Vec<Join>,
+    epoch: u64,
+    at: usize,
+    done: Vec<Join>,
+    phase: Phase,
+    /// Steps made by `answer` (notes, hang-ups, waits), handed out by `poll` first.
+    out: VecDeque<Step>,
+    /// A call is out: `poll` must not be called before its `answer`.
+    asked: bool,
+    started_ms: u64,
+    partition_started_ms: u64,
+    deadline_ms: u64,
+    attempt_started_ms: u64,
+    /// How long this attempt's start waited for older-epoch writes to drain.
+    drain_ms: u64,
+    drain_max_ms: u64,
+    keys: u64,
+    keys_total: u64,
+}
+
+impl CopyDriver {
+    pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64) -> CopyDriver {
+        CopyDriver {
+            joins,
+            epoch,
+            at: 0,
+            done: Vec::new(),
+            phase: Phase::Next,
+            out: VecDeque::new(),
+            asked: false,
+            started_ms: now_ms,
+            partition_started_ms: now_ms,
+            deadline_ms: now_ms,
+            attempt_started_ms: now_ms,
+            drain_ms: 0,
+            drain_max_ms: 0,
+            keys: 0,
+            keys_total: 0,
+        }
+    }
+
+    fn join(&self) -> Join {
+        self.joins[self.at]
+    }
+
+    /// The current join failed: log why and go on with the next.
+    fn give_up(&mut self, why: String) {
+        let (p, target) = self.join();
+        self.out.push_back(Step::Note(format!("copy of partition {p} to {target} failed: {why}")));
+        self.hang_up();
+        self.at += 1;
+        self.phase = Phase::Next;
+    }
+
+    /// This attempt failed on the way (a lost connection, a refusing source): a new
+    /// attempt at the same join, from the start, after a pause.
+    fn retry(&mut self, why: String) {
+        let (p, _) = self.join();
+        self.out.push_back(Step::Note(format!("copy of {p}: {why}; retrying")));
+        self.hang_up();
+        self.out.push_back(Step::Wait { ms: RETRY_MS });
+        self.phase = Phase::Attempt;
+    }
+
+    fn hang_up(&mut self) {
+        self.out.extend(LINES.map(Step::HangUp));
+    }
+
+    /// The next step. `map` is the authority's map now.
+    pub fn poll(&mut self, map: Option<&ClusterMap>, now_ms: u64) -> Step {
+        assert!(!self.asked, "the copy driver was polled while its call was out");
+        loop {
+            if let Some(step) = self.out.pop_front() {
+                return step;
+            }
+            match self.phase.clone() {
+                Phase::Finished => return Step::Finished(self.done.clone()),
+                Phase::Next => {
+                    if self.at >= self.joins.len() {
+                        self.out.push_back(Step::Note(format!(
+                            "recovery: {}/{} partition(s) copied, {} keys, {} ms; longest wait for older writes {} ms",
+                            self.done.len(),
+                            self.joins.len(),
+                            self.keys_total,
+                            now_ms - self.started_ms,
+                            self.drain_max_ms
+                        )));
+                        self.phase = Phase::Finished;
+                        continue;
+                    }
+                    self.partition_started_ms = now_ms;
+                    self.deadline_ms = now_ms + COPY_DEADLINE_MS;
+                    self.keys = 0;
+                    self.phase = Phase::Attempt;
+                }
+                Phase::Attempt => {
+                    let (p, target) = self.join();
+                    if now_ms > self.deadline_ms {
+                        self.give_up("deadline passed".into());
+                        continue;
+                    }
+                    let Some(map) = map else {
+                        self.give_up("no map".into());
+                        continue;
+                    };
+                    if !map.is_joining(p, target) {
+                        self.give_up(format!("{target} is no longer joining {p}"));
+                        continue;
+                    }
+                    let Some(source) = map.readable(p).next() else {
+                        self.give_up("no readable replica".into());
+                        continue;
+                    };
+                    // Every other member first (not only the source): a write prepared
+                    // under an older epoch on any of them must be decided before the
+                    // copy starts, or it commits where the copy never sees it.
+                    let members = if mutation::active(Mutation::SkipProbe) {
+                        Vec::new()
+                    } else {
+                        map.groups.get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| *b != target && map.bricks.contains_key(b)).collect())
+                    };
+                    self.attempt_started_ms = now_ms;
+                    self.phase = Phase::Probe { source, members, at: 0 };
+                }
+                Phase::Probe { source, members, at } => {
+                    let Some(&member) = members.get(at) else {
+                        self.drain_ms = now_ms - self.attempt_started_ms;
+                        self.phase = Phase::Read { source, cursor: 0 };
+                        continue;
+                    };
+                    if now_ms > self.deadline_ms {
+                        self.give_up(format!("{member} still holds writes of older epochs"));
+                        continue;
+                    }
+                    let (p, _) = self.join();
+                    let Some(addr) = map.and_then(|m| core_addr(m, member, p)) else {
+                        self.retry(format!("probe {member}: not in the map"));
+                        continue;
+                    };
+                    return self.call(Line::Probe, addr, Op::SnapshotChunk, SnapshotRequest::probe(p.0).to_bytes().to_vec());
+                }
+                Phase::Read { source, cursor } => {
+                    let (p, _) = self.join();
+                    let Some(addr) = map.and_then(|m| core_addr(m, source, p)) else {
+                        self.retry(format!("{source} is not in the map"));
+                        continue;
+                    };
+                    return self.call(Line::Source, addr, Op::SnapshotChunk, SnapshotRequest { partition: p.0, cursor }.to_bytes().to_vec());
+                }
+                Phase::Install { chunk, .. } => {
+                    let (p, target) = self.join();
+                    let Some(addr) = map.and_then(|m| core_addr(m, target, p)) else {
+                        self.give_up(format!("{target} is not in the map"));
+                        continue;
+                    };
+                    return self.call(Line::Target, addr, Op::Install, chunk);
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, line: Line, addr: SocketAddr, op: Op, value: Vec<u8>) -> Step {
+        self.asked = true;
+        Step::Call { line, addr, op, epoch: self.epoch, value }
+    }
+
+    /// The reply to the last `Step::Call` (or why there is none).
+    pub fn answer(&mut self, answer: Answer, now_ms: u64) {
+        assert!(self.asked, "the copy driver got an answer it did not ask for");
+        self.asked = false;
+        let (p, target) = self.join();
+        let behind_wait = |d: &mut CopyDriver| d.out.push_back(Step::Wait { ms: BEHIND_WAIT_MS });
+        match (self.phase.clone(), answer) {
+            (Phase::Probe { members, at, .. }, answer) => match answer {
+                Answer::Reply(Status::Behind | Status::Unavailable, _) => behind_wait(self),
+                // Ok: nothing pending there; anything else: no longer a member at its
+                // epoch. Either way, the next member, on a connection of its own.
+                Answer::Reply(..) => {
+                    self.out.push_back(Step::HangUp(Line::Probe));
+                    if let Phase::Probe { at: a, .. } = &mut self.phase {
+                        *a = at + 1;
+                    }
+                }
+                Answer::Lost(why) => self.retry(format!("probe {}: {why}", members[at])),
+            },
+            (Phase::Read { source, cursor }, answer) => match answer {
+                Answer::Reply(Status::Ok, chunk) => match Chunk::decode(&chunk) {
+                    Ok(parsed) => {
+                        let (next, last) = (parsed.cursor, parsed.done);
+                        self.phase = Phase::Install { source, chunk, next, last };
+                    }
+                    Err(e) => self.give_up(format!("bad chunk from {source}: {e}")),
+                },
+                Answer::Reply(Status::Behind | Status::Unavailable, _) if now_ms < self.deadline_ms => {
+                    if cursor == 0 {
+                        self.drain_ms = now_ms - self.attempt_started_ms;
+                    }
+                    behind_wait(self);
+                }
+                Answer::Reply(status, why) => self.retry(format!("{source}: {status:?}: {}", String::from_utf8_lossy(&why))),
+                Answer::Lost(why) => self.retry(format!("{source}: {why}")),
+            },
+            (Phase::Install { source, next, last, .. }, answer) => match answer {
+                Answer::Reply(Status::Ok, n) if n.len() == 8 => {
+                    self.keys += u64::from_le_bytes(n[..8].try_into().expect("8 bytes"));
+                    if !last {
+                        self.phase = Phase::Read { source, cursor: next };
+                        return;
+                    }
+                    self.keys_total += self.keys;
+                    self.drain_max_ms = self.drain_max_ms.max(self.drain_ms);
+                    self.out.push_back(Step::Note(format!(
+                        "copied partition {p} to {target}: {} keys in {} ms; writes never blocked, copy start waited {} ms for older writes",
+                        self.keys,
+                        now_ms - self.partition_started_ms,
+                        self.drain_ms
+                    )));
+                    self.done.push((p, target));
+                    self.hang_up();
+                    self.at += 1;
+                    self.phase = Phase::Next;
+                }
+                Answer::Reply(Status::Behind, _) if now_ms < self.deadline_ms => behind_wait(self),
+                Answer::Reply(status, why) => self.give_up(format!("{target} refused the copy: {status:?}: {}", String::from_utf8_lossy(&why))),
+                Answer::Lost(why) => self.give_up(format!("{target}: {why}")),
+            },
+            (phase, _) => unreachable!("an answer in phase {phase:?}"),
+        }
+    }
+}
+
+/// The address of the core of `brick` that owns partition `p`.
+fn core_addr(map: &ClusterMap, brick: BrickId, p: PartitionId) -> Option<SocketAddr> {
+    let cores = &map.bricks.get(&brick)?.cores;
+    cores.get(map.core_of(p.prefix() as u64, cores.len())).copied()
+}
+

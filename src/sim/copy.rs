@@ -1,0 +1,136 @@
+//! The copy driver's shell in the simulator: `meta::copy::CopyDriver` over simulated
+//! links and timers, as `meta::copy_driver` drives it over blocking rpcs.
+
+use crate::meta::authority::Join;
+use crate::meta::copy::{Answer, CopyDriver, Step, COPY_RPC_TIMEOUT_MS, LINES};
+use crate::proto::{decode_exact, encode, Frame, Kind};
+
+use super::net::{Endpoint, LinkId, Msg};
+use super::{Event, Micros, World, MS};
+
+pub(crate) struct SimCopy {
+    driver: CopyDriver,
+    /// The open link of each line (`copy::Line`).
+    lines: [Option<LinkId>; LINES.len()],
+    /// The call on the wire: its link, request id and when it left.
+    waiting: Option<(LinkId, u64, Micros)>,
+    /// No poll before this (a `Step::Wait`); timers set for earlier calls may fire first.
+    wake_at: Micros,
+    next_id: u64,
+}
+
+impl SimCopy {
+    pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64) -> SimCopy {
+        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1 }
+    }
+}
+
+impl World {
+    /// Polls the driver until it waits: for a reply, a pause, or nothing (finished).
+    pub(crate) fn copy_step(&mut self) {
+        loop {
+            let now_ms = self.now_ms();
+            let Some(job) = &mut self.copy else { return };
+            if let Some((link, _, sent)) = job.waiting {
+                if self.now < sent + COPY_RPC_TIMEOUT_MS * MS {
+                    return;
+                }
+                // The call timed out, as `Rpc::call` does: the link is as good as lost.
+                self.break_link(link, false);
+                self.copy_answer(link, Answer::Lost("timed out".into()));
+                continue;
+            }
+            if self.now < job.wake_at {
+                return;
+            }
+            let map = self.authority.map().cloned();
+            let job = self.copy.as_mut().expect("present");
+            match job.driver.poll(map.as_ref(), now_ms) {
+                Step::Call { line, addr, op, epoch, value } => {
+                    // A held line that closed fails the call, as a closed socket does.
+                    let link = match job.lines[line as usize] {
+                        Some(l) if self.net.alive(l) => Ok(l),
+                        Some(_) => Err("connection closed".to_string()),
+                        None => self.connect(Endpoint::Authority, addr).ok_or(format!("connect to {addr}: refused")),
+                    };
+                    let job = self.copy.as_mut().expect("present");
+                    let link = match link {
+                        Ok(l) => l,
+                        Err(why) => {
+                            job.lines[line as usize] = None;
+                            job.driver.answer(Answer::Lost(why), now_ms);
+                            continue;
+                        }
+                    };
+                    job.lines[line as usize] = Some(link);
+                    let id = job.next_id;
+                    job.next_id += 1;
+                    job.waiting = Some((link, id, self.now));
+                    let mut bytes = Vec::new();
+                    encode(&mut bytes, &Frame { kind: Kind::Request(op), request_id: id, epoch, key: &[], value: &value });
+                    self.send(link, Endpoint::Authority, Msg::Frame(bytes));
+                    self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep);
+                    return;
+                }
+                Step::HangUp(line) => {
+                    if let Some(link) = job.lines[line as usize].take() {
+                        self.break_link(link, false);
+                    }
+                }
+                Step::Wait { ms } => {
+                    job.wake_at = self.now + ms * MS;
+                    self.after(ms * MS, Event::CopyStep);
+                    return;
+                }
+                Step::Note(note) => self.note(format!("copy: {note}")),
+                Step::Finished(done) => {
+                    self.copy = None;
+                    let actions = if done.is_empty() {
+                        self.authority.copy_failed();
+                        Default::default()
+                    } else {
+                        self.authority.copied(&done)
+                    };
+                    return self.apply(actions);
+                }
+            }
+        }
+    }
+
+    /// Hands the driver what became of its call on `link`; the line is closed if lost.
+    fn copy_answer(&mut self, link: LinkId, answer: Answer) {
+        let now_ms = self.now_ms();
+        let Some(job) = &mut self.copy else { return };
+        job.waiting = None;
+        if matches!(answer, Answer::Lost(_)) {
+            job.lines.iter_mut().filter(|l| **l == Some(link)).for_each(|l| *l = None);
+        }
+        job.driver.answer(answer, now_ms);
+    }
+
+    pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
+        let Some((waiting, id, _)) = self.copy.as_ref().and_then(|j| j.waiting) else { return };
+        if waiting != link {
+            return;
+        }
+        // As `Rpc::call`: anything but the reply to this request is a malformed answer.
+        let answer = match decode_exact(&bytes) {
+            Ok(Frame { kind: Kind::Reply(_, status), request_id, value, .. }) if request_id == id => Answer::Reply(status, value.to_vec()),
+            Ok(_) => Answer::Lost("malformed reply: not the answer to the request".into()),
+            Err(e) => Answer::Lost(format!("malformed reply: {e}")),
+        };
+        if matches!(answer, Answer::Lost(_)) {
+            self.break_link(link, false);
+        }
+        self.copy_answer(link, answer);
+        self.copy_step();
+    }
+
+    pub(crate) fn copy_link_down(&mut self, link: LinkId) {
+        let Some(job) = &mut self.copy else { return };
+        if job.waiting.is_some_and(|(l, _, _)| l == link) {
+            self.copy_answer(link, Answer::Lost("connection closed".into()));
+            self.copy_step();
+        }
+    }
+}
