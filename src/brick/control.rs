@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use super::lease::{Answer, Lease, Step};
 use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
 use crate::meta::rpc::Rpc;
@@ -42,7 +43,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(me: BrickId, map: ClusterMap, stop: Arc<AtomicBool>) -> Shared {
+    /// `started`: the clock the lease's times count from (`Lease`, `now_ms`).
+    pub fn new(me: BrickId, map: ClusterMap, started: Instant, stop: Arc<AtomicBool>) -> Shared {
         Shared {
             me,
             epoch: AtomicU64::new(map.epoch),
@@ -51,14 +53,25 @@ impl Shared {
             refresh: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             lease_ok_ms: AtomicU64::new(u64::MAX),
-            started: Instant::now(),
+            started,
             stop,
         }
     }
 
-    /// The authority answered now: the lease runs `LEASE_MS` from here.
-    pub fn renew_lease(&self) {
-        self.lease_ok_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Publishes the lease to the cores: it runs `LEASE_MS` from `lease.lease_from_ms()`;
+    /// a fence goes up before anything the caller does next (dropping the session).
+    fn publish(&self, lease: &Lease) {
+        if lease.fenced() {
+            self.fenced.store(true, Ordering::SeqCst);
+        }
+        self.lease_ok_ms.store(lease.lease_from_ms(), Ordering::Release);
+        if !lease.fenced() {
+            self.fenced.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Whether the cores must serve nothing: fenced by the control thread, or the lease
@@ -69,7 +82,7 @@ impl Shared {
             return true;
         }
         let ok_ms = self.lease_ok_ms.load(Ordering::Acquire);
-        ok_ms != u64::MAX && lease_expired(ok_ms, self.started.elapsed().as_millis() as u64, LEASE_MS)
+        ok_ms != u64::MAX && lease_expired(ok_ms, self.now_ms(), LEASE_MS)
     }
 
     pub fn map(&self) -> Arc<ClusterMap> {
@@ -151,8 +164,6 @@ pub enum ControlError {
     },
 }
 
-const RPC_TIMEOUT: Duration = Duration::from_millis(1000);
-
 /// Sends `Register` on `rpc`; returns the id the authority answered with.
 fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: Duration) -> Result<u32, String> {
     let reg = Registration { id, addr: addr.clone() };
@@ -165,104 +176,114 @@ fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: 
     Ok(reply.id)
 }
 
-/// Registers with the authority (retrying until `deadline`), records the id it gives,
-/// and waits until the authority has a map. Returns the id and the map.
-pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Rpc), ControlError> {
-    let fail = |why: String| ControlError::Register { meta, why };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last_err = String::new();
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-        let attempt = (|| {
-            let mut rpc = Rpc::connect(meta, RPC_TIMEOUT).map_err(|e| e.to_string())?;
-            let id = send_registration(&mut rpc, load_identity(dir), addr, RPC_TIMEOUT)?;
-            Ok((rpc, id))
-        })();
-        match attempt {
-            Ok((rpc, id)) => {
-                store_identity(dir, id).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?;
-                let me = BrickId(id);
-                // The map may not exist yet (the cluster is still gathering its bricks).
-                let mut rpc = rpc;
-                loop {
-                    let (status, value) = rpc.call(Op::Heartbeat, 0, &[], &[], RPC_TIMEOUT).map_err(|e| fail(e.to_string()))?;
-                    if status == Status::Ok && !value.is_empty() {
-                        let map = ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| fail(e.to_string()))?;
-                        return Ok((me, map, rpc));
-                    }
-                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        return Err(fail("no cluster map yet".into()));
-                    }
-                    std::thread::sleep(Duration::from_millis(HEARTBEAT_MS));
+/// Makes the lease's call (`Step::Register` or `Step::Beat`) on `session`, the
+/// connection to the authority, and says what became of it.
+fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAddr) -> Answer {
+    let timeout = Duration::from_millis(LEASE_MS);
+    match step {
+        Step::Register { id } => {
+            *session = None;
+            let registered = Rpc::connect(meta, timeout / 2)
+                .map_err(|e| e.to_string())
+                .and_then(|mut rpc| send_registration(&mut rpc, *id, addr, timeout).map(|id| (rpc, id)));
+            match registered {
+                Ok((rpc, id)) => {
+                    *session = Some(rpc);
+                    Answer::Registered(id)
                 }
+                Err(why) => Answer::Lost(why),
             }
-            Err(e) => last_err = e,
         }
-        std::thread::sleep(Duration::from_millis(100));
+        Step::Beat { epoch } => {
+            let Some(rpc) = session else { return Answer::Lost("no session".into()) };
+            match rpc.call(Op::Heartbeat, *epoch, &[], &[], timeout) {
+                Ok((Status::Ok, value)) if value.is_empty() => Answer::Map(None),
+                Ok((Status::Ok, value)) => match ClusterMap::from_json(&String::from_utf8_lossy(&value)) {
+                    Ok(map) => Answer::Map(Some(map)),
+                    Err(e) => {
+                        crate::log!("brick", "ignoring a bad map from the authority: {e}");
+                        Answer::Map(None)
+                    }
+                },
+                Ok((status, value)) => Answer::Refused(format!("{status:?}: {}", String::from_utf8_lossy(&value))),
+                Err(e) => Answer::Lost(e.to_string()),
+            }
+        }
+        other => unreachable!("{other:?} is not a call"),
     }
-    Err(fail(last_err))
+}
+
+/// Sleeps until `until_ms` by `now_ms`, at most `HEARTBEAT_MS`.
+fn idle(until_ms: u64, now_ms: u64) {
+    std::thread::sleep(Duration::from_millis(until_ms.saturating_sub(now_ms).clamp(1, HEARTBEAT_MS)));
+}
+
+/// A started brick's session with the authority, handed from `register` to the
+/// control thread.
+pub struct Session {
+    lease: Lease,
+    rpc: Option<Rpc>,
+    meta: SocketAddr,
+}
+
+/// Registers with the authority (retrying until `lease::START_DEADLINE_MS`), keeps the
+/// id it gives, and waits until the authority has a map. `started` is the clock of the
+/// brick's `Shared`.
+pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, started: Instant, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Session), ControlError> {
+    let now_ms = || started.elapsed().as_millis() as u64;
+    let mut lease = Lease::starting(load_identity(dir).map(BrickId), now_ms());
+    let mut rpc = None;
+    while !stop.load(Ordering::Relaxed) {
+        let step = lease.poll(now_ms(), false);
+        match step {
+            Step::Register { .. } | Step::Beat { .. } => {
+                let answer = call(&step, &mut rpc, meta, addr);
+                lease.answer(answer, now_ms());
+            }
+            Step::HangUp => rpc = None,
+            Step::Keep(id) => store_identity(dir, id.0).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?,
+            Step::Boot(map) => {
+                let me = lease.id().expect("a lease serves only once registered");
+                return Ok((me, map, Session { lease, rpc, meta }));
+            }
+            Step::Install(_) => unreachable!("a map installed before the first"),
+            Step::Idle { until_ms } => idle(until_ms, now_ms()),
+            Step::Note(note) => crate::log!("brick", "{note}"),
+            Step::Stop(why) => return Err(ControlError::Register { meta, why }),
+        }
+    }
+    Err(ControlError::Register { meta, why: "stopped while registering".into() })
 }
 
 /// The control thread: heartbeats carry the brick's epoch, and their replies bring newer
 /// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
-pub fn heartbeat_loop(shared: &Shared, meta: SocketAddr, addr: &BrickAddr, mut rpc: Option<Rpc>) {
-    let mut last_ok = Instant::now();
-    shared.renew_lease();
-    let mut last_beat = Instant::now() - Duration::from_millis(HEARTBEAT_MS);
+pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
+    let Session { mut lease, mut rpc, meta } = session;
+    shared.publish(&lease);
     while !shared.stop.load(Ordering::Relaxed) {
-        let due = last_beat.elapsed() >= Duration::from_millis(HEARTBEAT_MS) || shared.refresh.swap(false, Ordering::Relaxed);
-        if !due {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
-        last_beat = Instant::now();
-        if rpc.is_none() {
-            let mut id = None;
-            rpc = Rpc::connect(meta, Duration::from_millis(LEASE_MS / 2)).ok().and_then(|mut r| {
-                id = send_registration(&mut r, Some(shared.me.0), addr, Duration::from_millis(LEASE_MS)).ok();
-                id.map(|_| r)
-            });
-            if id.is_some_and(|id| id != shared.me.0) {
-                // A new id: the authority had removed this brick. Fail-stop.
+        let step = lease.poll(shared.now_ms(), shared.refresh.swap(false, Ordering::Relaxed));
+        shared.publish(&lease);
+        match step {
+            Step::Register { .. } | Step::Beat { .. } => {
+                let answer = call(&step, &mut rpc, meta, addr);
+                lease.answer(answer, shared.now_ms());
+                shared.publish(&lease);
+            }
+            Step::HangUp => rpc = None,
+            Step::Keep(id) => unreachable!("{id}: a serving brick keeps its id or stops"),
+            Step::Boot(_) => unreachable!("a second first map"),
+            Step::Install(map) => {
+                let epoch = map.epoch;
+                if shared.offer(map) {
+                    crate::log!("brick", "map epoch {epoch}");
+                }
+            }
+            Step::Idle { until_ms } => idle(until_ms.min(shared.now_ms() + 5), shared.now_ms()),
+            Step::Note(note) => crate::log!("brick", "{note} (authority at {meta})"),
+            Step::Stop(why) => {
+                crate::log!("brick", "{why}");
                 return stop_removed(shared);
             }
-        }
-        let beat = rpc.as_mut().map(|r| r.call(Op::Heartbeat, shared.epoch.load(Ordering::Acquire), &[], &[], Duration::from_millis(LEASE_MS)));
-        match beat {
-            Some(Ok((Status::Ok, value))) => {
-                if !value.is_empty() {
-                    match ClusterMap::from_json(&String::from_utf8_lossy(&value)) {
-                        Ok(map) => {
-                            let epoch = map.epoch;
-                            if shared.offer(map) {
-                                crate::log!("brick", "map epoch {epoch}");
-                            }
-                        }
-                        Err(e) => crate::log!("brick", "ignoring a bad map from the authority: {e}"),
-                    }
-                }
-                last_ok = Instant::now();
-                shared.renew_lease();
-                if shared.fenced.swap(false, Ordering::AcqRel) {
-                    crate::log!("brick", "in touch with the map authority again: serving");
-                }
-            }
-            other => {
-                if let Some(Ok((status, value))) = &other {
-                    crate::log!("brick", "heartbeat refused: {status:?}: {}", String::from_utf8_lossy(value));
-                    // The authority no longer knows this brick's session: it was removed
-                    // (declared dead) and others may have taken over its partitions.
-                    return stop_removed(shared);
-                }
-                // Fence before the connection drops: the authority takes a closed session
-                // for a dead brick and may write without it at once.
-                if rpc.is_some() && !shared.fenced.swap(true, Ordering::AcqRel) {
-                    crate::log!("brick", "lost the map authority's session: fenced until it answers again");
-                }
-                rpc = None;
-            }
-        }
-        if last_ok.elapsed() > Duration::from_millis(LEASE_MS) && !shared.fenced.swap(true, Ordering::AcqRel) {
-            crate::log!("brick", "no word from the map authority at {meta} for {LEASE_MS} ms: fenced, serving nothing");
         }
     }
 }

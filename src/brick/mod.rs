@@ -3,6 +3,7 @@
 
 pub mod control;
 mod core_loop;
+pub mod lease;
 #[cfg(test)]
 mod model_tests;
 pub mod round;
@@ -269,13 +270,14 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         control::store_identity(&config.dir, id)
             .map_err(|source| BrickError::File { op: "write", path: config.dir.join("identity.json"), source })?;
     }
+    let started = std::time::Instant::now();
     let (shared, session) = match config.meta {
         Some(meta) => {
-            let (me, map, rpc) = control::register(meta, &config.dir, &brick_addr, &stop)?;
+            let (me, map, session) = control::register(meta, &config.dir, &brick_addr, started, &stop)?;
             crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch);
-            (Shared::new(me, map, Arc::clone(&stop)), Some((meta, rpc)))
+            (Shared::new(me, map, started, Arc::clone(&stop)), Some(session))
         }
-        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), Arc::clone(&stop)), None),
+        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), started, Arc::clone(&stop)), None),
     };
     if shared.map().base_bits != config.partition_bits {
         return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits });
@@ -327,11 +329,11 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             .collect();
         drop(ready_tx);
         let mut spawned = Ok(());
-        if let Some((meta, rpc)) = session {
+        if let Some(session) = session {
             let brick_addr = brick_addr.clone();
             spawned = std::thread::Builder::new()
                 .name("dds-control".into())
-                .spawn_scoped(scope, move || control::heartbeat_loop(shared, meta, &brick_addr, Some(rpc)))
+                .spawn_scoped(scope, move || control::heartbeat_loop(shared, &brick_addr, session))
                 .map(|_| ())
                 .map_err(|source| BrickError::Spawn { thread: "control".into(), source });
         }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use dds_transport::ConnId;
 use rand::Rng;
 
-use crate::brick::control::{HEARTBEAT_MS, LEASE_MS};
+use crate::brick::control::LEASE_MS;
+use crate::brick::lease::{Answer, Lease, Step};
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;
@@ -79,11 +80,25 @@ pub(crate) struct SimBrick {
     disks: Vec<SimDisk>,
     cores: Vec<SimCore>,
     map: Option<Arc<ClusterMap>>,
+    /// The brick's lease: the machine the control thread drives.
+    lease: Lease,
     session_link: Option<LinkId>,
-    last_ok: Micros,
-    fenced: bool,
-    hb_sent: Option<Micros>,
+    /// The lease's call on the wire: when it left.
+    lease_call: Option<Micros>,
     pub paused_until: Micros,
+    /// How much later than the cores its control thread runs again after a pause.
+    control_lag: Micros,
+}
+
+/// Which of a paused brick's threads an event waits for (`World::deferred`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waker {
+    /// A message to a core: delivered on resume, in order.
+    Message,
+    /// A core's own timer.
+    Timer,
+    /// The control thread: its session's messages and its timers.
+    Control,
 }
 
 /// The token brick `b`'s directory drew when it was made (`control::load_or_make_token`):
@@ -102,11 +117,11 @@ impl SimBrick {
             disks: (0..cores_n).map(|_| SimDisk::default()).collect(),
             cores: Vec::new(),
             map: None,
+            lease: Lease::starting(None, 0),
             session_link: None,
-            last_ok: 0,
-            fenced: false,
-            hb_sent: None,
+            lease_call: None,
             paused_until: 0,
+            control_lag: 0,
         }
     }
 
@@ -115,11 +130,16 @@ impl SimBrick {
     }
 
     pub fn serving(&self) -> bool {
-        self.state == State::Up && !self.fenced
+        self.state == State::Up && !self.lease.fenced()
     }
 
     pub fn state_name(&self) -> String {
-        format!("{:?}{}", self.state, if self.fenced { ", fenced" } else { "" })
+        format!("{:?}{}", self.state, if self.lease.fenced() { ", fenced" } else { "" })
+    }
+
+    /// Some core's log holds bytes it has not synced.
+    pub fn unsynced(&self) -> bool {
+        self.disks.iter().any(|d| d.synced < d.bytes.len())
     }
 
     /// Runs `epoch` everywhere, holds nothing prepared, has no work queued.
@@ -157,19 +177,17 @@ fn link_of(conn: ConnId) -> LinkId {
 
 impl World {
     pub(crate) fn start_brick(&mut self, b: usize) {
+        let now_ms = self.now_ms();
         let brick = &mut self.bricks[b];
         brick.life += 1;
         brick.state = State::Starting;
         brick.cores.clear();
         brick.map = None;
-        brick.fenced = false;
-        brick.hb_sent = None;
-        let (life, id, cores_n) = (brick.life, brick.id, brick.cores_n);
-        let cores = (0..cores_n).map(|c| core_addr(b, life, c)).collect();
-        let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
-        self.bricks[b].session_link = Some(link);
+        brick.lease = Lease::starting(brick.id, now_ms);
+        brick.lease_call = None;
+        let (life, id) = (brick.life, brick.id);
         self.note(format!("brick {b} (id {id:?}) starts, incarnation {life}"));
-        self.send(link, Endpoint::Brick(b), Msg::Register { id: id.map(|i| i.0), cores, token: dir_token(b) });
+        self.lease_step(b, false);
     }
 
     pub(crate) fn restart(&mut self, b: usize) {
@@ -199,13 +217,6 @@ impl World {
         self.break_links_of(b, !power_loss);
     }
 
-    /// `control::stop_removed`: the authority removed this brick while it ran; it stops
-    /// and, started again, rejoins under a new id.
-    fn removed_while_running(&mut self, b: usize) {
-        let why = format!("removed from the cluster while running ({:?}): stopped", self.bricks[b].id);
-        self.stop_brick(b, why);
-    }
-
     /// Stops the brick for good on an error the design says must never be retried.
     fn stop_brick(&mut self, b: usize, why: String) {
         self.crash(b, &why, false);
@@ -217,75 +228,38 @@ impl World {
 
     pub(crate) fn pause(&mut self, b: usize, micros: Micros) {
         self.note(format!("brick {b} pauses for {} ms", micros / MS));
-        self.bricks[b].paused_until = self.now + micros;
+        let brick = &mut self.bricks[b];
+        brick.paused_until = brick.paused_until.max(self.now + micros);
+        // After a stop, the threads run again in any order: the control thread (which
+        // may hold the authority's refusal) can come back well after the cores.
+        brick.control_lag = self.rng.random_range(0..=100) * MS;
     }
 
     /// Events for a paused brick wait until it resumes. Messages keep their order; the
-    /// brick's own timers land among them in random order, as threads do after a stop.
-    fn deferred(&mut self, b: usize, timer: bool) -> Option<Micros> {
+    /// cores' timers land among them in random order, as threads do after a stop; the
+    /// control thread's messages and timers come `control_lag` later.
+    fn deferred(&mut self, b: usize, waker: Waker) -> Option<Micros> {
         let until = self.bricks[b].paused_until;
         if until <= self.now {
             return None;
         }
-        Some(if timer { until + self.rng.random_range(0..=500) } else { until })
+        Some(match waker {
+            Waker::Message => until,
+            Waker::Timer => until + self.rng.random_range(0..=500),
+            Waker::Control => until + self.bricks[b].control_lag,
+        })
     }
 
     pub(crate) fn brick_receive(&mut self, b: usize, link: LinkId, msg: Msg) {
-        if let Some(at) = self.deferred(b, false) {
+        let waker = if self.bricks[b].session_link == Some(link) { Waker::Control } else { Waker::Message };
+        if let Some(at) = self.deferred(b, waker) {
             self.schedule(at, Event::Deliver { link, to: Endpoint::Brick(b), msg });
             return;
         }
         match msg {
-            Msg::Registered { id, map } => {
-                let brick = &mut self.bricks[b];
-                if brick.state == State::Up && brick.id != Some(BrickId(id)) {
-                    // Registered again and given a new id: it had been removed.
-                    return self.removed_while_running(b);
-                }
-                brick.id = Some(BrickId(id));
-                match brick.state {
-                    State::Starting => self.first_map(b, link, map),
-                    State::Up => {
-                        // Registered again after a broken session: beat at once.
-                        let epoch = self.bricks[b].map.as_ref().map_or(0, |m| m.epoch);
-                        self.bricks[b].hb_sent = Some(self.now);
-                        self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
-                    }
-                    _ => {}
-                }
-            }
-            Msg::MapReply { map } => match self.bricks[b].state {
-                State::Starting => self.first_map(b, link, map),
-                State::Up => {
-                    let brick = &mut self.bricks[b];
-                    brick.hb_sent = None;
-                    brick.last_ok = self.now;
-                    if let Some(map) = map {
-                        if brick.map.as_ref().is_none_or(|m| map.epoch > m.epoch) {
-                            brick.map = Some(Arc::new(map));
-                        }
-                    }
-                    if brick.fenced {
-                        brick.fenced = false;
-                        self.note(format!("brick {b}: in touch with the authority again"));
-                    }
-                    self.wake_cores(b);
-                }
-                _ => {}
-            },
-            Msg::SessionEnded => {
-                // `heartbeat_loop`: a refused heartbeat fences the brick and drops the
-                // session; the next beat registers again.
-                let brick = &mut self.bricks[b];
-                brick.hb_sent = None;
-                if brick.state == State::Starting {
-                    // Removed while it waited for the first map: register anew.
-                    let life = brick.life;
-                    self.reregister(b, life);
-                } else if brick.state == State::Up {
-                    self.removed_while_running(b);
-                }
-            }
+            Msg::Registered { id } => self.lease_answer(b, link, Answer::Registered(id)),
+            Msg::MapReply { map } => self.lease_answer(b, link, Answer::Map(map)),
+            Msg::SessionEnded => self.lease_answer(b, link, Answer::Refused("the session has ended (it was removed)".into())),
             Msg::Frame(bytes) => {
                 if self.net.opener(link) == Some(Endpoint::Brick(b)) {
                     // A frame on a link this brick opened: an answer from a peer.
@@ -300,18 +274,6 @@ impl World {
                 self.wake_core(b, core);
             }
             other => unreachable!("a brick got {other:?}"),
-        }
-    }
-
-    /// A starting brick's answer from the authority: with the first map it boots;
-    /// without (the authority still gathers bricks) it asks again soon.
-    fn first_map(&mut self, b: usize, link: LinkId, map: Option<ClusterMap>) {
-        match map {
-            Some(map) => self.boot(b, map),
-            None => {
-                let life = self.bricks[b].life;
-                self.after(HEARTBEAT_MS * MS, Event::StartPoll { brick: b, life, link });
-            }
         }
     }
 
@@ -381,10 +343,8 @@ impl World {
         brick.cores = cores;
         brick.map = Some(map);
         brick.state = State::Up;
-        brick.last_ok = self.now;
         let life = brick.life;
         self.note(format!("brick {b} is up as {me}"));
-        self.after(HEARTBEAT_MS * MS, Event::Heartbeat { brick: b, life });
         for core in 0..self.bricks[b].cores_n {
             self.after(TICK_MS * MS, Event::CoreTick { brick: b, life, core });
         }
@@ -407,31 +367,6 @@ impl World {
         }
     }
 
-    /// A starting brick asks for the first map again (`control::register`'s loop).
-    pub(crate) fn start_poll(&mut self, b: usize, life: u64, link: LinkId) {
-        let brick = &self.bricks[b];
-        if brick.life == life && brick.state == State::Starting && brick.session_link == Some(link) {
-            self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch: 0 });
-        }
-    }
-
-    /// A starting brick registers again on a new connection.
-    pub(crate) fn reregister(&mut self, b: usize, life: u64) {
-        let brick = &self.bricks[b];
-        if brick.life != life || brick.state != State::Starting {
-            return;
-        }
-        if let Some(old) = brick.session_link {
-            self.break_link(old, true);
-        }
-        let brick = &self.bricks[b];
-        let id = brick.id.map(|i| i.0);
-        let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
-        let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
-        self.bricks[b].session_link = Some(link);
-        self.send(link, Endpoint::Brick(b), Msg::Register { id, cores, token: dir_token(b) });
-    }
-
     /// A core's loop wakes at least every `TICK_MS`, work or not (its poll timeout).
     pub(crate) fn core_tick(&mut self, b: usize, life: u64, c: usize) {
         if self.bricks[b].life != life || self.bricks[b].state != State::Up {
@@ -441,71 +376,106 @@ impl World {
         self.after(TICK_MS * MS, Event::CoreTick { brick: b, life, core: c });
     }
 
-    /// The control thread's beat (`control::heartbeat_loop`).
-    pub(crate) fn heartbeat(&mut self, b: usize, life: u64) {
-        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+    /// The control thread's timer (`control::heartbeat_loop`'s sleep).
+    pub(crate) fn lease_timer(&mut self, b: usize, life: u64) {
+        if self.bricks[b].life != life || !self.bricks[b].is_up() {
             return;
         }
-        if let Some(at) = self.deferred(b, true) {
-            return self.schedule(at, Event::Heartbeat { brick: b, life });
+        if let Some(at) = self.deferred(b, Waker::Control) {
+            return self.schedule(at, Event::Lease { brick: b, life });
         }
-        let lease = LEASE_MS * MS;
+        self.lease_step(b, false);
+    }
+
+    /// The authority's answer on the session: to the lease's call, if it is still out.
+    fn lease_answer(&mut self, b: usize, link: LinkId, answer: Answer) {
+        let now_ms = self.now_ms();
         let brick = &mut self.bricks[b];
-        if brick.hb_sent.is_some_and(|sent| self.now - sent >= lease) {
-            // The call timed out: fence before dropping the session (the authority takes
-            // a closed session for a dead brick).
-            brick.hb_sent = None;
-            brick.fenced = true;
-            if let Some(link) = brick.session_link.take() {
-                self.note(format!("brick {b}: heartbeat timed out; fenced, session dropped"));
-                self.break_link(link, true);
+        if !brick.is_up() || brick.session_link != Some(link) || brick.lease_call.take().is_none() {
+            return;
+        }
+        brick.lease.answer(answer, now_ms);
+        self.lease_step(b, false);
+    }
+
+    /// Drives brick `b`'s lease until it waits: for an answer, or for its next beat.
+    /// `refresh`: a core saw a request from a newer epoch.
+    pub(crate) fn lease_step(&mut self, b: usize, refresh: bool) {
+        loop {
+            let now_ms = self.now_ms();
+            let brick = &mut self.bricks[b];
+            if !brick.is_up() {
+                return;
             }
-        }
-        let brick = &mut self.bricks[b];
-        if brick.hb_sent.is_none() {
-            match brick.session_link {
-                Some(link) => {
-                    let epoch = brick.map.as_ref().map_or(0, |m| m.epoch);
-                    brick.hb_sent = Some(self.now);
-                    self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
+            if let Some(sent) = brick.lease_call {
+                if self.now < sent + LEASE_MS * MS {
+                    return;
                 }
-                None => {
-                    // Reconnect and register again with the same id.
+                // The call timed out (`LEASE_MS`, as the control thread's rpc does).
+                brick.lease_call = None;
+                brick.lease.answer(Answer::Lost("timed out".into()), now_ms);
+                continue;
+            }
+            let life = brick.life;
+            match brick.lease.poll(now_ms, refresh) {
+                Step::Register { id } => {
+                    let old = brick.session_link.take();
                     let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
-                    let id = brick.id.map(|i| i.0);
-                    brick.hb_sent = Some(self.now);
+                    if let Some(old) = old {
+                        self.break_link(old, true);
+                    }
                     let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
                     self.bricks[b].session_link = Some(link);
-                    self.send(link, Endpoint::Brick(b), Msg::Register { id, cores, token: dir_token(b) });
+                    self.lease_call(b, link, Msg::Register { id, cores, token: dir_token(b) });
+                    return;
                 }
+                Step::Beat { epoch } => match brick.session_link.filter(|l| self.net.alive(*l)) {
+                    Some(link) => return self.lease_call(b, link, Msg::Heartbeat { epoch }),
+                    None => brick.lease.answer(Answer::Lost("the session closed".into()), now_ms),
+                },
+                Step::HangUp => {
+                    if let Some(link) = brick.session_link.take() {
+                        self.break_link(link, true);
+                    }
+                }
+                Step::Keep(id) => brick.id = Some(id),
+                Step::Boot(map) => self.boot(b, map),
+                Step::Install(map) => {
+                    brick.map = Some(Arc::new(map));
+                    self.wake_cores(b);
+                }
+                Step::Idle { until_ms } => {
+                    if until_ms != u64::MAX {
+                        self.schedule(until_ms * MS, Event::Lease { brick: b, life });
+                    }
+                    return;
+                }
+                Step::Note(note) => self.note(format!("brick {b}: {note}")),
+                Step::Stop(why) => return self.stop_brick(b, why),
             }
         }
-        let brick = &mut self.bricks[b];
-        if self.now - brick.last_ok > lease && !brick.fenced {
-            brick.fenced = true;
-            self.note(format!("brick {b}: no word from the authority for {LEASE_MS} ms: fenced"));
-        }
-        self.after(HEARTBEAT_MS * MS, Event::Heartbeat { brick: b, life });
+    }
+
+    fn lease_call(&mut self, b: usize, link: LinkId, msg: Msg) {
+        let life = self.bricks[b].life;
+        self.bricks[b].lease_call = Some(self.now);
+        self.send(link, Endpoint::Brick(b), msg);
+        self.after(LEASE_MS * MS, Event::Lease { brick: b, life });
     }
 
     pub(crate) fn brick_link_down(&mut self, b: usize, link: LinkId) {
-        if let Some(at) = self.deferred(b, false) {
+        let waker = if self.bricks[b].session_link == Some(link) { Waker::Control } else { Waker::Message };
+        if let Some(at) = self.deferred(b, waker) {
             return self.schedule(at, Event::LinkDown { link, to: Endpoint::Brick(b) });
         }
         let brick = &mut self.bricks[b];
-        if brick.session_link == Some(link) && brick.state == State::Starting {
-            // `control::register` retries every 100 ms until it is answered.
-            let life = brick.life;
-            brick.session_link = None;
-            self.after(100 * MS, Event::Reregister { brick: b, life });
-            return;
-        }
         if brick.session_link == Some(link) {
+            // The control thread's call on it fails; without one out, the next does.
             brick.session_link = None;
-            brick.hb_sent = None;
-            if brick.state == State::Up && !brick.fenced {
-                brick.fenced = true;
-                self.note(format!("brick {b}: lost its session: fenced"));
+            if brick.lease_call.take().is_some() {
+                let now_ms = self.now_ms();
+                self.bricks[b].lease.answer(Answer::Lost("the session closed".into()), now_ms);
+                self.lease_step(b, false);
             }
             return;
         }
@@ -518,7 +488,7 @@ impl World {
     fn control_of(&self, b: usize) -> SimControl {
         let brick = &self.bricks[b];
         // `Shared::is_fenced`: fenced, or the lease ran out by the clock of this moment.
-        SimControl { fenced: brick.fenced || lease_expired(brick.last_ok, self.now, LEASE_MS * MS), map: brick.map.clone() }
+        SimControl { fenced: brick.lease.fenced() || lease_expired(brick.lease.lease_from_ms(), self.now_ms(), LEASE_MS), map: brick.map.clone() }
     }
 
     /// One round of a core's loop (`core_loop::run`): the frames that came since the
@@ -528,7 +498,7 @@ impl World {
         if self.bricks[b].life != life || self.bricks[b].state != State::Up {
             return;
         }
-        if let Some(at) = self.deferred(b, true) {
+        if let Some(at) = self.deferred(b, Waker::Timer) {
             return self.schedule(at, Event::CoreRound { brick: b, life, core: c });
         }
         let now_ms = self.now_ms();
@@ -583,13 +553,9 @@ impl World {
             self.break_link(link, true);
         }
         self.ask_peers(b, c, queries);
-        if behind && self.bricks[b].hb_sent.is_none() {
+        if behind {
             // A request from a newer epoch: ask the authority now.
-            if let Some(link) = self.bricks[b].session_link {
-                self.bricks[b].hb_sent = Some(self.now);
-                let epoch = self.bricks[b].map.as_ref().map_or(0, |m| m.epoch);
-                self.send(link, Endpoint::Brick(b), Msg::Heartbeat { epoch });
-            }
+            self.lease_step(b, true);
         }
         let Some((batch, must_sync)) = batch else { return self.end_round(b, c) };
         // Group commit: one write, and one sync if a record must be durable first.
@@ -610,7 +576,7 @@ impl World {
         if self.bricks[b].life != life || self.bricks[b].state != State::Up {
             return;
         }
-        if let Some(at) = self.deferred(b, true) {
+        if let Some(at) = self.deferred(b, Waker::Timer) {
             return self.schedule(at, Event::DiskDone { brick: b, life, core: c });
         }
         if self.bricks[b].cores[c].sync_pending {

@@ -247,7 +247,9 @@ impl World {
                 let Some(key) = self.clients[c].finals.pop() else { return };
                 (Kind::Get, key)
             } else {
-                if client.issued >= self.shape.ops_per_client || client.open.len() >= self.shape.depth || !self.faults_on_or_settling() {
+                let idle_reader = self.shape.idle_reader && c + 1 == self.clients.len();
+                let depth = if idle_reader { 1 } else { self.shape.depth };
+                if client.issued >= self.shape.ops_per_client || client.open.len() >= depth || !self.faults_on_or_settling() {
                     return;
                 }
                 if self.now < client.next_issue {
@@ -260,7 +262,9 @@ impl World {
                 }
                 let key = key_name(self.rng.random_range(0..keys));
                 let roll: f64 = self.rng.random();
-                let kind = if roll < 0.45 {
+                let kind = if idle_reader {
+                    Kind::Get
+                } else if roll < 0.45 {
                     Kind::Put(format!("c{c}-{}", client.issued).into_bytes())
                 } else if roll < 0.85 {
                     Kind::Get
@@ -276,7 +280,11 @@ impl World {
             };
             // Spread the workload over the time faults are injected.
             let think_mean_us = super::FAULTS_FOR_MS * MS * self.shape.depth as u64 / self.shape.ops_per_client as u64;
-            let think = self.rng.random_range(0..=think_mean_us * 2);
+            let think = if self.shape.idle_reader && c + 1 == self.clients.len() {
+                self.rng.random_range(500 * MS..=3000 * MS)
+            } else {
+                self.rng.random_range(0..=think_mean_us * 2)
+            };
             let client = &mut self.clients[c];
             let token = client.core.submit(request).expect("keys and values are small");
             client.next_issue = self.now + think;

@@ -107,12 +107,21 @@ pub struct Shape {
     /// Chance that a pause lasts past the authority's removal timeout: the brick comes
     /// back to find its partitions served by others (the stale-read case).
     pub pause_past_removal_p: f64,
+    /// Every node fault is a pause (no crashes) of brick 0: paused past its removal, it
+    /// is removed (no other fault holds its partitions' last replica).
+    pub pauses_only: bool,
     /// How long clients wait on a brick before they suspect it and go elsewhere: long
     /// waits keep requests queued to a paused brick until it resumes.
     pub suspect_after_ms: u64,
+    /// The last client only reads, seconds apart: idle through a map change, it routes
+    /// by the map it had (the reads a brick paused past its removal must refuse).
+    pub idle_reader: bool,
     /// A crash is a power loss (un-synced writes lost, the tail torn) with this chance;
     /// otherwise a process crash (the kernel keeps what was written).
     pub power_loss_p: f64,
+    /// A power loss takes every brick at once (a rack or a building) with this chance:
+    /// only what each replica synced survives, so a reply sent before its sync shows.
+    pub outage_p: f64,
     /// Disk: latency of a write and of a sync, and the chance each fails.
     pub write_us: Micros,
     pub sync_us: Micros,
@@ -130,6 +139,9 @@ impl Shape {
         let bricks = rng.random_range(2..=4);
         let replicas = if rng.random_bool(0.25) { 1 } else { rng.random_range(2..=bricks.min(3)) };
         let pick = |rng: &mut SmallRng, choices: &[f64]| choices[rng.random_range(0..choices.len())];
+        // The stale-read case as a fault-injection harness found it: pauses alone, some
+        // past the brick's removal, and a reader idle through the map change.
+        let pauses_only = rng.random_bool(0.25);
         Shape {
             bricks,
             replicas,
@@ -142,11 +154,14 @@ impl Shape {
             delay_us: rng.random_range(20..=300),
             jitter_us: pick(rng, &[0.0, 100.0, 2000.0]) as Micros,
             reset_p: pick(rng, &[0.0, 0.001, 0.01]),
-            fault_every_ms: pick(rng, &[0.0, 300.0, 1000.0]) as u64,
+            fault_every_ms: if pauses_only { 1000 } else { pick(rng, &[0.0, 300.0, 1000.0]) as u64 },
             pause_max_ms: pick(rng, &[100.0, 800.0, 3000.0]) as u64,
-            pause_past_removal_p: pick(rng, &[0.0, 0.5]),
+            pause_past_removal_p: if pauses_only { 0.5 } else { pick(rng, &[0.0, 0.5]) },
+            pauses_only,
             suspect_after_ms: pick(rng, &[300.0, 2000.0, 10_000.0]) as u64,
+            idle_reader: pauses_only || rng.random_bool(0.25),
             power_loss_p: if options.durability == Durability::Memory { 0.0 } else { pick(rng, &[0.0, 0.5, 1.0]) },
+            outage_p: pick(rng, &[0.0, 0.3]),
             write_us: rng.random_range(5..=100),
             sync_us: pick(rng, &[20.0, 200.0, 2000.0]) as Micros,
             sync_error_p: pick(rng, &[0.0, 0.0, 0.002]),
@@ -161,9 +176,9 @@ impl Shape {
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, power loss {}); clients suspect after {} ms; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}; durability {:?}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}; durability {:?}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
-            self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.power_loss_p, self.suspect_after_ms,
+            self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
             self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.partition_p,
             self.durability
         )
@@ -181,15 +196,14 @@ enum Event {
     AuthorityTick,
     /// The copy driver's next step.
     CopyStep,
-    /// A brick's heartbeat timer (incarnation-tagged: a dead brick's timers are void).
-    Heartbeat { brick: usize, life: u64 },
+    /// A brick's lease timer: its next beat, or its call's timeout (incarnation-tagged:
+    /// a dead brick's timers are void).
+    Lease { brick: usize, life: u64 },
     /// A brick core's loop round, or the end of its disk I/O.
     CoreRound { brick: usize, life: u64, core: usize },
     CoreTick { brick: usize, life: u64, core: usize },
     DiskDone { brick: usize, life: u64, core: usize },
     Restart { brick: usize },
-    Reregister { brick: usize, life: u64 },
-    StartPoll { brick: usize, life: u64, link: LinkId },
     ClientWake { client: usize },
     Fault,
     HealPartition,
@@ -221,6 +235,8 @@ pub(crate) struct World {
     bricks: Vec<SimBrick>,
     clients: Vec<SimClient>,
     faults_on: bool,
+    /// A power outage waits for its worst moment (`outage_check`).
+    outage_armed: bool,
     /// Set when a check fails during the run.
     failure: Option<String>,
     trace: Vec<String>,
@@ -303,8 +319,7 @@ impl World {
                 Ok((id, session, actions)) => {
                     self.net.set_session(link, id, session);
                     self.apply(actions);
-                    let map = self.authority.map().cloned();
-                    self.send_back(link, Msg::Registered { id: id.0, map });
+                    self.send_back(link, Msg::Registered { id: id.0 });
                 }
                 Err(e) => self.fail(format!("registration refused: {e}")),
             },
@@ -346,7 +361,10 @@ impl World {
                 match to {
                     Endpoint::Authority => self.authority_receive(link, msg),
                     Endpoint::Brick(b) => self.brick_receive(b, link, msg),
-                    Endpoint::Client(c) => self.client_receive(c, link, msg),
+                    Endpoint::Client(c) => {
+                        self.client_receive(c, link, msg);
+                        self.outage_check();
+                    }
                 }
             }
             Event::LinkDown { link, to } => match to {
@@ -356,13 +374,11 @@ impl World {
             },
             Event::AuthorityTick => self.authority_tick(),
             Event::CopyStep => self.copy_step(),
-            Event::Heartbeat { brick, life } => self.heartbeat(brick, life),
+            Event::Lease { brick, life } => self.lease_timer(brick, life),
             Event::CoreRound { brick, life, core } => self.core_round(brick, life, core),
             Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
             Event::Restart { brick } => self.restart(brick),
-            Event::Reregister { brick, life } => self.reregister(brick, life),
-            Event::StartPoll { brick, life, link } => self.start_poll(brick, life, link),
             Event::ClientWake { client } => self.client_wake(client),
             Event::Fault => self.fault(),
             Event::HealPartition => {
@@ -379,7 +395,8 @@ impl World {
         if !self.faults_on {
             return;
         }
-        let b = self.rng.random_range(0..self.bricks.len());
+        // Pauses alone strike one brick, so the rest can take its partitions over.
+        let b = if self.shape.pauses_only { 0 } else { self.rng.random_range(0..self.bricks.len()) };
         let roll: f64 = self.rng.random();
         if roll < self.shape.partition_p {
             // Some bricks, and maybe the map authority, apart from the rest (clients
@@ -393,11 +410,15 @@ impl World {
             self.after(heal_ms * MS, Event::HealPartition);
         } else if !self.bricks[b].is_up() {
             self.restart(b);
-        } else if roll < 0.6 {
+        } else if roll < 0.6 && !self.shape.pauses_only {
             let power_loss = self.rng.random_bool(self.shape.power_loss_p);
-            self.crash(b, if power_loss { "power loss" } else { "process crash" }, power_loss);
-            let down_ms = self.rng.random_range(50..=4000);
-            self.after(down_ms * MS, Event::Restart { brick: b });
+            if power_loss && self.rng.random_bool(self.shape.outage_p) {
+                self.outage_armed = true;
+            } else {
+                self.crash(b, if power_loss { "power loss" } else { "process crash" }, power_loss);
+                let down_ms = self.rng.random_range(50..=4000);
+                self.after(down_ms * MS, Event::Restart { brick: b });
+            }
         } else {
             let removal_ms = crate::meta::authority::BRICK_TIMEOUT_MS;
             let ms = if self.rng.random_bool(self.shape.pause_past_removal_p) {
@@ -410,6 +431,20 @@ impl World {
         let every = self.shape.fault_every_ms;
         let next = self.rng.random_range(every / 2..=every * 3 / 2).max(1);
         self.after(next * MS, Event::Fault);
+    }
+
+    /// An armed outage strikes every brick at the worst moment: just as a client has an
+    /// answer while some brick holds log bytes it has not synced.
+    fn outage_check(&mut self) {
+        if !self.outage_armed || !self.faults_on || !self.bricks.iter().any(|b| b.is_up() && b.unsynced()) {
+            return;
+        }
+        self.outage_armed = false;
+        for b in 0..self.bricks.len() {
+            self.crash(b, "power outage (every brick)", true);
+            let down_ms = self.rng.random_range(50..=4000);
+            self.after(down_ms * MS, Event::Restart { brick: b });
+        }
     }
 
     fn end_faults(&mut self) {
@@ -534,6 +569,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
         bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores)).collect(),
         clients: Vec::new(),
         faults_on: true,
+        outage_armed: false,
         failure: None,
         trace: Vec::new(),
         events: 0,

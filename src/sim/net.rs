@@ -36,7 +36,7 @@ pub(crate) enum Endpoint {
 pub(crate) enum Msg {
     Frame(Vec<u8>),
     Register { id: Option<u32>, cores: Vec<std::net::SocketAddr>, token: u64 },
-    Registered { id: u32, map: Option<ClusterMap> },
+    Registered { id: u32 },
     Heartbeat { epoch: u64 },
     GetMap { epoch: u64 },
     MapReply { map: Option<ClusterMap> },

@@ -1,0 +1,240 @@
+//! A brick's lease with the map authority, sans-I/O: registration (and the wait for
+//! the first map), heartbeats every `HEARTBEAT_MS`, the fence when the authority has
+//! not answered for `LEASE_MS` or the session breaks, and the stop when the authority
+//! removed the brick. The control thread (`control::register`, `control::heartbeat_loop`,
+//! blocking rpcs) and the simulator (simulated links and timers) both drive it: `poll`
+//! says what to do next, `answer` takes the reply to the last `Register` or `Beat`.
+//!
+//! The lease runs from when the answered heartbeat was *sent*, not from when its answer
+//! was read: a brick paused with an answer in its socket must not take that answer for
+//! fresh word from the authority (which may have removed it meanwhile).
+
+use std::collections::VecDeque;
+
+use super::control::{HEARTBEAT_MS, LEASE_MS};
+use crate::map::{BrickId, ClusterMap};
+
+/// A starting brick that has not registered and received its first map in this long
+/// gives up.
+pub const START_DEADLINE_MS: u64 = 60_000;
+/// The pause between failed registrations while starting.
+const REGISTER_RETRY_MS: u64 = 100;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Open a new session with the authority (closing any open one) and register as
+    /// `id` (`None`: a brick the authority has never seen).
+    Register { id: Option<u32> },
+    /// A heartbeat carrying `epoch` on the session.
+    Beat { epoch: u64 },
+    /// Close the session. The fence it follows is already up (`fenced()`).
+    HangUp,
+    /// The authority gave this id: keep it (durably) before anything else.
+    Keep(BrickId),
+    /// The first map: recover and serve by it.
+    Boot(ClusterMap),
+    /// A newer map for the cores.
+    Install(ClusterMap),
+    /// Nothing is due before this (or before a core asks for a fresh map).
+    Idle { until_ms: u64 },
+    Note(String),
+    /// Stop the brick (fenced first): removed by the authority, or it never started.
+    Stop(String),
+}
+
+/// What became of a `Register` or `Beat`.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// `Register` answered with this id.
+    Registered(u32),
+    /// `Beat` answered: the authority knows the session; a map if it has a newer one.
+    Map(Option<ClusterMap>),
+    /// `Beat` refused: the authority no longer knows the session (it removed the brick).
+    Refused(String),
+    /// No answer: refused connection, timeout, closed, malformed. The session is gone.
+    Lost(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Registering,
+    AwaitingMap,
+    Serving,
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Asked {
+    Register,
+    Beat { sent_ms: u64 },
+}
+
+pub struct Lease {
+    phase: Phase,
+    id: Option<BrickId>,
+    epoch: u64,
+    session: bool,
+    fenced: bool,
+    /// When the last answered heartbeat was sent.
+    lease_from_ms: u64,
+    next_ms: u64,
+    deadline_ms: u64,
+    asked: Option<Asked>,
+    last_error: String,
+    out: VecDeque<Step>,
+}
+
+impl Lease {
+    /// A brick starting with the id it kept (if any).
+    pub fn starting(id: Option<BrickId>, now_ms: u64) -> Lease {
+        Lease {
+            phase: Phase::Registering,
+            id,
+            epoch: 0,
+            session: false,
+            fenced: false,
+            lease_from_ms: now_ms,
+            next_ms: now_ms,
+            deadline_ms: now_ms + START_DEADLINE_MS,
+            asked: None,
+            last_error: String::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn id(&self) -> Option<BrickId> {
+        self.id
+    }
+
+    /// The cores must serve nothing: the lease ran out (as of the last `poll`), the
+    /// session broke, or the brick was removed. Cores also check `lease_from_ms`
+    /// against a fresh clock read (`round::lease_expired`).
+    pub fn fenced(&self) -> bool {
+        self.fenced || self.phase == Phase::Stopped
+    }
+
+    pub fn lease_from_ms(&self) -> u64 {
+        self.lease_from_ms
+    }
+
+    pub fn has_session(&self) -> bool {
+        self.session
+    }
+
+    /// A call is out: no `poll` until its `answer`.
+    pub fn asking(&self) -> bool {
+        self.asked.is_some()
+    }
+
+    fn fence(&mut self, why: &str) {
+        if !self.fenced {
+            self.fenced = true;
+            self.out.push_back(Step::Note(why.to_string()));
+        }
+    }
+
+    fn stop(&mut self, why: String) {
+        self.fenced = true;
+        self.session = false;
+        self.phase = Phase::Stopped;
+        self.out.push_back(Step::HangUp);
+        self.out.push_back(Step::Stop(why));
+    }
+
+    /// The next step; `refresh`: a core saw a request from a newer epoch, beat now.
+    pub fn poll(&mut self, now_ms: u64, refresh: bool) -> Step {
+        assert!(self.asked.is_none(), "the lease was polled while its call was out");
+        if self.phase == Phase::Serving && now_ms.saturating_sub(self.lease_from_ms) > LEASE_MS {
+            self.fence(&format!("no word from the map authority for {LEASE_MS} ms: fenced, serving nothing"));
+        }
+        if let Some(step) = self.out.pop_front() {
+            return step;
+        }
+        match self.phase {
+            Phase::Stopped => return Step::Idle { until_ms: u64::MAX },
+            Phase::Registering | Phase::AwaitingMap if now_ms > self.deadline_ms => {
+                let why = match self.phase {
+                    Phase::Registering => format!("could not register with the map authority: {}", self.last_error),
+                    _ => "the map authority has no cluster map yet".to_string(),
+                };
+                self.stop(why);
+                return self.poll(now_ms, false);
+            }
+            _ => {}
+        }
+        let due = now_ms >= self.next_ms || (refresh && self.phase == Phase::Serving);
+        if !due {
+            return Step::Idle { until_ms: self.next_ms };
+        }
+        self.next_ms = now_ms + if self.phase == Phase::Registering { REGISTER_RETRY_MS } else { HEARTBEAT_MS };
+        if !self.session {
+            self.asked = Some(Asked::Register);
+            return Step::Register { id: self.id.map(|i| i.0) };
+        }
+        self.asked = Some(Asked::Beat { sent_ms: now_ms });
+        Step::Beat { epoch: self.epoch }
+    }
+
+    /// The answer to the last `Register` or `Beat`.
+    pub fn answer(&mut self, answer: Answer, now_ms: u64) {
+        let asked = self.asked.take().expect("the lease got an answer it did not ask for");
+        match (asked, answer) {
+            (Asked::Register, Answer::Registered(id)) => {
+                if self.phase == Phase::Serving && self.id != Some(BrickId(id)) {
+                    // A new id: the authority had removed this brick. Fail-stop.
+                    return self.stop(format!("{:?} was removed from the cluster by the map authority: stopping", self.id));
+                }
+                self.session = true;
+                if self.id != Some(BrickId(id)) {
+                    self.id = Some(BrickId(id));
+                    self.out.push_back(Step::Keep(BrickId(id)));
+                }
+                if self.phase == Phase::Registering {
+                    self.phase = Phase::AwaitingMap;
+                }
+                // Beat at once on the new session.
+                self.next_ms = now_ms;
+            }
+            (Asked::Beat { sent_ms }, Answer::Map(map)) => {
+                if self.phase == Phase::AwaitingMap {
+                    let Some(map) = map else { return };
+                    self.epoch = map.epoch;
+                    self.phase = Phase::Serving;
+                    self.lease_from_ms = sent_ms;
+                    self.next_ms = now_ms;
+                    self.out.push_back(Step::Boot(map));
+                    return;
+                }
+                self.lease_from_ms = self.lease_from_ms.max(sent_ms);
+                if now_ms.saturating_sub(self.lease_from_ms) <= LEASE_MS && self.fenced {
+                    self.fenced = false;
+                    self.out.push_back(Step::Note("in touch with the map authority again: serving".into()));
+                }
+                if let Some(map) = map.filter(|m| m.epoch > self.epoch) {
+                    self.epoch = map.epoch;
+                    self.out.push_back(Step::Install(map));
+                }
+            }
+            (Asked::Beat { .. }, Answer::Refused(why)) if self.phase == Phase::Serving => {
+                // The authority no longer knows this brick's session: it was removed
+                // (declared dead) and others may have taken over its partitions.
+                self.stop(format!("heartbeat refused ({why}): removed from the cluster by the map authority: stopping"));
+            }
+            (_, Answer::Refused(why) | Answer::Lost(why)) => {
+                self.last_error = why;
+                if self.phase == Phase::Serving && self.session {
+                    // Fence before the connection drops: the authority takes a closed
+                    // session for a dead brick and may write without it at once.
+                    self.fence("lost the map authority's session: fenced until it answers again");
+                }
+                if self.phase == Phase::AwaitingMap {
+                    // Registered, but the session broke before the first map: anew.
+                    self.phase = Phase::Registering;
+                }
+                self.session = false;
+                self.out.push_back(Step::HangUp);
+            }
+            (asked, answer) => unreachable!("the lease asked {asked:?} and got {answer:?}"),
+        }
+    }
+}
