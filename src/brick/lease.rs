@@ -178,6 +178,12 @@ impl Lease {
     /// The answer to the last `Register` or `Beat`.
     pub fn answer(&mut self, answer: Answer, now_ms: u64) {
         let asked = self.asked.take().expect("the lease got an answer it did not ask for");
+        // An answer of the other call's kind is a malformed reply, as `Rpc::call` takes
+        // a reply to another request: the session is as good as lost.
+        let answer = match (asked, answer) {
+            (Asked::Register, Answer::Map(_) | Answer::Refused(_)) | (Asked::Beat { .. }, Answer::Registered(_)) => Answer::Lost("an answer to another call".into()),
+            (_, answer) => answer,
+        };
         match (asked, answer) {
             (Asked::Register, Answer::Registered(id)) => {
                 if self.phase == Phase::Serving && self.id != Some(BrickId(id)) {
@@ -234,7 +240,7 @@ impl Lease {
                 self.session = false;
                 self.out.push_back(Step::HangUp);
             }
-            (asked, answer) => unreachable!("the lease asked {asked:?} and got {answer:?}"),
+            (Asked::Register, Answer::Map(_)) | (Asked::Beat { .. }, Answer::Registered(_)) => unreachable!("mapped to Lost above"),
         }
     }
 }
