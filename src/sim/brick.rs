@@ -13,7 +13,7 @@ use std::sync::Arc;
 use dds_transport::ConnId;
 use rand::Rng;
 
-use crate::brick::control::{HEARTBEAT_MS, LEASE_MS};
+use crate::proto::{HEARTBEAT_MS, LEASE_MS};
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;

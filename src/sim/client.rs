@@ -184,7 +184,7 @@ impl World {
     fn client_io(&mut self, c: usize) {
         if self.clients[c].core.take_map_wanted() {
             let epoch = self.clients[c].core.map().epoch;
-            // `meta::fetch_map` opens a connection per fetch: a broken one is replaced.
+            // `rpc::fetch_map` opens a connection per fetch: a broken one is replaced.
             if !self.net.alive(self.clients[c].authority) {
                 self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
             }
