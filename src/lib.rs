@@ -8,11 +8,13 @@ pub mod log;
 pub mod brick;
 pub mod check;
 pub mod client;
+pub mod durable;
 pub mod hash;
 pub mod map;
 pub mod meta;
 pub mod mutation;
 pub mod proto;
+pub mod rpc;
 
 pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request};
 pub mod cli;

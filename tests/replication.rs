@@ -94,7 +94,7 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     let mut client = cluster.client();
     client.put(b"k", b"v").unwrap();
     let addr = client.map().bricks.values().next().unwrap().cores[0];
-    let mut rpc = dds::meta::rpc::Rpc::connect(addr, Duration::from_secs(1)).unwrap();
+    let mut rpc = dds::rpc::Rpc::connect(addr, Duration::from_secs(1)).unwrap();
     let epoch = client.map().epoch;
     // Older epoch: refused with the brick's map.
     let (status, value) = rpc.call(Op::Get, epoch - 1, b"k", b"", Duration::from_secs(1)).unwrap();
@@ -200,7 +200,7 @@ fn prepare_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8], 
     let mut body = Vec::new();
     PrepareBody::encode(txid, WriteKind::Put, &ids, value, &mut body);
     let cores = &map.bricks[&brick].cores;
-    let mut rpc = dds::meta::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
     rpc.call(Op::Prepare, map.epoch, key, &body, Duration::from_secs(1)).unwrap().0
 }
 

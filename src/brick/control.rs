@@ -14,16 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::lease::{Answer, Lease, Step};
 use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
-use crate::meta::rpc::Rpc;
-use crate::meta::{Registered, Registration};
-use crate::proto::{Op, Status};
-
-/// How often a brick tells the authority it is alive.
-pub const HEARTBEAT_MS: u64 = 50;
-/// A brick that has heard nothing from the authority for this long stops serving: the
-/// authority removes a silent brick after `meta::BRICK_TIMEOUT_MS`, which is longer, so a
-/// removed brick has fenced itself before anyone writes without it.
-pub const LEASE_MS: u64 = 500;
+use crate::proto::{Op, Registered, Registration, Status, HEARTBEAT_MS, LEASE_MS};
+use crate::rpc::Rpc;
 
 /// What the cores and the control thread share.
 pub struct Shared {
@@ -137,19 +129,12 @@ pub fn load_or_make_token(dir: &Path) -> std::io::Result<u64> {
         }
     }
     let token = crate::hash::random_u64().max(1);
-    let tmp = dir.join(format!("{TOKEN_FILE}.tmp"));
-    std::fs::write(&tmp, token.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    crate::durable::write_file(dir, TOKEN_FILE, token.to_string().as_bytes())?;
     Ok(token)
 }
 
 pub fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_string(&Identity { id }).expect("serialises"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))
+    crate::durable::write_file(dir, IDENTITY_FILE, serde_json::to_string(&Identity { id }).expect("serialises").as_bytes())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@
 
 use std::collections::VecDeque;
 
-use super::control::{HEARTBEAT_MS, LEASE_MS};
 use crate::map::{BrickId, ClusterMap};
+use crate::proto::{HEARTBEAT_MS, LEASE_MS};
 
 /// A starting brick that has not registered and received its first map in this long
 /// gives up.

@@ -146,13 +146,11 @@ impl BrickFile {
         serde_json::from_str(&text).map_err(|e| BrickError::File { op: "parse", path, source: e.into() })
     }
 
-    /// Written to a temporary name and renamed, so a reader sees all of it or nothing.
+    /// Written by `durable::write_file`, so a reader sees all of it or nothing.
     fn store(&self, dir: &Path) -> Result<(), BrickError> {
-        let path = dir.join(BRICK_FILE);
-        let tmp = dir.join(format!("{BRICK_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("brick file serialises");
-        std::fs::write(&tmp, text).map_err(|source| BrickError::File { op: "write", path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path, source })
+        crate::durable::write_file(dir, BRICK_FILE, text.as_bytes())
+            .map_err(|source| BrickError::File { op: "store", path: dir.join(BRICK_FILE), source })
     }
 }
 
@@ -187,15 +185,9 @@ fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = config.dir.join(format!("{LAYOUT_FILE}.tmp"));
             let text = serde_json::to_string_pretty(&want).expect("layout serialises");
-            std::fs::write(&tmp, text).map_err(|source| BrickError::File { op: "write", path: tmp.clone(), source })?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|source| BrickError::File { op: "fsync", path: tmp.clone(), source })?;
-            std::fs::rename(&tmp, &path).map_err(|source| BrickError::File { op: "rename", path: path.clone(), source })?;
-            crate::log::checkpoint::sync_dir(&path)
-                .map_err(|e| BrickError::File { op: "fsync directory", path, source: std::io::Error::other(e.to_string()) })
+            crate::durable::write_file(&config.dir, LAYOUT_FILE, text.as_bytes())
+                .map_err(|source| BrickError::File { op: "store", path, source })
         }
         Err(source) => Err(BrickError::File { op: "read", path, source }),
     }

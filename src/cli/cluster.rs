@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::brick::{BrickFile, Durability, BRICK_FILE};
 use crate::client::{Client, ClientConfig};
 use crate::map::{BrickId, ClusterMap, DEFAULT_PARTITION_BITS};
-use crate::meta::rpc::Rpc;
+use crate::rpc::Rpc;
 use crate::meta::{MetaFile, META_FILE};
 use crate::proto::{CoreStats, Op, Status};
 
@@ -138,10 +138,8 @@ impl ClusterFile {
     }
 
     fn store(&self, dir: &Path) -> anyhow::Result<()> {
-        let path = dir.join(CLUSTER_FILE);
-        let tmp = dir.join(format!("{CLUSTER_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)?).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
+        crate::durable::write_file(dir, CLUSTER_FILE, serde_json::to_string_pretty(self)?.as_bytes())
+            .with_context(|| format!("store {}", dir.join(CLUSTER_FILE).display()))
     }
 
     /// Where a client can learn the map: the authority, then every brick.
@@ -304,7 +302,7 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
 
 /// The map as the authority has it now.
 pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
-    crate::meta::fetch_map(&cluster.addrs(), Duration::from_millis(500)).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
+    crate::rpc::fetch_map(&cluster.addrs(), Duration::from_millis(500)).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
 }
 
 /// `ask_id`: a brick of the first map asks for its index as its id; a brick added

@@ -83,6 +83,8 @@ pub enum ClientError {
     Protocol { brick: BrickId, what: String },
     #[error("poll: {0}")]
     Poll(#[source] TransportError),
+    #[error("set up the client's transport: {0}")]
+    Setup(#[source] TransportError),
 }
 
 /// One operation, borrowing its key and value.
@@ -150,19 +152,20 @@ impl Client {
         if seeds.is_empty() {
             return Err(ClientError::NoBricks);
         }
-        let map = crate::meta::fetch_map(seeds, config.connect_timeout.max(Duration::from_millis(500)))
+        let map = crate::rpc::fetch_map(seeds, config.connect_timeout.max(Duration::from_millis(500)))
             .map_err(|why| ClientError::NoMap { seeds: format!("{seeds:?}"), why })?;
-        Ok(Self::with_map(seeds, map, config))
+        Self::with_map(seeds, map, config)
     }
 
     /// A client that starts from `map` as it is (even an old one: it repairs itself on
-    /// first use) and asks `seeds` for newer maps.
-    pub fn with_map(seeds: &[SocketAddr], map: ClusterMap, config: ClientConfig) -> Client {
-        let mut transport = MixedTransport::new(DdsFraming, TcpConfig::default()).expect("an epoll instance");
+    /// first use) and asks `seeds` for newer maps. Fails only if the transport cannot be
+    /// set up (no epoll instance: out of file descriptors or memory).
+    pub fn with_map(seeds: &[SocketAddr], map: ClusterMap, config: ClientConfig) -> Result<Client, ClientError> {
+        let mut transport = MixedTransport::new(DdsFraming, TcpConfig::default()).map_err(ClientError::Setup)?;
         let rdma_unavailable = if config.rdma { transport.enable_rdma().err() } else { None };
         // Replies over RDMA raise no epoll event: a client waiting for them spins.
         transport.set_spin_wait(true);
-        Client {
+        Ok(Client {
             core: ClientCore::new(map, config, crate::hash::random_u64(), Instant::now()),
             transport,
             rdma_unavailable,
@@ -171,7 +174,7 @@ impl Client {
             seeds: seeds.to_vec(),
             conns: HashMap::new(),
             addrs: HashMap::new(),
-        }
+        })
     }
 
     /// Why RDMA was asked for (`ClientConfig::rdma`) and is not used: no device here.
@@ -221,7 +224,7 @@ impl Client {
         if self.core.take_map_wanted() {
             let mut seeds = self.seeds.clone();
             seeds.extend(self.core.map().bricks.values().filter_map(|b| b.cores.first().copied()));
-            if let Ok(map) = crate::meta::fetch_map(&seeds, Duration::from_millis(200)) {
+            if let Ok(map) = crate::rpc::fetch_map(&seeds, Duration::from_millis(200)) {
                 self.core.install_fetched(map);
             }
         }
@@ -299,7 +302,7 @@ impl Client {
             .into_iter()
             .map(|addr| {
                 let bad = |what: String| ClientError::Protocol { brick, what };
-                let (status, value) = crate::meta::rpc::Rpc::connect(addr, timeout)
+                let (status, value) = crate::rpc::Rpc::connect(addr, timeout)
                     .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout))
                     .map_err(|e| bad(e.to_string()))?;
                 if status != Status::Ok {

@@ -141,9 +141,7 @@ impl Writer {
 /// fsyncs the directory holding `path`, so a rename or an unlink in it is durable.
 pub fn sync_dir(path: &Path) -> Result<(), LogError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| LogError::Io { op: "fsync directory", path: dir.to_path_buf(), source })
+    crate::durable::sync_dir(dir).map_err(|source| LogError::Io { op: "fsync directory", path: dir.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -6,10 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::map::{BrickAddr, BrickId, ClusterMap, MapError, PartitionId};
+use crate::proto::BRICK_TIMEOUT_MS;
 
-/// A brick silent for this long is removed (longer than the brick's lease, see
-/// `brick::control::LEASE_MS`).
-pub const BRICK_TIMEOUT_MS: u64 = 1500;
 /// After a brick is removed, its partitions wait this long for it (or a new brick) to
 /// come back before they are copied to the survivors: a brick that restarts takes its
 /// share back instead of leaving the others to carry it.

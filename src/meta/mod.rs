@@ -6,7 +6,6 @@
 
 pub mod authority;
 pub mod copy;
-pub mod rpc;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -18,27 +17,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::map::{BrickId, ClusterMap};
-use crate::proto::{decode_exact, encode, Frame, Kind, Op, Status};
+use crate::proto::{decode_exact, encode, Frame, Kind, Op, Registered, Registration, Status};
+use crate::rpc::{read_frame, Rpc};
 use authority::{Actions, Authority, AuthorityConfig, Join};
 use copy::{Answer, CopyDriver, Step};
-use rpc::{read_frame, Rpc};
-
-/// A brick's `Register` request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Registration {
-    /// The id it had before, if any.
-    pub id: Option<u32>,
-    /// Where it serves and its directory's token, as the map will hold them (the JSON
-    /// fields `cores`, `rdma`, `token`).
-    #[serde(flatten)]
-    pub addr: crate::map::BrickAddr,
-}
-
-/// The authority's answer to `Register`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Registered {
-    pub id: u32,
-}
 
 pub const MAP_FILE: &str = "map.json";
 /// `<dir>/meta.json`: written once the authority listens.
@@ -80,6 +62,10 @@ struct State {
     authority: Authority,
     dir: PathBuf,
     started: Instant,
+    /// A map could not be stored: the authority answers nothing more (its map in memory
+    /// is one it could forget) and `run` returns `failure`.
+    halted: bool,
+    failure: Option<MetaError>,
 }
 
 impl State {
@@ -89,19 +75,17 @@ impl State {
 }
 
 fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<(), MetaError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let file = |op, source| MetaError::File { op, path: path.clone(), source };
-    std::fs::write(&tmp, text).map_err(|e| file("write", e))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| file("fsync", e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| file("rename", e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file("fsync directory", e))
+    crate::durable::write_file(dir, name, text.as_bytes()).map_err(|source| MetaError::File { op: "store", path: dir.join(name), source })
 }
 
 /// Carries out a step's actions: the map is made durable before any brick or client
-/// can see it; copies start on their own threads. A map that cannot be stored stops
-/// the authority (it must never hand out a map it could forget).
+/// can see it; copies start on their own threads. A map that cannot be stored halts
+/// the authority (it must never hand out a map it could forget): nothing is answered
+/// from then on, and `run` returns the error.
 fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
+    if state.halted {
+        return;
+    }
     for note in &actions.notes {
         crate::log!("meta", "{note}");
     }
@@ -109,14 +93,20 @@ fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
         let map = state.authority.map().expect("a changed map exists");
         if let Err(e) = write_atomic(&state.dir, MAP_FILE, &serde_json::to_string_pretty(map).expect("serialises")) {
             crate::log!("meta", "{e}; stopping");
-            std::process::exit(2);
+            state.halted = true;
+            state.failure = Some(e);
+            return;
         }
     }
     if !actions.copy.is_empty() {
         let epoch = state.authority.map().expect("copying needs a map").epoch;
         let shared = Arc::clone(shared);
         let joins = actions.copy;
-        std::thread::spawn(move || copy_driver(shared, joins, epoch));
+        let spawned = std::thread::Builder::new().name("dds-meta-copy".into()).spawn(move || copy_driver(shared, joins, epoch));
+        if let Err(e) = spawned {
+            crate::log!("meta", "cannot start the copy thread: {e}; copy failed, planned again at a later tick");
+            state.authority.copy_failed();
+        }
     }
 }
 
@@ -140,15 +130,23 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
         authority: Authority::new(config.authority.clone(), map, 0),
         dir: config.dir.clone(),
         started,
+        halted: false,
+        failure: None,
     }));
     write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr }).expect("serialises"))?;
     crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks);
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(e) = shared.lock().failure.take() {
+            return Err(e);
+        }
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let shared = Arc::clone(&shared);
-                std::thread::spawn(move || serve(stream, shared));
+                // On failure the closure drops, and the connection with it.
+                if let Err(e) = std::thread::Builder::new().name("dds-meta-conn".into()).spawn(move || serve(stream, shared)) {
+                    crate::log!("meta", "cannot start a thread for {peer}: {e}; closing the connection");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => crate::log!("meta", "accept: {e}"),
@@ -197,6 +195,9 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
         };
         let (status, value) = {
             let mut state = shared.lock();
+            if state.halted {
+                break;
+            }
             let now = state.now_ms();
             let epoch = state.authority.map().map_or(0, |m| m.epoch);
             let newer_map = |state: &State| match state.authority.map() {
@@ -210,6 +211,9 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
                             session = Some((id, serial));
                             crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");
                             apply(&shared, &mut state, actions);
+                            if state.halted {
+                                break;
+                            }
                             (Status::Ok, serde_json::to_vec(&Registered { id: id.0 }).expect("serialises"))
                         }
                         Err(e) => (Status::Conflict, e.to_string().into_bytes()),
@@ -281,24 +285,3 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
         }
     }
 }
-
-/// Fetches the current map from any of `seeds` (bricks or the authority).
-pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, String> {
-    let mut errors = Vec::new();
-    for &seed in seeds {
-        let got = Rpc::connect(seed, timeout)
-            .and_then(|mut r| r.call(Op::GetMap, 0, &[], &[], timeout))
-            .map_err(|e| e.to_string())
-            .and_then(|(status, value)| match status {
-                Status::Ok if !value.is_empty() => ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| e.to_string()),
-                Status::Ok => Err(format!("{seed} has no map yet")),
-                other => Err(format!("{seed}: {other:?}: {}", String::from_utf8_lossy(&value))),
-            });
-        match got {
-            Ok(map) => return Ok(map),
-            Err(e) => errors.push(e),
-        }
-    }
-    Err(errors.join("; "))
-}
-

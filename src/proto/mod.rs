@@ -21,10 +21,12 @@
 //! `0x20..=0x2f` map messages between bricks, clients and the map authority.
 
 mod codec;
+mod control;
 mod info;
 mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
+pub use control::{Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 pub use info::{BrickInfo, CoreStats, InfoError};
 pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use dds_transport::ConnId;
 use rand::Rng;
 
-use crate::brick::control::LEASE_MS;
 use crate::brick::lease::{Answer, Lease, Step};
+use crate::proto::LEASE_MS;
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;

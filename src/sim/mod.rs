@@ -420,7 +420,7 @@ impl World {
                 self.after(down_ms * MS, Event::Restart { brick: b });
             }
         } else {
-            let removal_ms = crate::meta::authority::BRICK_TIMEOUT_MS;
+            let removal_ms = crate::proto::BRICK_TIMEOUT_MS;
             let ms = if self.rng.random_bool(self.shape.pause_past_removal_p) {
                 self.rng.random_range(removal_ms..=removal_ms + 1500)
             } else {

@@ -182,7 +182,7 @@ pub fn recorded_op(client: &mut Client, key: Vec<u8>, value: Option<Vec<u8>>, no
 impl TestCluster {
     /// The map the cluster's authority serves now.
     pub fn authority_map(&self) -> dds::map::ClusterMap {
-        dds::meta::fetch_map(&[self.file().meta.addr], Duration::from_secs(2)).expect("the authority's map")
+        dds::rpc::fetch_map(&[self.file().meta.addr], Duration::from_secs(2)).expect("the authority's map")
     }
 
     /// Whether the authority's map still holds the brick whose core 0 is at `addr`.

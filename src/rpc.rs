@@ -1,11 +1,14 @@
 //! Blocking request/reply over one TCP connection, for the control plane: bricks
-//! talking to the map authority, the authority driving a copy, tools fetching maps.
-//! The data path never uses it (it has the event-driven transport).
+//! talking to the map authority, the authority driving a copy, clients and tools
+//! fetching maps. The data path never uses it (it has the event-driven transport).
+//! A bottom-layer module: it depends on `proto` and `map` only, so the brick, the
+//! authority and the client can all use it without depending on one another.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::map::ClusterMap;
 use crate::proto::{decode_exact, encode, frame_len, Frame, Kind, Op, Status, HEADER_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -86,4 +89,24 @@ impl Rpc {
             other => Err(bad(format!("{other:?} to request {id} answered by {}", frame.request_id))),
         }
     }
+}
+
+/// Fetches the current map from any of `seeds` (bricks or the authority).
+pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, String> {
+    let mut errors = Vec::new();
+    for &seed in seeds {
+        let got = Rpc::connect(seed, timeout)
+            .and_then(|mut r| r.call(Op::GetMap, 0, &[], &[], timeout))
+            .map_err(|e| e.to_string())
+            .and_then(|(status, value)| match status {
+                Status::Ok if !value.is_empty() => ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| e.to_string()),
+                Status::Ok => Err(format!("{seed} has no map yet")),
+                other => Err(format!("{seed}: {other:?}: {}", String::from_utf8_lossy(&value))),
+            });
+        match got {
+            Ok(map) => return Ok(map),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
 }

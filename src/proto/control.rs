@@ -1,0 +1,32 @@
+//! The control plane's payloads and timing, shared by the bricks and the map authority:
+//! the `Register` request and its answer (JSON in a frame's value), and the heartbeat,
+//! lease and removal times both sides rely on.
+
+use serde::{Deserialize, Serialize};
+
+/// How often a brick tells the authority it is alive.
+pub const HEARTBEAT_MS: u64 = 50;
+/// A brick that has heard nothing from the authority for this long stops serving: the
+/// authority removes a silent brick after `BRICK_TIMEOUT_MS`, which is longer, so a
+/// removed brick has fenced itself before anyone writes without it.
+pub const LEASE_MS: u64 = 500;
+/// A brick silent for this long is removed by the authority (longer than `LEASE_MS`).
+pub const BRICK_TIMEOUT_MS: u64 = 1500;
+const _: () = assert!(LEASE_MS < BRICK_TIMEOUT_MS && HEARTBEAT_MS < LEASE_MS);
+
+/// A brick's `Register` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registration {
+    /// The id it had before, if any.
+    pub id: Option<u32>,
+    /// Where it serves and its directory's token, as the map will hold them (the JSON
+    /// fields `cores`, `rdma`, `token`).
+    #[serde(flatten)]
+    pub addr: crate::map::BrickAddr,
+}
+
+/// The authority's answer to `Register`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registered {
+    pub id: u32,
+}
