@@ -244,3 +244,67 @@ impl Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(epoch: u64) -> ClusterMap {
+        let bricks = [(BrickId(7), crate::map::BrickAddr::tcp(vec!["127.0.0.1:1".parse().expect("addr")]))].into_iter().collect();
+        let mut map = ClusterMap::initial(2, bricks, 1).expect("a one-brick map");
+        map.epoch = epoch;
+        map
+    }
+
+    /// Registers as brick 7 and boots with the first map at `now_ms`.
+    fn serving(now_ms: u64) -> Lease {
+        let mut lease = Lease::starting(None, now_ms);
+        assert_eq!(lease.poll(now_ms, false), Step::Register { id: None });
+        lease.answer(Answer::Registered(7), now_ms);
+        assert_eq!(lease.poll(now_ms, false), Step::Keep(BrickId(7)));
+        assert_eq!(lease.poll(now_ms, false), Step::Beat { epoch: 0 });
+        lease.answer(Answer::Map(Some(map(3))), now_ms);
+        assert!(matches!(lease.poll(now_ms, false), Step::Boot(m) if m.epoch == 3));
+        assert!(!lease.fenced());
+        lease
+    }
+
+    #[test]
+    fn an_answer_read_after_a_pause_does_not_renew_the_lease() {
+        let mut lease = serving(0);
+        assert_eq!(lease.poll(100, false), Step::Beat { epoch: 3 });
+        // The process stops with the answer in its socket and reads it 3 s later.
+        lease.answer(Answer::Map(None), 3_100);
+        assert!(matches!(lease.poll(3_100, false), Step::Note(_)));
+        assert!(lease.fenced(), "a lease renewed from an answer to a beat sent 3 s ago");
+        // The next beat, answered at once, is fresh word: serving again.
+        assert_eq!(lease.poll(3_100, false), Step::Beat { epoch: 3 });
+        lease.answer(Answer::Map(None), 3_101);
+        assert!(matches!(lease.poll(3_101, false), Step::Note(_)));
+        assert!(!lease.fenced());
+    }
+
+    #[test]
+    fn a_lost_session_fences_before_it_hangs_up_and_a_new_id_stops() {
+        let mut lease = serving(0);
+        assert_eq!(lease.poll(50, false), Step::Beat { epoch: 3 });
+        lease.answer(Answer::Lost("reset".into()), 60);
+        assert!(lease.fenced());
+        assert!(matches!(lease.poll(60, false), Step::Note(_)));
+        assert_eq!(lease.poll(60, false), Step::HangUp);
+        assert_eq!(lease.poll(110, false), Step::Register { id: Some(7) });
+        lease.answer(Answer::Registered(8), 111);
+        assert_eq!(lease.poll(111, false), Step::HangUp);
+        assert!(matches!(lease.poll(111, false), Step::Stop(_)));
+        assert!(lease.fenced());
+    }
+
+    #[test]
+    fn a_refused_heartbeat_stops_the_brick() {
+        let mut lease = serving(0);
+        assert_eq!(lease.poll(50, false), Step::Beat { epoch: 3 });
+        lease.answer(Answer::Refused("session ended".into()), 51);
+        assert_eq!(lease.poll(51, false), Step::HangUp);
+        assert!(matches!(lease.poll(51, false), Step::Stop(_)));
+    }
+}

@@ -315,3 +315,50 @@ fn core_addr(map: &ClusterMap, brick: BrickId, p: PartitionId) -> Option<SocketA
     cores.get(map.core_of(p.prefix() as u64, cores.len())).copied()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::BrickAddr;
+
+    fn addr(b: u32) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 2000 + b as u16))
+    }
+
+    #[test]
+    fn every_other_member_is_probed_before_the_copy_reads_and_then_it_finishes() {
+        let bricks = (0..3).map(|b| (BrickId(b), BrickAddr::tcp(vec![addr(b)]))).collect();
+        let map = ClusterMap::initial(0, bricks, 2).expect("map");
+        let p = *map.groups.keys().next().expect("a partition");
+        let group = map.groups[&p].clone();
+        let target = (0..3).map(BrickId).find(|b| !group.contains(b)).expect("a brick outside the group");
+        let map = map.begin_join(&[(p, target)]).expect("join");
+        let mut driver = CopyDriver::new(vec![(p, target)], map.epoch, 0);
+        let mut probed = Vec::new();
+        loop {
+            match driver.poll(Some(&map), 1) {
+                Step::Call { line: Line::Probe, addr, op: Op::SnapshotChunk, value, .. } => {
+                    assert!(SnapshotRequest::decode(&value).expect("request").is_probe());
+                    probed.push(addr);
+                    // The first member still holds an older write once.
+                    let status = if probed.len() == 1 { Status::Behind } else { Status::Ok };
+                    driver.answer(Answer::Reply(status, Vec::new()), 1);
+                }
+                Step::Call { line: Line::Source, value, .. } => {
+                    assert_eq!(probed.len(), group.len() + 1, "the source was read before every member said nothing older is pending");
+                    let req = SnapshotRequest::decode(&value).expect("request");
+                    let mut chunk = Vec::new();
+                    Chunk::start(&mut chunk, req.partition, 0, true);
+                    driver.answer(Answer::Reply(Status::Ok, chunk), 1);
+                }
+                Step::Call { line: Line::Target, op: Op::Install, .. } => driver.answer(Answer::Reply(Status::Ok, 0u64.to_le_bytes().to_vec()), 1),
+                Step::Finished(done) => {
+                    assert_eq!(done, vec![(p, target)]);
+                    break;
+                }
+                Step::Call { .. } => panic!("an unexpected call"),
+                Step::HangUp(_) | Step::Wait { .. } | Step::Note(_) => {}
+            }
+        }
+    }
+}
