@@ -57,7 +57,10 @@ enum Phase {
     /// prepared, and said so).
     Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
     /// Phase two: waiting for every participant still in the map to acknowledge.
-    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)> },
+    /// `unsure`: an abort that a participant which may have committed in doubt (it
+    /// did not vote no) left the map without acknowledging: retrying could apply the
+    /// write twice, so the operation ends `Unknown` instead.
+    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, unsure: bool },
 }
 
 pub(crate) struct OpState {
@@ -324,11 +327,14 @@ impl ClientCore {
                 op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
-            Phase::Decide { pending, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
+            Phase::Decide { pending, commit, unsure, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
                     op.timer = Some(self.now + Duration::from_millis(20));
                     return;
+                }
+                if r.status.is_none() && !*commit {
+                    *unsure = true;
                 }
                 pending.retain(|b| *b != r.brick);
                 self.finish_decide(token);
@@ -345,16 +351,20 @@ impl ClientCore {
         let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
         let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let (txid, participants) = (*txid, participants.clone());
-        if participants.iter().all(gone) && !participants.iter().any(|b| vote(b) == Some(Vote::No)) {
+        if participants.iter().all(gone) {
             // Every participant left the map before this client learned the outcome.
             // They may have committed it among themselves (in doubt, all prepared) and
             // served it before they died, so a retry could apply the write twice; and
-            // committing here would claim a write no live replica may hold.
+            // committing here would claim a write no live replica may hold. A "no" from
+            // one of them changes nothing: peers decide in doubt without a departed
+            // participant (a brick paused past its removal answers "fenced" long after).
             let timeout_ms = self.config.op_timeout.as_millis() as u64;
             let err = ClientError::Unknown { op: op.name(), timeout_ms, why: format!("every participant of {txid} left the map before its outcome was known") };
             return self.complete(token, Err(err));
         }
-        let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No));
+        // Only a live participant's "no" aborts: the others commit in doubt once a
+        // participant has left the map, whatever it answered.
+        let any_no = participants.iter().any(|b| vote(b) == Some(Vote::No) && !gone(b));
         let all_yes = participants.iter().all(|b| matches!(vote(b), Some(Vote::Yes(_))) || gone(b));
         let commit = if any_no {
             false
@@ -439,7 +449,8 @@ impl ClientCore {
         let gone = |b: &BrickId| !map.bricks.contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
-        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes };
+        let unsure = !commit && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
+        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, unsure };
         op.timer = None;
         if !commit {
             self.stats.aborts += 1;
@@ -464,11 +475,19 @@ impl ClientCore {
     /// Completes (commit) or retries (abort) once every live participant acknowledged.
     fn finish_decide(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Decide { pending, commit, votes, .. } = &mut op.phase else { return };
+        let Phase::Decide { txid, pending, commit, votes, unsure, .. } = &mut op.phase else { return };
         let map = &self.map;
+        let before = pending.len();
         pending.retain(|b| map.bricks.contains_key(b));
+        *unsure |= !*commit && pending.len() < before;
         if !pending.is_empty() {
             return;
+        }
+        if *unsure {
+            let timeout_ms = self.config.op_timeout.as_millis() as u64;
+            let why = format!("{txid} was aborted here, but a participant that may have committed it in doubt left the map unanswered");
+            let err = ClientError::Unknown { op: op.name(), timeout_ms, why };
+            return self.complete(token, Err(err));
         }
         if *commit {
             let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
