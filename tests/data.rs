@@ -49,8 +49,8 @@ fn drain(client: &mut dds::Client, done: &mut Vec<Completion>, max_in_flight: us
 fn ten_thousand_keys_read_back_byte_exact() {
     let mut cluster = TestCluster::up(2, 2);
     let mut client = cluster.client();
-    assert_eq!(client.map().bricks.len(), 2);
-    assert!(client.map().bricks.values().all(|b| b.cores.len() == 2));
+    assert_eq!(client.map().bricks().len(), 2);
+    assert!(client.map().bricks().values().all(|b| b.cores.len() == 2));
 
     // Pipelined puts, 32 in flight.
     let mut done = Vec::new();
@@ -88,7 +88,7 @@ fn ten_thousand_keys_read_back_byte_exact() {
     }
 
     // The counters agree with what was written.
-    let bricks: Vec<_> = reader.map().bricks.keys().copied().collect();
+    let bricks: Vec<_> = reader.map().bricks().keys().copied().collect();
     let stored: u64 = bricks.into_iter().flat_map(|b| reader.brick_stats(b).unwrap()).map(|s| s.keys).sum();
     assert_eq!(stored, KEYS as u64);
 

@@ -38,7 +38,7 @@ fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it(
     let deadline = Instant::now() + Duration::from_secs(30);
     let core_addr = loop {
         let map = cluster.authority_map();
-        if let Some((&id, addr)) = map.bricks.iter().find(|(_, a)| a.cores[0] == b.addr) {
+        if let Some((&id, addr)) = map.bricks().iter().find(|(_, a)| a.cores[0] == b.addr) {
             if map.partitions_of(id).all(|p| map.is_readable(p, id)) && map.partitions_of(id).count() > 0 {
                 break addr.cores[map.core_of(key_hash(b"boom"), addr.cores.len())];
             }

@@ -25,7 +25,7 @@ fn signal(pid: u32, sig: Signal) {
 
 /// The cluster index of the brick the map knows as `id` (by its core 0 address).
 fn index_of(cluster: &TestCluster, map: &ClusterMap, id: BrickId) -> usize {
-    let addr = map.bricks[&id].cores[0];
+    let addr = map.bricks()[&id].cores[0];
     cluster.file().bricks.iter().position(|b| b.addr == addr).expect("the brick is in cluster.json")
 }
 
@@ -96,7 +96,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
             assert!(Instant::now() < deadline, "the cluster did not get back to two readable replicas");
             std::thread::sleep(Duration::from_millis(50));
         };
-        let addr = &map.bricks[&victim];
+        let addr = &map.bricks()[&victim];
         let core_addr: SocketAddr = addr.cores[map.core_of(key_hash(&key), addr.cores.len())];
         let index = index_of(&cluster, &map, victim);
         let pid = cluster.file().bricks[index].pid;
@@ -107,7 +107,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         let serve_deadline = Instant::now() + Duration::from_secs(5);
         loop {
             out.clear();
-            get_frame(&mut out, 1, map.epoch, &key);
+            get_frame(&mut out, 1, map.epoch(), &key);
             conn.write_all(&out).unwrap();
             let first = read_replies(&mut conn, 1, Instant::now() + Duration::from_secs(5));
             match first.first() {
@@ -122,12 +122,12 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         let mut sent = Vec::new();
         out.clear();
         for id in 2..4 {
-            get_frame(&mut out, id, map.epoch, &key);
+            get_frame(&mut out, id, map.epoch(), &key);
             sent.push((id, now()));
         }
         conn.write_all(&out).unwrap();
         let removal_deadline = Instant::now() + Duration::from_secs(10);
-        while cluster.authority_map().bricks.contains_key(&victim) {
+        while cluster.authority_map().bricks().contains_key(&victim) {
             assert!(Instant::now() < removal_deadline, "the authority did not remove a brick paused for 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -137,7 +137,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         // Reads invoked after the new value was acknowledged, queued at the paused brick.
         out.clear();
         for id in 4..8 {
-            get_frame(&mut out, id, map.epoch, &key);
+            get_frame(&mut out, id, map.epoch(), &key);
             sent.push((id, now()));
         }
         conn.write_all(&out).unwrap();

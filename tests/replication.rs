@@ -26,7 +26,7 @@ fn bricks_killed_and_recovered_lose_nothing() {
     write_all(&mut client, "first", 10_000);
     // A client whose map will be three changes old when it is next used.
     let mut stale = cluster.client();
-    let stale_epoch = stale.map().epoch;
+    let stale_epoch = stale.map().epoch();
     let before = status(&cluster);
     assert!(before.contains("epoch 1,") && before.contains("[0,1]") && before.contains("[1,2]"), "{before}");
 
@@ -69,8 +69,8 @@ fn bricks_killed_and_recovered_lose_nothing() {
     check_all(&mut stale, "while-down", 200);
     stale.put(b"from-the-stale-client", b"ok").unwrap();
     let stats = stale.stats().clone();
-    println!("stale client: map epoch {stale_epoch} -> {}; {stats:?}", stale.map().epoch);
-    assert!(stale.map().epoch >= stale_epoch + 3);
+    println!("stale client: map epoch {stale_epoch} -> {}; {stats:?}", stale.map().epoch());
+    assert!(stale.map().epoch() >= stale_epoch + 3);
     assert!(stats.stale_replies >= 1 && stats.maps_installed >= 1, "{stats:?}");
 
     let mut stale_again = cluster.client();
@@ -93,13 +93,13 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
     let mut client = cluster.client();
     client.put(b"k", b"v").unwrap();
-    let addr = client.map().bricks.values().next().unwrap().cores[0];
+    let addr = client.map().bricks().values().next().unwrap().cores[0];
     let mut rpc = dds::rpc::Rpc::connect(addr, Duration::from_secs(1)).unwrap();
-    let epoch = client.map().epoch;
+    let epoch = client.map().epoch();
     // Older epoch: refused with the brick's map.
     let (status, value) = rpc.call(Op::Get, epoch - 1, b"k", b"", Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::StaleEpoch);
-    assert_eq!(dds::map::ClusterMap::from_json(std::str::from_utf8(&value).unwrap()).unwrap().epoch, epoch);
+    assert_eq!(dds::map::ClusterMap::from_json(std::str::from_utf8(&value).unwrap()).unwrap().epoch(), epoch);
     // Newer epoch than the brick knows: retry later.
     let (status, _) = rpc.call(Op::Get, epoch + 5, b"k", b"", Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::Behind);
@@ -159,10 +159,10 @@ fn adding_a_brick_moves_replicas_while_reads_go_on() {
     println!("{reads} reads during the move, all correct");
     assert!(said.contains("balanced"), "{said}");
     let map = cluster.client().map().clone();
-    let loads: Vec<usize> = map.bricks.keys().map(|&b| map.partitions_of(b).count()).collect();
+    let loads: Vec<usize> = map.bricks().keys().map(|&b| map.partitions_of(b).count()).collect();
     assert_eq!(loads.len(), 3);
     assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 1, "replicas per brick: {loads:?}");
-    assert!(map.groups.values().all(|g| g.len() == 2) && map.joining.is_empty() && map.leaving.is_empty());
+    assert!(map.groups().values().all(|g| g.len() == 2) && map.joining().is_empty() && map.leaving().is_empty());
     check_all(&mut client, "grow", 5_000);
     // A client from before the change still reads and writes (lazy repair).
     check_all(&mut stale, "grow", 500);
@@ -182,8 +182,8 @@ fn small_clusters_split_partitions_and_keep_every_key() {
     let out = run_ok(&["cluster", "add", "--dir", &dir]);
     println!("{}", text(&out.stdout));
     let map = cluster.client().map().clone();
-    println!("epoch {}: {} partitions on base {} bits", map.epoch, map.dp.leaves().len(), map.base_bits);
-    assert!(map.dp.leaves().len() >= 48, "3 bricks need at least 48 partitions: {}", map.dp.leaves().len());
+    println!("epoch {}: {} partitions on base {} bits", map.epoch(), map.dp().leaves().len(), map.base_bits());
+    assert!(map.dp().leaves().len() >= 48, "3 bricks need at least 48 partitions: {}", map.dp().leaves().len());
     assert!(map.partitions_of(brick_id(&dir, 2)).count() > 0);
     check_all(&mut client, "split", 2_000);
     write_all(&mut client, "after-split", 500);
@@ -199,9 +199,9 @@ fn prepare_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8], 
     let ids: Vec<u32> = group.iter().map(|b| b.0).collect();
     let mut body = Vec::new();
     PrepareBody::encode(txid, WriteKind::Put, &ids, value, &mut body);
-    let cores = &map.bricks[&brick].cores;
+    let cores = &map.bricks()[&brick].cores;
     let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
-    rpc.call(Op::Prepare, map.epoch, key, &body, Duration::from_secs(1)).unwrap().0
+    rpc.call(Op::Prepare, map.epoch(), key, &body, Duration::from_secs(1)).unwrap().0
 }
 
 #[test]

@@ -39,7 +39,7 @@ impl Shared {
     pub fn new(me: BrickId, map: ClusterMap, started: Instant, stop: Arc<AtomicBool>) -> Shared {
         Shared {
             me,
-            epoch: AtomicU64::new(map.epoch),
+            epoch: AtomicU64::new(map.epoch()),
             map: RwLock::new(Arc::new(map)),
             fenced: AtomicBool::new(false),
             refresh: AtomicBool::new(false),
@@ -84,10 +84,10 @@ impl Shared {
     /// Installs `map` if it is newer than the one held.
     pub fn offer(&self, map: ClusterMap) -> bool {
         let mut held = self.map.write();
-        if map.epoch <= held.epoch {
+        if map.epoch() <= held.epoch() {
             return false;
         }
-        let epoch = map.epoch;
+        let epoch = map.epoch();
         *held = Arc::new(map);
         self.epoch.store(epoch, Ordering::Release);
         true
@@ -258,7 +258,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
             Step::Keep(id) => unreachable!("{id}: a serving brick keeps its id or stops"),
             Step::Boot(_) => unreachable!("a second first map"),
             Step::Install(map) => {
-                let epoch = map.epoch;
+                let epoch = map.epoch();
                 if shared.offer(map) {
                     crate::log!("brick", "map epoch {epoch}");
                 }

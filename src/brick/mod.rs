@@ -266,13 +266,13 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     let (shared, session) = match config.meta {
         Some(meta) => {
             let (me, map, session) = control::register(meta, &config.dir, &brick_addr, started, &stop)?;
-            crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch);
+            crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch());
             (Shared::new(me, map, started, Arc::clone(&stop)), Some(session))
         }
         None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), started, Arc::clone(&stop)), None),
     };
-    if shared.map().base_bits != config.partition_bits {
-        return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits });
+    if shared.map().base_bits() != config.partition_bits {
+        return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits() });
     }
     let shared = &shared;
     let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };

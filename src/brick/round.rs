@@ -116,7 +116,7 @@ impl CoreRound {
 
     fn install_newer(&mut self, control: &impl Control) {
         if let Some(map) = control.newer_map(self.shard.epoch()) {
-            if map.epoch > self.shard.epoch() {
+            if map.epoch() > self.shard.epoch() {
                 self.shard.install_map(map, &mut self.fx);
             }
         }
@@ -217,7 +217,7 @@ impl CoreRound {
     /// Where `q` must be asked: the peer core that stores its key, and its address.
     pub fn peer_of(&self, q: &Query) -> Option<((BrickId, usize), SocketAddr)> {
         let map = self.shard.map();
-        let addr = map.bricks.get(&q.brick)?;
+        let addr = map.bricks().get(&q.brick)?;
         if addr.cores.is_empty() {
             return None;
         }

@@ -177,7 +177,7 @@ fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: S
 impl Shard {
     pub fn new(core: usize, cores: usize, partition_bits: u8, me: BrickId, map: Arc<ClusterMap>) -> Shard {
         assert!(core < cores);
-        assert_eq!(map.base_bits, partition_bits, "map and brick disagree on the base partition bits");
+        assert_eq!(map.base_bits(), partition_bits, "map and brick disagree on the base partition bits");
         let partitions = 1u32 << partition_bits;
         let tables = (0..partitions).map(|p| (core_of(p, cores) == core).then(Table::default)).collect();
         let map_json: Arc<[u8]> = map.to_json().into_bytes().into();
@@ -200,7 +200,7 @@ impl Shard {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.map.epoch
+        self.map.epoch()
     }
 
     pub fn map(&self) -> &Arc<ClusterMap> {
@@ -304,10 +304,10 @@ impl Shard {
     /// A new map: remember it, and for every partition this brick has just started
     /// joining, drop what it held there (stale since it left) and start tracking writes.
     pub fn install_map(&mut self, map: Arc<ClusterMap>, fx: &mut Effects) {
-        assert!(map.epoch >= self.map.epoch, "maps only move forward");
+        assert!(map.epoch() >= self.map.epoch(), "maps only move forward");
         let me = self.me;
         let mut cleared = Vec::new();
-        for (&p, joining) in &map.joining {
+        for (&p, joining) in map.joining() {
             if joining.contains(&me) && !self.joining.contains_key(&p) && self.owns_partition(&map, p) {
                 cleared.push(p);
             }
@@ -331,7 +331,7 @@ impl Shard {
             // (the copy must not overwrite it). Reads waiting on them were admitted when
             // this replica served the partition, and its data is gone now: they are
             // refused, to go elsewhere.
-            let epoch = map.epoch;
+            let epoch = map.epoch();
             for (_, prepared) in self.prepared.iter_mut().filter(|(k, _)| p.contains(key_hash(k))) {
                 for (conn, id) in prepared.waiters.drain(..) {
                     let mut out = Vec::new();
@@ -350,7 +350,7 @@ impl Shard {
 
     /// Whether partition `p` (a DP leaf) is stored on this core.
     fn owns_partition(&self, map: &ClusterMap, p: PartitionId) -> bool {
-        let base = base_partition(p, map.base_bits);
+        let base = base_partition(p, map.base_bits());
         core_of(base, self.cores) == self.core
     }
 
@@ -360,12 +360,12 @@ impl Shard {
         if self.fenced {
             return Err((Status::Unavailable, format!("{} lost touch with the map authority: fenced", self.me).into_bytes()));
         }
-        if epoch < self.map.epoch {
+        if epoch < self.map.epoch() {
             return Err((Status::StaleEpoch, self.map_json.to_vec()));
         }
-        if epoch > self.map.epoch {
+        if epoch > self.map.epoch() {
             fx.behind = true;
-            return Err((Status::Behind, format!("brick is at epoch {}, request at {epoch}", self.map.epoch).into_bytes()));
+            return Err((Status::Behind, format!("brick is at epoch {}, request at {epoch}", self.map.epoch()).into_bytes()));
         }
         let (p, group) = self.map.route(hash);
         let core = self.map.core_of(hash, self.cores);
@@ -373,7 +373,7 @@ impl Shard {
             return Err((Status::WrongShard, format!("partition {p} is stored on core {core} of this brick, not core {}", self.core).into_bytes()));
         }
         if !group.contains(&self.me) {
-            return Err((Status::WrongShard, format!("{} holds no replica of partition {p} at epoch {}", self.me, self.map.epoch).into_bytes()));
+            return Err((Status::WrongShard, format!("{} holds no replica of partition {p} at epoch {}", self.me, self.map.epoch()).into_bytes()));
         }
         if read && !self.map.is_readable(p, self.me) {
             return Err((Status::Unavailable, format!("{} serves no reads of partition {p} (copying or leaving)", self.me).into_bytes()));
@@ -389,7 +389,7 @@ impl Shard {
         };
         self.stats.requests += 1;
         let id = request.request_id;
-        let epoch = self.map.epoch;
+        let epoch = self.map.epoch();
         let mut reply = |status: Status, value: &[u8]| reply_frame(out, op, id, epoch, status, value);
         match op {
             Op::Get | Op::Put | Op::Remove | Op::Prepare => {
@@ -470,7 +470,7 @@ impl Shard {
                     // (a tombstone no one else will ever see) must not decide anything.
                     return reply(Status::Unavailable, b"fenced: ask again later");
                 }
-                if request.epoch > self.map.epoch {
+                if request.epoch > self.map.epoch() {
                     // The asker counts this answer only if it holds at its epoch: a
                     // replica that has not seen a participant's removal could still
                     // abort on that participant's word after answering "prepared".
@@ -490,7 +490,7 @@ impl Shard {
                 Err((status, msg)) => reply(status, msg.as_bytes()),
             },
             Op::GetMap => {
-                if request.epoch < self.map.epoch {
+                if request.epoch < self.map.epoch() {
                     reply(Status::Ok, &self.map_json)
                 } else {
                     reply(Status::Ok, &[])
@@ -589,8 +589,8 @@ impl Shard {
         for (conn, id) in waiters {
             let mut out = Vec::new();
             match value {
-                Some(v) => reply_frame(&mut out, Op::Get, id, self.map.epoch, Status::Ok, v),
-                None => reply_frame(&mut out, Op::Get, id, self.map.epoch, Status::NotFound, &[]),
+                Some(v) => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::Ok, v),
+                None => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::NotFound, &[]),
             }
             fx.deferred.push((conn, out));
         }
@@ -617,14 +617,14 @@ impl Shard {
 
     /// A participant of `p` that is no longer in the map (dead), if any.
     fn departed_participant(&self, p: &Prepared) -> Option<BrickId> {
-        p.body().participants().map(BrickId).find(|b| !self.map.bricks.contains_key(b))
+        p.body().participants().map(BrickId).find(|b| !self.map.bricks().contains_key(b))
     }
 
     /// Time passes: in-doubt prepares ask their peers.
     pub fn tick(&mut self, now_ms: u64, fx: &mut Effects) {
         self.now_ms = now_ms;
         let mut decided = Vec::new();
-        let epoch = self.map.epoch;
+        let epoch = self.map.epoch();
         for (key, p) in self.prepared.iter_mut() {
             if now_ms.saturating_sub(p.since_ms) < RESOLVE_AFTER_MS {
                 continue;
@@ -643,7 +643,7 @@ impl Shard {
             p.answers.clear();
             for b in p.body().participants() {
                 let brick = BrickId(b);
-                if brick != self.me && self.map.bricks.contains_key(&brick) {
+                if brick != self.me && self.map.bricks().contains_key(&brick) {
                     fx.queries.push(Query { brick, key: key.clone(), txid: p.txid });
                 }
             }
@@ -661,8 +661,8 @@ impl Shard {
         // members: a peer that had not yet seen a participant's removal could still abort
         // on that participant's word after answering "prepared", and a departed peer's
         // "aborted" may have raced with its removal.
-        p.answers_at(self.map.epoch);
-        if answered_epoch < self.map.epoch || !self.map.bricks.contains_key(&from) {
+        p.answers_at(self.map.epoch());
+        if answered_epoch < self.map.epoch() || !self.map.bricks().contains_key(&from) {
             return;
         }
         p.answers.retain(|(b, _)| *b != from.0);
@@ -686,7 +686,7 @@ impl Shard {
         };
         let (pid, cursor) = (req.partition, req.cursor);
         let p = PartitionId(pid);
-        if epoch > self.map.epoch {
+        if epoch > self.map.epoch() {
             fx.behind = true;
             out.extend_from_slice(b"brick has not seen that epoch yet");
             return Status::Behind;
@@ -697,7 +697,7 @@ impl Shard {
             // prepared under an older epoch on any member (not only the source) must be
             // decided before the copy starts, or it could commit where the copy never
             // sees it.
-            let member = self.map.dp.is_leaf(p) && self.map.groups.get(&p).is_some_and(|g| g.contains(&self.me)) && self.owns_partition(&self.map, p);
+            let member = self.map.dp().is_leaf(p) && self.map.groups().get(&p).is_some_and(|g| g.contains(&self.me)) && self.owns_partition(&self.map, p);
             if !member {
                 out.extend_from_slice(format!("{} core {} is not a member of partition {p}", self.me, self.core).as_bytes());
                 return Status::WrongShard;
@@ -708,7 +708,7 @@ impl Shard {
             }
             return Status::Ok;
         }
-        if !self.map.dp.is_leaf(p) || !self.map.readable(p).any(|b| b == self.me) || !self.owns_partition(&self.map, p) {
+        if !self.map.dp().is_leaf(p) || !self.map.readable(p).any(|b| b == self.me) || !self.owns_partition(&self.map, p) {
             out.extend_from_slice(format!("{} core {} serves no copy of partition {p}", self.me, self.core).as_bytes());
             return Status::WrongShard;
         }
@@ -749,7 +749,7 @@ impl Shard {
     fn install(&mut self, epoch: u64, body: &[u8], fx: &mut Effects) -> Result<usize, (Status, String)> {
         let chunk = Chunk::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
         let p = PartitionId(chunk.partition);
-        if epoch > self.map.epoch {
+        if epoch > self.map.epoch() {
             fx.behind = true;
             return Err((Status::Behind, "brick has not seen that epoch yet".into()));
         }
@@ -788,7 +788,7 @@ fn resolve_rule(map: &ClusterMap, me: BrickId, p: &Prepared) -> Option<bool> {
         return Some(false);
     }
     let all_prepared = p.body().participants().all(|b| {
-        b == me.0 || !map.bricks.contains_key(&BrickId(b)) || p.answers.iter().any(|(x, s)| *x == b && *s == TxState::Prepared)
+        b == me.0 || !map.bricks().contains_key(&BrickId(b)) || p.answers.iter().any(|(x, s)| *x == b && *s == TxState::Prepared)
     });
     all_prepared.then_some(true)
 }
@@ -861,7 +861,7 @@ mod tests {
             assert_eq!(frame.kind, Kind::Reply(Op::Get, want));
             if want == Status::StaleEpoch {
                 let map = ClusterMap::from_json(std::str::from_utf8(frame.value).unwrap()).unwrap();
-                assert_eq!(map.epoch, 1);
+                assert_eq!(map.epoch(), 1);
             } else {
                 assert!(fx.behind);
             }

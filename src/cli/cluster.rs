@@ -210,14 +210,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             println!("brick {} added: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&args.dir)?;
             let map = wait_for_replicas(&cluster, brick_id(&b), true)?;
-            let mut load: std::collections::BTreeMap<BrickId, usize> = map.bricks.keys().map(|&id| (id, 0)).collect();
-            for g in map.groups.values() {
+            let mut load: std::collections::BTreeMap<BrickId, usize> = map.bricks().keys().map(|&id| (id, 0)).collect();
+            for g in map.groups().values() {
                 for id in g {
                     *load.entry(*id).or_default() += 1;
                 }
             }
             let loads: Vec<String> = load.iter().map(|(id, n)| format!("{}: {n}", id.0)).collect();
-            println!("balanced at epoch {} after {} ms; partitions per brick: {}", map.epoch, started.elapsed().as_millis(), loads.join(", "));
+            println!("balanced at epoch {} after {} ms; partitions per brick: {}", map.epoch(), started.elapsed().as_millis(), loads.join(", "));
             Ok(())
         }
         ClusterCommand::Restart(sel) => {
@@ -231,7 +231,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             println!(
                 "brick {} rejoined as {id} at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
                 b.index,
-                map.epoch,
+                map.epoch(),
                 started.elapsed().as_millis()
             );
             // The authority's account of the copy (per partition lines are in its log).
@@ -417,9 +417,9 @@ fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> an
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(map) = current_map(cluster) {
-            let want = cluster.replicas.min(map.bricks.len());
-            let settled = map.joining.is_empty() && map.leaving.is_empty();
-            if map.bricks.contains_key(&brick) && settled && map.groups.values().all(|g| g.len() >= want) && (!holding || map.partitions_of(brick).next().is_some()) {
+            let want = cluster.replicas.min(map.bricks().len());
+            let settled = map.joining().is_empty() && map.leaving().is_empty();
+            if map.bricks().contains_key(&brick) && settled && map.groups().values().all(|g| g.len() >= want) && (!holding || map.partitions_of(brick).next().is_some()) {
                 return Ok(map);
             }
         }
@@ -668,16 +668,16 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     match &map {
         Ok(m) => println!(
             "  epoch {}, {} partitions (base {} bits), {} copying",
-            m.epoch,
-            m.dp.leaves().len(),
-            m.base_bits,
-            m.joining.values().map(|j| j.len()).sum::<usize>()
+            m.epoch(),
+            m.dp().leaves().len(),
+            m.base_bits(),
+            m.joining().values().map(|j| j.len()).sum::<usize>()
         ),
         Err(e) => println!("  map unavailable: {e}"),
     }
     if let Ok(m) = &map {
-        let rdma = m.bricks.values().filter(|a| !a.rdma.is_empty()).count();
-        println!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks.len());
+        let rdma = m.bricks().values().filter(|a| !a.rdma.is_empty()).count();
+        println!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks().len());
     }
     println!(
         "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}",
@@ -687,11 +687,11 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     for b in &cluster.bricks {
         let id = brick_id(b);
         let (held, copying, member) = match &map {
-            Ok(m) => (m.partitions_of(id).count(), m.joining.values().filter(|j| j.contains(&id)).count(), m.bricks.contains_key(&id)),
+            Ok(m) => (m.partitions_of(id).count(), m.joining().values().filter(|j| j.contains(&id)).count(), m.bricks().contains_key(&id)),
             Err(_) => (0, 0, false),
         };
         // What the brick registered: RDMA listeners beside its TCP ones, or TCP only.
-        let net = match map.as_ref().ok().and_then(|m| m.bricks.get(&id)) {
+        let net = match map.as_ref().ok().and_then(|m| m.bricks().get(&id)) {
             Some(a) if !a.rdma.is_empty() => "rdma",
             Some(_) => "tcp",
             None => "-",
@@ -721,7 +721,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     if let Ok(m) = &map {
         // Replica groups, each with how many partitions it holds.
         let mut groups: std::collections::BTreeMap<Vec<u32>, usize> = std::collections::BTreeMap::new();
-        for g in m.groups.values() {
+        for g in m.groups().values() {
             let mut ids: Vec<u32> = g.iter().map(|b| b.0).collect();
             ids.sort_unstable();
             *groups.entry(ids).or_default() += 1;
@@ -731,7 +731,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
             let names: Vec<String> = ids.iter().map(u32::to_string).collect();
             println!("  [{}]: {n}", names.join(","));
         }
-        let short = m.groups.values().filter(|g| g.len() < cluster.replicas).count();
+        let short = m.groups().values().filter(|g| g.len() < cluster.replicas).count();
         if short > 0 {
             println!("{short} partition(s) have fewer than {} replicas", cluster.replicas);
         }

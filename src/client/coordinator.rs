@@ -328,7 +328,7 @@ impl ClientCore {
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
             Phase::Decide { pending, commit, unsure, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
-                if r.status.is_none() && self.map.bricks.contains_key(&r.brick) {
+                if r.status.is_none() && self.map.bricks().contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
                     op.timer = Some(self.now + Duration::from_millis(20));
                     return;
@@ -349,7 +349,7 @@ impl ClientCore {
         let Phase::Prepare { txid, participants, votes } = &op.phase else { return };
         let map = &self.map;
         let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
-        let gone = |b: &BrickId| !map.bricks.contains_key(b);
+        let gone = |b: &BrickId| !map.bricks().contains_key(b);
         let (txid, participants) = (*txid, participants.clone());
         if participants.iter().all(gone) {
             // Every participant left the map before this client learned the outcome.
@@ -394,7 +394,7 @@ impl ClientCore {
         let Some(op) = self.ops.get_mut(&token) else { return };
         let Phase::Confirm { txid, participants, answers, .. } = &op.phase else { return };
         let map = &self.map;
-        let ask: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b) && !answers.iter().any(|(x, _)| x == b)).collect();
+        let ask: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks().contains_key(b) && !answers.iter().any(|(x, _)| x == b)).collect();
         let (txid, key) = (*txid, op.key.clone());
         let mut failed = false;
         for b in ask {
@@ -418,7 +418,7 @@ impl ClientCore {
         let Some(op) = self.ops.get_mut(&token) else { return };
         let Phase::Confirm { txid, participants, answers, .. } = &op.phase else { return };
         let map = &self.map;
-        let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks.contains_key(b)).collect();
+        let live: Vec<BrickId> = participants.iter().copied().filter(|b| map.bricks().contains_key(b)).collect();
         if live.is_empty() {
             let timeout_ms = self.config.op_timeout.as_millis() as u64;
             let err = ClientError::Unknown { op: op.name(), timeout_ms, why: format!("every participant of {txid} left the map before its outcome was known") };
@@ -446,7 +446,7 @@ impl ClientCore {
             _ => Vec::new(),
         };
         let vote = |b: &BrickId| votes.iter().find(|(x, _)| x == b).map(|(_, v)| *v);
-        let gone = |b: &BrickId| !map.bricks.contains_key(b);
+        let gone = |b: &BrickId| !map.bricks().contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
         let unsure = !commit && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
@@ -478,7 +478,7 @@ impl ClientCore {
         let Phase::Decide { txid, pending, commit, votes, unsure, .. } = &mut op.phase else { return };
         let map = &self.map;
         let before = pending.len();
-        pending.retain(|b| map.bricks.contains_key(b));
+        pending.retain(|b| map.bricks().contains_key(b));
         *unsure |= !*commit && pending.len() < before;
         if !pending.is_empty() {
             return;
@@ -509,7 +509,7 @@ impl ClientCore {
         self.fetch_map();
         let Some(op) = self.ops.get_mut(&token) else { return };
         op.suspect = true;
-        if self.map.bricks.contains_key(&brick) {
+        if self.map.bricks().contains_key(&brick) {
             if op.timer.is_none() && !matches!(op.phase, Phase::Idle) {
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
@@ -571,7 +571,7 @@ impl ClientCore {
                 self.fetch_map();
                 for b in pending {
                     let on_wire = self.msgs.values().any(|m| m.token == token && m.brick == b);
-                    if self.map.bricks.contains_key(&b) && !on_wire && self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
+                    if self.map.bricks().contains_key(&b) && !on_wire && self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
                         if let Some(op) = self.ops.get_mut(&token) {
                             op.timer = Some(self.now + Duration::from_millis(20));
                         }
@@ -583,7 +583,7 @@ impl ClientCore {
                 // Silent: gone from the map by now? Then go elsewhere; else keep waiting.
                 let brick = *brick;
                 self.fetch_map();
-                if !self.map.bricks.contains_key(&brick) {
+                if !self.map.bricks().contains_key(&brick) {
                     self.on_silent(token, brick);
                 } else if let Some(op) = self.ops.get_mut(&token) {
                     op.timer = Some(self.now + Duration::from_millis(20));

@@ -108,7 +108,7 @@ impl ClientCore {
 
     /// Installs `map` if it is newer; returns whether it was.
     pub fn install(&mut self, map: ClusterMap) -> bool {
-        if map.epoch <= self.map.epoch {
+        if map.epoch() <= self.map.epoch() {
             return false;
         }
         self.map = Arc::new(map);
@@ -139,7 +139,7 @@ impl ClientCore {
 
     /// Queues one message about `token` to the core of `brick` that stores `key`.
     pub(crate) fn send(&mut self, token: u64, brick: BrickId, op: Op, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
-        let addr = self.map.bricks.get(&brick).ok_or_else(|| ClientError::Protocol { brick, what: "not in the map".into() })?;
+        let addr = self.map.bricks().get(&brick).ok_or_else(|| ClientError::Protocol { brick, what: "not in the map".into() })?;
         if addr.cores.is_empty() {
             return Err(ClientError::Protocol { brick, what: "no cores in the map".into() });
         }
@@ -149,7 +149,7 @@ impl ClientCore {
         let id = self.next_msg;
         self.next_msg += 1;
         self.out_at.push((at, self.out.len()));
-        encode(&mut self.out, &Frame { kind: Kind::Request(op), request_id: id, epoch: self.map.epoch, key, value });
+        encode(&mut self.out, &Frame { kind: Kind::Request(op), request_id: id, epoch: self.map.epoch(), key, value });
         self.msgs.insert(id, Msg { addr: at, op, token, brick, sent: self.now, suspected: false });
         Ok(())
     }

@@ -191,11 +191,11 @@ impl Client {
     /// The RDMA listener of each brick core that has one, from the current map.
     fn refresh_rdma_addrs(&mut self) {
         let map = self.core.map();
-        if !self.transport.rdma_enabled() || self.rdma_epoch == Some(map.epoch) {
+        if !self.transport.rdma_enabled() || self.rdma_epoch == Some(map.epoch()) {
             return;
         }
-        self.rdma_addrs = map.bricks.values().flat_map(|b| b.cores.iter().copied().zip(b.rdma.iter().copied())).collect();
-        self.rdma_epoch = Some(map.epoch);
+        self.rdma_addrs = map.bricks().values().flat_map(|b| b.cores.iter().copied().zip(b.rdma.iter().copied())).collect();
+        self.rdma_epoch = Some(map.epoch());
     }
 
     /// The map this client routes by now.
@@ -223,7 +223,7 @@ impl Client {
     fn drive(&mut self) {
         if self.core.take_map_wanted() {
             let mut seeds = self.seeds.clone();
-            seeds.extend(self.core.map().bricks.values().filter_map(|b| b.cores.first().copied()));
+            seeds.extend(self.core.map().bricks().values().filter_map(|b| b.cores.first().copied()));
             if let Ok(map) = crate::rpc::fetch_map(&seeds, Duration::from_millis(200)) {
                 self.core.install_fetched(map);
             }
@@ -296,7 +296,7 @@ impl Client {
 
     /// Counters of every core of `brick`, asked on each core's own connection.
     pub fn brick_stats(&mut self, brick: BrickId) -> Result<Vec<crate::proto::CoreStats>, ClientError> {
-        let cores = self.core.map().bricks.get(&brick).map(|b| b.cores.clone()).unwrap_or_default();
+        let cores = self.core.map().bricks().get(&brick).map(|b| b.cores.clone()).unwrap_or_default();
         let timeout = self.core.config.connect_timeout;
         cores
             .into_iter()

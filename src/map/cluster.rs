@@ -72,30 +72,79 @@ pub enum MapError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMap {
     /// Grows by one with every change; bricks fence requests from older epochs.
-    pub epoch: u64,
+    epoch: u64,
     /// Depth of the trie the cluster started with. Leaves never merge above it, and the
     /// core of a brick that stores a key is chosen from these low hash bits alone, so a
     /// brick core's log always holds the same keys whatever splits happen.
-    pub base_bits: u8,
-    pub dp: DpMap,
+    base_bits: u8,
+    dp: DpMap,
     /// The replica group of every DP leaf, in no order of preference: every write goes
     /// to all of them (two-phase commit).
-    pub groups: BTreeMap<PartitionId, Vec<BrickId>>,
+    groups: BTreeMap<PartitionId, Vec<BrickId>>,
     /// Members of a group that are still copying the partition: they take writes but
     /// serve no reads until the copy is done.
     #[serde(default)]
-    pub joining: BTreeMap<PartitionId, Vec<BrickId>>,
+    joining: BTreeMap<PartitionId, Vec<BrickId>>,
     /// Members about to leave a group (a replica moved elsewhere): they still take
     /// writes, so their copy stays current for a client whose map is older, but serve no
     /// reads; once every brick has seen that, a later map drops them.
     #[serde(default)]
-    pub leaving: BTreeMap<PartitionId, Vec<BrickId>>,
-    pub bricks: BTreeMap<BrickId, BrickAddr>,
+    leaving: BTreeMap<PartitionId, Vec<BrickId>>,
+    bricks: BTreeMap<BrickId, BrickAddr>,
     /// Every brick id below this has been given out. A removed brick's id is never given
     /// again: a brick declared dead stays dead (fail-stop), and what other bricks
     /// remember about it (votes, in-doubt answers) can never be confused with a newcomer.
     #[serde(default)]
-    pub next_brick_id: u32,
+    next_brick_id: u32,
+}
+
+impl ClusterMap {
+    // Read-only views: every change makes a new map through a validating constructor.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn base_bits(&self) -> u8 {
+        self.base_bits
+    }
+
+    pub fn dp(&self) -> &DpMap {
+        &self.dp
+    }
+
+    pub fn groups(&self) -> &BTreeMap<PartitionId, Vec<BrickId>> {
+        &self.groups
+    }
+
+    pub fn joining(&self) -> &BTreeMap<PartitionId, Vec<BrickId>> {
+        &self.joining
+    }
+
+    pub fn leaving(&self) -> &BTreeMap<PartitionId, Vec<BrickId>> {
+        &self.leaving
+    }
+
+    pub fn bricks(&self) -> &BTreeMap<BrickId, BrickAddr> {
+        &self.bricks
+    }
+
+    pub fn next_brick_id(&self) -> u32 {
+        self.next_brick_id
+    }
+
+    /// The same map, with no brick id below `n` given out again (ids an authority gave
+    /// before it had a map).
+    pub fn reserving_ids_below(mut self, n: u32) -> ClusterMap {
+        self.next_brick_id = self.next_brick_id.max(n);
+        self
+    }
+
+    /// The same map at epoch 0: a stand-in that any fetched map replaces (a client that
+    /// has not fetched one yet).
+    pub fn placeholder(mut self) -> ClusterMap {
+        self.epoch = 0;
+        self
+    }
 }
 
 impl ClusterMap {

@@ -72,7 +72,7 @@ pub struct Authority {
 impl Authority {
     pub fn new(config: AuthorityConfig, map: Option<ClusterMap>, now_ms: u64) -> Authority {
         // After a restart every known brick gets a full timeout to come back.
-        let seen = map.iter().flat_map(|m| m.bricks.keys()).map(|&b| (b, Seen { at_ms: now_ms, session: 0, epoch: 0 })).collect();
+        let seen = map.iter().flat_map(|m| m.bricks().keys()).map(|&b| (b, Seen { at_ms: now_ms, session: 0, epoch: 0 })).collect();
         Authority {
             config,
             map,
@@ -94,13 +94,13 @@ impl Authority {
     }
 
     fn set_map(&mut self, map: ClusterMap, why: String, actions: &mut Actions) {
-        actions.notes.push(format!("epoch {}: {why}", map.epoch));
+        actions.notes.push(format!("epoch {}: {why}", map.epoch()));
         self.map = Some(map);
         actions.map_changed = true;
     }
 
     fn next_id(&self) -> BrickId {
-        let known = self.map.iter().flat_map(|m| m.bricks.keys()).chain(self.gathering.keys()).chain(self.seen.keys());
+        let known = self.map.iter().flat_map(|m| m.bricks().keys()).chain(self.gathering.keys()).chain(self.seen.keys());
         let floor = self.map.as_ref().map_or(0, |m| m.fresh_brick_id().0).max(self.next_fresh);
         BrickId(known.map(|b| b.0 + 1).max().unwrap_or(0).max(floor))
     }
@@ -122,7 +122,7 @@ impl Authority {
         let asked_before = self
             .map
             .iter()
-            .flat_map(|m| m.bricks.iter())
+            .flat_map(|m| m.bricks().iter())
             .chain(self.gathering.iter())
             .find(|(_, a)| same_addrs(a))
             .map(|(&b, _)| b);
@@ -139,17 +139,16 @@ impl Authority {
             None => {
                 self.gathering.insert(id, addr);
                 if self.gathering.len() >= self.config.bricks {
-                    let mut map = ClusterMap::initial(self.config.base_bits, self.gathering.clone(), self.config.replicas)?;
-                    map.next_brick_id = map.next_brick_id.max(self.next_fresh);
-                    let n = map.bricks.len();
+                    let map = ClusterMap::initial(self.config.base_bits, self.gathering.clone(), self.config.replicas)?.reserving_ids_below(self.next_fresh);
+                    let n = map.bricks().len();
                     self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
                 }
             }
-            Some(map) if map.bricks.get(&id) == Some(&addr) => {}
-            Some(map) if map.bricks.contains_key(&id) => {
+            Some(map) if map.bricks().get(&id) == Some(&addr) => {}
+            Some(map) if map.bricks().contains_key(&id) => {
                 // Same brick, new addresses: it restarted before anyone noticed, with
                 // its state intact (it replayed its log).
-                if map.joining.values().any(|j| j.contains(&id)) {
+                if map.joining().values().any(|j| j.contains(&id)) {
                     self.restarted.insert(id);
                 }
                 let next = map.move_brick(id, addr)?;
@@ -196,7 +195,7 @@ impl Authority {
             self.gathering.remove(&id);
             return;
         };
-        if !map.bricks.contains_key(&id) {
+        if !map.bricks().contains_key(&id) {
             self.seen.remove(&id);
             return;
         }
@@ -252,7 +251,7 @@ impl Authority {
         let Some(map) = &self.map else { return };
         // Joining replicas whose copy failed (a source lost mid-copy, a link reset)
         // take writes but would never serve reads: copy them again before anything else.
-        let orphans: Vec<Join> = map.joining.iter().flat_map(|(&p, bs)| bs.iter().map(move |&b| (p, b))).filter(|(_, b)| self.seen.contains_key(b)).collect();
+        let orphans: Vec<Join> = map.joining().iter().flat_map(|(&p, bs)| bs.iter().map(move |&b| (p, b))).filter(|(_, b)| self.seen.contains_key(b)).collect();
         if !orphans.is_empty() {
             actions.notes.push(format!("{} joining replica(s) whose copy failed are copied again", orphans.len()));
             self.restarted.clear();
@@ -260,8 +259,8 @@ impl Authority {
             actions.copy = orphans;
             return;
         }
-        let live = map.bricks.keys().filter(|b| self.seen.contains_key(b)).count();
-        let leaves = map.dp.leaves();
+        let live = map.bricks().keys().filter(|b| self.seen.contains_key(b)).count();
+        let leaves = map.dp().leaves();
         if leaves.len() < PARTITIONS_PER_BRICK_MIN * live && leaves.iter().all(|l| l.depth() < crate::map::dp::DEPTH_MAX) {
             match map.split_many(leaves) {
                 Ok(next) => {
@@ -273,8 +272,8 @@ impl Authority {
             return;
         }
         let mut load: BTreeMap<BrickId, usize> =
-            map.bricks.keys().filter(|b| self.seen.contains_key(b)).map(|&b| (b, 0)).collect();
-        for group in map.groups.values() {
+            map.bricks().keys().filter(|b| self.seen.contains_key(b)).map(|&b| (b, 0)).collect();
+        for group in map.groups().values() {
             for b in group {
                 if let Some(n) = load.get_mut(b) {
                     *n += 1;
@@ -282,7 +281,7 @@ impl Authority {
             }
         }
         let mut joins = Vec::new();
-        for (&p, group) in &map.groups {
+        for (&p, group) in map.groups() {
             if group.len() >= self.config.replicas {
                 continue;
             }
@@ -326,13 +325,13 @@ impl Authority {
         // failed wait for it to be copied again (or are forgotten if it stopped joining).
         let (leaves, later): (Vec<Join>, Vec<Join>) =
             std::mem::take(&mut self.drop_after).into_iter().partition(|(p, _)| live.iter().any(|(q, _)| q == p));
-        self.drop_after = later.into_iter().filter(|(p, _)| map.joining.contains_key(p)).collect();
+        self.drop_after = later.into_iter().filter(|(p, _)| map.joining().contains_key(p)).collect();
         if live.is_empty() {
             return actions;
         }
         match map.finish_join(&live, &leaves) {
             Ok(next) => {
-                let epoch = next.epoch;
+                let epoch = next.epoch();
                 let why = format!("{} copied partition(s) now serve reads; {} moved replica(s) stop serving reads", live.len(), leaves.len());
                 self.set_map(next, why, &mut actions);
                 if !leaves.is_empty() {
@@ -348,7 +347,7 @@ impl Authority {
     pub fn copy_failed(&mut self) {
         self.copying.clear();
         let map = &self.map;
-        self.drop_after.retain(|(p, _)| map.as_ref().is_some_and(|m| m.joining.contains_key(p)));
+        self.drop_after.retain(|(p, _)| map.as_ref().is_some_and(|m| m.joining().contains_key(p)));
     }
 
     /// Drops leaving replicas once every live brick runs a map in which they serve no
@@ -356,7 +355,7 @@ impl Authority {
     /// writes.
     fn drop_when_seen(&mut self, actions: &mut Actions) {
         let (Some((epoch, _)), Some(map)) = (&self.pending_drop, &self.map) else { return };
-        let behind = map.bricks.keys().any(|b| self.seen.get(b).is_none_or(|s| s.epoch < *epoch));
+        let behind = map.bricks().keys().any(|b| self.seen.get(b).is_none_or(|s| s.epoch < *epoch));
         if behind {
             return;
         }
@@ -382,7 +381,7 @@ fn rebalance(map: &ClusterMap, load: &BTreeMap<BrickId, usize>) -> (Vec<Join>, V
         if hi < lo + 2 {
             break;
         }
-        let pick = map.groups.iter().find(|(p, g)| {
+        let pick = map.groups().iter().find(|(p, g)| {
             g.contains(&full) && !g.contains(&empty) && !moved.contains(p) && map.is_readable(**p, full)
         });
         let Some((&p, _)) = pick else { break };
@@ -413,20 +412,20 @@ mod tests {
             assert_eq!(actions.map_changed, i == 2, "the first map waits for every brick");
             sessions.push(s);
         }
-        assert_eq!(a.map().unwrap().epoch, 1);
+        assert_eq!(a.map().unwrap().epoch(), 1);
         // A closed session from an older connection changes nothing.
         assert!(!a.disconnected(BrickId(1), 999, 0).map_changed);
         let actions = a.disconnected(BrickId(1), sessions[1], 0);
         assert!(actions.map_changed);
         let map = a.map().unwrap().clone();
-        assert!(!map.bricks.contains_key(&BrickId(1)));
-        assert!(map.groups.values().all(|g| !g.contains(&BrickId(1))));
+        assert!(!map.bricks().contains_key(&BrickId(1)));
+        assert!(map.groups().values().all(|g| !g.contains(&BrickId(1))));
         // Short partitions wait for the failed brick to come back.
         assert!(a.tick(100).copy.is_empty());
         // Brick 1 comes back: it was declared dead, so it joins empty under a new id, and
         // every short partition is copied to the least loaded brick outside its group,
         // the newcomer first.
-        let short = a.map().unwrap().groups.values().filter(|g| g.len() < 2).count();
+        let short = a.map().unwrap().groups().values().filter(|g| g.len() < 2).count();
         let (again, session3, actions) = a.register(Some(1), addr(1), 200).unwrap();
         assert_eq!(again, BrickId(3), "a removed brick's id is never given again");
         assert!(actions.map_changed);
@@ -439,8 +438,8 @@ mod tests {
         let done = a.copied(&actions.copy);
         assert!(done.map_changed);
         let map = a.map().unwrap();
-        assert!(map.joining.is_empty());
-        assert!(map.groups.values().all(|g| g.len() == 2));
+        assert!(map.joining().is_empty());
+        assert!(map.groups().values().all(|g| g.len() == 2));
         // A heartbeat on the removed brick's old session is refused: it must stop.
         assert!(!a.heartbeat(BrickId(1), sessions[1], 9, 1000));
         // Silence past the timeout removes a brick too.
@@ -474,13 +473,13 @@ mod tests {
         for i in 0..2 {
             a.register(Some(i), addr(i as u16), 0).unwrap();
         }
-        assert_eq!(a.map().unwrap().dp.leaves().len(), 4);
+        assert_eq!(a.map().unwrap().dp().leaves().len(), 4);
         for t in 1..10 {
             a.tick(t * 10);
         }
         let map = a.map().unwrap();
-        assert_eq!(map.dp.leaves().len(), 32, "16 per brick");
-        assert!(map.groups.values().all(|g| g.len() == 2));
-        assert_eq!(map.base_bits, 2, "splits never change where a brick stores a key");
+        assert_eq!(map.dp().leaves().len(), 32, "16 per brick");
+        assert!(map.groups().values().all(|g| g.len() == 2));
+        assert_eq!(map.base_bits(), 2, "splits never change where a brick stores a key");
     }
 }

@@ -197,7 +197,7 @@ impl CopyDriver {
                     let members = if mutation::active(Mutation::SkipProbe) {
                         Vec::new()
                     } else {
-                        map.groups.get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| *b != target && map.bricks.contains_key(b)).collect())
+                        map.groups().get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| *b != target && map.bricks().contains_key(b)).collect())
                     };
                     self.attempt_started_ms = now_ms;
                     self.phase = Phase::Probe { source, members, at: 0 };
@@ -311,7 +311,7 @@ impl CopyDriver {
 
 /// The address of the core of `brick` that owns partition `p`.
 fn core_addr(map: &ClusterMap, brick: BrickId, p: PartitionId) -> Option<SocketAddr> {
-    let cores = &map.bricks.get(&brick)?.cores;
+    let cores = &map.bricks().get(&brick)?.cores;
     cores.get(map.core_of(p.prefix() as u64, cores.len())).copied()
 }
 
@@ -329,11 +329,11 @@ mod tests {
     fn every_other_member_is_probed_before_the_copy_reads_and_then_it_finishes() {
         let bricks = (0..3).map(|b| (BrickId(b), BrickAddr::tcp(vec![addr(b)]))).collect();
         let map = ClusterMap::initial(0, bricks, 2).expect("map");
-        let p = *map.groups.keys().next().expect("a partition");
-        let group = map.groups[&p].clone();
+        let p = *map.groups().keys().next().expect("a partition");
+        let group = map.groups()[&p].clone();
         let target = (0..3).map(BrickId).find(|b| !group.contains(b)).expect("a brick outside the group");
         let map = map.begin_join(&[(p, target)]).expect("join");
-        let mut driver = CopyDriver::new(vec![(p, target)], map.epoch, 0);
+        let mut driver = CopyDriver::new(vec![(p, target)], map.epoch(), 0);
         let mut probed = Vec::new();
         loop {
             match driver.poll(Some(&map), 1) {

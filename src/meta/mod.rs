@@ -99,7 +99,7 @@ fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
         }
     }
     if !actions.copy.is_empty() {
-        let epoch = state.authority.map().expect("copying needs a map").epoch;
+        let epoch = state.authority.map().expect("copying needs a map").epoch();
         let shared = Arc::clone(shared);
         let joins = actions.copy;
         let spawned = std::thread::Builder::new().name("dds-meta-copy".into()).spawn(move || copy_driver(shared, joins, epoch));
@@ -120,7 +120,7 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
         Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
     };
     if let Some(map) = &map {
-        crate::log!("meta", "loaded map epoch {} ({} bricks)", map.epoch, map.bricks.len());
+        crate::log!("meta", "loaded map epoch {} ({} bricks)", map.epoch(), map.bricks().len());
     }
     let listener = TcpListener::bind(config.listen).map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| MetaError::Listen { addr: config.listen, source })?;
@@ -199,9 +199,9 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
                 break;
             }
             let now = state.now_ms();
-            let epoch = state.authority.map().map_or(0, |m| m.epoch);
+            let epoch = state.authority.map().map_or(0, |m| m.epoch());
             let newer_map = |state: &State| match state.authority.map() {
-                Some(m) if m.epoch > frame.epoch => m.to_json().into_bytes(),
+                Some(m) if m.epoch() > frame.epoch => m.to_json().into_bytes(),
                 _ => Vec::new(),
             };
             match op {

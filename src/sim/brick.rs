@@ -66,7 +66,7 @@ impl Control for SimControl {
     }
 
     fn newer_map(&self, epoch: u64) -> Option<Arc<ClusterMap>> {
-        self.map.clone().filter(|m| m.epoch > epoch)
+        self.map.clone().filter(|m| m.epoch() > epoch)
     }
 }
 
@@ -296,7 +296,7 @@ impl World {
                 bytes.to_mut()[at] ^= 1 << self.rng.random_range(0..8);
                 self.trace.push(format!("{} brick {b} core {c}: byte {at} of the log reads back corrupt", self.now));
             }
-            let mut shard = Shard::new(c, brick.cores_n, map.base_bits, me, Arc::clone(&map));
+            let mut shard = Shard::new(c, brick.cores_n, map.base_bits(), me, Arc::clone(&map));
             let replayed = replay_segment(&bytes, 1, 1, &mut shard);
             let read_corrupt = matches!(bytes, std::borrow::Cow::Owned(_));
             drop(bytes);
@@ -314,7 +314,7 @@ impl World {
                     }
                     // `core_loop::recover` syncs the log before the core serves.
                     disk.sync();
-                    let info = BrickInfo { partition_bits: map.base_bits, core: c as u16, ports: Vec::new() };
+                    let info = BrickInfo { partition_bits: map.base_bits(), core: c as u16, ports: Vec::new() };
                     let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn);
                     round.begin(&SimControl { fenced: false, map: None });
                     cores.push(SimCore { round, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false });

@@ -55,7 +55,7 @@ impl World {
                 }
             }
         }
-        for (&p, group) in &map.groups {
+        for (&p, group) in map.groups() {
             let mut first: Option<(crate::map::BrickId, Entries)> = None;
             for brick_id in group {
                 let brick = self.bricks.iter().find(|b| b.id == Some(*brick_id)).ok_or(format!("{brick_id} is not a simulated brick"))?;
@@ -88,8 +88,8 @@ impl World {
             }
         }
         for m in &self.maps {
-            h.write_u64(m.epoch);
-            h.write(format!("{:?}", m.groups).as_bytes());
+            h.write_u64(m.epoch());
+            h.write(format!("{:?}", m.groups()).as_bytes());
         }
         for b in &self.bricks {
             for (k, v) in b.all_entries() {

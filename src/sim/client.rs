@@ -68,8 +68,7 @@ impl World {
         // The client starts from a placeholder map of epoch 0 that its first fetch
         // replaces, as `Client::connect` starts from the map a seed gives.
         let bricks = std::iter::once((crate::map::BrickId(u32::MAX - 1), crate::map::BrickAddr::tcp(vec![]))).collect();
-        let mut placeholder = crate::map::ClusterMap::initial(self.shape.base_bits, bricks, 1).expect("a one-brick map");
-        placeholder.epoch = 0;
+        let placeholder = crate::map::ClusterMap::initial(self.shape.base_bits, bricks, 1).expect("a one-brick map").placeholder();
         let core = ClientCore::new(placeholder, config, id, self.instant());
         self.clients.push(SimClient {
             id: c,
@@ -183,7 +182,7 @@ impl World {
     /// authority for a map when the core wants one.
     fn client_io(&mut self, c: usize) {
         if self.clients[c].core.take_map_wanted() {
-            let epoch = self.clients[c].core.map().epoch;
+            let epoch = self.clients[c].core.map().epoch();
             // `rpc::fetch_map` opens a connection per fetch: a broken one is replaced.
             if !self.net.alive(self.clients[c].authority) {
                 self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);

@@ -287,17 +287,17 @@ impl World {
         if actions.map_changed {
             let map = self.authority.map().expect("a changed map exists").clone();
             if let Err(e) = map.validate() {
-                self.fail(format!("the authority published an invalid map at epoch {}: {e}", map.epoch));
+                self.fail(format!("the authority published an invalid map at epoch {}: {e}", map.epoch()));
             }
             if let Some(last) = self.maps.last() {
-                if map.epoch <= last.epoch {
-                    self.fail(format!("map epoch went from {} to {}", last.epoch, map.epoch));
+                if map.epoch() <= last.epoch() {
+                    self.fail(format!("map epoch went from {} to {}", last.epoch(), map.epoch()));
                 }
             }
             self.maps.push(map);
         }
         if !actions.copy.is_empty() {
-            let epoch = self.authority.map().expect("copying needs a map").epoch;
+            let epoch = self.authority.map().expect("copying needs a map").epoch();
             assert!(self.copy.is_none(), "the authority plans one copy at a time");
             self.copy = Some(copy::SimCopy::new(actions.copy, epoch, self.now_ms()));
             self.after(0, Event::CopyStep);
@@ -330,11 +330,11 @@ impl World {
                     Some((id, session)) => self.authority.heartbeat(id, session, epoch, now_ms),
                     None => true, // still gathering: the brick waits for the first map
                 };
-                let map = self.authority.map().filter(|m| m.epoch > epoch).cloned();
+                let map = self.authority.map().filter(|m| m.epoch() > epoch).cloned();
                 self.send_back(link, if known { Msg::MapReply { map } } else { Msg::SessionEnded });
             }
             Msg::GetMap { epoch } => {
-                let map = self.authority.map().filter(|m| m.epoch > epoch).cloned();
+                let map = self.authority.map().filter(|m| m.epoch() > epoch).cloned();
                 self.send_back(link, Msg::MapReply { map });
             }
             Msg::Frame(bytes) => self.copy_receive(link, bytes),
@@ -470,12 +470,12 @@ impl World {
         let want = self.shape.replicas.min(up.len());
         self.copy.is_none()
             && up.len() == self.bricks.len()
-            && up.iter().all(|b| map.bricks.contains_key(b))
-            && map.bricks.len() == up.len()
-            && map.joining.is_empty()
-            && map.leaving.is_empty()
-            && map.groups.values().all(|g| g.len() == want)
-            && self.bricks.iter().all(|b| b.settled(map.epoch))
+            && up.iter().all(|b| map.bricks().contains_key(b))
+            && map.bricks().len() == up.len()
+            && map.joining().is_empty()
+            && map.leaving().is_empty()
+            && map.groups().values().all(|g| g.len() == want)
+            && self.bricks.iter().all(|b| b.settled(map.epoch()))
             && self.clients.iter().all(|c| c.idle())
     }
 
@@ -499,22 +499,22 @@ impl World {
         for b in &self.bricks {
             if !b.serving() {
                 why.push(format!("brick {:?} not serving ({})", b.id, b.state_name()));
-            } else if !b.settled(map.epoch) {
-                why.push(format!("brick {:?} unsettled ({})", b.id, b.unsettled(map.epoch)));
+            } else if !b.settled(map.epoch()) {
+                why.push(format!("brick {:?} unsettled ({})", b.id, b.unsettled(map.epoch())));
             }
         }
         if self.copy.is_some() {
             why.push("a copy is running".into());
         }
-        if !map.joining.is_empty() || !map.leaving.is_empty() {
-            why.push(format!("joining {:?} leaving {:?}", map.joining.len(), map.leaving.len()));
+        if !map.joining().is_empty() || !map.leaving().is_empty() {
+            why.push(format!("joining {:?} leaving {:?}", map.joining().len(), map.leaving().len()));
         }
         for c in &self.clients {
             if !c.idle() {
                 why.push(format!("client {} has {} operations open", c.id, c.core.in_flight()));
             }
         }
-        why.push(format!("epoch {}, {} bricks in the map", map.epoch, map.bricks.len()));
+        why.push(format!("epoch {}, {} bricks in the map", map.epoch(), map.bricks().len()));
         why.join("; ")
     }
 

@@ -187,7 +187,7 @@ impl TestCluster {
 
     /// Whether the authority's map still holds the brick whose core 0 is at `addr`.
     pub fn authority_holds(&self, addr: std::net::SocketAddr) -> bool {
-        self.authority_map().bricks.values().any(|a| a.cores[0] == addr)
+        self.authority_map().bricks().values().any(|a| a.cores[0] == addr)
     }
 }
 
