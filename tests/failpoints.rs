@@ -1,7 +1,8 @@
 //! Failpoints in the real binary's I/O paths (`--features failpoints`; `ci/test.sh` runs
 //! this file so): a panic in a core thread ends the brick process at once and the
 //! authority removes it; a failed fsync or log write stops the brick with the error; lost
-//! heartbeats fence it and get it removed. The brick processes inherit `FAILPOINTS` from
+//! heartbeats fence it and get it removed; lost copy chunks are retried by the
+//! authority's copy driver and the new replica ends with every value. The brick processes inherit `FAILPOINTS` from
 //! `dds cluster up` / `restart`.
 #![cfg(feature = "failpoints")]
 
@@ -100,4 +101,35 @@ fn lost_heartbeats_fence_a_brick_and_get_it_removed() {
     assert!(!cluster.authority_holds(b.addr), "the authority still holds the silent brick");
     let mut client = cluster.client();
     client.put(b"k", b"v").expect("the rest of the cluster takes writes");
+}
+
+#[test]
+fn lost_copy_chunks_are_retried_and_the_new_replica_holds_every_value() {
+    let dir = tempfile::Builder::new().prefix("dds-fp-").tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    // The authority's first three snapshot requests (probes or chunks) are lost.
+    dds_with("rpc-snapshot-chunk=3*return->off", &["cluster", "up", "--dir", &d, "--bricks", "3", "--cores", "1", "--replicas", "2"]);
+    let cluster = TestCluster { dir, down: false };
+    let mut client = cluster.client();
+    common::write_all(&mut client, "copy", 500);
+    // Brick 1 dies and comes back under a new id: its partitions are copied to it.
+    common::run_ok(&["cluster", "kill", "--dir", &d, "--brick", "1"]);
+    common::run_ok(&["cluster", "restart", "--dir", &d, "--brick", "1"]);
+    let back = cluster.file().bricks[1].addr;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map = cluster.authority_map();
+        let id = map.bricks().iter().find(|(_, a)| a.cores[0] == back).map(|(id, _)| *id);
+        if id.is_some_and(|id| map.partitions_of(id).count() > 0) && map.joining().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the copy to the restarted brick never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let meta_log = std::fs::read_to_string(cluster.file().meta.dir.join("meta.log")).unwrap_or_default();
+    assert!(meta_log.contains("failpoint") && meta_log.contains("retrying"), "the lost chunks were not retried:\n{meta_log}");
+    // Brick 0 dies: what it shared with brick 1 is now served by the copy alone.
+    common::run_ok(&["cluster", "kill", "--dir", &d, "--brick", "0"]);
+    let mut client = cluster.client();
+    common::check_all(&mut client, "copy", 500);
 }
