@@ -57,10 +57,14 @@ enum Phase {
     /// prepared, and said so).
     Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
     /// Phase two: waiting for every participant still in the map to acknowledge.
-    /// `unsure`: an abort that a participant which may have committed in doubt (it
-    /// did not vote no) left the map without acknowledging: retrying could apply the
-    /// write twice, so the operation ends `Unknown` instead.
-    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, unsure: bool },
+    /// `unsure`: an abort that a participant which may have committed in doubt (it did
+    /// not vote no) left the map without acknowledging; retrying could apply the write
+    /// twice (its peers may have committed it in doubt once the no voter left too), so
+    /// the live participants are asked first (`Confirm`), unless `confirmed`: the
+    /// abort came from there, on a live participant's "aborted" (a fenced brick does
+    /// not answer, so the answer proves it is still a member, and while it is, no one
+    /// can commit in doubt).
+    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, unsure: bool, confirmed: bool },
 }
 
 pub(crate) struct OpState {
@@ -450,7 +454,8 @@ impl ClientCore {
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
         let unsure = !commit && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
-        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, unsure };
+        let confirmed = matches!(op.phase, Phase::Confirm { .. });
+        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, unsure, confirmed };
         op.timer = None;
         if !commit {
             self.stats.aborts += 1;
@@ -475,7 +480,7 @@ impl ClientCore {
     /// Completes (commit) or retries (abort) once every live participant acknowledged.
     fn finish_decide(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Decide { txid, pending, commit, votes, unsure, .. } = &mut op.phase else { return };
+        let Phase::Decide { txid, pending, commit, votes, unsure, confirmed, participants } = &mut op.phase else { return };
         let map = &self.map;
         let before = pending.len();
         pending.retain(|b| map.bricks().contains_key(b));
@@ -483,11 +488,12 @@ impl ClientCore {
         if !pending.is_empty() {
             return;
         }
-        if *unsure {
-            let timeout_ms = self.config.op_timeout.as_millis() as u64;
-            let why = format!("{txid} was aborted here, but a participant that may have committed it in doubt left the map unanswered");
-            let err = ClientError::Unknown { op: op.name(), timeout_ms, why };
-            return self.complete(token, Err(err));
+        if *unsure && !*confirmed {
+            op.why = format!("{txid}: aborted, but a participant that may hold it prepared left the map unanswered");
+            let (txid, participants, votes) = (*txid, std::mem::take(participants), std::mem::take(votes));
+            op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
+            op.timer = None;
+            return self.ask_live(token);
         }
         if *commit {
             let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
