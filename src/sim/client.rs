@@ -43,6 +43,8 @@ pub(crate) struct SimClient {
     next_issue: Micros,
     /// Operations that succeeded, ended `Unknown`, or failed (timed out, refused).
     pub outcomes: [u64; 3],
+    /// Its process is stopped until then: what reaches it waits.
+    pub paused_until: Micros,
 }
 
 impl SimClient {
@@ -86,6 +88,7 @@ impl World {
             map_asked: None,
             next_issue: 0,
             outcomes: [0; 3],
+            paused_until: 0,
         });
         self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
     }
@@ -259,7 +262,11 @@ impl World {
                     }
                     return;
                 }
-                let key = key_name(self.rng.random_range(0..keys));
+                let mut key = key_name(self.rng.random_range(0..keys));
+                if idle_reader && self.rng.random_bool(0.95) {
+                    // What another client has just written: the read that must see it.
+                    key = self.last_written.clone().unwrap_or(key);
+                }
                 let roll: f64 = self.rng.random();
                 let kind = if idle_reader {
                     Kind::Get
@@ -326,6 +333,9 @@ impl World {
             (Kind::Put(_) | Kind::Remove, Err(_)) => None,
             (_, Ok(other)) => unreachable!("{kind:?} answered {other:?}"),
         };
+        if matches!(seen, Some(Seen::Write(_))) {
+            self.last_written = Some(key.clone());
+        }
         if let Some(event) = seen {
             let complete = self.now;
             self.clients[c].history.push(Operation { key, event, invoke, complete });

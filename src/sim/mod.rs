@@ -158,7 +158,7 @@ impl Shape {
             pause_max_ms: pick(rng, &[100.0, 800.0, 3000.0]) as u64,
             pause_past_removal_p: if pauses_only { 0.5 } else { pick(rng, &[0.0, 0.5]) },
             pauses_only,
-            suspect_after_ms: pick(rng, &[300.0, 2000.0, 10_000.0]) as u64,
+            suspect_after_ms: pick(rng, if pauses_only { &[2000.0, 10_000.0] } else { &[300.0, 2000.0, 10_000.0] }) as u64,
             idle_reader: pauses_only || rng.random_bool(0.25),
             power_loss_p: if options.durability == Durability::Memory { 0.0 } else { pick(rng, &[0.0, 0.5, 1.0]) },
             outage_p: pick(rng, &[0.0, 0.3]),
@@ -237,6 +237,8 @@ pub(crate) struct World {
     faults_on: bool,
     /// A power outage waits for its worst moment (`outage_check`).
     outage_armed: bool,
+    /// The key of the last write a client saw acknowledged (the idle reader reads it).
+    last_written: Option<Vec<u8>>,
     /// Set when a check fails during the run.
     failure: Option<String>,
     trace: Vec<String>,
@@ -362,6 +364,9 @@ impl World {
                     Endpoint::Authority => self.authority_receive(link, msg),
                     Endpoint::Brick(b) => self.brick_receive(b, link, msg),
                     Endpoint::Client(c) => {
+                        if let Some(at) = self.client_paused(c) {
+                            return self.schedule(at, Event::Deliver { link, to, msg });
+                        }
                         self.client_receive(c, link, msg);
                         self.outage_check();
                     }
@@ -370,7 +375,10 @@ impl World {
             Event::LinkDown { link, to } => match to {
                 Endpoint::Authority => self.authority_link_down(link),
                 Endpoint::Brick(b) => self.brick_link_down(b, link),
-                Endpoint::Client(c) => self.client_link_down(c, link),
+                Endpoint::Client(c) => match self.client_paused(c) {
+                    Some(at) => self.schedule(at, Event::LinkDown { link, to }),
+                    None => self.client_link_down(c, link),
+                },
             },
             Event::AuthorityTick => self.authority_tick(),
             Event::CopyStep => self.copy_step(),
@@ -379,7 +387,10 @@ impl World {
             Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
             Event::Restart { brick } => self.restart(brick),
-            Event::ClientWake { client } => self.client_wake(client),
+            Event::ClientWake { client } => match self.client_paused(client) {
+                Some(at) => self.schedule(at, Event::ClientWake { client }),
+                None => self.client_wake(client),
+            },
             Event::Fault => self.fault(),
             Event::HealPartition => {
                 self.net.heal();
@@ -410,6 +421,13 @@ impl World {
             self.after(heal_ms * MS, Event::HealPartition);
         } else if !self.bricks[b].is_up() {
             self.restart(b);
+        } else if roll < 0.1 && !self.shape.pauses_only {
+            // A client process stops (a GC pause, a stalled VM) with its transactions
+            // half done: prepared writes wait for its decision, or for their peers.
+            let c = self.rng.random_range(0..self.clients.len());
+            let ms = self.rng.random_range(10..=800);
+            self.note(format!("client {c} pauses for {ms} ms"));
+            self.clients[c].paused_until = self.clients[c].paused_until.max(self.now + ms * MS);
         } else if roll < 0.6 && !self.shape.pauses_only {
             let power_loss = self.rng.random_bool(self.shape.power_loss_p);
             if power_loss && self.rng.random_bool(self.shape.outage_p) {
@@ -431,6 +449,12 @@ impl World {
         let every = self.shape.fault_every_ms;
         let next = self.rng.random_range(every / 2..=every * 3 / 2).max(1);
         self.after(next * MS, Event::Fault);
+    }
+
+    /// When paused client `c` resumes, if it is paused now.
+    fn client_paused(&self, c: usize) -> Option<Micros> {
+        let until = self.clients[c].paused_until;
+        (until > self.now).then_some(until)
     }
 
     /// An armed outage strikes every brick at the worst moment: just as a client has an
@@ -570,6 +594,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
         clients: Vec::new(),
         faults_on: true,
         outage_armed: false,
+        last_written: None,
         failure: None,
         trace: Vec::new(),
         events: 0,
