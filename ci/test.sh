@@ -43,14 +43,14 @@ bash ci/sim.sh --seeds 200 --start 1000000 --twice 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 300 --partitions 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 1000 --durability memory 2>&1 | tee -a "$LOG"
 
-step "simulator: each planted bug, and frames duplicated within a connection, must fail the checkers (500 seeds; the two shell bugs that need a rarer interleaving, 2,000)"
+step "simulator: each planted bug, and frames duplicated within a connection, must fail the checkers (500 seeds; rarer interleavings: raw network 5,000, skip-probe and stale-lease 20,000)"
 for mutation in read-uncommitted skip-sync lost-commit early-replies; do
   bash ci/sim.sh --seeds 500 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
 done
 for mutation in skip-probe stale-lease; do
-  bash ci/sim.sh --seeds 2000 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
+  bash ci/sim.sh --seeds 20000 --mutation "$mutation" --expect-failure 2>&1 | tail -n 4
 done
-bash ci/sim.sh --seeds 500 --raw-network --expect-failure 2>&1 | tail -n 4
+bash ci/sim.sh --seeds 5000 --raw-network --expect-failure 2>&1 | tail -n 4
 
 step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
 bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"

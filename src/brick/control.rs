@@ -54,9 +54,16 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Fences the cores now if the lease says so (before the session is dropped).
+    fn raise_fence(&self, lease: &Lease) {
+        if lease.fenced() {
+            self.fenced.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Publishes the lease to the cores: it runs `LEASE_MS` from `lease.lease_from_ms()`;
     /// a fence goes up before anything the caller does next (dropping the session).
-    fn publish(&self, lease: &Lease) {
+    pub fn publish(&self, lease: &Lease) {
         if lease.fenced() {
             self.fenced.store(true, Ordering::SeqCst);
         }
@@ -206,7 +213,7 @@ fn idle(until_ms: u64, now_ms: u64) {
 /// A started brick's session with the authority, handed from `register` to the
 /// control thread.
 pub struct Session {
-    lease: Lease,
+    pub lease: Lease,
     rpc: Option<Rpc>,
     meta: SocketAddr,
 }
@@ -247,12 +254,14 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
     shared.publish(&lease);
     while !shared.stop.load(Ordering::Relaxed) {
         let step = lease.poll(shared.now_ms(), shared.refresh.swap(false, Ordering::Relaxed));
-        shared.publish(&lease);
+        // A fence goes up at once (before a `HangUp`); it comes down only after the step,
+        // so a map that came with the answer is installed before the cores serve again.
+        shared.raise_fence(&lease);
         match step {
             Step::Register { .. } | Step::Beat { .. } => {
                 let answer = call(&step, &mut rpc, meta, addr);
                 lease.answer(answer, shared.now_ms());
-                shared.publish(&lease);
+                shared.raise_fence(&lease);
             }
             Step::HangUp => rpc = None,
             Step::Keep(id) => unreachable!("{id}: a serving brick keeps its id or stops"),
@@ -270,6 +279,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
                 return stop_removed(shared);
             }
         }
+        shared.publish(&lease);
     }
 }
 

@@ -212,13 +212,14 @@ impl Lease {
                     return;
                 }
                 self.lease_from_ms = self.lease_from_ms.max(sent_ms);
-                if now_ms.saturating_sub(self.lease_from_ms) <= LEASE_MS && self.fenced {
-                    self.fenced = false;
-                    self.out.push_back(Step::Note("in touch with the map authority again: serving".into()));
-                }
+                // The newer map first: the shell installs it before it lowers a fence.
                 if let Some(map) = map.filter(|m| m.epoch() > self.epoch) {
                     self.epoch = map.epoch();
                     self.out.push_back(Step::Install(map));
+                }
+                if now_ms.saturating_sub(self.lease_from_ms) <= LEASE_MS && self.fenced {
+                    self.fenced = false;
+                    self.out.push_back(Step::Note("in touch with the map authority again: serving".into()));
                 }
             }
             (Asked::Beat { .. }, Answer::Refused(why)) if self.phase == Phase::Serving => {

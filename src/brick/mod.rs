@@ -267,7 +267,10 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         Some(meta) => {
             let (me, map, session) = control::register(meta, &config.dir, &brick_addr, started, &stop)?;
             crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch());
-            (Shared::new(me, map, started, Arc::clone(&stop)), Some(session))
+            let shared = Shared::new(me, map, started, Arc::clone(&stop));
+            // The cores start before the control thread: they serve by this lease.
+            shared.publish(&session.lease);
+            (shared, Some(session))
         }
         None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), started, Arc::clone(&stop)), None),
     };

@@ -331,14 +331,17 @@ impl ClientCore {
                 op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
-            Phase::Decide { pending, commit, unsure, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
+            Phase::Decide { pending, commit, unsure, confirmed, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks().contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
                     op.timer = Some(self.now + Duration::from_millis(20));
                     return;
                 }
                 if r.status.is_none() && !*commit {
+                    // A departure since any confirmation: the "aborted" it rested on
+                    // may be a member's no longer (ask again).
                     *unsure = true;
+                    *confirmed = false;
                 }
                 pending.retain(|b| *b != r.brick);
                 self.finish_decide(token);
@@ -484,7 +487,10 @@ impl ClientCore {
         let map = &self.map;
         let before = pending.len();
         pending.retain(|b| map.bricks().contains_key(b));
-        *unsure |= !*commit && pending.len() < before;
+        if !*commit && pending.len() < before {
+            *unsure = true;
+            *confirmed = false;
+        }
         if !pending.is_empty() {
             return;
         }
@@ -550,7 +556,12 @@ impl ClientCore {
                     let outcome = if op.kind == OpKind::Remove { Outcome::Removed } else { Outcome::Stored };
                     return self.complete(token, Ok(outcome));
                 }
-                Phase::Prepare { votes, .. } if votes.iter().all(|(_, v)| *v == Vote::No) && !votes.is_empty() => {
+                // Failed for sure only if every participant said no: one that did not
+                // answer may hold it prepared and commit it in doubt once the no voters
+                // have left the map.
+                Phase::Prepare { votes, participants, .. }
+                    if participants.iter().all(|p| votes.iter().any(|(b, v)| b == p && *v == Vote::No)) =>
+                {
                     ClientError::Timeout { op: name, timeout_ms, why }
                 }
                 Phase::Prepare { .. } | Phase::Confirm { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use crate::map::{BrickAddr, BrickId, ClusterMap, MapError, PartitionId};
-use crate::proto::BRICK_TIMEOUT_MS;
+use crate::proto::{BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 
 /// After a brick is removed, its partitions wait this long for it (or a new brick) to
 /// come back before they are copied to the survivors: a brick that restarts takes its
@@ -42,7 +42,15 @@ struct Seen {
     at_ms: u64,
     session: u64,
     epoch: u64,
+    /// Its session closed: it is removed once its lease has surely run out.
+    closed: bool,
 }
+
+/// A brick whose session closed is removed this long after its last heartbeat arrived:
+/// its lease runs from when that heartbeat was sent, which is earlier, so it has fenced
+/// itself by then even if the close was a reset it has not noticed (one heartbeat more
+/// for clocks that run at slightly different rates).
+pub const CLOSED_REMOVAL_MS: u64 = LEASE_MS + HEARTBEAT_MS;
 
 pub struct Authority {
     config: AuthorityConfig,
@@ -72,7 +80,7 @@ pub struct Authority {
 impl Authority {
     pub fn new(config: AuthorityConfig, map: Option<ClusterMap>, now_ms: u64) -> Authority {
         // After a restart every known brick gets a full timeout to come back.
-        let seen = map.iter().flat_map(|m| m.bricks().keys()).map(|&b| (b, Seen { at_ms: now_ms, session: 0, epoch: 0 })).collect();
+        let seen = map.iter().flat_map(|m| m.bricks().keys()).map(|&b| (b, Seen { at_ms: now_ms, session: 0, epoch: 0, closed: false })).collect();
         Authority {
             config,
             map,
@@ -134,7 +142,10 @@ impl Authority {
         self.next_fresh = self.next_fresh.max(id.0 + 1);
         let session = self.next_session;
         self.next_session += 1;
-        self.seen.insert(id, Seen { at_ms: now_ms, session, epoch: 0 });
+        // Liveness is heard in heartbeats only: a brick that registers again and again
+        // but never gets a heartbeat through is still removed on time.
+        let at_ms = self.seen.get(&id).map_or(now_ms, |s| s.at_ms);
+        self.seen.insert(id, Seen { at_ms, session, epoch: 0, closed: false });
         match &self.map {
             None => {
                 self.gathering.insert(id, addr);
@@ -179,12 +190,19 @@ impl Authority {
         }
     }
 
-    /// A brick's session closed: its process is gone (a live brick fences itself before
-    /// it drops a session), so remove it now.
+    /// A brick's session closed: its process died, or a reset cut the connection under
+    /// a brick that still serves. It is removed once its lease has surely run out
+    /// (`CLOSED_REMOVAL_MS` after its last heartbeat), unless it registers again first.
     pub fn disconnected(&mut self, id: BrickId, session: u64, now_ms: u64) -> Actions {
         let mut actions = Actions::default();
-        if self.seen.get(&id).is_some_and(|s| s.session == session) {
-            self.remove(id, "its session closed", now_ms, &mut actions);
+        if let Some(seen) = self.seen.get_mut(&id).filter(|s| s.session == session) {
+            // Not at once: a reset, not a death, may have closed it, and the brick serves
+            // until its lease runs out. (A session the authority ended by refusing a
+            // heartbeat has no `seen` entry left: its brick was removed already.)
+            seen.closed = true;
+            if now_ms.saturating_sub(seen.at_ms) > CLOSED_REMOVAL_MS {
+                self.remove(id, "its session closed", now_ms, &mut actions);
+            }
         }
         actions
     }
@@ -213,6 +231,7 @@ impl Authority {
                 if let Some(seen) = self.seen.get_mut(&id) {
                     // Try again (and say so) only after another timeout.
                     seen.at_ms = now_ms;
+                    seen.closed = false;
                 }
                 actions.notes.push(format!("cannot remove {id} ({why}): {e}"));
             }
@@ -223,6 +242,11 @@ impl Authority {
     /// replicas.
     pub fn tick(&mut self, now_ms: u64) -> Actions {
         let mut actions = Actions::default();
+        let closed: Vec<BrickId> =
+            self.seen.iter().filter(|(_, s)| s.closed && now_ms.saturating_sub(s.at_ms) > CLOSED_REMOVAL_MS).map(|(&b, _)| b).collect();
+        for id in closed {
+            self.remove(id, "its session closed", now_ms, &mut actions);
+        }
         let silent: Vec<BrickId> =
             self.seen.iter().filter(|(_, s)| now_ms.saturating_sub(s.at_ms) > BRICK_TIMEOUT_MS).map(|(&b, _)| b).collect();
         for id in silent {
@@ -415,26 +439,29 @@ mod tests {
         assert_eq!(a.map().unwrap().epoch(), 1);
         // A closed session from an older connection changes nothing.
         assert!(!a.disconnected(BrickId(1), 999, 0).map_changed);
-        let actions = a.disconnected(BrickId(1), sessions[1], 0);
+        // A closed session removes its brick once its lease has surely run out.
+        assert!(!a.disconnected(BrickId(1), sessions[1], 0).map_changed, "removed while its lease may still run");
+        assert!(!a.tick(CLOSED_REMOVAL_MS).map_changed);
+        let actions = a.tick(CLOSED_REMOVAL_MS + 1);
         assert!(actions.map_changed);
         let map = a.map().unwrap().clone();
         assert!(!map.bricks().contains_key(&BrickId(1)));
         assert!(map.groups().values().all(|g| !g.contains(&BrickId(1))));
         // Short partitions wait for the failed brick to come back.
-        assert!(a.tick(100).copy.is_empty());
+        assert!(a.tick(600).copy.is_empty());
         // Brick 1 comes back: it was declared dead, so it joins empty under a new id, and
         // every short partition is copied to the least loaded brick outside its group,
         // the newcomer first.
         let short = a.map().unwrap().groups().values().filter(|g| g.len() < 2).count();
-        let (again, session3, actions) = a.register(Some(1), addr(1), 200).unwrap();
+        let (again, session3, actions) = a.register(Some(1), addr(1), 700).unwrap();
         assert_eq!(again, BrickId(3), "a removed brick's id is never given again");
         assert!(actions.map_changed);
-        let actions = a.tick(300);
+        let actions = a.tick(800);
         assert_eq!(actions.copy.len(), short);
         assert!(actions.copy.iter().filter(|(_, b)| *b == BrickId(3)).count() >= short / 2);
         let joining = a.map().unwrap().clone();
         assert!(actions.copy.iter().all(|(p, b)| joining.is_joining(*p, *b)));
-        assert!(a.tick(400).copy.is_empty(), "one plan at a time");
+        assert!(a.tick(900).copy.is_empty(), "one plan at a time");
         let done = a.copied(&actions.copy);
         assert!(done.map_changed);
         let map = a.map().unwrap();
