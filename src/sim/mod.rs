@@ -434,7 +434,9 @@ impl World {
                 self.outage_armed = true;
             } else {
                 self.crash(b, if power_loss { "power loss" } else { "process crash" }, power_loss);
-                let down_ms = self.rng.random_range(50..=4000);
+                // Often a supervisor restarts it at once: back before the authority's
+                // removal, it keeps its id, and what was sent to it meanwhile is lost.
+                let down_ms = if self.rng.random_bool(0.4) { self.rng.random_range(20..=400) } else { self.rng.random_range(50..=4000) };
                 self.after(down_ms * MS, Event::Restart { brick: b });
             }
         } else {
