@@ -61,12 +61,10 @@ impl Shared {
         }
     }
 
-    /// Publishes the lease to the cores: it runs `LEASE_MS` from `lease.lease_from_ms()`;
-    /// a fence goes up before anything the caller does next (dropping the session).
+    /// Publishes the lease to the cores: it runs `LEASE_MS` from `lease.lease_from_ms()`,
+    /// and a fence it holds goes up before the lease moves.
     pub fn publish(&self, lease: &Lease) {
-        if lease.fenced() {
-            self.fenced.store(true, Ordering::SeqCst);
-        }
+        self.raise_fence(lease);
         self.lease_ok_ms.store(lease.lease_from_ms(), Ordering::Release);
         if !lease.fenced() {
             self.fenced.store(false, Ordering::SeqCst);
@@ -285,12 +283,11 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
 
 /// The authority removed this brick while it ran (a long pause, a broken session):
 /// fence, and stop the whole brick. It is dead to the cluster; started again, it
-/// rejoins as a new brick with a new id.
+/// rejoins as a new brick with a new id. (The lease's `Stop` says why, in the log.)
 fn stop_removed(shared: &Shared) {
     shared.fenced.store(true, Ordering::SeqCst);
     shared.removed.store(true, Ordering::SeqCst);
     shared.stop.store(true, Ordering::SeqCst);
-    crate::log!("brick", "{} was removed from the cluster by the map authority: stopping", shared.me);
 }
 
 /// The map of a brick that runs alone (no authority): one brick, one replica, epoch 1.

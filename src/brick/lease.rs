@@ -117,15 +117,6 @@ impl Lease {
         self.lease_from_ms
     }
 
-    pub fn has_session(&self) -> bool {
-        self.session
-    }
-
-    /// A call is out: no `poll` until its `answer`.
-    pub fn asking(&self) -> bool {
-        self.asked.is_some()
-    }
-
     fn fence(&mut self, why: &str) {
         if !self.fenced {
             self.fenced = true;
@@ -178,17 +169,12 @@ impl Lease {
     /// The answer to the last `Register` or `Beat`.
     pub fn answer(&mut self, answer: Answer, now_ms: u64) {
         let asked = self.asked.take().expect("the lease got an answer it did not ask for");
-        // An answer of the other call's kind is a malformed reply, as `Rpc::call` takes
-        // a reply to another request: the session is as good as lost.
-        let answer = match (asked, answer) {
-            (Asked::Register, Answer::Map(_) | Answer::Refused(_)) | (Asked::Beat { .. }, Answer::Registered(_)) => Answer::Lost("an answer to another call".into()),
-            (_, answer) => answer,
-        };
         match (asked, answer) {
             (Asked::Register, Answer::Registered(id)) => {
                 if self.phase == Phase::Serving && self.id != Some(BrickId(id)) {
                     // A new id: the authority had removed this brick. Fail-stop.
-                    return self.stop(format!("{:?} was removed from the cluster by the map authority: stopping", self.id));
+                    let me = self.id.map_or("this brick".to_string(), |id| id.to_string());
+                    return self.stop(format!("{me} was removed from the cluster by the map authority (it was given a new id): stopping"));
                 }
                 self.session = true;
                 if self.id != Some(BrickId(id)) {
@@ -227,11 +213,16 @@ impl Lease {
                 // (declared dead) and others may have taken over its partitions.
                 self.stop(format!("heartbeat refused ({why}): removed from the cluster by the map authority: stopping"));
             }
-            (_, Answer::Refused(why) | Answer::Lost(why)) => {
-                self.last_error = why;
+            // Refused or lost; or an answer of the other call's kind, a malformed reply
+            // (as `Rpc::call` takes a reply to another request): the session is lost.
+            (_, other) => {
+                self.last_error = match other {
+                    Answer::Refused(why) | Answer::Lost(why) => why,
+                    _ => "an answer to another call".into(),
+                };
                 if self.phase == Phase::Serving && self.session {
-                    // Fence before the connection drops: the authority takes a closed
-                    // session for a dead brick and may write without it at once.
+                    // Fence before the connection drops: the authority removes a brick
+                    // whose session closed once its lease may have run out.
                     self.fence("lost the map authority's session: fenced until it answers again");
                 }
                 if self.phase == Phase::AwaitingMap {
@@ -241,7 +232,6 @@ impl Lease {
                 self.session = false;
                 self.out.push_back(Step::HangUp);
             }
-            (Asked::Register, Answer::Map(_)) | (Asked::Beat { .. }, Answer::Registered(_)) => unreachable!("mapped to Lost above"),
         }
     }
 }

@@ -57,14 +57,14 @@ enum Phase {
     /// prepared, and said so).
     Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
     /// Phase two: waiting for every participant still in the map to acknowledge.
-    /// `unsure`: an abort that a participant which may have committed in doubt (it did
-    /// not vote no) left the map without acknowledging; retrying could apply the write
-    /// twice (its peers may have committed it in doubt once the no voter left too), so
-    /// the live participants are asked first (`Confirm`), unless `confirmed`: the
+    /// `reconfirm`: an abort that a participant which may have committed in doubt (it
+    /// did not vote no) left the map without acknowledging; retrying could apply the
+    /// write twice (its peers may have committed it in doubt once the no voter left
+    /// too), so the live participants are asked first (`Confirm`). Not set when the
     /// abort came from there, on a live participant's "aborted" (a fenced brick does
     /// not answer, so the answer proves it is still a member, and while it is, no one
-    /// can commit in doubt).
-    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, unsure: bool, confirmed: bool },
+    /// can commit in doubt), unless a participant leaves after that.
+    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, reconfirm: bool },
 }
 
 pub(crate) struct OpState {
@@ -331,7 +331,7 @@ impl ClientCore {
                 op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
-            Phase::Decide { pending, commit, unsure, confirmed, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
+            Phase::Decide { pending, commit, reconfirm, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
                 if r.status.is_none() && self.map.bricks().contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
                     op.timer = Some(self.now + Duration::from_millis(20));
@@ -340,8 +340,7 @@ impl ClientCore {
                 if r.status.is_none() && !*commit {
                     // A departure since any confirmation: the "aborted" it rested on
                     // may be a member's no longer (ask again).
-                    *unsure = true;
-                    *confirmed = false;
+                    *reconfirm = true;
                 }
                 pending.retain(|b| *b != r.brick);
                 self.finish_decide(token);
@@ -456,9 +455,9 @@ impl ClientCore {
         let gone = |b: &BrickId| !map.bricks().contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
-        let unsure = !commit && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
         let confirmed = matches!(op.phase, Phase::Confirm { .. });
-        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, unsure, confirmed };
+        let reconfirm = !commit && !confirmed && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
+        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, reconfirm };
         op.timer = None;
         if !commit {
             self.stats.aborts += 1;
@@ -483,18 +482,15 @@ impl ClientCore {
     /// Completes (commit) or retries (abort) once every live participant acknowledged.
     fn finish_decide(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Decide { txid, pending, commit, votes, unsure, confirmed, participants } = &mut op.phase else { return };
+        let Phase::Decide { txid, pending, commit, votes, reconfirm, participants } = &mut op.phase else { return };
         let map = &self.map;
         let before = pending.len();
         pending.retain(|b| map.bricks().contains_key(b));
-        if !*commit && pending.len() < before {
-            *unsure = true;
-            *confirmed = false;
-        }
+        *reconfirm |= !*commit && pending.len() < before;
         if !pending.is_empty() {
             return;
         }
-        if *unsure && !*confirmed {
+        if *reconfirm {
             op.why = format!("{txid}: aborted, but a participant that may hold it prepared left the map unanswered");
             let (txid, participants, votes) = (*txid, std::mem::take(participants), std::mem::take(votes));
             op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };

@@ -189,6 +189,19 @@ impl TestCluster {
     pub fn authority_holds(&self, addr: std::net::SocketAddr) -> bool {
         self.authority_map().bricks().values().any(|a| a.cores[0] == addr)
     }
+
+    /// Waits until the authority's map no longer holds the brick whose core 0 is at
+    /// `addr`; false if it still does after `within`.
+    pub fn authority_drops(&self, addr: std::net::SocketAddr, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.authority_holds(addr) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
 }
 
 /// Waits until `pid` has exited, polling every `poll`; false if it still runs after
