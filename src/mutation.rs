@@ -20,11 +20,22 @@ pub enum Mutation {
     /// The copy driver starts copying without probing the group's members for writes
     /// prepared under an older epoch.
     SkipProbe = 6,
+    /// A read of a key with a prepared, undecided write returns the committed value at
+    /// once instead of waiting for the decision: since a write is reported once every
+    /// replica has prepared it, that value may be older than a reported write.
+    ReadPastPrepared = 7,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 6] =
-        [Mutation::ReadUncommitted, Mutation::SkipSync, Mutation::LostCommit, Mutation::StaleLease, Mutation::EarlyReplies, Mutation::SkipProbe];
+    pub const ALL: [Mutation; 7] = [
+        Mutation::ReadUncommitted,
+        Mutation::SkipSync,
+        Mutation::LostCommit,
+        Mutation::StaleLease,
+        Mutation::EarlyReplies,
+        Mutation::SkipProbe,
+        Mutation::ReadPastPrepared,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,6 +45,7 @@ impl Mutation {
             Mutation::StaleLease => "stale-lease",
             Mutation::EarlyReplies => "early-replies",
             Mutation::SkipProbe => "skip-probe",
+            Mutation::ReadPastPrepared => "read-past-prepared",
         }
     }
 

@@ -23,8 +23,8 @@ struct Args {
     /// Run this one seed and print its trace (what the failure line's command does).
     #[arg(long)]
     seed: Option<u64>,
-    /// Plant a protocol bug: read-uncommitted, skip-sync, lost-commit, stale-lease or
-    /// early-replies.
+    /// Plant a protocol bug: read-uncommitted, skip-sync, lost-commit, stale-lease,
+    /// early-replies, skip-probe or read-past-prepared.
     #[arg(long)]
     mutation: Option<String>,
     /// Allow network partitions (outside the design's assumptions).

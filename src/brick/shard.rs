@@ -407,7 +407,8 @@ impl Shard {
                                 return reply(Status::Ok, &p.value);
                             }
                         }
-                        if let Some(p) = self.prepared.get_mut(request.key) {
+                        let past = crate::mutation::active(crate::mutation::Mutation::ReadPastPrepared);
+                        if let Some(p) = self.prepared.get_mut(request.key).filter(|_| !past) {
                             if p.waiters.len() >= WAITERS_MAX {
                                 return reply(Status::Unavailable, b"too many reads wait for this key's pending write");
                             }

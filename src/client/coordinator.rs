@@ -56,15 +56,16 @@ enum Phase {
     /// while in doubt may have aborted it on the word of the departed one (which never
     /// prepared, and said so).
     Confirm { txid: TxId, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, answers: Vec<(BrickId, Option<TxState>)> },
-    /// Phase two: waiting for every participant still in the map to acknowledge.
-    /// `reconfirm`: an abort that a participant which may have committed in doubt (it
-    /// did not vote no) left the map without acknowledging; retrying could apply the
+    /// An abort sent: waiting for every participant still in the map to acknowledge it
+    /// (a commit is not waited for: see `decide`). `reconfirm`: a participant which
+    /// may have committed in doubt (it did not vote no) left the map without
+    /// acknowledging; retrying could apply the
     /// write twice (its peers may have committed it in doubt once the no voter left
     /// too), so the live participants are asked first (`Confirm`). Not set when the
     /// abort came from there, on a live participant's "aborted" (a fenced brick does
     /// not answer, so the answer proves it is still a member, and while it is, no one
     /// can commit in doubt), unless a participant leaves after that.
-    Decide { txid: TxId, commit: bool, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, reconfirm: bool },
+    Abort { txid: TxId, pending: Vec<BrickId>, participants: Vec<BrickId>, votes: Vec<(BrickId, Vote)>, reconfirm: bool },
 }
 
 pub(crate) struct OpState {
@@ -131,6 +132,16 @@ impl OpState {
 /// The error for a write whose message was lost: `Unknown`, it may have been applied.
 fn lost_write(op: &OpState, config: &super::ClientConfig, why: String) -> ClientError {
     ClientError::Unknown { op: op.name(), timeout_ms: config.op_timeout.as_millis() as u64, why }
+}
+
+/// What a committed write reports: a remove says whether the key existed.
+fn outcome_of(kind: OpKind, votes: &[(BrickId, Vote)]) -> Outcome {
+    let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
+    match kind {
+        OpKind::Remove if !existed => Outcome::NotFound,
+        OpKind::Remove => Outcome::Removed,
+        _ => Outcome::Stored,
+    }
 }
 
 /// The vote a prepare's reply amounts to.
@@ -320,7 +331,7 @@ impl ClientCore {
                 answers.push((r.brick, state));
                 self.confirm(token);
             }
-            Phase::Decide { txid, commit: false, participants, votes, .. } if r.op == Op::Abort && matches!(r.status, Some(Status::Conflict | Status::NotFound)) => {
+            Phase::Abort { txid, participants, votes, .. } if r.op == Op::Abort && matches!(r.status, Some(Status::Conflict | Status::NotFound)) => {
                 // The participant committed the transaction while in doubt (`NotFound`:
                 // not aborted there) or keeps it prepared because a participant left
                 // the map (`Conflict`): the live participants decide it among
@@ -331,19 +342,19 @@ impl ClientCore {
                 op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
                 op.timer = Some(self.now + Duration::from_millis(20));
             }
-            Phase::Decide { pending, commit, reconfirm, .. } if matches!(r.op, Op::Commit | Op::Abort) => {
+            Phase::Abort { pending, reconfirm, .. } if r.op == Op::Abort => {
                 if r.status.is_none() && self.map.bricks().contains_key(&r.brick) {
                     // Still a member: the timer tells it again on a new connection.
                     op.timer = Some(self.now + Duration::from_millis(20));
                     return;
                 }
-                if r.status.is_none() && !*commit {
+                if r.status.is_none() {
                     // A departure since any confirmation: the "aborted" it rested on
                     // may be a member's no longer (ask again).
                     *reconfirm = true;
                 }
                 pending.retain(|b| *b != r.brick);
-                self.finish_decide(token);
+                self.finish_abort(token);
             }
             _ => {} // a reply from an earlier attempt
         }
@@ -443,7 +454,10 @@ impl ClientCore {
     }
 
     /// Phase two: sends the decision to every participant that may hold the prepare and
-    /// is alive.
+    /// is alive. A commit completes the write at once: every participant still in the
+    /// map holds it prepared and durable, and from there the only outcome any of them
+    /// can reach, with this client or without it, is commit (ARCHITECTURE.md, "One
+    /// round trip"). Reads of the key wait at each replica until the decision lands.
     fn decide(&mut self, token: u64, txid: TxId, participants: Vec<BrickId>, commit: bool) {
         let Some(op) = self.ops.get_mut(&token) else { return };
         let map = &self.map;
@@ -455,18 +469,22 @@ impl ClientCore {
         let gone = |b: &BrickId| !map.bricks().contains_key(b);
         let pending: Vec<BrickId> =
             participants.iter().copied().filter(|b| !gone(b) && (commit || vote(b) != Some(Vote::No))).collect();
-        let confirmed = matches!(op.phase, Phase::Confirm { .. });
-        let reconfirm = !commit && !confirmed && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
-        op.phase = Phase::Decide { txid, commit, pending: pending.clone(), participants, votes, reconfirm };
-        op.timer = None;
-        if !commit {
-            self.stats.aborts += 1;
-        }
         let key = op.key.clone();
-        let wire = if commit { Op::Commit } else { Op::Abort };
+        if commit {
+            let outcome = outcome_of(op.kind, &votes);
+            for b in pending {
+                self.send_decision(b, &key, &txid.to_bytes());
+            }
+            return self.complete(token, Ok(outcome));
+        }
+        let confirmed = matches!(op.phase, Phase::Confirm { .. });
+        let reconfirm = !confirmed && participants.iter().any(|b| gone(b) && vote(b) != Some(Vote::No));
+        op.phase = Phase::Abort { txid, pending: pending.clone(), participants, votes, reconfirm };
+        op.timer = None;
+        self.stats.aborts += 1;
         let mut unreachable = Vec::new();
         for b in pending {
-            if self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
+            if self.send(token, b, Op::Abort, &key, &txid.to_bytes()).is_err() {
                 unreachable.push(b);
             }
         }
@@ -476,17 +494,17 @@ impl ClientCore {
             }
             self.fetch_map();
         }
-        self.finish_decide(token);
+        self.finish_abort(token);
     }
 
-    /// Completes (commit) or retries (abort) once every live participant acknowledged.
-    fn finish_decide(&mut self, token: u64) {
+    /// Retries an abort once every live participant acknowledged it.
+    fn finish_abort(&mut self, token: u64) {
         let Some(op) = self.ops.get_mut(&token) else { return };
-        let Phase::Decide { txid, pending, commit, votes, reconfirm, participants } = &mut op.phase else { return };
+        let Phase::Abort { txid, pending, votes, reconfirm, participants } = &mut op.phase else { return };
         let map = &self.map;
         let before = pending.len();
         pending.retain(|b| map.bricks().contains_key(b));
-        *reconfirm |= !*commit && pending.len() < before;
+        *reconfirm |= pending.len() < before;
         if !pending.is_empty() {
             return;
         }
@@ -497,18 +515,8 @@ impl ClientCore {
             op.timer = None;
             return self.ask_live(token);
         }
-        if *commit {
-            let existed = votes.iter().any(|(_, v)| matches!(v, Vote::Yes(true)));
-            let outcome = match op.kind {
-                OpKind::Remove if !existed => Outcome::NotFound,
-                OpKind::Remove => Outcome::Removed,
-                _ => Outcome::Stored,
-            };
-            self.complete(token, Ok(outcome));
-        } else {
-            let (attempts, why) = (op.attempts, op.why.clone());
-            self.retry_in(token, backoff(attempts, token), why);
-        }
+        let (attempts, why) = (op.attempts, op.why.clone());
+        self.retry_in(token, backoff(attempts, token), why);
     }
 
     /// A message has gone unanswered past the suspicion time: look for a newer map in
@@ -535,7 +543,7 @@ impl ClientCore {
             }
             Phase::Prepare { .. } => self.evaluate(token),
             Phase::Confirm { .. } => self.confirm(token),
-            Phase::Decide { .. } => self.finish_decide(token),
+            Phase::Abort { .. } => self.finish_abort(token),
             Phase::Idle => {}
         }
     }
@@ -547,11 +555,6 @@ impl ClientCore {
             let timeout_ms = self.config.op_timeout.as_millis() as u64;
             let (name, why) = (op.name(), std::mem::take(&mut op.why));
             let err = match &op.phase {
-                Phase::Decide { commit: true, .. } => {
-                    // Decided: the write stands; stragglers learn it from their peers.
-                    let outcome = if op.kind == OpKind::Remove { Outcome::Removed } else { Outcome::Stored };
-                    return self.complete(token, Ok(outcome));
-                }
                 // Failed for sure only if every participant said no: one that did not
                 // answer may hold it prepared and commit it in doubt once the no voters
                 // have left the map.
@@ -560,7 +563,7 @@ impl ClientCore {
                 {
                     ClientError::Timeout { op: name, timeout_ms, why }
                 }
-                Phase::Prepare { .. } | Phase::Confirm { .. } | Phase::Decide { .. } => ClientError::Unknown { op: name, timeout_ms, why },
+                Phase::Prepare { .. } | Phase::Confirm { .. } | Phase::Abort { .. } => ClientError::Unknown { op: name, timeout_ms, why },
                 Phase::Direct { .. } => ClientError::Unknown { op: name, timeout_ms, why },
                 _ => ClientError::Timeout { op: name, timeout_ms, why },
             };
@@ -577,9 +580,9 @@ impl ClientCore {
                 self.fetch_map();
                 self.ask_live(token);
             }
-            Phase::Decide { txid, commit, pending, .. } => {
+            Phase::Abort { txid, pending, .. } => {
                 // Send again to live participants whose connection broke.
-                let (txid, wire, pending) = (*txid, if *commit { Op::Commit } else { Op::Abort }, pending.clone());
+                let (txid, wire, pending) = (*txid, Op::Abort, pending.clone());
                 let key = op.key.clone();
                 self.fetch_map();
                 for b in pending {
@@ -590,7 +593,7 @@ impl ClientCore {
                         }
                     }
                 }
-                self.finish_decide(token);
+                self.finish_abort(token);
             }
             Phase::Read { brick } | Phase::Direct { brick } => {
                 // Silent: gone from the map by now? Then go elsewhere; else keep waiting.

@@ -18,6 +18,42 @@ use super::{ClientConfig, ClientError, Completion, Request};
 
 /// Frames queued per send round before the shell must drain them.
 const OUT_FRAMES_MAX: usize = 1 << 20;
+/// How long a commit decision waits for a later frame to the replicas to ride ahead of
+/// (so the replica logs it in the same round, and the same sync, as the next prepare)
+/// before it goes out alone.
+pub const DECISION_DELAY: Duration = Duration::from_micros(200);
+
+/// Frames to send, back to back, and where each starts with its destination.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    at: Vec<(SocketAddr, usize)>,
+}
+
+impl Outbox {
+    fn push(&mut self, at: SocketAddr, frame: &Frame<'_>) {
+        assert!(self.at.len() < OUT_FRAMES_MAX, "the driver never drains the client's frames");
+        self.at.push((at, self.bytes.len()));
+        encode(&mut self.bytes, frame);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Hands each frame to `send`; a link whose send fails goes in `broken` and gets
+    /// nothing more. Keeps the buffers' capacity.
+    fn drain(&mut self, send: &mut impl FnMut(SocketAddr, &[u8]) -> bool, broken: &mut Vec<SocketAddr>) {
+        for (i, &(addr, start)) in self.at.iter().enumerate() {
+            let end = self.at.get(i + 1).map_or(self.bytes.len(), |&(_, next)| next);
+            if !broken.contains(&addr) && !send(addr, &self.bytes[start..end]) {
+                broken.push(addr);
+            }
+        }
+        self.bytes.clear();
+        self.at.clear();
+    }
+}
 
 /// A message on the wire, waiting for its reply.
 pub(crate) struct Msg {
@@ -56,9 +92,12 @@ pub struct ClientCore {
     last_scan: Instant,
     last_fetch: Option<Instant>,
     map_wanted: bool,
-    /// Frames to send, back to back, and where each starts with its destination.
-    out: Vec<u8>,
-    out_at: Vec<(SocketAddr, usize)>,
+    /// Frames to send.
+    out: Outbox,
+    /// Commit decisions of writes already reported: nothing waits for their replies.
+    /// They leave ahead of the next frames, or once `decisions_due` has passed.
+    decisions: Outbox,
+    decisions_due: Option<Instant>,
     pub(crate) stats: ClientStats,
 }
 
@@ -81,8 +120,9 @@ impl ClientCore {
             last_scan: now,
             last_fetch: None,
             map_wanted: false,
-            out: Vec::new(),
-            out_at: Vec::new(),
+            out: Outbox::default(),
+            decisions: Outbox::default(),
+            decisions_due: None,
             stats: ClientStats::default(),
         }
     }
@@ -95,9 +135,11 @@ impl ClientCore {
         &self.stats
     }
 
-    /// Operations submitted and not yet taken by `take_completions`.
+    /// Operations submitted and not yet taken by `take_completions`, plus one while
+    /// commit decisions wait to be sent: a driver keeps running the core (its timers
+    /// included) until this is 0.
     pub fn in_flight(&self) -> usize {
-        self.ops.len() + self.ready.len()
+        self.ops.len() + self.ready.len() + usize::from(self.decisions_pending())
     }
 
     /// The driver's clock moves on (it never goes back).
@@ -137,42 +179,65 @@ impl ClientCore {
         std::mem::take(&mut self.map_wanted)
     }
 
-    /// Queues one message about `token` to the core of `brick` that stores `key`.
-    pub(crate) fn send(&mut self, token: u64, brick: BrickId, op: Op, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+    /// The address of the core of `brick` that stores `key`.
+    fn core_addr(&self, brick: BrickId, key: &[u8]) -> Result<SocketAddr, ClientError> {
         let addr = self.map.bricks().get(&brick).ok_or_else(|| ClientError::Protocol { brick, what: "not in the map".into() })?;
         if addr.cores.is_empty() {
             return Err(ClientError::Protocol { brick, what: "no cores in the map".into() });
         }
-        assert!(self.out_at.len() < OUT_FRAMES_MAX, "the driver never drains the client's frames");
-        let core = self.map.core_of(crate::map::key_hash(key), addr.cores.len());
-        let at = addr.cores[core];
+        Ok(addr.cores[self.map.core_of(crate::map::key_hash(key), addr.cores.len())])
+    }
+
+    fn next_request_id(&mut self) -> u64 {
         let id = self.next_msg;
         self.next_msg += 1;
-        self.out_at.push((at, self.out.len()));
-        encode(&mut self.out, &Frame { kind: Kind::Request(op), request_id: id, epoch: self.map.epoch(), key, value });
+        id
+    }
+
+    /// Queues one message about `token` to the core of `brick` that stores `key`.
+    pub(crate) fn send(&mut self, token: u64, brick: BrickId, op: Op, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        let at = self.core_addr(brick, key)?;
+        let id = self.next_request_id();
+        self.out.push(at, &Frame { kind: Kind::Request(op), request_id: id, epoch: self.map.epoch(), key, value });
         self.msgs.insert(id, Msg { addr: at, op, token, brick, sent: self.now, suspected: false });
         Ok(())
     }
 
-    /// Hands each queued frame to `send(address, frame bytes)`, in order; a `false`
-    /// return means the link cannot be made: its messages are lost.
-    pub fn drain_out(&mut self, mut send: impl FnMut(SocketAddr, &[u8]) -> bool) {
-        let (out, out_at) = (std::mem::take(&mut self.out), std::mem::take(&mut self.out_at));
-        let mut broken: Vec<SocketAddr> = Vec::new();
-        for (i, &(addr, start)) in out_at.iter().enumerate() {
-            let end = out_at.get(i + 1).map_or(out.len(), |&(_, next)| next);
-            if !broken.contains(&addr) && !send(addr, &out[start..end]) {
-                broken.push(addr);
-            }
+    /// Queues the commit of `txid` to the core of `brick` that stores `key`, for a write
+    /// already reported: no operation waits for its reply (a late reply is dropped as
+    /// any is), and if it never arrives the replica decides in doubt (all prepared).
+    pub(crate) fn send_decision(&mut self, brick: BrickId, key: &[u8], txid: &[u8]) {
+        let Ok(at) = self.core_addr(brick, key) else { return };
+        let id = self.next_request_id();
+        self.decisions.push(at, &Frame { kind: Kind::Request(Op::Commit), request_id: id, epoch: self.map.epoch(), key, value: txid });
+        self.decisions_due.get_or_insert(self.now + DECISION_DELAY);
+    }
+
+    /// Makes pending decisions due now: the next `drain_out` sends them.
+    pub fn release_decisions(&mut self) {
+        if self.decisions_pending() {
+            self.decisions_due = Some(self.now);
         }
+    }
+
+    /// Commit decisions not yet handed to the driver.
+    pub fn decisions_pending(&self) -> bool {
+        !self.decisions.is_empty()
+    }
+
+    /// Hands each queued frame to `send(address, frame bytes)`, in order; a `false`
+    /// return means the link cannot be made: its messages are lost. Pending decisions
+    /// go first, with any other frame or once they are due.
+    pub fn drain_out(&mut self, mut send: impl FnMut(SocketAddr, &[u8]) -> bool) {
+        let mut broken: Vec<SocketAddr> = Vec::new();
+        if !self.decisions.is_empty() && (!self.out.is_empty() || self.decisions_due.is_some_and(|t| t <= self.now)) {
+            self.decisions.drain(&mut send, &mut broken);
+            self.decisions_due = None;
+        }
+        self.out.drain(&mut send, &mut broken);
         for addr in broken {
             self.link_lost(addr);
         }
-        // Keep the buffers' capacity for the next round.
-        self.out = out;
-        self.out.clear();
-        self.out_at = out_at;
-        self.out_at.clear();
     }
 
     /// A frame arrived from the brick core at `from`. `Err`: it is malformed or was not
@@ -254,7 +319,8 @@ impl ClientCore {
     /// suspicions are noticed).
     pub fn next_timer(&self) -> Duration {
         let now = self.now;
-        self.ops.values().filter_map(|o| o.next_timer()).map(|t| t.saturating_duration_since(now)).min().unwrap_or(Duration::from_millis(10)).min(Duration::from_millis(10))
+        let ops = self.ops.values().filter_map(|o| o.next_timer());
+        ops.chain(self.decisions_due).map(|t| t.saturating_duration_since(now)).min().unwrap_or(Duration::from_millis(10)).min(Duration::from_millis(10))
     }
 
     pub(crate) fn complete(&mut self, token: u64, result: Result<crate::client::Outcome, ClientError>) {

@@ -228,6 +228,11 @@ impl Client {
                 self.core.install_fetched(map);
             }
         }
+        self.send_queued();
+    }
+
+    /// Opens connections and queues the core's frames, then writes them.
+    fn send_queued(&mut self) {
         self.refresh_rdma_addrs();
         let Client { core, transport, conns, addrs, rdma_addrs, .. } = self;
         let connect_timeout = core.config.connect_timeout;
@@ -284,9 +289,13 @@ impl Client {
     }
 
     /// Waits for the completion of `token`; other completions stay queued for `poll`.
+    /// A blocking call may be the caller's last for a while: the commit decisions it
+    /// leaves go out before it returns, not with a later frame.
     fn wait(&mut self, token: u64) -> Result<Outcome, ClientError> {
         loop {
             if let Some(c) = self.core.take_completion(token) {
+                self.core.release_decisions();
+                self.drive();
                 return c.result;
             }
             let timeout = self.core.next_timer();
@@ -333,5 +342,16 @@ impl Client {
     pub fn remove(&mut self, key: &[u8]) -> Result<bool, ClientError> {
         let token = self.submit(Request::Remove(key))?;
         Ok(self.wait(token)? == Outcome::Removed)
+    }
+}
+
+impl Drop for Client {
+    /// Commit decisions still queued leave now (best effort: a replica that misses one
+    /// decides in doubt), so a client that ends does not leave its last writes' keys
+    /// waiting at the replicas.
+    fn drop(&mut self) {
+        self.core.set_now(Instant::now());
+        self.core.release_decisions();
+        self.send_queued();
     }
 }
