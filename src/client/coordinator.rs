@@ -582,12 +582,12 @@ impl ClientCore {
             }
             Phase::Abort { txid, pending, .. } => {
                 // Send again to live participants whose connection broke.
-                let (txid, wire, pending) = (*txid, Op::Abort, pending.clone());
+                let (txid, pending) = (*txid, pending.clone());
                 let key = op.key.clone();
                 self.fetch_map();
                 for b in pending {
                     let on_wire = self.msgs.values().any(|m| m.token == token && m.brick == b);
-                    if self.map.bricks().contains_key(&b) && !on_wire && self.send(token, b, wire, &key, &txid.to_bytes()).is_err() {
+                    if self.map.bricks().contains_key(&b) && !on_wire && self.send(token, b, Op::Abort, &key, &txid.to_bytes()).is_err() {
                         if let Some(op) = self.ops.get_mut(&token) {
                             op.timer = Some(self.now + Duration::from_millis(20));
                         }

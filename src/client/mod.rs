@@ -295,7 +295,7 @@ impl Client {
         loop {
             if let Some(c) = self.core.take_completion(token) {
                 self.core.release_decisions();
-                self.drive();
+                self.send_queued();
                 return c.result;
             }
             let timeout = self.core.next_timer();
