@@ -27,6 +27,8 @@ fn put_get_del_through_the_cli() {
 
     let status = text(&run_ok(&["cluster", "status", "--dir", &dir]).stdout);
     assert!(status.contains("2 brick(s)") && status.matches(" up ").count() == 2, "{status}");
+    // By default a local cluster leaves placement to the kernel, and says so.
+    assert_eq!(status.lines().filter(|l| l.ends_with("  kernel")).count(), 2, "{status}");
 
     // A second `up` in the same directory is refused while the bricks run.
     let out = run(&["cluster", "up", "--dir", &dir]);
@@ -99,4 +101,20 @@ fn open_loop_bench_against_the_echo_floor() {
     let ops = report["ops"].as_u64().unwrap();
     assert!((3000..=4800).contains(&ops), "open loop at 4000/s for 1 s did {ops} ops");
     assert_eq!(report["percentiles"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn spread_placement_puts_two_bricks_on_different_cpus() {
+    let cluster = TestCluster::up_with(2, 1, &["--placement", "spread"]);
+    let status = text(&run_ok(&["cluster", "status", "--dir", &cluster.dir_arg()]).stdout);
+    let cpus: Vec<&str> = status.lines().filter(|l| l.contains(" up ")).filter_map(|l| l.split_whitespace().last()).collect();
+    let machine = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(cpus.len(), 2, "{status}");
+    if machine >= 2 {
+        assert_ne!(cpus[0], cpus[1], "two bricks share a CPU on a {machine}-CPU machine: {status}");
+    }
+    assert!(cpus.iter().all(|c| c.parse::<usize>().is_ok()), "{status}");
+    // A brick asked for a CPU it cannot run on refuses to start, saying which.
+    let out = run(&["brick", "--dir", &format!("{}/x", cluster.dir_arg()), "--cpus", "4095"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("CPU 4095 is not one this process may run on"), "{}", text(&out.stderr));
 }

@@ -62,8 +62,10 @@ pub struct BrickConfig {
     pub spin_us: u64,
     /// Never park: for dedicated hardware.
     pub busy_poll: bool,
-    /// Pin each worker to a CPU.
-    pub pin: bool,
+    /// The CPUs the brick is given: core `i` is pinned to `cpus[i % len]`, and its
+    /// io_uring workers follow it. `None` leaves placement to the kernel, which wins on
+    /// a machine the brick shares (see ARCHITECTURE.md, "Placement").
+    pub cpus: Option<Vec<usize>>,
     pub durability: Durability,
     /// One port per core, overriding `listen`'s port (a restart keeps its ports).
     pub ports: Option<Vec<u16>>,
@@ -83,6 +85,9 @@ pub struct BrickConfig {
 pub struct BrickFile {
     pub pid: u32,
     pub cores: usize,
+    /// The CPU each core is pinned to; absent when the kernel places them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Vec<usize>>,
     pub partition_bits: u8,
     /// One address per core.
     pub addrs: Vec<SocketAddr>,
@@ -92,6 +97,17 @@ pub struct BrickFile {
 }
 
 pub const BRICK_FILE: &str = "brick.json";
+
+/// How a brick's cores are placed, for its start-up line and `cluster status`.
+pub fn placement_line(cores: usize, cpus: Option<&[usize]>) -> String {
+    match cpus {
+        Some(c) if !c.is_empty() => {
+            let each: Vec<String> = (0..cores).map(|i| format!("core {i} on CPU {}", c[i % c.len()])).collect();
+            each.join(", ")
+        }
+        _ => "placement left to the kernel".into(),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrickError {
@@ -278,7 +294,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits() });
     }
     let shared = &shared;
-    let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let cpus: Vec<core_affinity::CoreId> = config.cpus.iter().flatten().map(|&id| core_affinity::CoreId { id }).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
     let results: Vec<Result<(), BrickError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = transports
@@ -298,8 +314,12 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 std::thread::Builder::new()
                     .name(format!("dds-core-{core}"))
                     .spawn_scoped(scope, move || {
+                        // Before the log's ring exists: its io_uring workers take this
+                        // thread's CPU mask when they are created.
                         if let Some(cpu) = cpu {
-                            core_affinity::set_for_current(cpu);
+                            if !core_affinity::set_for_current(cpu) {
+                                crate::log!(format_args!("core {core}"), "cannot pin to CPU {}: placement left to the kernel", cpu.id);
+                            }
                         }
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
@@ -342,6 +362,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             let file = BrickFile {
                 pid: std::process::id(),
                 cores: config.cores,
+                cpus: config.cpus.as_ref().filter(|c| !c.is_empty()).map(|c| (0..config.cores).map(|i| c[i % c.len()]).collect()),
                 partition_bits: config.partition_bits,
                 addrs: addrs.clone(),
                 rdma: rdma_addrs.clone(),
@@ -350,11 +371,12 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             if stored.is_ok() {
                 crate::log!(
                     "brick",
-                    "serving on {} core(s): {:?}{} (pid {}, durability {:?})",
+                    "serving on {} core(s): {:?}{} (pid {}, {}, durability {:?})",
                     config.cores,
                     addrs,
                     if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {rdma_addrs:?}") },
                     file.pid,
+                    placement_line(config.cores, config.cpus.as_deref()),
                     config.durability
                 );
             }

@@ -352,6 +352,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         cores: args.cores,
         transport: TransportKind::Tcp,
         busy_poll: false,
+        placement: cluster::Placement::Kernel,
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,

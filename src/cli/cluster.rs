@@ -34,6 +34,29 @@ pub enum TransportKind {
     Auto,
 }
 
+/// Where a local cluster's brick cores run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Unpinned: the kernel moves each core to where its wake-ups come from (the
+    /// disk's and the network's interrupts, its clients), which wins when bricks and
+    /// clients share a few CPUs.
+    #[default]
+    Kernel,
+    /// Each brick core pinned to a CPU of its own, bricks spread over the CPUs in turn.
+    Spread,
+}
+
+/// The CPUs brick `index` of `cores` cores is pinned to under `placement`.
+fn brick_cpus(placement: Placement, index: usize, cores: usize) -> Option<Vec<usize>> {
+    let cpus: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    match placement {
+        Placement::Kernel => None,
+        Placement::Spread if cpus.is_empty() => None,
+        Placement::Spread => Some((0..cores).map(|c| cpus[(index * cores + c) % cpus.len()]).collect()),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ClusterCommand {
     /// Start bricks in the background and return once every one serves.
@@ -85,6 +108,9 @@ pub struct UpArgs {
     /// shared machine this starves everything else).
     #[arg(long)]
     pub busy_poll: bool,
+    /// Where brick cores run: left to the kernel, or pinned and spread over the CPUs.
+    #[arg(long, value_enum, default_value_t = Placement::Kernel)]
+    pub placement: Placement,
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     pub partition_bits: u8,
     /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
@@ -105,6 +131,9 @@ pub struct ClusterBrick {
     pub cores: usize,
     /// Every core's port, kept so a restart serves where clients look.
     pub ports: Vec<u16>,
+    /// The CPU each core is pinned to, as the brick reported it; absent when unpinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// The map authority of a local cluster.
@@ -126,6 +155,8 @@ pub struct ClusterFile {
     pub transport: TransportKind,
     #[serde(default)]
     pub busy_poll: bool,
+    #[serde(default)]
+    pub placement: Placement,
     pub bricks: Vec<ClusterBrick>,
 }
 
@@ -255,6 +286,7 @@ struct BrickShape {
     /// Serve RDMA beside TCP (`--transport rdma`).
     rdma: bool,
     busy_poll: bool,
+    placement: Placement,
 }
 
 /// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
@@ -334,6 +366,10 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
     if shape.busy_poll {
         cmd.arg("--busy-poll");
     }
+    match brick_cpus(shape.placement, index, shape.cores) {
+        None => cmd.arg("--no-pin"),
+        Some(cpus) => cmd.args(["--cpus", &cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")]),
+    };
     let child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -366,6 +402,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     let file = start_brick(&cluster, index, false, &b.dir, b.cores, Some(&b.ports)).with_context(|| format!("brick {index} did not restart"))?;
     cluster.bricks[index].pid = file.pid;
     cluster.bricks[index].addr = file.addrs[0];
+    cluster.bricks[index].cpus = file.cpus;
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
 }
@@ -381,6 +418,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         meta: cluster.meta.addr,
         rdma: cluster.transport != TransportKind::Tcp,
         busy_poll: cluster.busy_poll,
+        placement: cluster.placement,
     };
     let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
@@ -399,7 +437,7 @@ pub fn add(dir: &Path) -> anyhow::Result<ClusterBrick> {
     let cores = cluster.bricks.first().map_or(1, |b| b.cores);
     let file = start_brick(&cluster, index, false, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
     let ports = file.addrs.iter().map(|a| a.port()).collect();
-    cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
+    cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone() });
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
 }
@@ -500,6 +538,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         meta: meta_file.addr,
         rdma: transport != TransportKind::Tcp,
         busy_poll: args.busy_poll,
+        placement: args.placement,
     };
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
@@ -513,7 +552,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         for (index, (bdir, child)) in children.iter_mut().enumerate() {
             let file = wait_for_brick(bdir, child).with_context(|| format!("brick {index} did not start"))?;
             let ports = file.addrs.iter().map(|a| a.port()).collect();
-            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports });
+            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone() });
         }
         let cluster = ClusterFile {
             meta: ClusterMeta { pid: meta_file.pid, addr: meta_file.addr, dir: mdir.clone() },
@@ -523,6 +562,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             checkpoint_log_mb: args.checkpoint_log_mb,
             transport,
             busy_poll: args.busy_poll,
+            placement: args.placement,
             bricks,
         };
         cluster.store(&dir)?;
@@ -680,7 +720,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         println!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks().len());
     }
     println!(
-        "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}",
+        "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}  cpus",
         "brick", "id", "pid", "state", "net", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns", "requests", "over rdma"
     );
     let mut down = 0;
@@ -697,6 +737,8 @@ fn status(dir: &Path) -> anyhow::Result<()> {
             None => "-",
         };
         let stats = if is_brick_process(b) { brick_stats(b) } else { Err("not running".to_string()) };
+        // Each core's CPU, or `kernel` where the kernel places them.
+        let cpus = b.cpus.as_ref().map_or("kernel".to_string(), |c| c.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
         let state = match (&stats, member) {
             (Ok(_), true) => "up",
             (Ok(_), false) => "out",
@@ -708,7 +750,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
                 let (keys, bytes, conns) = (sum(|s| s.keys), sum(|s| s.bytes), sum(|s| s.connections_open));
                 let (requests, rdma_requests) = (sum(|s| s.requests), sum(|s| s.rdma_requests));
                 println!(
-                    "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}",
+                    "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}  {cpus}",
                     b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying, keys, bytes, conns, requests, rdma_requests
                 );
             }

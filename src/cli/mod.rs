@@ -79,7 +79,12 @@ struct BrickArgs {
     /// Never sleep in the kernel (dedicated hardware only).
     #[arg(long)]
     busy_poll: bool,
-    /// Do not pin worker threads to CPUs.
+    /// The CPUs the brick's cores are pinned to, core i on the i-th (a list such as
+    /// `0,2` or `1-3`) [default: every CPU this process may run on, in order].
+    #[arg(long, value_parser = parse_cpus, conflicts_with = "no_pin")]
+    cpus: Option<CpuList>,
+    /// Do not pin worker threads to CPUs: the kernel places them (best when the brick
+    /// shares its CPUs with other processes).
     #[arg(long)]
     no_pin: bool,
     /// When a write is acknowledged: after its fdatasync (sync) or once applied in memory
@@ -123,6 +128,52 @@ pub fn mib_to_bytes(mib: f64) -> anyhow::Result<u64> {
         anyhow::bail!("--checkpoint-log-mb must be at least 1/1024 (one KiB)");
     }
     Ok((mib * 1024.0 * 1024.0) as u64)
+}
+
+/// The CPUs this process may run on (its affinity mask), in order.
+fn allowed_cpus() -> Vec<usize> {
+    core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
+}
+
+/// The CPUs a brick pins its cores to: `--cpus` (each one this process may use), or
+/// every allowed CPU; none under `--no-pin`.
+fn brick_cpus(no_pin: bool, asked: Option<CpuList>) -> anyhow::Result<Option<Vec<usize>>> {
+    let allowed = allowed_cpus();
+    match asked {
+        _ if no_pin => Ok(None),
+        None if allowed.is_empty() => Ok(None),
+        None => Ok(Some(allowed)),
+        Some(CpuList(cpus)) => match cpus.iter().find(|c| !allowed.contains(c)) {
+            Some(c) => anyhow::bail!("--cpus: CPU {c} is not one this process may run on (allowed: {allowed:?})"),
+            None => Ok(Some(cpus)),
+        },
+    }
+}
+
+/// CPU numbers, as `--cpus` takes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// `0,2`, `1-3` or a mix of both: CPU numbers, each at most once.
+pub fn parse_cpus(text: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let number = |s: &str| s.trim().parse::<usize>().map_err(|_| format!("{s:?} is not a CPU number (expected a list such as 0,2 or 1-3)"));
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => (number(part)?, number(part)?),
+        };
+        if first > last || last >= 4096 {
+            return Err(format!("{part:?} is not a CPU range"));
+        }
+        for cpu in first..=last {
+            if cpus.contains(&cpu) {
+                return Err(format!("CPU {cpu} is listed twice"));
+            }
+            cpus.push(cpu);
+        }
+    }
+    Ok(CpuList(cpus))
 }
 
 pub fn available_cores() -> usize {
@@ -186,7 +237,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         partition_bits: args.partition_bits,
         spin_us: args.spin_us,
         busy_poll: args.busy_poll,
-        pin: !args.no_pin,
+        cpus: brick_cpus(args.no_pin, args.cpus)?,
         durability: args.durability,
         ports: args.ports,
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
@@ -196,4 +247,19 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
     };
     brick::run(&config, stop)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_and_refuse_what_is_not_one() {
+        assert_eq!(parse_cpus("0,2"), Ok(CpuList(vec![0, 2])));
+        assert_eq!(parse_cpus("1-3,5"), Ok(CpuList(vec![1, 2, 3, 5])));
+        assert_eq!(parse_cpus(" 4 "), Ok(CpuList(vec![4])));
+        for bad in ["", "a", "3-1", "1,1", "0-1,1", "-1", "1-"] {
+            assert!(parse_cpus(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }
