@@ -125,6 +125,14 @@ fn acknowledged_writes_survive_sigkill() {
 }
 
 /// Core 0's newest log segment.
+/// Where a preallocated log's records end (zeros follow).
+fn records_end(log: &[u8]) -> usize {
+    match dds::log::record::scan(log, |_| {}) {
+        Ok(dds::log::record::ScanEnd::Preallocated { offset }) => offset as usize,
+        other => panic!("a sync durability brick's log is laid out ahead of its records: {other:?}"),
+    }
+}
+
 fn log_path(cluster: &TestCluster) -> std::path::PathBuf {
     let dir = cluster.path().join("brick-0");
     let mut segments: Vec<_> = std::fs::read_dir(&dir)
@@ -154,9 +162,13 @@ fn stopped_with_log(n: u32) -> (TestCluster, String, std::path::PathBuf) {
 #[test]
 fn a_torn_tail_is_dropped_and_the_rest_recovered() {
     let (mut cluster, dir, path) = stopped_with_log(200);
-    let len = std::fs::metadata(&path).unwrap().len();
-    // Cut into the last record, as a crash in the middle of its write would.
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 30).unwrap();
+    // Lose the end of the last record, as a crash in the middle of its write would: the
+    // log is laid out in zeros ahead of its records (a sync durability brick), so what
+    // a crash loses reads as zeros.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let end = records_end(&bytes);
+    bytes[end - dds::log::record::SYNC_POINT_LEN - 30..end].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
     run_ok(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
     assert!(cluster.brick_log(0).contains("dropping a torn tail"), "{}", cluster.brick_log(0));
     let mut c = cluster.client();
@@ -178,7 +190,7 @@ fn a_flipped_byte_in_the_middle_stops_start_up_naming_the_file() {
     let (mut cluster, dir, path) = stopped_with_log(200);
     let original = std::fs::read(&path).unwrap();
     let mut bad = original.clone();
-    bad[original.len() / 2] ^= 0x01;
+    bad[records_end(&original) / 2] ^= 0x01;
     std::fs::write(&path, &bad).unwrap();
     let out = run(&["cluster", "restart", "--dir", &dir, "--brick", "0"]);
     assert!(!out.status.success(), "a corrupt log was accepted");
@@ -271,7 +283,8 @@ impl Drop for TinyFs {
 
 #[test]
 fn a_failed_log_write_stops_the_brick() {
-    let fs = TinyFs::mount(256 << 10);
+    // Room for the log's first two laid-out steps (1 MiB each), not the third.
+    let fs = TinyFs::mount(5 << 19);
     let bdir = fs.0.path().join("brick");
     let log = fs.0.path().parent().unwrap().join(format!("dds-enospc-{}.log", std::process::id()));
     let mut brick = dds()
@@ -295,7 +308,7 @@ fn a_failed_log_write_stops_the_brick() {
             Ok(()) => acked += 1,
             Err(e) => break e,
         }
-        assert!(acked < 1000, "256 KiB took 4 MiB of writes");
+        assert!(acked < 1000, "2.5 MiB took 4 MiB of writes");
     };
     let status = brick.wait().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap();

@@ -25,14 +25,14 @@ fn status(cluster: &TestCluster) -> String {
 }
 
 /// Requests each running brick served, and how many of them came over RDMA, from
-/// `cluster status` (the last two columns of a brick's row).
+/// `cluster status` (the two columns before the last, `cpus`, of a brick's row).
 fn requests_per_brick(status: &str) -> Vec<(u64, u64)> {
     status
         .lines()
         .filter(|l| l.split_whitespace().nth(3) == Some("up"))
         .map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols[cols.len() - 2].parse().unwrap(), cols[cols.len() - 1].parse().unwrap())
+            (cols[cols.len() - 3].parse().unwrap(), cols[cols.len() - 2].parse().unwrap())
         })
         .collect()
 }

@@ -1,5 +1,6 @@
 //! Any bytes as a redo log: no panic; every record the scan accepts re-encodes to the
-//! very bytes it came from; a torn tail is reported only where no valid record follows.
+//! very bytes it came from; a torn tail starts at a bad record; a preallocated end has
+//! only zeros after it.
 //! The same bytes as a checkpoint: no panic, and a load that succeeds saw every entry.
 #![no_main]
 
@@ -17,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
     });
     match result {
         Ok(ScanEnd::Clean) => assert_eq!(at, data.len()),
+        Ok(ScanEnd::Preallocated { offset }) => {
+            assert_eq!(offset as usize, at);
+            assert!(data[at..].iter().all(|&b| b == 0), "a preallocated end with bytes after it");
+        }
         Ok(ScanEnd::TornTail { offset, .. }) => {
             assert_eq!(offset as usize, at);
             assert!(decode(&data[at..], offset).is_err());

@@ -324,7 +324,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         let (storage, next_lsn) =
-                            match storage::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes) {
+                            match storage::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);

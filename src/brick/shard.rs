@@ -245,6 +245,9 @@ impl Shard {
     /// Re-applies a logged record at start-up. It came from this core's own log, so its
     /// partition must be one this core owns.
     pub fn replay(&mut self, mutation: &Mutation<'_>) {
+        if let Mutation::SyncPoint { .. } = mutation {
+            return; // Not a change of state.
+        }
         let partition = self.base_of(mutation.key());
         assert!(self.tables[partition as usize].is_some(), "core {} log holds partition {partition} it does not own", self.core);
         match *mutation {
@@ -264,6 +267,7 @@ impl Shard {
                 // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
                 self.prepared.insert(key.into(), Prepared::new(&body, 0, 0));
             }
+            Mutation::SyncPoint { .. } => {}
             Mutation::Decide { key, txid, commit } => {
                 if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
                     let p = self.prepared.remove(key).expect("present");

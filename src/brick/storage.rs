@@ -17,6 +17,9 @@ pub struct Storage {
     checkpoint: Option<checkpoint::Writer>,
     /// Active segment size that starts a checkpoint (and a new segment).
     checkpoint_log_bytes: u64,
+    /// New segments are laid out ahead of their writes (`LogFile::open_preallocated`):
+    /// for sync durability, where every round's fdatasync is on a reply's path.
+    preallocate: bool,
 }
 
 /// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
@@ -42,6 +45,9 @@ pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &m
     let mut replayed = 0;
     let mut out_of_order = None;
     let end = record::scan(contents, |r| {
+        if let Mutation::SyncPoint { .. } = r.mutation {
+            return;
+        }
         if r.lsn != expected && out_of_order.is_none() {
             out_of_order = Some((r.lsn, expected));
         }
@@ -61,7 +67,8 @@ pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &m
 /// Loads this core's checkpoint and replays its log segments into `shard`: a torn tail
 /// of the last segment is cut off with a log line; a corrupt record, a defective
 /// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
-pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64) -> Result<(Storage, u64), LogError> {
+pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64, preallocate: bool) -> Result<(Storage, u64), LogError> {
+    let open = |path: &Path| if preallocate { LogFile::open_preallocated(path, checkpoint_log_bytes) } else { LogFile::open(path) };
     let who = format_args!("core {core}").to_string();
     let ckpt_path = log::checkpoint_path(dir, core);
     let _ = std::fs::remove_file(ckpt_path.with_extension("ckpt.tmp"));
@@ -91,7 +98,7 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
         if *first_lsn > next_lsn {
             return Err(LogError::Gap { path: path.clone(), found: *first_lsn, expected: next_lsn });
         }
-        let (file, contents) = if last { let (f, c) = LogFile::open(path)?; (Some(f), c) } else { (None, read(path)?) };
+        let (file, contents) = if last { let (f, c) = open(path)?; (Some(f), c) } else { (None, read(path)?) };
         let (expected, n, end) = replay_segment(&contents, *first_lsn, start_lsn, shard).map_err(|e| match e {
             SegmentError::Corrupt { offset, error } => LogError::Corrupt { path: path.clone(), offset, error },
             SegmentError::Gap { found, expected } => LogError::Gap { path: path.clone(), found, expected },
@@ -106,8 +113,10 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
             crate::log!(who, "{}: dropping a torn tail of {} bytes at offset {offset} ({error})", path.display(), contents.len() as u64 - offset);
         }
         if let Some(mut file) = file {
-            if let ScanEnd::TornTail { offset, .. } = end {
-                file.truncate_to(offset)?;
+            match end {
+                ScanEnd::TornTail { offset, .. } => file.truncate_to(offset)?,
+                ScanEnd::Preallocated { offset } => file.resume_at(offset),
+                ScanEnd::Clean => {}
             }
             // What was replayed will be served: make it durable first. After a process
             // crash the log's tail may still be only in the page cache, and a power loss
@@ -120,7 +129,7 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
     let active = match active {
         Some(file) => file,
         None => {
-            let (file, _) = LogFile::open(&log::segment_path(dir, core, next_lsn))?;
+            let (file, _) = open(&log::segment_path(dir, core, next_lsn))?;
             checkpoint::sync_dir(file.path())?;
             file
         }
@@ -128,7 +137,7 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
     if replayed > 0 {
         crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
     }
-    let storage = Storage { dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes };
+    let storage = Storage { dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate };
     Ok((storage, next_lsn))
 }
 
@@ -150,7 +159,8 @@ impl Storage {
             // will be in the checkpoint (or in the older segments until it is durable).
             self.active.append(&[], true)?;
             let start_lsn = *next_lsn;
-            let (next, _) = LogFile::open(&log::segment_path(&self.dir, self.core, start_lsn))?;
+            let path = log::segment_path(&self.dir, self.core, start_lsn);
+            let (next, _) = if self.preallocate { LogFile::open_preallocated(&path, self.checkpoint_log_bytes)? } else { LogFile::open(&path)? };
             checkpoint::sync_dir(next.path())?;
             self.active = next;
             // Undecided prepares go first into the new segment: the checkpoint holds

@@ -2,17 +2,45 @@
 //! `length` counts the payload; the checksum covers `lsn` and the payload.
 //! Payload: `kind: u8 | key_len: u16 | value_len: u32 | key | value`. Kinds: 1 put,
 //! 2 remove (the state itself), 3 prepare (value: the wire `PrepareBody`), 4 commit and
-//! 5 abort (value: the `TxId`) for two-phase commit.
+//! 5 abort (value: the `TxId`) for two-phase commit, 6 sync point (lsn field 0, no key,
+//! value: a `u64` byte length; see below).
 //!
 //! Reading distinguishes a torn tail (the last write of a crash that never synced, to be
-//! dropped) from corruption (a bad record with a valid record after it, to stop on): a
-//! record that fails its checksum or runs past the end is torn only if no valid record
-//! follows it.
+//! dropped) from corruption (a bad record in bytes that had been durable, to stop on).
+//! A log written by appending (its file grows with every write) can only lose a suffix,
+//! so a bad record is torn only if no valid record follows it. A preallocated log (its
+//! space laid out in zeros ahead of the writes, so a sync need not change the file's
+//! size) can lose any page of the unsynced region, later ones surviving: there, every
+//! group-commit write ends with a sync point that says how many bytes of the file were
+//! durable when it was written, and a bad record is corruption only if a later sync point
+//! says it had been durable. Such a log starts with a sync point (that is how a reader
+//! knows which rule holds), and a run of zeros where the next record would be is its
+//! clean end.
 
 use crate::proto::{PrepareBody, TxId, KEY_LEN_MAX, VALUE_LEN_MAX};
 
 pub const RECORD_HEADER_LEN: usize = 16;
 const PAYLOAD_HEADER_LEN: usize = 7;
+const SYNC_POINT_KIND: u8 = 6;
+/// The length of a sync point record.
+pub const SYNC_POINT_LEN: usize = RECORD_HEADER_LEN + PAYLOAD_HEADER_LEN + 8;
+
+/// Appends the sync point that ends a write to a preallocated log.
+pub fn encode_sync_point(out: &mut Vec<u8>, durable_len: u64) {
+    encode(out, 0, &Mutation::SyncPoint { durable_len });
+}
+
+/// The durable length a valid sync point at the start of `buf` states.
+fn sync_point_at(buf: &[u8]) -> Option<u64> {
+    // Cheap filters first: a scan looks at every offset of a bad tail.
+    if buf.len() < SYNC_POINT_LEN || buf[0] as usize != SYNC_POINT_LEN - RECORD_HEADER_LEN || buf[RECORD_HEADER_LEN] != SYNC_POINT_KIND {
+        return None;
+    }
+    match decode(buf, 0) {
+        Ok((Record { mutation: Mutation::SyncPoint { durable_len }, .. }, _)) => Some(durable_len),
+        _ => None,
+    }
+}
 /// A prepare's body holds the value plus the transaction and its participants.
 pub const PAYLOAD_LEN_MAX: usize = PAYLOAD_HEADER_LEN + KEY_LEN_MAX + VALUE_LEN_MAX + 256;
 
@@ -24,12 +52,17 @@ pub enum Mutation<'a> {
     Prepare { key: &'a [u8], body: PrepareBody<'a> },
     /// The outcome of a prepared write; a commit applies it.
     Decide { key: &'a [u8], txid: TxId, commit: bool },
+    /// A sync point of a preallocated log: when the write it ends was made, the first
+    /// `durable_len` bytes of the file were durable. Not a change of state; its lsn
+    /// field is 0 and takes no place in the sequence.
+    SyncPoint { durable_len: u64 },
 }
 
 impl Mutation<'_> {
     pub fn key(&self) -> &[u8] {
         match self {
             Mutation::Put { key, .. } | Mutation::Remove { key } | Mutation::Prepare { key, .. } | Mutation::Decide { key, .. } => key,
+            Mutation::SyncPoint { .. } => &[],
         }
     }
 }
@@ -80,6 +113,11 @@ pub fn encode(out: &mut Vec<u8>, lsn: u64, mutation: &Mutation<'_>) {
         Mutation::Decide { key, txid, commit } => {
             scratch.extend_from_slice(&txid.to_bytes());
             (if commit { 4 } else { 5 }, key, &scratch[..])
+        }
+        Mutation::SyncPoint { durable_len } => {
+            assert_eq!(lsn, 0, "a sync point takes no lsn");
+            scratch.extend_from_slice(&durable_len.to_le_bytes());
+            (SYNC_POINT_KIND, &[][..], &scratch[..])
         }
     };
     let start = out.len();
@@ -138,6 +176,10 @@ pub fn decode(buf: &[u8], offset: u64) -> Result<(Record<'_>, usize), RecordErro
         2 => return Err(bad("remove with a value")),
         3 => Mutation::Prepare { key, body: PrepareBody::decode(value).map_err(|_| bad("malformed prepare"))? },
         4 | 5 => Mutation::Decide { key, txid: TxId::decode(value).map_err(|_| bad("malformed txid"))?, commit: p[0] == 4 },
+        SYNC_POINT_KIND if key_len == 0 && value_len == 8 && lsn == 0 => {
+            Mutation::SyncPoint { durable_len: u64::from_le_bytes(value.try_into().expect("8 bytes")) }
+        }
+        SYNC_POINT_KIND => return Err(bad("malformed sync point")),
         _ => return Err(bad("unknown kind")),
     };
     Ok((Record { lsn, mutation }, total))
@@ -148,24 +190,39 @@ pub fn decode(buf: &[u8], offset: u64) -> Result<(Record<'_>, usize), RecordErro
 pub enum ScanEnd {
     /// Every byte was a record.
     Clean,
+    /// A preallocated log ends at `offset`: only zeros follow, the space laid out for it.
+    Preallocated { offset: u64 },
     /// Bytes from `offset` on are the torn tail of an unsynced write: drop them.
     TornTail { offset: u64, error: RecordError },
 }
 
-/// Calls `apply` for every record of `log` in order. Records carry consecutive lsns. A bad record with a valid record somewhere after it is corruption
-/// and an error; a bad record with none after it is a torn tail.
+/// Calls `apply` for every record of `log` in order, sync points included. Records carry
+/// consecutive lsns (sync points carry none). A bad record is corruption and an error if
+/// it had been durable (module docs); otherwise it and everything after it are a torn
+/// tail.
 pub fn scan<'a>(log: &'a [u8], mut apply: impl FnMut(Record<'a>)) -> Result<ScanEnd, RecordError> {
     let mut at = 0usize;
     let mut last_lsn = None;
+    // Whether the log starts with a sync point: preallocated, so any unsynced page may
+    // be lost, not only a suffix.
+    let preallocated = sync_point_at(log).is_some();
     while at < log.len() {
         match decode(&log[at..], at as u64) {
             Ok((record, len)) => {
-                if last_lsn.is_some_and(|l| record.lsn != l + 1) {
-                    return Err(RecordError::Payload { offset: at as u64, what: "lsn does not follow the previous one" });
+                if !matches!(record.mutation, Mutation::SyncPoint { .. }) {
+                    if last_lsn.is_some_and(|l| record.lsn != l + 1) {
+                        return Err(RecordError::Payload { offset: at as u64, what: "lsn does not follow the previous one" });
+                    }
+                    last_lsn = Some(record.lsn);
                 }
-                last_lsn = Some(record.lsn);
                 apply(record);
                 at += len;
+            }
+            Err(_) if preallocated && log[at..].iter().all(|&b| b == 0) => return Ok(ScanEnd::Preallocated { offset: at as u64 }),
+            Err(error) if preallocated => {
+                // Corrupt only if a later write found these bytes durable.
+                let durable = (at + 1..log.len()).any(|from| sync_point_at(&log[from..]).is_some_and(|len| len > at as u64));
+                return if durable { Err(error) } else { Ok(ScanEnd::TornTail { offset: at as u64, error }) };
             }
             Err(error) => {
                 // Anything valid further on means this was not the end of the log. Lsns
@@ -243,7 +300,84 @@ mod tests {
         assert_eq!(n, 4);
     }
 
+    /// A preallocated log image: batches written as `LogFile` writes them (each ending
+    /// with a sync point), in `PREALLOC` zeros; returns the image, the end of each record
+    /// (sync points not counted) and the durable length after each batch.
+    const PREALLOC: usize = 8192;
+    fn preallocated(batches: &[(usize, bool)]) -> (Vec<u8>, Vec<usize>, usize) {
+        let mut image = Vec::new();
+        encode_sync_point(&mut image, 0);
+        let mut durable = image.len();
+        let mut ends = Vec::new();
+        let mut lsn = 1u64;
+        for &(records, sync) in batches {
+            for _ in 0..records {
+                let key = format!("key{lsn}");
+                let value = vec![lsn as u8; (lsn as usize * 37) % 200];
+                encode(&mut image, lsn, &Mutation::Put { key: key.as_bytes(), value: &value });
+                ends.push(image.len());
+                lsn += 1;
+            }
+            encode_sync_point(&mut image, durable as u64);
+            if sync {
+                durable = image.len();
+            }
+        }
+        assert!(image.len() <= PREALLOC);
+        image.resize(PREALLOC, 0);
+        (image, ends, durable)
+    }
+
+    #[test]
+    fn a_preallocated_log_ends_cleanly_at_its_zeros() {
+        let (image, ends, _) = preallocated(&[(3, true), (2, true)]);
+        let mut n = 0;
+        assert_eq!(scan(&image, |r| n += u64::from(r.lsn != 0)), Ok(ScanEnd::Preallocated { offset: (ends[4] + SYNC_POINT_LEN) as u64 }));
+        assert_eq!(n, 5);
+    }
+
+    #[test]
+    fn a_bad_byte_in_what_a_later_write_found_durable_is_corruption() {
+        let (image, ends, _) = preallocated(&[(3, true), (2, true), (2, false)]);
+        // Inside the first batch: the second batch's sync point says it was durable.
+        for at in SYNC_POINT_LEN..ends[2] {
+            let mut bad = image.clone();
+            bad[at] ^= 0x10;
+            assert!(scan(&bad, |_| {}).is_err(), "flip at {at} in a durable batch went unnoticed");
+        }
+        // Inside the last batch, which nothing after it found durable: a torn tail.
+        let mut bad = image.clone();
+        bad[ends[5] + 20] ^= 0x10;
+        assert!(matches!(scan(&bad, |_| {}), Ok(ScanEnd::TornTail { offset, .. }) if offset == ends[5] as u64));
+    }
+
     proptest! {
+        /// A power loss keeps the durable bytes and, of the rest, any subset of 512-byte
+        /// sectors (the others read as the zeros laid out before): recovery is never
+        /// called corrupt, keeps every durable record, and keeps a prefix of the rest.
+        #[test]
+        fn a_preallocated_log_survives_any_lost_unsynced_sectors(
+            batches in prop::collection::vec((1usize..5, any::<bool>()), 1..12),
+            lost in prop::collection::vec(any::<bool>(), 16),
+        ) {
+            let (image, ends, durable) = preallocated(&batches);
+            let written = ends.last().map_or(0, |e| e + SYNC_POINT_LEN);
+            let mut crashed = image.clone();
+            for (sector, &gone) in lost.iter().enumerate() {
+                let (from, to) = (sector * 512, (sector + 1) * 512);
+                if gone && to > durable && from < written {
+                    crashed[from.max(durable)..to].fill(0);
+                }
+            }
+            let mut lsns = Vec::new();
+            let end = scan(&crashed, |r| if r.lsn != 0 { lsns.push(r.lsn) });
+            prop_assert!(end.is_ok(), "a power loss was called corruption: {:?}", end);
+            let kept = ends.iter().filter(|&&e| e <= durable).count();
+            prop_assert!(lsns.len() >= kept, "{} records replayed, {} were durable", lsns.len(), kept);
+            let n = lsns.len();
+            prop_assert_eq!(lsns, (1..).take(n).collect::<Vec<u64>>());
+        }
+
         #[test]
         fn round_trip(lsn in any::<u64>(), key in prop::collection::vec(any::<u8>(), 0..64), value in prop::collection::vec(any::<u8>(), 0..512), put in any::<bool>()) {
             let m = if put { Mutation::Put { key: &key, value: &value } } else { Mutation::Remove { key: &key } };

@@ -108,13 +108,15 @@ fn dir_token(b: usize) -> u64 {
 }
 
 impl SimBrick {
-    pub fn new(cores_n: usize) -> SimBrick {
+    /// `preallocated`: logs laid out ahead of their records, as a sync durability
+    /// brick's are (`LogFile::open_preallocated`).
+    pub fn new(cores_n: usize, preallocated: bool) -> SimBrick {
         SimBrick {
             cores_n,
             id: None,
             life: 0,
             state: State::Down,
-            disks: (0..cores_n).map(|_| SimDisk::default()).collect(),
+            disks: (0..cores_n).map(|_| SimDisk { preallocated, ..SimDisk::default() }).collect(),
             cores: Vec::new(),
             map: None,
             lease: Lease::starting(None, 0),
@@ -285,6 +287,7 @@ impl World {
         let corrupt_p = self.shape.read_corrupt_p;
         let mut cores = Vec::new();
         let mut failure = None;
+        let mut intact_refused = false;
         for c in 0..brick.cores_n {
             // A read error (a flipped bit between disk and memory): this start must stop
             // cleanly, or drop the record as a torn tail if nothing valid follows it.
@@ -309,7 +312,9 @@ impl World {
             }
             match replayed {
                 Ok((next_lsn, _, end)) => {
-                    if let ScanEnd::TornTail { offset, .. } = end {
+                    // The real brick truncates a torn tail, and resumes a laid-out log
+                    // where its records end: the zeros after them need no bytes here.
+                    if let ScanEnd::TornTail { offset, .. } | ScanEnd::Preallocated { offset } = end {
                         disk.bytes.truncate(offset as usize);
                     }
                     // `core_loop::recover` syncs the log before the core serves.
@@ -321,6 +326,9 @@ impl World {
                 }
                 Err(SegmentError::Corrupt { offset, error }) => {
                     failure = Some(format!("core {c}: corrupt record at offset {offset}: {error}; refusing to start"));
+                    // Only a misread corrupts a log here: one that crashes left as they
+                    // leave it must start.
+                    intact_refused = !read_corrupt;
                     break;
                 }
                 Err(SegmentError::Gap { found, expected }) => {
@@ -330,6 +338,9 @@ impl World {
             }
         }
         if let Some(why) = failure {
+            if intact_refused {
+                return self.fail(format!("brick {b}: a log that only crashes touched was called corrupt: {why}"));
+            }
             self.note(format!("brick {b}: {why}"));
             self.crash(b, "refused to start", false);
             self.bricks[b].state = State::Stopped(why);

@@ -592,7 +592,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
         authority,
         maps: Vec::new(),
         copy: None,
-        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores)).collect(),
+        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores, shape.durability == crate::brick::Durability::Sync)).collect(),
         clients: Vec::new(),
         faults_on: true,
         outage_armed: false,
