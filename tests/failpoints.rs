@@ -75,8 +75,9 @@ fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it(
 fn a_failed_fsync_stops_the_brick_with_the_error() {
     let dir = tempfile::Builder::new().prefix("dds-fp-").tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
-    // Every fdatasync through the log fails: the first write's does.
-    dds_with("log-fsync=return", &["cluster", "up", "--dir", &d, "--bricks", "1", "--cores", "1"]);
+    // Every fdatasync through the log fails after the one that lays out the new
+    // segment at start-up: the first write's does.
+    dds_with("log-fsync=1*off->return", &["cluster", "up", "--dir", &d, "--bricks", "1", "--cores", "1"]);
     let cluster = TestCluster { dir, down: false };
     let pid = cluster.file().bricks[0].pid;
     let mut client = cluster.client();
