@@ -9,9 +9,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
+use nix::errno::Errno;
 
 use super::record::{self, SYNC_POINT_LEN};
-use nix::errno::Errno;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -53,8 +53,7 @@ pub struct LogFile {
 const RING_ENTRIES: u32 = 8;
 
 /// A preallocated log grows by at most this much at a time, zeros written ahead of the
-/// records.
-/// Laid out, a small append and its fdatasync cost 85-105 us on the development VM's
+/// records. Laid out, a small append and its fdatasync cost 85-105 us on the development VM's
 /// ext4 against 125-140 us growing the file (the journal commits each size change).
 pub const PREALLOC_BYTES: u64 = 1 << 20;
 
