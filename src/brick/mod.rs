@@ -98,14 +98,17 @@ pub struct BrickFile {
 
 pub const BRICK_FILE: &str = "brick.json";
 
-/// How a brick's cores are placed, for its start-up line and `cluster status`.
-pub fn placement_line(cores: usize, cpus: Option<&[usize]>) -> String {
-    match cpus {
-        Some(c) if !c.is_empty() => {
-            let each: Vec<String> = (0..cores).map(|i| format!("core {i} on CPU {}", c[i % c.len()])).collect();
-            each.join(", ")
-        }
-        _ => "placement left to the kernel".into(),
+/// The CPU of each of `cores` cores given `cpus` (core `i` on `cpus[i % len]`); `None`
+/// when the kernel places them.
+fn core_cpus(cores: usize, cpus: Option<&[usize]>) -> Option<Vec<usize>> {
+    cpus.filter(|c| !c.is_empty()).map(|c| (0..cores).map(|i| c[i % c.len()]).collect())
+}
+
+/// How a brick's cores are placed, for its start-up line.
+fn placement_line(core_cpus: Option<&[usize]>) -> String {
+    match core_cpus {
+        Some(c) => c.iter().enumerate().map(|(i, cpu)| format!("core {i} on CPU {cpu}")).collect::<Vec<_>>().join(", "),
+        None => "placement left to the kernel".into(),
     }
 }
 
@@ -294,7 +297,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits() });
     }
     let shared = &shared;
-    let cpus: Vec<core_affinity::CoreId> = config.cpus.iter().flatten().map(|&id| core_affinity::CoreId { id }).collect();
+    let cpus = core_cpus(config.cores, config.cpus.as_deref());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<usize>();
     let results: Vec<Result<(), BrickError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = transports
@@ -302,7 +305,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             .enumerate()
             .map(|(core, transport)| {
                 let info = BrickInfo { partition_bits: config.partition_bits, core: core as u16, ports: ports.clone() };
-                let cpu = (!cpus.is_empty()).then(|| cpus[core % cpus.len()]);
+                let cpu = cpus.as_ref().map(|c| core_affinity::CoreId { id: c[core] });
                 let stop = Arc::clone(&stop);
                 let ready = ready_tx.clone();
                 let map = shared.map();
@@ -362,7 +365,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             let file = BrickFile {
                 pid: std::process::id(),
                 cores: config.cores,
-                cpus: config.cpus.as_ref().filter(|c| !c.is_empty()).map(|c| (0..config.cores).map(|i| c[i % c.len()]).collect()),
+                cpus: cpus.clone(),
                 partition_bits: config.partition_bits,
                 addrs: addrs.clone(),
                 rdma: rdma_addrs.clone(),
@@ -376,7 +379,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                     addrs,
                     if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {rdma_addrs:?}") },
                     file.pid,
-                    placement_line(config.cores, config.cpus.as_deref()),
+                    placement_line(cpus.as_deref()),
                     config.durability
                 );
             }

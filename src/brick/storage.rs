@@ -29,6 +29,16 @@ fn read(path: &Path) -> Result<Vec<u8>, LogError> {
     std::fs::read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
 }
 
+/// Opens (creating) a segment: laid out ahead of its records a step at a time (no more
+/// than the segment's bound) when `preallocate`, else growing by appends.
+fn open_segment(path: &Path, preallocate: bool, checkpoint_log_bytes: u64) -> Result<(LogFile, Vec<u8>), LogError> {
+    if preallocate {
+        LogFile::open_preallocated(path, checkpoint_log_bytes)
+    } else {
+        LogFile::open(path)
+    }
+}
+
 /// Why one log segment cannot be replayed.
 #[derive(Debug)]
 pub enum SegmentError {
@@ -68,7 +78,7 @@ pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &m
 /// of the last segment is cut off with a log line; a corrupt record, a defective
 /// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
 pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64, preallocate: bool) -> Result<(Storage, u64), LogError> {
-    let open = |path: &Path| if preallocate { LogFile::open_preallocated(path, checkpoint_log_bytes) } else { LogFile::open(path) };
+    let open = |path: &Path| open_segment(path, preallocate, checkpoint_log_bytes);
     let who = format_args!("core {core}").to_string();
     let ckpt_path = log::checkpoint_path(dir, core);
     let _ = std::fs::remove_file(ckpt_path.with_extension("ckpt.tmp"));
@@ -160,7 +170,7 @@ impl Storage {
             self.active.append(&[], true)?;
             let start_lsn = *next_lsn;
             let path = log::segment_path(&self.dir, self.core, start_lsn);
-            let (next, _) = if self.preallocate { LogFile::open_preallocated(&path, self.checkpoint_log_bytes)? } else { LogFile::open(&path)? };
+            let (next, _) = open_segment(&path, self.preallocate, self.checkpoint_log_bytes)?;
             checkpoint::sync_dir(next.path())?;
             self.active = next;
             // Undecided prepares go first into the new segment: the checkpoint holds

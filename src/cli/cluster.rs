@@ -49,7 +49,7 @@ pub enum Placement {
 
 /// The CPUs brick `index` of `cores` cores is pinned to under `placement`.
 fn brick_cpus(placement: Placement, index: usize, cores: usize) -> Option<Vec<usize>> {
-    let cpus: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let cpus = super::allowed_cpus();
     match placement {
         Placement::Kernel => None,
         Placement::Spread if cpus.is_empty() => None,

@@ -131,13 +131,13 @@ pub fn mib_to_bytes(mib: f64) -> anyhow::Result<u64> {
 }
 
 /// The CPUs this process may run on (its affinity mask), in order.
-fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect()
 }
 
 /// The CPUs a brick pins its cores to: `--cpus` (each one this process may use), or
 /// every allowed CPU; none under `--no-pin`.
-fn brick_cpus(no_pin: bool, asked: Option<CpuList>) -> anyhow::Result<Option<Vec<usize>>> {
+fn pinned_cpus(no_pin: bool, asked: Option<CpuList>) -> anyhow::Result<Option<Vec<usize>>> {
     let allowed = allowed_cpus();
     match asked {
         _ if no_pin => Ok(None),
@@ -237,7 +237,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         partition_bits: args.partition_bits,
         spin_us: args.spin_us,
         busy_poll: args.busy_poll,
-        cpus: brick_cpus(args.no_pin, args.cpus)?,
+        cpus: pinned_cpus(args.no_pin, args.cpus)?,
         durability: args.durability,
         ports: args.ports,
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,

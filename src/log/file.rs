@@ -43,8 +43,6 @@ pub struct LogFile {
     allocated: u64,
     /// How much of the log is known durable: the end at the last completed sync.
     durable: u64,
-    /// The sync point that ends the write in progress.
-    sync_point: Vec<u8>,
     /// How much is laid out at a time (`PREALLOC_BYTES` at most).
     step_bytes: u64,
 }
@@ -69,8 +67,8 @@ impl LogFile {
         let ring = IoUring::new(RING_ENTRIES).map_err(io("io_uring setup"))?;
         let end = contents.len() as u64;
         // A file laid out ahead of its records stays so, whoever opens it.
-        let preallocated = matches!(record::decode(&contents, 0), Ok((record::Record { mutation: record::Mutation::SyncPoint { .. }, .. }, _)));
-        let log = LogFile { ring, file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, sync_point: Vec::new(), step_bytes: PREALLOC_BYTES };
+        let preallocated = record::starts_preallocated(&contents);
+        let log = LogFile { ring, file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, step_bytes: PREALLOC_BYTES };
         Ok((log, contents))
     }
 
@@ -227,8 +225,7 @@ impl LogFile {
     /// Appends `batch` and makes it durable (`sync`) or just written (`!sync`). In a
     /// preallocated log the batch ends with a sync point, in the same write.
     pub fn append(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
-        let mut sync_point = std::mem::take(&mut self.sync_point);
-        sync_point.clear();
+        let mut sync_point = Vec::new();
         if self.preallocated && !batch.is_empty() {
             record::encode_sync_point(&mut sync_point, self.durable);
             let needed = self.end + (batch.len() + sync_point.len()) as u64;
@@ -236,10 +233,7 @@ impl LogFile {
                 self.extend_to(needed.next_multiple_of(self.step_bytes))?;
             }
         }
-        let written = self.write_two_at(self.end, batch, &sync_point);
-        let appended = (batch.len() + sync_point.len()) as u64;
-        self.sync_point = sync_point;
-        written?;
+        self.write_two_at(self.end, batch, &sync_point)?;
         if sync {
             // Submitted only once every byte of the batch has completed.
             crate::failpoint!("log-fsync", |_| Err(self.err("fdatasync", std::io::Error::other("failpoint log-fsync"))));
@@ -247,7 +241,7 @@ impl LogFile {
             let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
             self.run(entry, "fdatasync")?;
         }
-        self.end += appended;
+        self.end += (batch.len() + sync_point.len()) as u64;
         if sync {
             self.durable = self.end;
         }

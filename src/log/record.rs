@@ -41,6 +41,12 @@ fn sync_point_at(buf: &[u8]) -> Option<u64> {
         _ => None,
     }
 }
+
+/// Whether `log` is laid out ahead of its records: it starts with a sync point.
+pub fn starts_preallocated(log: &[u8]) -> bool {
+    sync_point_at(log).is_some()
+}
+
 /// A prepare's body holds the value plus the transaction and its participants.
 pub const PAYLOAD_LEN_MAX: usize = PAYLOAD_HEADER_LEN + KEY_LEN_MAX + VALUE_LEN_MAX + 256;
 
@@ -205,7 +211,7 @@ pub fn scan<'a>(log: &'a [u8], mut apply: impl FnMut(Record<'a>)) -> Result<Scan
     let mut last_lsn = None;
     // Whether the log starts with a sync point: preallocated, so any unsynced page may
     // be lost, not only a suffix.
-    let preallocated = sync_point_at(log).is_some();
+    let preallocated = starts_preallocated(log);
     while at < log.len() {
         match decode(&log[at..], at as u64) {
             Ok((record, len)) => {
@@ -302,7 +308,7 @@ mod tests {
 
     /// A preallocated log image: batches written as `LogFile` writes them (each ending
     /// with a sync point), in `PREALLOC` zeros; returns the image, the end of each record
-    /// (sync points not counted) and the durable length after each batch.
+    /// (sync points not counted) and the durable length after the last batch.
     const PREALLOC: usize = 8192;
     fn preallocated(batches: &[(usize, bool)]) -> (Vec<u8>, Vec<usize>, usize) {
         let mut image = Vec::new();
