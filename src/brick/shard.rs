@@ -289,6 +289,12 @@ impl Shard {
         self.tables.len()
     }
 
+    /// `key`'s committed value here, and whether a write to it is prepared and undecided.
+    pub fn lookup(&self, key: &[u8]) -> (Option<&[u8]>, bool) {
+        let value = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key)).map(|v| &v[..]);
+        (value, self.prepared.contains_key(key))
+    }
+
     /// Keys and values of base partition `partition`, empty for one this core does not own.
     pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.tables[partition].iter().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
@@ -678,6 +684,12 @@ impl Shard {
         }
     }
 
+    /// Whether a write prepared under an epoch older than `epoch` is undecided here on
+    /// partition `p` (what a copy's probe and its first read wait out).
+    pub fn pending_older(&self, p: PartitionId, epoch: u64) -> bool {
+        self.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k)))
+    }
+
     /// The next chunk of partition `p`'s entries for a joining replica. Refused while a
     /// write prepared under an older epoch is pending on the partition: such a write
     /// does not reach the joining replica, so the copy must start after it.
@@ -696,7 +708,6 @@ impl Shard {
             out.extend_from_slice(b"brick has not seen that epoch yet");
             return Status::Behind;
         }
-        let pending_older = |shard: &Shard| shard.prepared.iter().any(|(k, w)| w.epoch < epoch && p.contains(key_hash(k)));
         if req.is_probe() {
             // A probe from the copy driver, to every member of the group: a write
             // prepared under an older epoch on any member (not only the source) must be
@@ -707,7 +718,7 @@ impl Shard {
                 out.extend_from_slice(format!("{} core {} is not a member of partition {p}", self.me, self.core).as_bytes());
                 return Status::WrongShard;
             }
-            if pending_older(self) {
+            if self.pending_older(p, epoch) {
                 out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
                 return Status::Behind;
             }
@@ -718,7 +729,7 @@ impl Shard {
             return Status::WrongShard;
         }
         if cursor == 0 {
-            if pending_older(self) {
+            if self.pending_older(p, epoch) {
                 out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
                 return Status::Behind;
             }

@@ -244,6 +244,11 @@ impl CopyDriver {
         Step::Call { line, addr, op, epoch: self.epoch, value }
     }
 
+    /// The joins copied so far, in order.
+    pub fn done(&self) -> &[Join] {
+        &self.done
+    }
+
     /// The reply to the last `Step::Call` (or why there is none).
     pub fn answer(&mut self, answer: Answer, now_ms: u64) {
         assert!(self.asked, "the copy driver got an answer it did not ask for");

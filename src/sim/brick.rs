@@ -20,7 +20,7 @@ use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;
 use crate::log::record::ScanEnd;
 use crate::map::{key_hash, BrickId, ClusterMap, PartitionId};
-use crate::proto::{decode_exact, BrickInfo, Kind, Op};
+use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
 
 use super::disk::SimDisk;
 use super::net::{Endpoint, LinkId, Msg};
@@ -88,6 +88,8 @@ pub(crate) struct SimBrick {
     pub paused_until: Micros,
     /// How much later than the cores its control thread runs again after a pause.
     control_lag: Micros,
+    /// Down until then: no restart (not even when the faults stop) comes earlier.
+    down_until: Micros,
 }
 
 /// Which of a paused brick's threads an event waits for (`World::deferred`).
@@ -124,6 +126,7 @@ impl SimBrick {
             lease_call: None,
             paused_until: 0,
             control_lag: 0,
+            down_until: 0,
         }
     }
 
@@ -163,6 +166,13 @@ impl SimBrick {
         self.cores.iter().flat_map(|c| c.round.shard().entries()).filter(|(k, _)| p.contains(key_hash(k))).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
     }
 
+    /// `key`'s committed value on the core that owns it, and whether a write to it is
+    /// prepared there (`None`: no core of this brick owns it).
+    pub fn lookup(&self, key: &[u8]) -> Option<(Option<&[u8]>, bool)> {
+        let map = self.map.as_ref()?;
+        self.cores.get(map.core_of(key_hash(key), self.cores.len().max(1))).map(|c| c.round.shard().lookup(key))
+    }
+
     /// Digest input: every entry, in key order.
     pub fn all_entries(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
         self.cores.iter().flat_map(|c| c.round.shard().entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
@@ -193,6 +203,10 @@ impl World {
     }
 
     pub(crate) fn restart(&mut self, b: usize) {
+        let until = self.bricks[b].down_until;
+        if self.now < until {
+            return self.schedule(until, Event::Restart { brick: b });
+        }
         match &self.bricks[b].state {
             State::Up | State::Starting => {}
             _ => self.start_brick(b),
@@ -524,6 +538,7 @@ impl World {
         let mut bad_links = Vec::new();
         let mut taken: HashMap<LinkId, usize> = HashMap::default();
         let mut later = VecDeque::new();
+        let mut served = Vec::new();
         let per_link_max = frames_per_link_max();
         while let Some((link, bytes)) = core.inbox.pop_front() {
             let n = taken.entry(link).or_insert(0);
@@ -537,6 +552,9 @@ impl World {
                 self.trace.push(format!("{} brick {b} core {c}: closing a link: {why}", self.now));
                 bad_links.push(link);
                 continue;
+            }
+            if let Some(copied) = snapshot_done(&bytes, core.round.last_reply()) {
+                served.push(copied);
             }
             if let Some(w) = watch.as_deref() {
                 if let Ok(frame) = decode_exact(&bytes) {
@@ -564,6 +582,9 @@ impl World {
             self.break_link(link, true);
         }
         self.ask_peers(b, c, queries);
+        for (p, epoch) in served {
+            self.source_served(b, p, epoch);
+        }
         if behind {
             // A request from a newer epoch: ask the authority now.
             self.lease_step(b, true);
@@ -614,6 +635,7 @@ impl World {
         for (link, bytes) in released {
             self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
         }
+        self.check_replicas();
         if more {
             self.wake_core(b, c);
         }
@@ -645,6 +667,38 @@ impl World {
         self.wake_core(b, c);
     }
 
+    /// Brick `b` has served the last chunk of partition `p`'s copy at `epoch`. If a
+    /// write prepared under an older epoch is undecided on another member (the state
+    /// the copy driver's probe rules out), the source dies at the worst moment: just
+    /// after its chunk has left, for long enough to be removed, so the write may commit
+    /// in doubt on the others, where the copy never saw it.
+    fn source_served(&mut self, b: usize, p: PartitionId, epoch: u64) {
+        let Some(map) = self.authority.map() else { return };
+        let (group, joining) = (map.groups().get(&p).cloned().unwrap_or_default(), map.joining().get(&p).cloned().unwrap_or_default());
+        let up = |brick: &SimBrick, among: &[BrickId]| brick.state == State::Up && brick.id.is_some_and(|id| among.contains(&id));
+        let pending = |brick: &SimBrick| up(brick, &group) && brick.cores.iter().any(|c| c.round.shard().pending_older(p, epoch));
+        // Only while a joining replica is there to receive the chunk.
+        let receiving = self.bricks.iter().any(|brick| up(brick, &joining));
+        if !self.faults_on || !receiving || !self.bricks.iter().enumerate().any(|(x, brick)| x != b && pending(brick)) {
+            return;
+        }
+        let life = self.bricks[b].life;
+        self.note(format!("brick {b} served partition {p}'s copy while an older-epoch write is pending on another member"));
+        self.after(5 * MS, Event::Crash { brick: b, life });
+    }
+
+    /// A crash scheduled for incarnation `life` of brick `b`; it stays down past the
+    /// authority's removal timeout.
+    pub(crate) fn crash_later(&mut self, b: usize, life: u64) {
+        if self.bricks[b].life != life {
+            return;
+        }
+        self.crash(b, "process crash (a copy's source, at the worst moment)", false);
+        let down_ms = crate::proto::BRICK_TIMEOUT_MS + self.rng.random_range(200..=2000);
+        self.bricks[b].down_until = self.now + down_ms * MS;
+        self.after(down_ms * MS, Event::Restart { brick: b });
+    }
+
     /// Opens a link from `from` to the brick core listening at `at`, if one listens
     /// (else the connection is refused: `None`).
     pub(crate) fn connect(&mut self, from: Endpoint, at: std::net::SocketAddr) -> Option<LinkId> {
@@ -656,4 +710,12 @@ impl World {
         let life = brick.life;
         Some(self.open_link(from, Endpoint::Brick(b), Some((life, c))))
     }
+}
+
+/// The partition and epoch of a copy's read (not a probe) whose reply ends the snapshot.
+fn snapshot_done(request: &[u8], reply: &[u8]) -> Option<(PartitionId, u64)> {
+    let frame = decode_exact(request).ok().filter(|f| f.kind == Kind::Request(Op::SnapshotChunk))?;
+    let req = SnapshotRequest::decode(frame.value).ok().filter(|r| !r.is_probe())?;
+    let reply = decode_exact(reply).ok().filter(|r| matches!(r.kind, Kind::Reply(_, Status::Ok)))?;
+    Chunk::decode(reply.value).ok().filter(|c| c.done).map(|_| (PartitionId(req.partition), frame.epoch))
 }

@@ -1,4 +1,4 @@
-//! The checks at the end of a run, and the run's digest.
+//! The checks during and at the end of a run, and the run's digest.
 
 use std::hash::Hasher;
 
@@ -11,6 +11,40 @@ type Entries = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
 use super::World;
 
 impl World {
+    /// Between rounds, on every key no up replica holds a prepared write for, the
+    /// replicas that hold the partition (readable ones, and joining ones whose copy of
+    /// it finished in their present incarnation) hold one value: a decision reaches a
+    /// replica that holds the prepare, so a replica without either has lost a write. The
+    /// end-of-run comparison sees such a loss only if no later write covered it.
+    pub(crate) fn check_replicas(&mut self) {
+        let Some(map) = self.authority.map() else { return };
+        let copied = self.copy.as_ref().map_or(&[][..], |c| &c.copied[..]);
+        for k in 0..self.shape.keys {
+            let key = key_name(k);
+            let (p, group) = map.route(key_hash(&key));
+            let replicas: Vec<(crate::map::BrickId, &super::brick::SimBrick, Option<&[u8]>, bool)> =
+                group.iter().filter_map(|&id| self.bricks.iter().find(|b| b.id == Some(id) && b.is_up()).and_then(|b| b.lookup(&key).map(|(v, prepared)| (id, b, v, prepared)))).collect();
+            if replicas.iter().any(|r| r.3) {
+                continue;
+            }
+            let mut first: Option<(crate::map::BrickId, Option<&[u8]>)> = None;
+            for (id, brick, value, _) in replicas {
+                let holds = map.is_readable(p, id) || copied.iter().any(|&(q, t, life)| q == p && t == id && life == brick.life);
+                if !brick.serving() || !holds {
+                    continue;
+                }
+                match first {
+                    None => first = Some((id, value)),
+                    Some((other, v)) if v != value => {
+                        let show = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
+                        return self.fail(format!("{} of partition {p}: {other} holds {:?} and {id} holds {:?}, with no write prepared", String::from_utf8_lossy(&key), show(v), show(value)));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+
     /// Linearizability of every key's history; replicas identical and equal to what the
     /// final reads returned; every partition readable on a live brick.
     pub(crate) fn check_end(&self) -> Result<(), String> {

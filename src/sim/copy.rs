@@ -17,11 +17,13 @@ pub(crate) struct SimCopy {
     /// No poll before this (a `Step::Wait`); timers set for earlier calls may fire first.
     wake_at: Micros,
     next_id: u64,
+    /// Partitions copied so far, with their target's incarnation then.
+    pub copied: Vec<(crate::map::PartitionId, crate::map::BrickId, u64)>,
 }
 
 impl SimCopy {
     pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64) -> SimCopy {
-        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1 }
+        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1, copied: Vec::new() }
     }
 }
 
@@ -106,6 +108,11 @@ impl World {
             job.lines.iter_mut().filter(|l| **l == Some(link)).for_each(|l| *l = None);
         }
         job.driver.answer(answer, now_ms);
+        let new: Vec<_> = job.driver.done()[job.copied.len()..].to_vec();
+        for (p, target) in new {
+            let life = self.bricks.iter().find(|b| b.id == Some(target)).map_or(0, |b| b.life);
+            self.copy.as_mut().expect("present").copied.push((p, target, life));
+        }
     }
 
     pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {

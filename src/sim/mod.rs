@@ -8,7 +8,9 @@
 //!
 //! A run: start the cluster, run the clients' workload while faults are injected, then
 //! stop the faults, restart every brick, wait until the cluster is quiet (full strength,
-//! nothing copying, nothing prepared), read every key, and check:
+//! nothing copying, nothing prepared), read every key, and check. After every core
+//! round, replicas agree on every key nobody holds a prepared write for
+//! (`check_replicas`); at the end:
 //! - every key's history is linearizable (`crate::check`);
 //! - every live replica of a partition holds the same entries, and they are what the
 //!   final reads returned (so every acknowledged write that the history says survived
@@ -204,6 +206,8 @@ enum Event {
     CoreTick { brick: usize, life: u64, core: usize },
     DiskDone { brick: usize, life: u64, core: usize },
     Restart { brick: usize },
+    /// A brick's process dies (`crash_later`).
+    Crash { brick: usize, life: u64 },
     ClientWake { client: usize },
     Fault,
     HealPartition,
@@ -387,6 +391,7 @@ impl World {
             Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
             Event::Restart { brick } => self.restart(brick),
+            Event::Crash { brick, life } => self.crash_later(brick, life),
             Event::ClientWake { client } => match self.client_paused(client) {
                 Some(at) => self.schedule(at, Event::ClientWake { client }),
                 None => self.client_wake(client),
