@@ -83,12 +83,26 @@ impl Rpc {
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(bad(e.to_string())),
             Err(e) => return Err(io(e)),
         }
-        let frame = decode_exact(&self.buf).map_err(|e| bad(e.to_string()))?;
-        match frame.kind {
-            Kind::Reply(o, status) if o == op && frame.request_id == id => Ok((status, frame.value.to_vec())),
-            other => Err(bad(format!("{other:?} to request {id} answered by {}", frame.request_id))),
-        }
+        reply_of(&self.buf, op, id).map_err(bad)
     }
+}
+
+/// The reply to request `id` of `op`, read from `bytes` (one whole frame): its status
+/// and value, or why it is not that reply.
+pub fn reply_of(bytes: &[u8], op: Op, id: u64) -> Result<(Status, Vec<u8>), String> {
+    let frame = decode_exact(bytes).map_err(|e| e.to_string())?;
+    match frame.kind {
+        Kind::Reply(o, status) if o == op && frame.request_id == id => Ok((status, frame.value.to_vec())),
+        other => Err(format!("{other:?} to request {id} answered by {}", frame.request_id)),
+    }
+}
+
+/// The map in an `Ok` answer to `GetMap` or `Heartbeat` (empty: nothing newer).
+pub fn parse_map(value: &[u8]) -> Result<Option<ClusterMap>, String> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    ClusterMap::from_json(&String::from_utf8_lossy(value)).map(Some).map_err(|e| e.to_string())
 }
 
 /// Fetches the current map from any of `seeds` (bricks or the authority).
@@ -99,8 +113,7 @@ pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, 
             .and_then(|mut r| r.call(Op::GetMap, 0, &[], &[], timeout))
             .map_err(|e| e.to_string())
             .and_then(|(status, value)| match status {
-                Status::Ok if !value.is_empty() => ClusterMap::from_json(&String::from_utf8_lossy(&value)).map_err(|e| e.to_string()),
-                Status::Ok => Err(format!("{seed} has no map yet")),
+                Status::Ok => parse_map(&value)?.ok_or(format!("{seed} has no map yet")),
                 other => Err(format!("{seed}: {other:?}: {}", String::from_utf8_lossy(&value))),
             });
         match got {

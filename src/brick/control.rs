@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
-use super::lease::{Answer, Lease, Step};
+use super::lease::{self, Answer, Lease, Step};
 use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
-use crate::proto::{Op, Registered, Registration, Status, HEARTBEAT_MS, LEASE_MS};
+use crate::proto::{Op, HEARTBEAT_MS, LEASE_MS};
 use crate::rpc::Rpc;
 
 /// What the cores and the control thread share.
@@ -154,53 +154,24 @@ pub enum ControlError {
     },
 }
 
-/// Sends `Register` on `rpc`; returns the id the authority answered with.
-fn send_registration(rpc: &mut Rpc, id: Option<u32>, addr: &BrickAddr, timeout: Duration) -> Result<u32, String> {
-    let reg = Registration { id, addr: addr.clone() };
-    let body = serde_json::to_string(&reg).expect("serialises");
-    let (status, value) = rpc.call(Op::Register, 0, &[], body.as_bytes(), timeout).map_err(|e| e.to_string())?;
-    if status != Status::Ok {
-        return Err(format!("{status:?}: {}", String::from_utf8_lossy(&value)));
-    }
-    let reply: Registered = serde_json::from_slice(&value).map_err(|e| format!("bad reply: {e}"))?;
-    Ok(reply.id)
-}
-
 /// Makes the lease's call (`Step::Register` or `Step::Beat`) on `session`, the
-/// connection to the authority, and says what became of it.
+/// connection to the authority (a new one for `Register`), and says what became of it.
 fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAddr) -> Answer {
     let timeout = Duration::from_millis(LEASE_MS);
-    match step {
-        Step::Register { id } => {
-            *session = None;
-            let registered = Rpc::connect(meta, timeout / 2)
-                .map_err(|e| e.to_string())
-                .and_then(|mut rpc| send_registration(&mut rpc, *id, addr, timeout).map(|id| (rpc, id)));
-            match registered {
-                Ok((rpc, id)) => {
-                    *session = Some(rpc);
-                    Answer::Registered(id)
-                }
-                Err(why) => Answer::Lost(why),
-            }
+    let (op, epoch, value) = lease::request(step, addr);
+    if op == Op::Register {
+        *session = None;
+        match Rpc::connect(meta, timeout / 2) {
+            Ok(rpc) => *session = Some(rpc),
+            Err(e) => return Answer::Lost(e.to_string()),
         }
-        Step::Beat { epoch } => {
-            let Some(rpc) = session else { return Answer::Lost("no session".into()) };
-            match rpc.call(Op::Heartbeat, *epoch, &[], &[], timeout) {
-                Ok((Status::Ok, value)) if value.is_empty() => Answer::Map(None),
-                Ok((Status::Ok, value)) => match ClusterMap::from_json(&String::from_utf8_lossy(&value)) {
-                    Ok(map) => Answer::Map(Some(map)),
-                    Err(e) => {
-                        crate::log!("brick", "ignoring a bad map from the authority: {e}");
-                        Answer::Map(None)
-                    }
-                },
-                Ok((status, value)) => Answer::Refused(format!("{status:?}: {}", String::from_utf8_lossy(&value))),
-                Err(e) => Answer::Lost(e.to_string()),
-            }
-        }
-        other => unreachable!("{other:?} is not a call"),
     }
+    let Some(rpc) = session else { return Answer::Lost("no session".into()) };
+    let answer = lease::answer_of(step, rpc.call(op, epoch, &[], &value, timeout).map_err(|e| e.to_string()));
+    if op == Op::Register && !matches!(answer, Answer::Registered(_)) {
+        *session = None;
+    }
+    answer
 }
 
 /// Sleeps until `until_ms` by `now_ms`, at most `HEARTBEAT_MS`.

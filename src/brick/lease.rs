@@ -11,8 +11,8 @@
 
 use std::collections::VecDeque;
 
-use crate::map::{BrickId, ClusterMap};
-use crate::proto::{HEARTBEAT_MS, LEASE_MS};
+use crate::map::{BrickAddr, BrickId, ClusterMap};
+use crate::proto::{Op, Registered, Registration, Status, HEARTBEAT_MS, LEASE_MS};
 
 /// A starting brick that has not registered and received its first map in this long
 /// gives up.
@@ -53,6 +53,37 @@ pub enum Answer {
     Refused(String),
     /// No answer: refused connection, timeout, closed, malformed. The session is gone.
     Lost(String),
+}
+
+/// The request a call (`Step::Register`, `Step::Beat`) sends: its op, epoch and value.
+/// `addr`: where this brick serves, and its directory's token.
+pub fn request(step: &Step, addr: &BrickAddr) -> (Op, u64, Vec<u8>) {
+    match step {
+        Step::Register { id } => (Op::Register, 0, serde_json::to_vec(&Registration { id: *id, addr: addr.clone() }).expect("serialises")),
+        Step::Beat { epoch } => (Op::Heartbeat, *epoch, Vec::new()),
+        other => unreachable!("{other:?} is not a call"),
+    }
+}
+
+/// What the authority's reply to a call (or why there is none) means for the lease.
+pub fn answer_of(step: &Step, reply: Result<(Status, Vec<u8>), String>) -> Answer {
+    let (status, value) = match reply {
+        Ok(reply) => reply,
+        Err(why) => return Answer::Lost(why),
+    };
+    let text = || format!("{status:?}: {}", String::from_utf8_lossy(&value));
+    match (step, status) {
+        (Step::Register { .. }, Status::Ok) => match serde_json::from_slice::<Registered>(&value) {
+            Ok(reply) => Answer::Registered(reply.id),
+            Err(e) => Answer::Lost(format!("bad reply: {e}")),
+        },
+        (Step::Register { .. }, _) => Answer::Lost(text()),
+        (_, Status::Ok) => Answer::Map(crate::rpc::parse_map(&value).unwrap_or_else(|e| {
+            crate::log!("brick", "ignoring a bad map from the authority: {e}");
+            None
+        })),
+        _ => Answer::Refused(text()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

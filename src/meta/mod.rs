@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod copy;
+pub mod session;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,11 +17,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::map::{BrickId, ClusterMap};
-use crate::proto::{decode_exact, encode, Frame, Kind, Op, Registered, Registration, Status};
+use crate::map::ClusterMap;
 use crate::rpc::{read_frame, Rpc};
 use authority::{Actions, Authority, AuthorityConfig, Join};
 use copy::{Answer, CopyDriver, Step};
+use session::Session;
 
 pub const MAP_FILE: &str = "map.json";
 /// `<dir>/meta.json`: written once the authority listens.
@@ -163,12 +164,13 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     Ok(())
 }
 
-/// One connection: a brick's session (after `Register`), or anyone asking for the map.
+/// One connection: a brick's session (after `Register`), or anyone asking for the map
+/// (`session::Session` decides; this is its socket).
 fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     use std::io::Write;
-    let peer = stream.peer_addr().ok();
+    let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
-    let mut session: Option<(BrickId, u64)> = None;
+    let mut session = Session::new(peer.clone());
     let mut buf = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -176,71 +178,37 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {
-                if session.is_some() {
-                    crate::log!("meta", "session with {peer:?} ended: {e}");
+                if session.is_brick() {
+                    crate::log!("meta", "session with {peer} ended: {e}");
                 }
                 break;
             }
         }
-        let frame = match decode_exact(&buf) {
-            Ok(f) => f,
-            Err(e) => {
-                crate::log!("meta", "closing {peer:?}: malformed frame: {e}");
-                break;
-            }
-        };
-        let Kind::Request(op) = frame.kind else {
-            crate::log!("meta", "closing {peer:?}: it sent a reply");
-            break;
-        };
-        let (status, value) = {
+        {
             let mut state = shared.lock();
             if state.halted {
                 break;
             }
             let now = state.now_ms();
-            let epoch = state.authority.map().map_or(0, |m| m.epoch());
-            let newer_map = |state: &State| match state.authority.map() {
-                Some(m) if m.epoch() > frame.epoch => m.to_json().into_bytes(),
-                _ => Vec::new(),
-            };
-            match op {
-                Op::Register => match serde_json::from_slice::<Registration>(frame.value) {
-                    Ok(reg) => match state.authority.register_at(reg.id, reg.addr, now) {
-                        Ok((id, serial, actions)) => {
-                            session = Some((id, serial));
-                            crate::log!("meta", "{id} registered from {peer:?} (map epoch {epoch})");
-                            apply(&shared, &mut state, actions);
-                            if state.halted {
-                                break;
-                            }
-                            (Status::Ok, serde_json::to_vec(&Registered { id: id.0 }).expect("serialises"))
-                        }
-                        Err(e) => (Status::Conflict, e.to_string().into_bytes()),
-                    },
-                    Err(e) => (Status::Conflict, format!("bad registration: {e}").into_bytes()),
-                },
-                Op::Heartbeat => match session {
-                    Some((id, serial)) if state.authority.heartbeat(id, serial, frame.epoch, now) => (Status::Ok, newer_map(&state)),
-                    Some((id, _)) => (Status::Conflict, format!("{id}'s session has ended (it was removed): register again").into_bytes()),
-                    None => (Status::Conflict, b"heartbeat before register".to_vec()),
-                },
-                Op::GetMap => (Status::Ok, newer_map(&state)),
-                _ => (Status::WrongShard, format!("the map authority does not serve {}", op.name()).into_bytes()),
+            match session.on_frame(&mut state.authority, now, &buf, &mut out) {
+                Ok(actions) => apply(&shared, &mut state, actions),
+                Err(why) => {
+                    crate::log!("meta", "{why}");
+                    break;
+                }
             }
-        };
-        out.clear();
-        encode(&mut out, &Frame { kind: Kind::Reply(op, status), request_id: frame.request_id, epoch: 0, key: &[], value: &value });
+            if state.halted {
+                break;
+            }
+        }
         if stream.write_all(&out).is_err() {
             break;
         }
     }
-    if let Some((id, serial)) = session {
-        let mut state = shared.lock();
-        let now = state.now_ms();
-        let actions = state.authority.disconnected(id, serial, now);
-        apply(&shared, &mut state, actions);
-    }
+    let mut state = shared.lock();
+    let now = state.now_ms();
+    let actions = session.on_close(&mut state.authority, now);
+    apply(&shared, &mut state, actions);
 }
 
 /// The copy thread: drives a `copy::CopyDriver` over blocking rpcs, one connection

@@ -13,17 +13,17 @@ use std::sync::Arc;
 use dds_transport::ConnId;
 use rand::Rng;
 
-use crate::brick::lease::{Answer, Lease, Step};
+use crate::brick::lease::{self, Answer, Lease, Step};
 use crate::proto::LEASE_MS;
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
 use crate::hash::HashMap;
 use crate::log::record::ScanEnd;
-use crate::map::{key_hash, BrickId, ClusterMap, PartitionId};
+use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
 use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
 
 use super::disk::SimDisk;
-use super::net::{Endpoint, LinkId, Msg};
+use super::net::{Call, Endpoint, LinkId, Msg};
 use super::{core_addr, Event, Micros, World, MS};
 
 /// Frames one core takes from one link per round: the transport's fairness bound
@@ -83,8 +83,10 @@ pub(crate) struct SimBrick {
     /// The brick's lease: the machine the control thread drives.
     lease: Lease,
     session_link: Option<LinkId>,
-    /// The lease's call on the wire: when it left.
-    lease_call: Option<Micros>,
+    /// The lease's call on the wire, and the step that made it.
+    lease_call: Option<(Call, Step)>,
+    /// The id of the next request on the session.
+    next_call_id: u64,
     pub paused_until: Micros,
     /// How much later than the cores its control thread runs again after a pause.
     control_lag: Micros,
@@ -124,6 +126,7 @@ impl SimBrick {
             lease: Lease::starting(None, 0),
             session_link: None,
             lease_call: None,
+            next_call_id: 1,
             paused_until: 0,
             control_lag: 0,
             down_until: 0,
@@ -266,31 +269,25 @@ impl World {
         })
     }
 
-    pub(crate) fn brick_receive(&mut self, b: usize, link: LinkId, msg: Msg) {
+    pub(crate) fn brick_receive(&mut self, b: usize, link: LinkId, bytes: Msg) {
         let waker = if self.bricks[b].session_link == Some(link) { Waker::Control } else { Waker::Message };
         if let Some(at) = self.deferred(b, waker) {
-            self.schedule(at, Event::Deliver { link, to: Endpoint::Brick(b), msg });
-            return;
+            return self.schedule(at, Event::Deliver { link, to: Endpoint::Brick(b), msg: bytes });
         }
-        match msg {
-            Msg::Registered { id } => self.lease_answer(b, link, Answer::Registered(id)),
-            Msg::MapReply { map } => self.lease_answer(b, link, Answer::Map(map)),
-            Msg::SessionEnded => self.lease_answer(b, link, Answer::Refused("the session has ended (it was removed)".into())),
-            Msg::Frame(bytes) => {
-                if self.net.opener(link) == Some(Endpoint::Brick(b)) {
-                    // A frame on a link this brick opened: an answer from a peer.
-                    return self.peer_answer(b, link, bytes);
-                }
-                let Some((life, core)) = self.net.target_core(link) else { return };
-                if life != self.bricks[b].life || self.bricks[b].state != State::Up {
-                    return self.break_link(link, true);
-                }
-                let c = &mut self.bricks[b].cores[core];
-                c.inbox.push_back((link, bytes));
-                self.wake_core(b, core);
-            }
-            other => unreachable!("a brick got {other:?}"),
+        if self.bricks[b].session_link == Some(link) {
+            return self.lease_reply(b, link, &bytes);
         }
+        if self.net.opener(link) == Some(Endpoint::Brick(b)) {
+            // A frame on a link this brick opened: an answer from a peer.
+            return self.peer_answer(b, link, bytes);
+        }
+        let Some((life, core)) = self.net.target_core(link) else { return };
+        if life != self.bricks[b].life || self.bricks[b].state != State::Up {
+            return self.break_link(link, true);
+        }
+        let c = &mut self.bricks[b].cores[core];
+        c.inbox.push_back((link, bytes));
+        self.wake_core(b, core);
     }
 
     /// Registration answered with a map: recover every core's log, then serve.
@@ -412,14 +409,20 @@ impl World {
         self.lease_step(b, false);
     }
 
-    /// The authority's answer on the session: to the lease's call, if it is still out.
-    fn lease_answer(&mut self, b: usize, link: LinkId, answer: Answer) {
+    /// A frame from the authority on the session: the answer to the lease's call, if
+    /// one is still out (`control::call`); a malformed one loses the session.
+    fn lease_reply(&mut self, b: usize, link: LinkId, bytes: &[u8]) {
         let now_ms = self.now_ms();
         let brick = &mut self.bricks[b];
-        if !brick.is_up() || brick.session_link != Some(link) || brick.lease_call.take().is_none() {
+        if !brick.is_up() {
             return;
         }
-        brick.lease.answer(answer, now_ms);
+        let Some((call, step)) = brick.lease_call.take() else { return };
+        let reply = call.reply(bytes);
+        if reply.is_err() {
+            self.break_link(link, true);
+        }
+        self.bricks[b].lease.answer(lease::answer_of(&step, reply), now_ms);
         self.lease_step(b, false);
     }
 
@@ -432,8 +435,8 @@ impl World {
             if !brick.is_up() {
                 return;
             }
-            if let Some(sent) = brick.lease_call {
-                if self.now < sent + LEASE_MS * MS {
+            if let Some((call, _)) = &brick.lease_call {
+                if self.now < call.sent + LEASE_MS * MS {
                     return;
                 }
                 // The call timed out (`LEASE_MS`, as the control thread's rpc does).
@@ -443,19 +446,16 @@ impl World {
             }
             let life = brick.life;
             match brick.lease.poll(now_ms, refresh) {
-                Step::Register { id } => {
-                    let old = brick.session_link.take();
-                    let cores = (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect();
-                    if let Some(old) = old {
+                step @ Step::Register { .. } => {
+                    if let Some(old) = brick.session_link.take() {
                         self.break_link(old, true);
                     }
                     let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
                     self.bricks[b].session_link = Some(link);
-                    self.lease_call(b, link, Msg::Register { id, cores, token: dir_token(b) });
-                    return;
+                    return self.lease_call(b, link, step);
                 }
-                Step::Beat { epoch } => match brick.session_link.filter(|l| self.net.alive(*l)) {
-                    Some(link) => return self.lease_call(b, link, Msg::Heartbeat { epoch }),
+                step @ Step::Beat { .. } => match brick.session_link.filter(|l| self.net.alive(*l)) {
+                    Some(link) => return self.lease_call(b, link, step),
                     None => brick.lease.answer(Answer::Lost("the session closed".into()), now_ms),
                 },
                 Step::HangUp => {
@@ -481,10 +481,15 @@ impl World {
         }
     }
 
-    fn lease_call(&mut self, b: usize, link: LinkId, msg: Msg) {
-        let life = self.bricks[b].life;
-        self.bricks[b].lease_call = Some(self.now);
-        self.send(link, Endpoint::Brick(b), msg);
+    /// Sends the lease's call (`control::call`) on the session `link`.
+    fn lease_call(&mut self, b: usize, link: LinkId, step: Step) {
+        let brick = &mut self.bricks[b];
+        let (life, id) = (brick.life, brick.next_call_id);
+        brick.next_call_id += 1;
+        let addr = BrickAddr { cores: (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect(), rdma: Vec::new(), token: dir_token(b) };
+        let (op, epoch, value) = lease::request(&step, &addr);
+        let call = self.call(link, Endpoint::Brick(b), op, epoch, &value, id);
+        self.bricks[b].lease_call = Some((call, step));
         self.after(LEASE_MS * MS, Event::Lease { brick: b, life });
     }
 
@@ -576,7 +581,7 @@ impl World {
         let behind = core.round.take_behind();
         let batch = core.round.batch().map(|(bytes, sync)| (bytes.to_vec(), sync));
         for (link, bytes) in sent {
-            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+            self.send(link, Endpoint::Brick(b), bytes);
         }
         for link in bad_links {
             self.break_link(link, true);
@@ -633,7 +638,7 @@ impl World {
         core.round.begin(&control);
         let more = !core.inbox.is_empty();
         for (link, bytes) in released {
-            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+            self.send(link, Endpoint::Brick(b), bytes);
         }
         self.check_replicas();
         if more {
@@ -650,7 +655,7 @@ impl World {
             let Some(link) = existing.or_else(|| self.connect(Endpoint::Brick(b), at)) else { continue };
             let mut bytes = Vec::new();
             self.bricks[b].cores[c].round.ask(q, peer, conn_of(link), &mut bytes);
-            self.send(link, Endpoint::Brick(b), Msg::Frame(bytes));
+            self.send(link, Endpoint::Brick(b), bytes);
         }
     }
 

@@ -13,7 +13,9 @@ use crate::check::{Event as Seen, Operation};
 use crate::client::{ClientConfig, ClientCore, ClientError, Completion, Outcome, Request};
 use crate::hash::HashMap;
 
-use super::net::{Endpoint, LinkId, Msg};
+use super::net::{Call, Endpoint, LinkId, Msg};
+use crate::proto::{Op, Status};
+use crate::rpc::parse_map;
 use super::{Event, Micros, World, MS};
 
 #[derive(Clone, Debug)]
@@ -31,6 +33,9 @@ pub(crate) struct SimClient {
     /// Addresses by link, to name a link that broke.
     addrs: HashMap<LinkId, SocketAddr>,
     authority: LinkId,
+    /// The map request on the wire, if any, and how many were made.
+    map_call: Option<Call>,
+    map_calls: u64,
     issued: usize,
     open: HashMap<u64, (Kind, Vec<u8>, Micros)>,
     pub history: Vec<Operation>,
@@ -79,6 +84,8 @@ impl World {
             links: HashMap::default(),
             addrs: HashMap::default(),
             authority: link,
+            map_call: None,
+            map_calls: 0,
             issued: 0,
             open: HashMap::default(),
             history: Vec::new(),
@@ -90,46 +97,52 @@ impl World {
             outcomes: [0; 3],
             paused_until: 0,
         });
-        self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
+        self.ask_map(c, 0);
     }
 
-    pub(crate) fn client_receive(&mut self, c: usize, link: LinkId, msg: Msg) {
-        match msg {
-            Msg::MapReply { map } => {
-                self.clients[c].map_asked = None;
-                match map {
-                    Some(map) => {
-                        let client = &mut self.clients[c];
-                        if client.started {
-                            client.core.install_fetched(map);
-                        } else {
-                            client.core.install(map);
-                            client.started = true;
-                        }
-                    }
-                    None if !self.clients[c].started => {
-                        // The cluster is still gathering its bricks: ask again soon.
-                        self.clients[c].map_asked = Some(self.now);
-                        self.schedule(self.now + 50 * MS, Event::ClientWake { client: c });
-                        return;
-                    }
-                    None => {}
-                }
-                self.client_wake(c);
-            }
-            Msg::Frame(bytes) => {
-                let Some(&from) = self.clients[c].addrs.get(&link) else { return };
-                let now = self.instant();
-                let client = &mut self.clients[c];
-                client.core.set_now(now);
-                if let Err(why) = client.core.on_frame(from, &bytes) {
-                    self.fail(format!("client {c}: a brick sent a bad reply: {why}"));
-                    return;
-                }
-                self.client_wake(c);
-            }
-            other => unreachable!("a client got {other:?}"),
+    /// Asks the authority for a map newer than `epoch`, on a new connection if the
+    /// last one broke (`rpc::fetch_map` connects per fetch).
+    fn ask_map(&mut self, c: usize, epoch: u64) {
+        if !self.net.alive(self.clients[c].authority) {
+            self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
         }
+        let client = &mut self.clients[c];
+        client.map_calls += 1;
+        let (link, id) = (client.authority, client.map_calls);
+        let call = self.call(link, Endpoint::Client(c), Op::GetMap, epoch, &[], id);
+        self.clients[c].map_call = Some(call);
+    }
+
+    pub(crate) fn client_receive(&mut self, c: usize, link: LinkId, bytes: Msg) {
+        if link == self.clients[c].authority {
+            // The answer to the last map request (one to an earlier request is dropped).
+            let Some(Ok((status, value))) = self.clients[c].map_call.map(|call| call.reply(&bytes)) else { return };
+            let client = &mut self.clients[c];
+            client.map_call = None;
+            client.map_asked = None;
+            match parse_map(&value).ok().flatten().filter(|_| status == Status::Ok) {
+                Some(map) if client.started => client.core.install_fetched(map),
+                Some(map) => {
+                    client.core.install(map);
+                    client.started = true;
+                }
+                None if !client.started => {
+                    // The cluster is still gathering its bricks: ask again soon.
+                    client.map_asked = Some(self.now);
+                    return self.schedule(self.now + 50 * MS, Event::ClientWake { client: c });
+                }
+                None => {}
+            }
+            return self.client_wake(c);
+        }
+        let Some(&from) = self.clients[c].addrs.get(&link) else { return };
+        let now = self.instant();
+        let client = &mut self.clients[c];
+        client.core.set_now(now);
+        if let Err(why) = client.core.on_frame(from, &bytes) {
+            return self.fail(format!("client {c}: a brick sent a bad reply: {why}"));
+        }
+        self.client_wake(c);
     }
 
     pub(crate) fn client_link_down(&mut self, c: usize, link: LinkId) {
@@ -150,12 +163,8 @@ impl World {
         }
         if !self.clients[c].started {
             if self.clients[c].map_asked.is_none_or(|t| self.now >= t + 50 * MS) {
-                if !self.net.alive(self.clients[c].authority) {
-                    self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
-                }
-                let link = self.clients[c].authority;
                 self.clients[c].map_asked = Some(self.now);
-                self.send(link, Endpoint::Client(c), Msg::GetMap { epoch: 0 });
+                self.ask_map(c, 0);
             }
             return;
         }
@@ -186,12 +195,7 @@ impl World {
     fn client_io(&mut self, c: usize) {
         if self.clients[c].core.take_map_wanted() {
             let epoch = self.clients[c].core.map().epoch();
-            // `rpc::fetch_map` opens a connection per fetch: a broken one is replaced.
-            if !self.net.alive(self.clients[c].authority) {
-                self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
-            }
-            let link = self.clients[c].authority;
-            self.send(link, Endpoint::Client(c), Msg::GetMap { epoch });
+            self.ask_map(c, epoch);
         }
         let mut queued: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
         self.clients[c].core.drain_out(|at, frame| {
@@ -219,7 +223,7 @@ impl World {
                     }
                 },
             };
-            self.send(link, Endpoint::Client(c), Msg::Frame(frame));
+            self.send(link, Endpoint::Client(c), frame);
         }
         if !refused.is_empty() {
             // Connection refused: the messages are lost, as a failed connect reports.

@@ -3,17 +3,16 @@
 
 use crate::meta::authority::Join;
 use crate::meta::copy::{Answer, CopyDriver, Step, COPY_RPC_TIMEOUT_MS, LINES};
-use crate::proto::{decode_exact, encode, Frame, Kind};
 
-use super::net::{Endpoint, LinkId, Msg};
+use super::net::{Call, Endpoint, LinkId};
 use super::{Event, Micros, World, MS};
 
 pub(crate) struct SimCopy {
     driver: CopyDriver,
     /// The open link of each line (`copy::Line`).
     lines: [Option<LinkId>; LINES.len()],
-    /// The call on the wire: its link, request id and when it left.
-    waiting: Option<(LinkId, u64, Micros)>,
+    /// The call on the wire.
+    waiting: Option<Call>,
     /// No poll before this (a `Step::Wait`); timers set for earlier calls may fire first.
     wake_at: Micros,
     next_id: u64,
@@ -33,13 +32,13 @@ impl World {
         loop {
             let now_ms = self.now_ms();
             let Some(job) = &mut self.copy else { return };
-            if let Some((link, _, sent)) = job.waiting {
-                if self.now < sent + COPY_RPC_TIMEOUT_MS * MS {
+            if let Some(call) = job.waiting {
+                if self.now < call.sent + COPY_RPC_TIMEOUT_MS * MS {
                     return;
                 }
                 // The call timed out, as `Rpc::call` does: the link is as good as lost.
-                self.break_link(link, false);
-                self.copy_answer(link, Answer::Lost("timed out".into()));
+                self.break_link(call.link, false);
+                self.copy_answer(call.link, Answer::Lost("timed out".into()));
                 continue;
             }
             if self.now < job.wake_at {
@@ -67,10 +66,8 @@ impl World {
                     job.lines[line as usize] = Some(link);
                     let id = job.next_id;
                     job.next_id += 1;
-                    job.waiting = Some((link, id, self.now));
-                    let mut bytes = Vec::new();
-                    encode(&mut bytes, &Frame { kind: Kind::Request(op), request_id: id, epoch, key: &[], value: &value });
-                    self.send(link, Endpoint::Authority, Msg::Frame(bytes));
+                    let call = self.call(link, Endpoint::Authority, op, epoch, &value, id);
+                    self.copy.as_mut().expect("present").waiting = Some(call);
                     self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep);
                     return;
                 }
@@ -116,15 +113,10 @@ impl World {
     }
 
     pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
-        let Some((waiting, id, _)) = self.copy.as_ref().and_then(|j| j.waiting) else { return };
-        if waiting != link {
-            return;
-        }
-        // As `Rpc::call`: anything but the reply to this request is a malformed answer.
-        let answer = match decode_exact(&bytes) {
-            Ok(Frame { kind: Kind::Reply(_, status), request_id, value, .. }) if request_id == id => Answer::Reply(status, value.to_vec()),
-            Ok(_) => Answer::Lost("malformed reply: not the answer to the request".into()),
-            Err(e) => Answer::Lost(format!("malformed reply: {e}")),
+        let Some(call) = self.copy.as_ref().and_then(|j| j.waiting).filter(|c| c.link == link) else { return };
+        let answer = match call.reply(&bytes) {
+            Ok((status, value)) => Answer::Reply(status, value),
+            Err(why) => Answer::Lost(why),
         };
         if matches!(answer, Answer::Lost(_)) {
             self.break_link(link, false);
@@ -135,7 +127,7 @@ impl World {
 
     pub(crate) fn copy_link_down(&mut self, link: LinkId) {
         let Some(job) = &mut self.copy else { return };
-        if job.waiting.is_some_and(|(l, _, _)| l == link) {
+        if job.waiting.is_some_and(|c| c.link == link) {
             self.copy_answer(link, Answer::Lost("connection closed".into()));
             self.copy_step();
         }

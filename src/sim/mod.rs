@@ -37,8 +37,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::brick::Durability;
-use crate::map::{BrickAddr, BrickId, ClusterMap};
+use crate::map::{BrickId, ClusterMap};
 use crate::meta::authority::{Actions, Authority, AuthorityConfig};
+use crate::meta::session::Session;
 use crate::mutation::Mutation;
 
 use brick::SimBrick;
@@ -233,6 +234,8 @@ pub(crate) struct World {
     options: Options,
     net: Net,
     authority: Authority,
+    /// The authority's end of every connection to it (`meta::session`).
+    sessions: crate::hash::HashMap<LinkId, Session>,
     /// Every map the authority published, in order.
     maps: Vec<ClusterMap>,
     copy: Option<copy::SimCopy>,
@@ -316,43 +319,33 @@ impl World {
         self.after(50 * MS, Event::AuthorityTick);
     }
 
-    /// A message for the authority (registration, heartbeat, map request) or a brick's
-    /// session that closed.
-    fn authority_receive(&mut self, link: LinkId, msg: Msg) {
+    /// A frame for the authority: a copy's answer on a link it opened, else a request
+    /// on a brick's session or a map fetch (`meta::session`, as `meta::serve` runs it).
+    fn authority_receive(&mut self, link: LinkId, bytes: Msg) {
+        if self.net.opener(link) == Some(Endpoint::Authority) {
+            return self.copy_receive(link, bytes);
+        }
         let now_ms = self.now_ms();
-        match msg {
-            Msg::Register { id, cores, token } => match self.authority.register_at(id, BrickAddr { cores, rdma: Vec::new(), token }, now_ms) {
-                Ok((id, session, actions)) => {
-                    self.net.set_session(link, id, session);
-                    self.apply(actions);
-                    self.send_back(link, Msg::Registered { id: id.0 });
-                }
-                Err(e) => self.fail(format!("registration refused: {e}")),
-            },
-            Msg::Heartbeat { epoch } => {
-                // As `meta::serve`: a heartbeat on a session the authority no longer
-                // knows is refused, so the brick registers again.
-                let known = match self.net.session(link) {
-                    Some((id, session)) => self.authority.heartbeat(id, session, epoch, now_ms),
-                    None => true, // still gathering: the brick waits for the first map
-                };
-                let map = self.authority.map().filter(|m| m.epoch() > epoch).cloned();
-                self.send_back(link, if known { Msg::MapReply { map } } else { Msg::SessionEnded });
+        let session = self.sessions.entry(link).or_insert_with(|| Session::new(format!("link {}", link.0)));
+        let mut out = Vec::new();
+        match session.on_frame(&mut self.authority, now_ms, &bytes, &mut out) {
+            Ok(actions) => {
+                self.apply(actions);
+                self.send_back(link, out);
             }
-            Msg::GetMap { epoch } => {
-                let map = self.authority.map().filter(|m| m.epoch() > epoch).cloned();
-                self.send_back(link, Msg::MapReply { map });
+            Err(why) => {
+                self.note(format!("authority: {why}"));
+                self.break_link(link, true);
             }
-            Msg::Frame(bytes) => self.copy_receive(link, bytes),
-            other => unreachable!("the authority got {other:?}"),
         }
     }
 
     /// A link of the authority's broke: a brick's session ends (the brick is removed),
     /// or a copy's link is lost.
     fn authority_link_down(&mut self, link: LinkId) {
-        if let Some((id, session)) = self.net.session(link) {
-            let actions = self.authority.disconnected(id, session, self.now_ms());
+        if let Some(session) = self.sessions.remove(&link) {
+            let now_ms = self.now_ms();
+            let actions = session.on_close(&mut self.authority, now_ms);
             self.apply(actions);
         }
         self.copy_link_down(link);
@@ -595,6 +588,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
         rng,
         options: options.clone(),
         authority,
+        sessions: Default::default(),
         maps: Vec::new(),
         copy: None,
         bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores, shape.durability == crate::brick::Durability::Sync)).collect(),

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use rand::Rng;
 
-use crate::map::{BrickId, ClusterMap};
+use crate::proto::{encode, Frame, Kind, Op, Status};
 
 use super::{Event, Micros, World};
 
@@ -29,19 +29,26 @@ pub(crate) enum Endpoint {
     Client(usize),
 }
 
-/// What travels on a link: data-plane frames in the real wire format, and the control
-/// plane's registration, heartbeats and map requests (their JSON encoding is tested
-/// elsewhere; here they travel as values).
-#[derive(Clone, Debug)]
-pub(crate) enum Msg {
-    Frame(Vec<u8>),
-    Register { id: Option<u32>, cores: Vec<std::net::SocketAddr>, token: u64 },
-    Registered { id: u32 },
-    Heartbeat { epoch: u64 },
-    GetMap { epoch: u64 },
-    MapReply { map: Option<ClusterMap> },
-    /// A heartbeat refused: the authority no longer knows the session.
-    SessionEnded,
+/// What travels on a link: one frame in the real wire format (control-plane requests
+/// carry their JSON values, as over TCP).
+pub(crate) type Msg = Vec<u8>;
+
+/// A request on the wire, waiting for its reply as `rpc::Rpc::call` waits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Call {
+    pub link: LinkId,
+    op: Op,
+    id: u64,
+    /// When it left.
+    pub sent: Micros,
+}
+
+impl Call {
+    /// The reply in `bytes` (a frame that came on `link`), or why it is not this
+    /// call's reply: a malformed answer, which loses the connection.
+    pub fn reply(&self, bytes: &[u8]) -> Result<(Status, Vec<u8>), String> {
+        crate::rpc::reply_of(bytes, self.op, self.id).map_err(|e| format!("malformed reply: {e}"))
+    }
 }
 
 struct Link {
@@ -52,7 +59,6 @@ struct Link {
     alive: bool,
     /// Last arrival time per direction (a→b, b→a): arrivals never overtake.
     last: [Micros; 2],
-    session: Option<(BrickId, u64)>,
 }
 
 pub(crate) struct Net {
@@ -75,16 +81,6 @@ impl Net {
 
     pub fn alive(&self, link: LinkId) -> bool {
         self.links.get(&link).is_some_and(|l| l.alive)
-    }
-
-    pub fn set_session(&mut self, link: LinkId, id: BrickId, session: u64) {
-        if let Some(l) = self.links.get_mut(&link) {
-            l.session = Some((id, session));
-        }
-    }
-
-    pub fn session(&self, link: LinkId) -> Option<(BrickId, u64)> {
-        self.links.get(&link).and_then(|l| l.session)
     }
 
     /// The end that opened `link`.
@@ -122,7 +118,7 @@ impl World {
     pub(crate) fn open_link(&mut self, a: Endpoint, b: Endpoint, b_core: Option<(u64, usize)>) -> LinkId {
         let id = LinkId(self.net.next);
         self.net.next += 1;
-        self.net.links.insert(id, Link { a, b, b_core, alive: true, last: [0, 0], session: None });
+        self.net.links.insert(id, Link { a, b, b_core, alive: true, last: [0, 0] });
         id
     }
 
@@ -155,6 +151,14 @@ impl World {
         at = at.max(l.last[dir] + 1);
         l.last[dir] = at;
         self.schedule(at, Event::Deliver { link, to, msg });
+    }
+
+    /// Sends request `id` from `from` on `link`.
+    pub(crate) fn call(&mut self, link: LinkId, from: Endpoint, op: Op, epoch: u64, value: &[u8], id: u64) -> Call {
+        let mut bytes = Vec::new();
+        encode(&mut bytes, &Frame { kind: Kind::Request(op), request_id: id, epoch, key: &[], value });
+        self.send(link, from, bytes);
+        Call { link, op, id, sent: self.now }
     }
 
     /// Sends `msg` back to the end that opened `link`.
