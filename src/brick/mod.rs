@@ -23,7 +23,7 @@ use crate::map::BrickAddr;
 use crate::proto::{BrickInfo, DdsFraming};
 
 pub use round::{Control, CoreRound};
-pub use storage::{replay_segment, SegmentError};
+pub use storage::{recover, Storage};
 pub use shard::{Effects, Query, Shard};
 
 /// When a write is acknowledged.
@@ -327,7 +327,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         let (storage, next_lsn) =
-                            match storage::recover(core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
+                            match storage::recover(crate::log::FsDisk, core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);

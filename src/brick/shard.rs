@@ -127,19 +127,20 @@ pub struct Query {
     pub txid: TxId,
 }
 
-/// Bounded memory of decided transactions, oldest forgotten first.
+/// Bounded memory of decided transactions, oldest forgotten first, with the key each
+/// was for (a checkpoint writes them as decision records).
 #[derive(Default)]
 struct Outcomes {
     state: HashMap<TxId, bool>,
-    order: VecDeque<TxId>,
+    order: VecDeque<(TxId, Box<[u8]>)>,
 }
 
 impl Outcomes {
-    fn record(&mut self, txid: TxId, committed: bool) {
+    fn record(&mut self, txid: TxId, committed: bool, key: &[u8]) {
         if self.state.insert(txid, committed).is_none() {
-            self.order.push_back(txid);
+            self.order.push_back((txid, key.into()));
             if self.order.len() > OUTCOMES_MAX {
-                let old = self.order.pop_front().expect("non-empty");
+                let (old, _) = self.order.pop_front().expect("non-empty");
                 self.state.remove(&old);
             }
         }
@@ -168,6 +169,9 @@ pub struct Shard {
     /// No word from the map authority within the lease: serve nothing, the brick may
     /// have been removed.
     pub fenced: bool,
+    /// The epoch of the map this core started with: copies planned before it are
+    /// refused (this incarnation dropped what they had brought).
+    boot_epoch: u64,
 }
 
 fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: Status, value: &[u8]) {
@@ -181,6 +185,7 @@ impl Shard {
         let partitions = 1u32 << partition_bits;
         let tables = (0..partitions).map(|p| (core_of(p, cores) == core).then(Table::default)).collect();
         let map_json: Arc<[u8]> = map.to_json().into_bytes().into();
+        let boot_epoch = map.epoch();
         Shard {
             core,
             cores,
@@ -196,6 +201,7 @@ impl Shard {
             joining: HashMap::default(),
             now_ms: 0,
             fenced: false,
+            boot_epoch,
         }
     }
 
@@ -275,7 +281,7 @@ impl Shard {
                         self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
                     }
                 }
-                self.outcomes.record(txid, commit);
+                self.outcomes.record(txid, commit, key);
             }
         }
     }
@@ -303,6 +309,13 @@ impl Shard {
     /// Every key and value this core holds, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.tables.iter().flatten().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
+    }
+
+    /// The decided transactions this core remembers, oldest first, as decision records
+    /// fields: a checkpoint keeps them, for a peer still in doubt may ask after the log
+    /// that held them is gone, and "never seen" would answer it "aborted".
+    pub fn outcome_records(&self) -> impl Iterator<Item = (&[u8], TxId, bool)> {
+        self.outcomes.order.iter().filter_map(|(txid, key)| self.outcomes.state.get(txid).map(|c| (&key[..], *txid, *c)))
     }
 
     /// Writes prepared and undecided, as prepare records: a new log segment starts with
@@ -577,7 +590,7 @@ impl Shard {
             // Already decided (a repeated message), or never prepared: remember the abort
             // so a late prepare is refused.
             if !commit && !self.outcomes.state.contains_key(&txid) {
-                self.outcomes.record(txid, false);
+                self.outcomes.record(txid, false, key);
                 fx.log(&Mutation::Decide { key, txid, commit: false }, true);
             }
             return self.outcomes.state.get(&txid) == Some(&commit);
@@ -590,7 +603,7 @@ impl Shard {
             self.note_joining_write(key);
         }
         fx.log(&Mutation::Decide { key, txid, commit }, true);
-        self.outcomes.record(txid, commit);
+        self.outcomes.record(txid, commit, key);
         self.answer_waiters(key, p.waiters, fx);
         true
     }
@@ -619,7 +632,7 @@ impl Shard {
             None => {
                 // The answer decides the asker's abort: it must hold after a crash too,
                 // or a late prepare would be taken after all. Durable before the reply.
-                self.outcomes.record(txid, false);
+                self.outcomes.record(txid, false, key);
                 fx.log(&Mutation::Decide { key, txid, commit: false }, true);
                 TxState::Aborted
             }
@@ -771,6 +784,12 @@ impl Shard {
         }
         if !self.joining.contains_key(&p) {
             return Err((Status::WrongShard, format!("{} core {} is not joining partition {p}", self.me, self.core)));
+        }
+        if epoch < self.boot_epoch {
+            // Read from its source before this brick restarted: it may be older than a
+            // write this brick took since the join and no longer tracks as one (the
+            // simulator found a removed key brought back).
+            return Err((Status::Conflict, format!("{} restarted after this copy was planned (epoch {epoch}, started at {}): copy again", self.me, self.boot_epoch)));
         }
         let mut stored = 0;
         for (key, value) in chunk.entries() {

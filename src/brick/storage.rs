@@ -4,17 +4,18 @@
 use std::path::{Path, PathBuf};
 
 use crate::log::record::{self, Mutation, ScanEnd};
-use crate::log::{self, checkpoint, LogError, LogFile};
+use crate::log::{self, checkpoint, Disk, FsDisk, LogError, LogFile};
 
 use super::Shard;
 
-/// A core's durable state on disk: the active log segment and, while one is being
+/// A core's durable state on `disk`: the active log segment and, while one is being
 /// written, a checkpoint.
-pub struct Storage {
+pub struct Storage<D: Disk = FsDisk> {
+    disk: D,
     dir: PathBuf,
     core: usize,
-    active: LogFile,
-    checkpoint: Option<checkpoint::Writer>,
+    active: LogFile<D::File>,
+    checkpoint: Option<checkpoint::Writer<D::File>>,
     /// Active segment size that starts a checkpoint (and a new segment).
     checkpoint_log_bytes: u64,
     /// New segments are laid out ahead of their writes (`LogFile::open_preallocated`):
@@ -25,17 +26,21 @@ pub struct Storage {
 /// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
 const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
 
-fn read(path: &Path) -> Result<Vec<u8>, LogError> {
-    std::fs::read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
+fn read<D: Disk>(disk: &mut D, path: &Path) -> Result<Option<Vec<u8>>, LogError> {
+    disk.read(path).map_err(|source| LogError::Io { op: "read", path: path.to_path_buf(), source })
+}
+
+fn remove<D: Disk>(disk: &mut D, path: &Path) -> Result<(), LogError> {
+    disk.remove(path).map_err(|source| LogError::Io { op: "remove", path: path.to_path_buf(), source })
 }
 
 /// Opens (creating) a segment: laid out ahead of its records a step at a time (no more
 /// than the segment's bound) when `preallocate`, else growing by appends.
-fn open_segment(path: &Path, preallocate: bool, checkpoint_log_bytes: u64) -> Result<(LogFile, Vec<u8>), LogError> {
+fn open_segment<D: Disk>(disk: &mut D, path: &Path, preallocate: bool, checkpoint_log_bytes: u64) -> Result<(LogFile<D::File>, Vec<u8>), LogError> {
     if preallocate {
-        LogFile::open_preallocated(path, checkpoint_log_bytes)
+        LogFile::open_preallocated_on(disk, path, checkpoint_log_bytes)
     } else {
-        LogFile::open(path)
+        LogFile::open_on(disk, path)
     }
 }
 
@@ -74,26 +79,33 @@ pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &m
     Ok((expected, replayed, end))
 }
 
-/// Loads this core's checkpoint and replays its log segments into `shard`: a torn tail
-/// of the last segment is cut off with a log line; a corrupt record, a defective
-/// checkpoint or a missing segment stops start-up. Returns the storage and the next lsn.
-pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64, preallocate: bool) -> Result<(Storage, u64), LogError> {
-    let open = |path: &Path| open_segment(path, preallocate, checkpoint_log_bytes);
+/// Loads this core's checkpoint from `disk` and replays its log segments into `shard`:
+/// a torn tail of the last segment is cut off with a log line; a corrupt record, a
+/// defective checkpoint or a missing segment stops start-up. Returns the storage and
+/// the next lsn.
+pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64, preallocate: bool) -> Result<(Storage<D>, u64), LogError> {
     let who = format_args!("core {core}").to_string();
     let ckpt_path = log::checkpoint_path(dir, core);
-    let _ = std::fs::remove_file(ckpt_path.with_extension("ckpt.tmp"));
+    let _ = disk.remove(&ckpt_path.with_extension("ckpt.tmp"));
     let mut start_lsn = 1;
-    if ckpt_path.exists() {
-        let bytes = read(&ckpt_path)?;
+    if let Some(bytes) = read(&mut disk, &ckpt_path)? {
         let mut keys = 0u64;
-        start_lsn = checkpoint::load(&bytes, |key, value| {
-            shard.replay(&Mutation::Put { key, value });
-            keys += 1;
-        })
+        let mut decided = Vec::new();
+        start_lsn = checkpoint::load(
+            &bytes,
+            |key, value| {
+                shard.replay(&Mutation::Put { key, value });
+                keys += 1;
+            },
+            |decision| decided.push(decision),
+        )
         .map_err(|error| LogError::CorruptCheckpoint { path: ckpt_path.clone(), error })?;
+        for decision in &decided {
+            shard.replay(decision);
+        }
         crate::log!(who, "{}: loaded {keys} keys, log from lsn {start_lsn}", ckpt_path.display());
     }
-    let segments = log::segments(dir, core)?;
+    let segments = log::segments(&mut disk, dir, core)?;
     let mut next_lsn = start_lsn;
     let mut replayed = 0u64;
     let mut active = None;
@@ -102,13 +114,19 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
         let next_first = segments.get(i + 1).map(|s| s.0);
         if next_first.is_some_and(|n| n <= start_lsn) {
             // Wholly covered by the checkpoint: left over from a crash before its delete.
-            std::fs::remove_file(path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+            remove(&mut disk, path)?;
             continue;
         }
         if *first_lsn > next_lsn {
             return Err(LogError::Gap { path: path.clone(), found: *first_lsn, expected: next_lsn });
         }
-        let (file, contents) = if last { let (f, c) = open(path)?; (Some(f), c) } else { (None, read(path)?) };
+        let (file, contents) = if last {
+            let (f, c) = open_segment(&mut disk, path, preallocate, checkpoint_log_bytes)?;
+            (Some(f), c)
+        } else {
+            let missing = || LogError::Io { op: "read", path: path.clone(), source: std::io::ErrorKind::NotFound.into() };
+            (None, read(&mut disk, path)?.ok_or_else(missing)?)
+        };
         let (expected, n, end) = replay_segment(&contents, *first_lsn, start_lsn, shard).map_err(|e| match e {
             SegmentError::Corrupt { offset, error } => LogError::Corrupt { path: path.clone(), offset, error },
             SegmentError::Gap { found, expected } => LogError::Gap { path: path.clone(), found, expected },
@@ -139,19 +157,19 @@ pub fn recover(core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes:
     let active = match active {
         Some(file) => file,
         None => {
-            let (file, _) = open(&log::segment_path(dir, core, next_lsn))?;
-            checkpoint::sync_dir(file.path())?;
+            let (file, _) = open_segment(&mut disk, &log::segment_path(dir, core, next_lsn), preallocate, checkpoint_log_bytes)?;
+            checkpoint::sync_dir(&mut disk, file.path())?;
             file
         }
     };
     if replayed > 0 {
         crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
     }
-    let storage = Storage { dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate };
+    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate };
     Ok((storage, next_lsn))
 }
 
-impl Storage {
+impl<D: Disk> Storage<D> {
     /// One group commit.
     pub fn commit(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
         self.active.append(batch, sync)
@@ -170,8 +188,8 @@ impl Storage {
             self.active.append(&[], true)?;
             let start_lsn = *next_lsn;
             let path = log::segment_path(&self.dir, self.core, start_lsn);
-            let (next, _) = open_segment(&path, self.preallocate, self.checkpoint_log_bytes)?;
-            checkpoint::sync_dir(next.path())?;
+            let (next, _) = open_segment(&mut self.disk, &path, self.preallocate, self.checkpoint_log_bytes)?;
+            checkpoint::sync_dir(&mut self.disk, next.path())?;
             self.active = next;
             // Undecided prepares go first into the new segment: the checkpoint holds
             // only applied state, and their decisions may come after it.
@@ -183,7 +201,7 @@ impl Storage {
             if !batch.is_empty() {
                 self.active.append(&batch, true)?;
             }
-            self.checkpoint = Some(checkpoint::Writer::start(&log::checkpoint_path(&self.dir, self.core), start_lsn)?);
+            self.checkpoint = Some(checkpoint::Writer::start(&mut self.disk, &log::checkpoint_path(&self.dir, self.core), start_lsn)?);
         }
         let writer = self.checkpoint.as_mut().expect("in progress");
         let mut copied = 0usize;
@@ -194,15 +212,17 @@ impl Storage {
         if writer.next_partition < shard.partitions() {
             return Ok(true);
         }
-        let started = self.checkpoint.take().expect("in progress").finish()?;
+        let mut writer = self.checkpoint.take().expect("in progress");
+        writer.add_decisions(shard.outcome_records())?;
+        let started = writer.finish(&mut self.disk)?;
         let mut trimmed = 0;
-        for (first_lsn, path) in log::segments(&self.dir, self.core)? {
+        for (first_lsn, path) in log::segments(&mut self.disk, &self.dir, self.core)? {
             if first_lsn < started {
-                std::fs::remove_file(&path).map_err(|source| LogError::Io { op: "remove", path: path.clone(), source })?;
+                remove(&mut self.disk, &path)?;
                 trimmed += 1;
             }
         }
-        checkpoint::sync_dir(self.active.path())?;
+        checkpoint::sync_dir(&mut self.disk, self.active.path())?;
         crate::log!(
             format_args!("core {}", self.core),
             "checkpoint at lsn {started}: {} keys; {trimmed} old log segment(s) removed",

@@ -2,10 +2,13 @@
 //! between loop rounds (fuzzy), so serving never stops for the whole copy.
 //!
 //! File: a 28-byte header `magic "DDSCKPT1" | start_lsn: u64 | entries: u64 | crc32c`,
-//! then `entries` put records in the log's format with lsns `1..=entries`. Recovery loads
-//! it and replays every log record from `start_lsn` on: puts and removes are blind
-//! writes, so a key's last record since `start_lsn` decides it whatever the snapshot
-//! caught, and a key with no record since then has not changed since `start_lsn`.
+//! then `entries` records in the log's format with lsns `1..=entries`: puts, then the
+//! decided transactions the core remembered when the checkpoint finished (decision
+//! records: a peer in doubt may ask about one after the log segment that held it is
+//! gone). Recovery loads it and replays every log record from `start_lsn` on: puts and
+//! removes are blind writes, so a key's last record since `start_lsn` decides it
+//! whatever the snapshot caught, and a key with no record since then has not changed
+//! since `start_lsn`.
 //!
 //! A checkpoint is written to `<name>.tmp`, fdatasync'd, renamed, and the directory
 //! fsync'd; only then are older log segments deleted. A checkpoint under its final name
@@ -14,6 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use super::record::{self, Mutation, ScanEnd};
+use crate::proto::TxId;
+use super::disk::{Disk, DiskFile, UringFile};
 use super::{LogError, LogFile};
 
 const MAGIC: &[u8; 8] = b"DDSCKPT1";
@@ -39,8 +44,9 @@ pub enum CheckpointError {
     Count { found: u64, expected: u64 },
 }
 
-/// Decodes a whole checkpoint, calling `put` for every entry; returns its start lsn.
-pub fn load<'a>(bytes: &'a [u8], mut put: impl FnMut(&'a [u8], &'a [u8])) -> Result<u64, CheckpointError> {
+/// Decodes a whole checkpoint, calling `put` for every entry and `decided` for every
+/// remembered decision; returns its start lsn.
+pub fn load<'a>(bytes: &'a [u8], mut put: impl FnMut(&'a [u8], &'a [u8]), mut decided: impl FnMut(Mutation<'a>)) -> Result<u64, CheckpointError> {
     let h = bytes.get(..HEADER_LEN).ok_or(CheckpointError::Header("cut short"))?;
     if &h[..8] != MAGIC {
         return Err(CheckpointError::Header("bad magic"));
@@ -58,6 +64,7 @@ pub fn load<'a>(bytes: &'a [u8], mut put: impl FnMut(&'a [u8], &'a [u8])) -> Res
         found += 1;
         match r.mutation {
             Mutation::Put { key, value } => put(key, value),
+            m @ Mutation::Decide { .. } => decided(m),
             _ => bad_kind = true,
         }
     })
@@ -66,7 +73,7 @@ pub fn load<'a>(bytes: &'a [u8], mut put: impl FnMut(&'a [u8], &'a [u8])) -> Res
         return Err(CheckpointError::Record(shift(error)));
     }
     if bad_kind {
-        return Err(CheckpointError::Header("a checkpoint holds a remove"));
+        return Err(CheckpointError::Header("a checkpoint holds a record that is neither a put nor a decision"));
     }
     if found != expected {
         return Err(CheckpointError::Count { found, expected });
@@ -88,8 +95,8 @@ fn shift(e: record::RecordError) -> record::RecordError {
 }
 
 /// A checkpoint being written, one chunk per loop round.
-pub struct Writer {
-    file: LogFile,
+pub struct Writer<F: DiskFile = UringFile> {
+    file: LogFile<F>,
     tmp: PathBuf,
     path: PathBuf,
     start_lsn: u64,
@@ -99,12 +106,12 @@ pub struct Writer {
     buf: Vec<u8>,
 }
 
-impl Writer {
-    /// Starts a checkpoint that will cover the log from `start_lsn` on.
-    pub fn start(path: &Path, start_lsn: u64) -> Result<Writer, LogError> {
+impl<F: DiskFile> Writer<F> {
+    /// Starts a checkpoint on `disk` that will cover the log from `start_lsn` on.
+    pub fn start<D: Disk<File = F>>(disk: &mut D, path: &Path, start_lsn: u64) -> Result<Writer<F>, LogError> {
         let tmp = path.with_extension("ckpt.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let (mut file, _) = LogFile::open(&tmp)?;
+        disk.remove(&tmp).map_err(|source| LogError::Io { op: "remove", path: tmp.clone(), source })?;
+        let (mut file, _) = LogFile::open_on(disk, &tmp)?;
         // The real header is written last, once the entry count is known.
         file.append(&[0u8; HEADER_LEN], false)?;
         Ok(Writer { file, tmp, path: path.to_path_buf(), start_lsn, entries: 0, next_partition: 0, buf: Vec::new() })
@@ -122,8 +129,18 @@ impl Writer {
         Ok(self.buf.len())
     }
 
+    /// Appends the remembered decisions `(key, txid, commit)`, after every entry.
+    pub fn add_decisions<'a>(&mut self, decisions: impl Iterator<Item = (&'a [u8], TxId, bool)>) -> Result<(), LogError> {
+        self.buf.clear();
+        for (key, txid, commit) in decisions {
+            self.entries += 1;
+            record::encode(&mut self.buf, self.entries, &Mutation::Decide { key, txid, commit });
+        }
+        self.file.append(&self.buf, false)
+    }
+
     /// Makes the checkpoint durable under its final name; returns its start lsn.
-    pub fn finish(mut self) -> Result<u64, LogError> {
+    pub fn finish<D: Disk<File = F>>(mut self, disk: &mut D) -> Result<u64, LogError> {
         self.file.write_at(0, &header(self.start_lsn, self.entries))?;
         self.file.append(&[], true)?;
         crate::failpoint!("checkpoint-rename", |_| Err(LogError::Io {
@@ -131,17 +148,16 @@ impl Writer {
             path: self.tmp.clone(),
             source: std::io::Error::other("failpoint checkpoint-rename"),
         }));
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|source| LogError::Io { op: "rename checkpoint", path: self.tmp.clone(), source })?;
-        sync_dir(&self.path)?;
+        disk.rename(&self.tmp, &self.path).map_err(|source| LogError::Io { op: "rename checkpoint", path: self.tmp.clone(), source })?;
+        sync_dir(disk, &self.path)?;
         Ok(self.start_lsn)
     }
 }
 
-/// fsyncs the directory holding `path`, so a rename or an unlink in it is durable.
-pub fn sync_dir(path: &Path) -> Result<(), LogError> {
+/// fsyncs the directory holding `path` on `disk`, so a rename or an unlink in it is durable.
+pub fn sync_dir<D: Disk>(disk: &mut D, path: &Path) -> Result<(), LogError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    crate::durable::sync_dir(dir).map_err(|source| LogError::Io { op: "fsync directory", path: dir.to_path_buf(), source })
+    disk.sync_dir(dir).map_err(|source| LogError::Io { op: "fsync directory", path: dir.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -152,31 +168,31 @@ mod tests {
     fn written_checkpoints_load_back_and_defects_are_caught() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("core-0.ckpt");
-        let mut w = Writer::start(&path, 42).unwrap();
+        let mut w = Writer::start(&mut crate::log::FsDisk, &path, 42).unwrap();
         let data: Vec<(Vec<u8>, Vec<u8>)> = (0..500u32).map(|i| (i.to_le_bytes().to_vec(), vec![i as u8; (i % 70) as usize])).collect();
         for chunk in data.chunks(64) {
             w.add(chunk.iter().map(|(k, v)| (&k[..], &v[..]))).unwrap();
         }
-        assert_eq!(w.finish().unwrap(), 42);
+        assert_eq!(w.finish(&mut crate::log::FsDisk).unwrap(), 42);
         let bytes = std::fs::read(&path).unwrap();
         let mut got = Vec::new();
-        assert_eq!(load(&bytes, |k, v| got.push((k.to_vec(), v.to_vec()))), Ok(42));
+        assert_eq!(load(&bytes, |k, v| got.push((k.to_vec(), v.to_vec())), |_| {}), Ok(42));
         assert_eq!(got, data);
         assert!(!path.with_extension("ckpt.tmp").exists());
         // Cut short at a record boundary: the count catches it.
         let mut two = Vec::new();
-        let mut w = Writer::start(&path, 1).unwrap();
+        let mut w = Writer::start(&mut crate::log::FsDisk, &path, 1).unwrap();
         w.add([(&b"a"[..], &b"1"[..]), (&b"b"[..], &b"2"[..])].into_iter()).unwrap();
-        w.finish().unwrap();
+        w.finish(&mut crate::log::FsDisk).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let first_end = HEADER_LEN + record::decode(&bytes[HEADER_LEN..], 0).unwrap().1;
-        assert!(matches!(load(&bytes[..first_end], |k, _| two.push(k)), Err(CheckpointError::Count { found: 1, expected: 2 })));
+        assert!(matches!(load(&bytes[..first_end], |k, _| two.push(k), |_| {}), Err(CheckpointError::Count { found: 1, expected: 2 })));
         // Cut anywhere else or flipped anywhere: an error, never a partial success.
         for at in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[at] ^= 0x10;
-            assert!(load(&bad, |_, _| {}).is_err(), "flip at {at}");
-            assert!(at == first_end || load(&bytes[..at], |_, _| {}).is_err(), "cut at {at}");
+            assert!(load(&bad, |_, _| {}, |_| {}).is_err(), "flip at {at}");
+            assert!(at == first_end || load(&bytes[..at], |_, _| {}, |_| {}).is_err(), "cut at {at}");
         }
     }
 }

@@ -3,14 +3,9 @@
 //! byte of it has completed, one fdatasync. Any error stops the caller for good: a
 //! failed fsync is never retried (the kernel may have dropped the dirty pages).
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types, IoUring};
-use nix::errno::Errno;
-
+use super::disk::{Disk, DiskFile, FsDisk, UringFile};
 use super::record::{self, SYNC_POINT_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +25,8 @@ pub enum LogError {
     Gap { path: PathBuf, found: u64, expected: u64 },
 }
 
-pub struct LogFile {
-    ring: IoUring,
-    file: File,
+pub struct LogFile<F: DiskFile = UringFile> {
+    file: F,
     path: PathBuf,
     /// Where the next write goes: the length of the valid log.
     end: u64,
@@ -47,28 +41,33 @@ pub struct LogFile {
     step_bytes: u64,
 }
 
-/// Entries in the ring: one write or one sync is in flight at a time.
-const RING_ENTRIES: u32 = 8;
-
 /// A preallocated log grows by at most this much at a time, zeros written ahead of the
 /// records. Laid out, a small append and its fdatasync cost 85-105 us on the development VM's
 /// ext4 against 125-140 us growing the file (the journal commits each size change).
 pub const PREALLOC_BYTES: u64 = 1 << 20;
 
 impl LogFile {
-    /// Opens (creating) the log at `path` and returns it with its whole contents, for
-    /// replay. Appends go where `truncate_to` or `resume_at` says, or after the contents
-    /// otherwise. A new file grows by appends.
+    /// `open_on` the file system.
     pub fn open(path: &Path) -> Result<(LogFile, Vec<u8>), LogError> {
-        let io = |op| move |source| LogError::Io { op, path: path.to_path_buf(), source };
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io("open"))?;
-        let mut contents = Vec::new();
-        file.read_to_end(&mut contents).map_err(io("read"))?;
-        let ring = IoUring::new(RING_ENTRIES).map_err(io("io_uring setup"))?;
+        LogFile::open_on(&mut FsDisk, path)
+    }
+
+    /// `open_preallocated_on` the file system.
+    pub fn open_preallocated(path: &Path, step_bytes: u64) -> Result<(LogFile, Vec<u8>), LogError> {
+        LogFile::open_preallocated_on(&mut FsDisk, path, step_bytes)
+    }
+}
+
+impl<F: DiskFile> LogFile<F> {
+    /// Opens (creating) the log at `path` on `disk` and returns it with its whole
+    /// contents, for replay. Appends go where `truncate_to` or `resume_at` says, or
+    /// after the contents otherwise. A new file grows by appends.
+    pub fn open_on<D: Disk<File = F>>(disk: &mut D, path: &Path) -> Result<(LogFile<F>, Vec<u8>), LogError> {
+        let (file, contents) = disk.open(path).map_err(|source| LogError::Io { op: "open", path: path.to_path_buf(), source })?;
         let end = contents.len() as u64;
         // A file laid out ahead of its records stays so, whoever opens it.
         let preallocated = record::starts_preallocated(&contents);
-        let log = LogFile { ring, file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, step_bytes: PREALLOC_BYTES };
+        let log = LogFile { file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, step_bytes: PREALLOC_BYTES };
         Ok((log, contents))
     }
 
@@ -77,8 +76,8 @@ impl LogFile {
     /// (whole pages, `PREALLOC_BYTES` at most: a small segment bound lays out less). An
     /// existing file keeps the format it was written in (a log that grows by appends
     /// stays so). After replay, `resume_at` or `truncate_to` says where its records end.
-    pub fn open_preallocated(path: &Path, step_bytes: u64) -> Result<(LogFile, Vec<u8>), LogError> {
-        let (mut log, contents) = LogFile::open(path)?;
+    pub fn open_preallocated_on<D: Disk<File = F>>(disk: &mut D, path: &Path, step_bytes: u64) -> Result<(LogFile<F>, Vec<u8>), LogError> {
+        let (mut log, contents) = LogFile::open_on(disk, path)?;
         log.step_bytes = step_bytes.next_multiple_of(4096).clamp(4096, PREALLOC_BYTES);
         if contents.is_empty() {
             let mut start = Vec::with_capacity(SYNC_POINT_LEN);
@@ -119,8 +118,7 @@ impl LogFile {
     /// Cuts a torn tail off, durably, before anything is appended.
     pub fn truncate_to(&mut self, len: u64) -> Result<(), LogError> {
         assert!(len <= self.end, "truncate past the end");
-        self.file.set_len(len).map_err(|e| self.err("truncate", e))?;
-        self.file.sync_all().map_err(|e| self.err("fsync after truncate", e))?;
+        self.file.truncate(len).map_err(|e| self.err("truncate", e))?;
         self.end = len;
         self.allocated = len;
         self.durable = len;
@@ -139,81 +137,27 @@ impl LogFile {
         &self.path
     }
 
-    /// Runs one operation and returns its result (bytes for a write).
-    fn run(&mut self, entry: io_uring::squeue::Entry, op: &'static str) -> Result<u32, LogError> {
-        // SAFETY: `entry` points into a buffer the caller keeps borrowed until this
-        // function returns, and this function does not return before the kernel has
-        // completed the operation: it returns once the completion is consumed, with an
-        // error only while the entry is still unsubmitted, and otherwise ends the process.
-        if unsafe { self.ring.submission().push(&entry) }.is_err() {
-            return Err(self.err(op, std::io::Error::other("io_uring submission queue full")));
-        }
-        // `submit_and_wait` returns once the entry is submitted, even when the wait was
-        // cut short (a signal, SIGSTOP and SIGCONT, a spurious wake-up): a completion is
-        // there only when the queue shows one. Bounded: each turn either consumes a
-        // completion or blocks in the kernel until one can come.
-        loop {
-            let completed = self.ring.completion().next().map(|cqe| cqe.result());
-            if let Some(result) = completed {
-                if result < 0 {
-                    return Err(self.err(op, std::io::Error::from_raw_os_error(-result)));
-                }
-                return Ok(result as u32);
-            }
-            // Submits what is queued (nothing, after the first turn) and waits.
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if [Errno::EINTR, Errno::EAGAIN, Errno::EBUSY].iter().any(|n| e.raw_os_error() == Some(*n as i32)) => {}
-                // Not submitted: nothing of the buffer is in the kernel's hands.
-                Err(e) if !self.ring.submission().is_empty() => return Err(self.err("io_uring submit", e)),
-                // In flight and no way left to wait for it: returning would free a
-                // buffer the kernel may still read. Fail-stop (the panic hook aborts).
-                Err(e) => panic!("log {}: {op}: cannot wait for an io_uring completion: {e}", self.path.display()),
-            }
-        }
-    }
-
     /// Writes all of `bytes` at `offset`, resubmitting from where a short write stopped
     /// (disk full, a signal).
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
-        crate::failpoint!("log-write", |_| Err(self.err("write", std::io::Error::other("failpoint log-write"))));
-        let fd = types::Fd(self.file.as_raw_fd());
-        let mut done = 0usize;
-        while done < bytes.len() {
-            let rest = &bytes[done..];
-            let len = rest.len().min(1 << 30) as u32;
-            let entry = opcode::Write::new(fd, rest.as_ptr(), len).offset(offset + done as u64).build();
-            match self.run(entry, "write")? {
-                0 => return Err(self.err("write", std::io::ErrorKind::WriteZero.into())),
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+        self.write_two_at(offset, bytes, &[])
     }
 
-    /// Writes `first` then `second` at `offset` in one vectored write (and the rest of
-    /// them one at a time after a short write).
+    /// Writes `first` then `second` at `offset` in one vectored write, and the rest of
+    /// them after a short write.
     fn write_two_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> Result<(), LogError> {
-        if second.is_empty() || first.is_empty() {
-            return self.write_all_at(offset, if first.is_empty() { second } else { first });
-        }
         crate::failpoint!("log-write", |_| Err(self.err("write", std::io::Error::other("failpoint log-write"))));
-        let fd = types::Fd(self.file.as_raw_fd());
-        let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
-        // `IoSlice` is ABI-compatible with `iovec` on Unix; `slices` and the buffers it
-        // points into outlive the write (`run` returns only once it has completed).
-        let entry = opcode::Writev::new(fd, slices.as_ptr().cast(), 2).offset(offset).build();
-        let n = self.run(entry, "write")? as usize;
-        if n == 0 {
-            return Err(self.err("write", std::io::ErrorKind::WriteZero.into()));
+        let total = first.len() + second.len();
+        let mut done = 0usize;
+        while done < total {
+            let (a, b) = if done < first.len() { (&first[done..], second) } else { (&second[done - first.len()..], &[][..]) };
+            let n = self.file.write_at(offset + done as u64, a, b).map_err(|e| self.err("write", e))?;
+            if n == 0 {
+                return Err(self.err("write", std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
         }
-        if n < first.len() {
-            self.write_all_at(offset + n as u64, &first[n..])?;
-            self.write_all_at(offset + first.len() as u64, second)
-        } else {
-            let done = n - first.len();
-            self.write_all_at(offset + n as u64, &second[done..])
-        }
+        Ok(())
     }
 
     /// Overwrites bytes already in the file (a checkpoint's header), without syncing.
@@ -237,9 +181,7 @@ impl LogFile {
         if sync {
             // Submitted only once every byte of the batch has completed.
             crate::failpoint!("log-fsync", |_| Err(self.err("fdatasync", std::io::Error::other("failpoint log-fsync"))));
-            let fd = types::Fd(self.file.as_raw_fd());
-            let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
-            self.run(entry, "fdatasync")?;
+            self.file.datasync().map_err(|e| self.err("fdatasync", e))?;
         }
         self.end += (batch.len() + sync_point.len()) as u64;
         if sync {

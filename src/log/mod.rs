@@ -7,11 +7,13 @@
 //! are deleted once it is durable.
 
 pub mod checkpoint;
+pub mod disk;
 pub mod file;
 pub mod record;
 
 use std::path::{Path, PathBuf};
 
+pub use disk::{Disk, DiskFile, FsDisk};
 pub use file::{LogError, LogFile};
 
 pub fn segment_path(dir: &Path, core: usize, first_lsn: u64) -> PathBuf {
@@ -22,20 +24,14 @@ pub fn checkpoint_path(dir: &Path, core: usize) -> PathBuf {
     dir.join(format!("core-{core}.ckpt"))
 }
 
-/// A core's log segments, oldest first, with their first lsns.
-pub fn segments(dir: &Path, core: usize) -> Result<Vec<(u64, PathBuf)>, LogError> {
+/// A core's log segments on `disk`, oldest first, with their first lsns.
+pub fn segments<D: Disk>(disk: &mut D, dir: &Path, core: usize) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let prefix = format!("core-{core}-");
-    let entries = std::fs::read_dir(dir).map_err(|source| LogError::Io { op: "list", path: dir.to_path_buf(), source })?;
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| LogError::Io { op: "list", path: dir.to_path_buf(), source })?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(lsn) = name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".log")) else { continue };
-        if let Ok(lsn) = lsn.parse::<u64>() {
-            found.push((lsn, entry.path()));
-        }
-    }
+    let names = disk.list(dir).map_err(|source| LogError::Io { op: "list", path: dir.to_path_buf(), source })?;
+    let mut found: Vec<(u64, PathBuf)> = names
+        .iter()
+        .filter_map(|name| name.strip_prefix(&prefix)?.strip_suffix(".log")?.parse::<u64>().ok().map(|lsn| (lsn, dir.join(name))))
+        .collect();
     found.sort();
     Ok(found)
 }

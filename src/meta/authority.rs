@@ -155,10 +155,13 @@ impl Authority {
                     self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
                 }
             }
-            Some(map) if map.bricks().get(&id) == Some(&addr) => {}
+            Some(map) if map.bricks().get(&id) == Some(&addr) && !map.joining().values().any(|j| j.contains(&id)) => {}
             Some(map) if map.bricks().contains_key(&id) => {
-                // Same brick, new addresses: it restarted before anyone noticed, with
-                // its state intact (it replayed its log).
+                // Same brick, new addresses (it restarted before anyone noticed, with its
+                // state intact: it replayed its log), or a joining brick registering
+                // again. A joining brick that restarted dropped what its copies had
+                // brought (`Shard::install_map`): its copies start over, and the new map
+                // is newer than every copy planned before, whose chunks it refuses.
                 if map.joining().values().any(|j| j.contains(&id)) {
                     self.restarted.insert(id);
                 }

@@ -8,6 +8,7 @@
 //! `meta::copy_driver`.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 
 use dds_transport::ConnId;
@@ -16,9 +17,9 @@ use rand::Rng;
 use crate::brick::lease::{self, Answer, Lease, Step};
 use crate::proto::LEASE_MS;
 use crate::brick::round::{lease_expired, TICK_MS};
-use crate::brick::{replay_segment, Control, CoreRound, SegmentError, Shard};
+use crate::brick::{recover, Control, CoreRound, Durability, Shard, Storage};
 use crate::hash::HashMap;
-use crate::log::record::ScanEnd;
+use crate::log::LogError;
 use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
 use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
 
@@ -46,6 +47,8 @@ pub(crate) enum State {
 pub(crate) struct SimCore {
     /// The core's round: the same state machine the core thread drives.
     round: CoreRound,
+    /// Its log segments and checkpoint, on the brick's simulated disk.
+    storage: Storage<SimDisk>,
     inbox: VecDeque<(LinkId, Vec<u8>)>,
     /// A round's log write (and sync) is under way; frames wait in the inbox.
     busy: bool,
@@ -77,7 +80,8 @@ pub(crate) struct SimBrick {
     /// Incarnation: bumped at every start, so a dead brick's timers are void.
     pub life: u64,
     pub state: State,
-    disks: Vec<SimDisk>,
+    /// Its directory: every core's log and checkpoint.
+    disk: SimDisk,
     cores: Vec<SimCore>,
     map: Option<Arc<ClusterMap>>,
     /// The brick's lease: the machine the control thread drives.
@@ -105,6 +109,9 @@ enum Waker {
     Control,
 }
 
+/// Where a simulated brick keeps its files (each brick has a disk of its own).
+const BRICK_DIR: &str = "/brick";
+
 /// The token brick `b`'s directory drew when it was made (`control::load_or_make_token`):
 /// its directory never changes, so neither does the token.
 fn dir_token(b: usize) -> u64 {
@@ -112,15 +119,13 @@ fn dir_token(b: usize) -> u64 {
 }
 
 impl SimBrick {
-    /// `preallocated`: logs laid out ahead of their records, as a sync durability
-    /// brick's are (`LogFile::open_preallocated`).
-    pub fn new(cores_n: usize, preallocated: bool) -> SimBrick {
+    pub fn new(cores_n: usize) -> SimBrick {
         SimBrick {
             cores_n,
             id: None,
             life: 0,
             state: State::Down,
-            disks: (0..cores_n).map(|_| SimDisk { preallocated, ..SimDisk::default() }).collect(),
+            disk: SimDisk::default(),
             cores: Vec::new(),
             map: None,
             lease: Lease::starting(None, 0),
@@ -147,7 +152,7 @@ impl SimBrick {
 
     /// Some core's log holds bytes it has not synced.
     pub fn unsynced(&self) -> bool {
-        self.disks.iter().any(|d| d.synced < d.bytes.len())
+        self.disk.unsynced()
     }
 
     /// Runs `epoch` everywhere, holds nothing prepared, has no work queued.
@@ -228,9 +233,7 @@ impl World {
         brick.session_link = None;
         let mut lost = 0;
         if power_loss {
-            for d in 0..brick.disks.len() {
-                lost += brick.disks[d].lose_power(&mut self.rng);
-            }
+            lost = brick.disk.lose_power(&mut self.rng);
         }
         self.note(format!("brick {b}: {why}{}", if power_loss { format!(" ({lost} un-synced log bytes lost)") } else { String::new() }));
         self.break_links_of(b, !power_loss);
@@ -290,60 +293,48 @@ impl World {
         self.wake_core(b, core);
     }
 
-    /// Registration answered with a map: recover every core's log, then serve.
+    /// Registration answered with a map: recover every core's log and checkpoint
+    /// (`storage::recover`, as the brick does), then serve.
     fn boot(&mut self, b: usize, map: ClusterMap) {
         let brick = &mut self.bricks[b];
         let me = brick.id.expect("registered");
         let map = Arc::new(map);
-        let corrupt_p = self.shape.read_corrupt_p;
         let mut cores = Vec::new();
         let mut failure = None;
         let mut intact_refused = false;
+        let preallocate = self.shape.durability == Durability::Sync;
         for c in 0..brick.cores_n {
             // A read error (a flipped bit between disk and memory): this start must stop
             // cleanly, or drop the record as a torn tail if nothing valid follows it.
             // The fault is in the reading, not on the platter, so the next start reads
             // the log intact: a wiped replica would be a second failure of its group.
-            let mut bytes = std::borrow::Cow::Borrowed(&brick.disks[c].bytes[..]);
-            if self.faults_on && self.rng.random_bool(corrupt_p) && bytes.len() >= 64 {
-                let at = self.rng.random_range(0..bytes.len() / 2);
-                bytes.to_mut()[at] ^= 1 << self.rng.random_range(0..8);
-                self.trace.push(format!("{} brick {b} core {c}: byte {at} of the log reads back corrupt", self.now));
-            }
+            let intact = (self.faults_on && self.rng.random_bool(self.shape.read_corrupt_p)).then(|| {
+                brick.disk.misread_next(self.rng.random());
+                brick.disk.snapshot()
+            });
             let mut shard = Shard::new(c, brick.cores_n, map.base_bits(), me, Arc::clone(&map));
-            let replayed = replay_segment(&bytes, 1, 1, &mut shard);
-            let read_corrupt = matches!(bytes, std::borrow::Cow::Owned(_));
-            drop(bytes);
-            let disk = &mut brick.disks[c];
-            if read_corrupt && replayed.as_ref().is_ok_and(|(_, _, end)| matches!(end, ScanEnd::TornTail { .. })) {
-                // Dropping a good record for a misread one would lose an acknowledged
-                // write; a real brick cannot tell. Count it as a stop, not a recovery.
-                failure = Some(format!("core {c}: misread the last record; stopped"));
-                break;
-            }
-            match replayed {
-                Ok((next_lsn, _, end)) => {
-                    // The real brick truncates a torn tail, and resumes a laid-out log
-                    // where its records end: the zeros after them need no bytes here.
-                    if let ScanEnd::TornTail { offset, .. } | ScanEnd::Preallocated { offset } = end {
-                        disk.bytes.truncate(offset as usize);
-                    }
-                    // `core_loop::recover` syncs the log before the core serves.
-                    disk.sync();
+            let recovered = recover(brick.disk.clone(), c, Path::new(BRICK_DIR), &mut shard, self.shape.checkpoint_log_bytes, preallocate);
+            let misread = brick.disk.take_misread();
+            match recovered {
+                // Dropping a good record for a misread one (as a torn tail) would lose an
+                // acknowledged write; a real brick cannot tell. Outside the fault model:
+                // counted as a stop, and the disk is as it was before the start.
+                Ok(_) if misread => {
+                    brick.disk.restore(intact.expect("armed"));
+                    failure = Some(format!("core {c}: misread the last record; stopped"));
+                    break;
+                }
+                Ok((storage, next_lsn)) => {
                     let info = BrickInfo { partition_bits: map.base_bits(), core: c as u16, ports: Vec::new() };
                     let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn);
                     round.begin(&SimControl { fenced: false, map: None });
-                    cores.push(SimCore { round, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false });
+                    cores.push(SimCore { round, storage, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false });
                 }
-                Err(SegmentError::Corrupt { offset, error }) => {
-                    failure = Some(format!("core {c}: corrupt record at offset {offset}: {error}; refusing to start"));
+                Err(e) => {
                     // Only a misread corrupts a log here: one that crashes left as they
                     // leave it must start.
-                    intact_refused = !read_corrupt;
-                    break;
-                }
-                Err(SegmentError::Gap { found, expected }) => {
-                    failure = Some(format!("core {c}: lsn {found} where {expected} was expected; refusing to start"));
+                    intact_refused = !misread && matches!(e, LogError::Corrupt { .. } | LogError::CorruptCheckpoint { .. });
+                    failure = Some(format!("core {c}: {e}"));
                     break;
                 }
             }
@@ -600,7 +591,11 @@ impl World {
             return self.stop_brick(b, format!("core {c}: log write failed: no space left on device; brick stopped"));
         }
         let (write_us, sync_us) = (self.shape.write_us, self.shape.sync_us);
-        self.bricks[b].disks[c].write(&batch);
+        // Written now, synced when the disk is done: `Storage::commit(batch, true)` in two
+        // calls, so a power loss meanwhile finds the batch written but not synced.
+        if let Err(e) = self.bricks[b].cores[c].storage.commit(&batch, false) {
+            return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+        }
         let core_busy_us = write_us + if must_sync { sync_us } else { 0 };
         let core = &mut self.bricks[b].cores[c];
         core.busy = true;
@@ -620,7 +615,9 @@ impl World {
             if self.faults_on && self.rng.random_bool(self.shape.sync_error_p) {
                 return self.stop_brick(b, format!("core {c}: fdatasync failed (EIO); brick stopped, never retried"));
             }
-            self.bricks[b].disks[c].sync();
+            if let Err(e) = self.bricks[b].cores[c].storage.commit(&[], true) {
+                return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+            }
         }
         let core = &mut self.bricks[b].cores[c];
         core.busy = false;
@@ -635,10 +632,17 @@ impl World {
         let mut released = Vec::new();
         let core = &mut self.bricks[b].cores[c];
         core.round.committed(|conn, bytes| released.push((link_of(conn), bytes.to_vec())));
+        // Checkpoint work between rounds, as `core_loop::run` does it; while one is in
+        // progress the core keeps going round.
+        let (shard, next_lsn) = core.round.shard_and_lsn();
+        let checkpointing = core.storage.step(shard, next_lsn);
         core.round.begin(&control);
-        let more = !core.inbox.is_empty();
+        let more = !core.inbox.is_empty() || checkpointing.as_ref().is_ok_and(|busy| *busy);
         for (link, bytes) in released {
             self.send(link, Endpoint::Brick(b), bytes);
+        }
+        if let Err(e) = checkpointing {
+            return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
         }
         self.check_replicas();
         if more {

@@ -16,13 +16,16 @@ pub(crate) struct SimCopy {
     /// No poll before this (a `Step::Wait`); timers set for earlier calls may fire first.
     wake_at: Micros,
     next_id: u64,
-    /// Partitions copied so far, with their target's incarnation then.
+    /// Partitions copied so far, with their target's incarnation when the job began
+    /// (the authority takes no copy from a target that restarted since).
     pub copied: Vec<(crate::map::PartitionId, crate::map::BrickId, u64)>,
+    lives: Vec<(crate::map::BrickId, u64)>,
 }
 
 impl SimCopy {
-    pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64) -> SimCopy {
-        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1, copied: Vec::new() }
+    /// `lives`: every brick's incarnation now.
+    pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64, lives: Vec<(crate::map::BrickId, u64)>) -> SimCopy {
+        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1, copied: Vec::new(), lives }
     }
 }
 
@@ -107,8 +110,8 @@ impl World {
         job.driver.answer(answer, now_ms);
         let new: Vec<_> = job.driver.done()[job.copied.len()..].to_vec();
         for (p, target) in new {
-            let life = self.bricks.iter().find(|b| b.id == Some(target)).map_or(0, |b| b.life);
-            self.copy.as_mut().expect("present").copied.push((p, target, life));
+            let life = job.lives.iter().find(|(b, _)| *b == target).map_or(u64::MAX, |(_, life)| *life);
+            job.copied.push((p, target, life));
         }
     }
 

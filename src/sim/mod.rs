@@ -132,6 +132,9 @@ pub struct Shape {
     pub disk_full_p: f64,
     /// Chance that a restart reads a corrupt byte in the middle of the log.
     pub read_corrupt_p: f64,
+    /// A core's log segment that reaches this size starts a checkpoint (and a new
+    /// segment): small, so that runs go through checkpoints.
+    pub checkpoint_log_bytes: u64,
     /// Chance of a network partition per fault (only with `Options::partitions`).
     pub partition_p: f64,
     pub durability: Durability,
@@ -174,15 +177,16 @@ impl Shape {
             read_corrupt_p: if replicas > 1 { pick(rng, &[0.0, 0.2]) } else { 0.0 },
             partition_p: if options.partitions { 0.3 } else { 0.0 },
             durability: options.durability,
+            checkpoint_log_bytes: pick(rng, &[4096.0, 32768.0, 1048576.0]) as u64,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}; partitions {}; durability {:?}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; partitions {}; durability {:?}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
-            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.partition_p,
+            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.partition_p,
             self.durability
         )
     }
@@ -308,7 +312,8 @@ impl World {
         if !actions.copy.is_empty() {
             let epoch = self.authority.map().expect("copying needs a map").epoch();
             assert!(self.copy.is_none(), "the authority plans one copy at a time");
-            self.copy = Some(copy::SimCopy::new(actions.copy, epoch, self.now_ms()));
+            let lives = self.bricks.iter().filter_map(|b| b.id.map(|id| (id, b.life))).collect();
+            self.copy = Some(copy::SimCopy::new(actions.copy, epoch, self.now_ms(), lives));
             self.after(0, Event::CopyStep);
         }
     }
@@ -591,7 +596,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
         sessions: Default::default(),
         maps: Vec::new(),
         copy: None,
-        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores, shape.durability == crate::brick::Durability::Sync)).collect(),
+        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores)).collect(),
         clients: Vec::new(),
         faults_on: true,
         outage_armed: false,

@@ -1,0 +1,159 @@
+//! The doors between a core's durable state and the world: `Disk`, the directory its
+//! log segments and checkpoint live in, and `DiskFile`, one open file. The brick runs on
+//! `FsDisk` (the file system, writes and syncs through io_uring); the simulator runs
+//! the same `LogFile`, checkpoint writer and recovery on its simulated disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use io_uring::{opcode, types, IoUring};
+use nix::errno::Errno;
+
+/// A directory of files that survive a crash once synced.
+pub trait Disk {
+    type File: DiskFile;
+    /// Opens (creating) `path` for writing; returns it with its whole contents.
+    fn open(&mut self, path: &Path) -> io::Result<(Self::File, Vec<u8>)>;
+    /// The contents of `path`; `None` if there is no such file.
+    fn read(&mut self, path: &Path) -> io::Result<Option<Vec<u8>>>;
+    /// Removes `path` (a missing file is not an error).
+    fn remove(&mut self, path: &Path) -> io::Result<()>;
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the creations, renames and removals in `dir` durable.
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+    /// The names of the files in `dir`.
+    fn list(&mut self, dir: &Path) -> io::Result<Vec<String>>;
+}
+
+/// One open file. Errors are final for the caller: a failed sync is never retried.
+pub trait DiskFile {
+    /// Writes `first` then `second` at `offset` (one vectored write); returns how many
+    /// bytes of them were written (fewer: a short write, continued by the caller).
+    fn write_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> io::Result<usize>;
+    /// Makes every completed write durable (fdatasync).
+    fn datasync(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len`, durably.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// The file system.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FsDisk;
+
+impl Disk for FsDisk {
+    type File = UringFile;
+
+    fn open(&mut self, path: &Path) -> io::Result<(UringFile, Vec<u8>)> {
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut contents = Vec::new();
+        file.read_to_end(&mut contents)?;
+        let ring = IoUring::new(RING_ENTRIES).map_err(|e| io::Error::new(e.kind(), format!("io_uring setup: {e}")))?;
+        Ok((UringFile { ring, file, path: path.to_path_buf() }, contents))
+    }
+
+    fn read(&mut self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        crate::durable::sync_dir(dir)
+    }
+
+    fn list(&mut self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// Entries in the ring: one write or one sync is in flight at a time.
+const RING_ENTRIES: u32 = 8;
+
+/// A file written and synced through its own io_uring.
+pub struct UringFile {
+    ring: IoUring,
+    file: File,
+    path: PathBuf,
+}
+
+impl UringFile {
+    /// Runs one operation and returns its result (bytes for a write).
+    fn run(&mut self, entry: io_uring::squeue::Entry) -> io::Result<u32> {
+        // SAFETY: `entry` points into buffers the caller keeps borrowed until this
+        // function returns, and this function does not return before the kernel has
+        // completed the operation: it returns once the completion is consumed, with an
+        // error only while the entry is still unsubmitted, and otherwise ends the process.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            return Err(io::Error::other("io_uring submission queue full"));
+        }
+        // `submit_and_wait` returns once the entry is submitted, even when the wait was
+        // cut short (a signal, SIGSTOP and SIGCONT, a spurious wake-up): a completion is
+        // there only when the queue shows one. Bounded: each turn either consumes a
+        // completion or blocks in the kernel until one can come.
+        loop {
+            let completed = self.ring.completion().next().map(|cqe| cqe.result());
+            if let Some(result) = completed {
+                if result < 0 {
+                    return Err(io::Error::from_raw_os_error(-result));
+                }
+                return Ok(result as u32);
+            }
+            // Submits what is queued (nothing, after the first turn) and waits.
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if [Errno::EINTR, Errno::EAGAIN, Errno::EBUSY].iter().any(|n| e.raw_os_error() == Some(*n as i32)) => {}
+                // Not submitted: nothing of the buffer is in the kernel's hands.
+                Err(e) if !self.ring.submission().is_empty() => return Err(io::Error::new(e.kind(), format!("io_uring submit: {e}"))),
+                // In flight and no way left to wait for it: returning would free a
+                // buffer the kernel may still read. Fail-stop (the panic hook aborts).
+                Err(e) => panic!("log {}: cannot wait for an io_uring completion: {e}", self.path.display()),
+            }
+        }
+    }
+}
+
+impl DiskFile for UringFile {
+    fn write_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> io::Result<usize> {
+        let fd = types::Fd(self.file.as_raw_fd());
+        if second.is_empty() || first.is_empty() {
+            let rest = if first.is_empty() { second } else { first };
+            let len = rest.len().min(1 << 30) as u32;
+            return self.run(opcode::Write::new(fd, rest.as_ptr(), len).offset(offset).build()).map(|n| n as usize);
+        }
+        let slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
+        // `IoSlice` is ABI-compatible with `iovec` on Unix; `slices` and the buffers it
+        // points into outlive the write (`run` returns only once it has completed).
+        self.run(opcode::Writev::new(fd, slices.as_ptr().cast(), 2).offset(offset).build()).map(|n| n as usize)
+    }
+
+    fn datasync(&mut self) -> io::Result<()> {
+        let fd = types::Fd(self.file.as_raw_fd());
+        self.run(opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()).map(|_| ())
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()
+    }
+}
