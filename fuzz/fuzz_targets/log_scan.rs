@@ -28,8 +28,8 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => assert!(e.offset() as usize >= at),
     }
-    let mut entries = 0u64;
-    if checkpoint::load(data, |_, _| entries += 1).is_ok() {
-        assert_eq!(entries, u64::from_le_bytes(data[16..24].try_into().unwrap()));
+    let (mut puts, mut decisions) = (0u64, 0u64);
+    if checkpoint::load(data, |_, _| puts += 1, |_| decisions += 1).is_ok() {
+        assert_eq!(puts + decisions, u64::from_le_bytes(data[16..24].try_into().unwrap()));
     }
 });
