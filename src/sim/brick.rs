@@ -477,7 +477,8 @@ impl World {
         let brick = &mut self.bricks[b];
         let (life, id) = (brick.life, brick.next_call_id);
         brick.next_call_id += 1;
-        let addr = BrickAddr { cores: (0..brick.cores_n).map(|c| core_addr(b, life, c)).collect(), rdma: Vec::new(), token: dir_token(b) };
+        let ports_life = if self.shape.same_ports { 0 } else { life };
+        let addr = BrickAddr { cores: (0..brick.cores_n).map(|c| core_addr(b, ports_life, c)).collect(), rdma: Vec::new(), token: dir_token(b) };
         let (op, epoch, value) = lease::request(&step, &addr);
         let call = self.call(link, Endpoint::Brick(b), op, epoch, &value, id);
         self.bricks[b].lease_call = Some((call, step));
@@ -711,9 +712,10 @@ impl World {
     /// Opens a link from `from` to the brick core listening at `at`, if one listens
     /// (else the connection is refused: `None`).
     pub(crate) fn connect(&mut self, from: Endpoint, at: std::net::SocketAddr) -> Option<LinkId> {
-        let (b, life, c) = super::addr_core(at)?;
+        let (b, ports_life, c) = super::addr_core(at)?;
         let brick = self.bricks.get(b)?;
-        if brick.life % 1000 != life || brick.state != State::Up || c >= brick.cores_n {
+        let listening = if self.shape.same_ports { 0 } else { brick.life % 1000 };
+        if listening != ports_life || brick.state != State::Up || c >= brick.cores_n {
             return None;
         }
         let life = brick.life;

@@ -135,6 +135,9 @@ pub struct Shape {
     /// A core's log segment that reaches this size starts a checkpoint (and a new
     /// segment): small, so that runs go through checkpoints.
     pub checkpoint_log_bytes: u64,
+    /// A restarted brick listens on the ports it had, as `dds cluster restart` starts it
+    /// (otherwise on new ones, as a brick started by hand on port 0).
+    pub same_ports: bool,
     /// Chance of a network partition per fault (only with `Options::partitions`).
     pub partition_p: f64,
     pub durability: Durability,
@@ -178,15 +181,16 @@ impl Shape {
             partition_p: if options.partitions { 0.3 } else { 0.0 },
             durability: options.durability,
             checkpoint_log_bytes: pick(rng, &[4096.0, 32768.0, 1048576.0]) as u64,
+            same_ports: rng.random_bool(0.5),
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; partitions {}; durability {:?}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
-            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.partition_p,
+            self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.same_ports, self.partition_p,
             self.durability
         )
     }
@@ -636,8 +640,8 @@ pub fn run(seed: u64, options: &Options) -> Report {
     Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take(), outcomes }
 }
 
-/// The core address of `brick` (its `life`-th incarnation) for `core`: a restarted
-/// brick listens on new ports, as a real one does.
+/// The core address of `brick` for `core`, on the ports of its `life`-th incarnation
+/// (0 for every incarnation when restarts keep their ports).
 pub(crate) fn core_addr(brick: usize, life: u64, core: usize) -> SocketAddr {
     let port = 10_000 + (life as u16 % 1000) * 16 + core as u16;
     SocketAddr::from(([10, 0, 1, brick as u8 + 1], port))
