@@ -46,7 +46,7 @@ fn open_segment<D: Disk>(disk: &mut D, path: &Path, preallocate: bool, checkpoin
 
 /// Why one log segment cannot be replayed.
 #[derive(Debug)]
-pub enum SegmentError {
+enum SegmentError {
     Corrupt { offset: u64, error: record::RecordError },
     Gap { found: u64, expected: u64 },
 }
@@ -54,8 +54,7 @@ pub enum SegmentError {
 /// Replays the records of one segment that starts at `first_lsn` into `shard`, those
 /// from `start_lsn` on (older ones are in the checkpoint). Returns the lsn after the
 /// last record, how many were replayed, and whether the segment ends in a torn tail.
-/// Pure: the simulator replays its simulated disk through it too.
-pub fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut Shard) -> Result<(u64, u64, ScanEnd), SegmentError> {
+fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut Shard) -> Result<(u64, u64, ScanEnd), SegmentError> {
     let mut expected = first_lsn;
     let mut replayed = 0;
     let mut out_of_order = None;

@@ -1,11 +1,10 @@
-//! A simulated brick: the real `Shard` per core, driven the way `brick::core_loop` and
-//! `brick::control` drive it: rounds that execute every queued frame, log the round's
-//! records in one write (and one sync when a record must be durable first) and only
-//! then release the round's replies; in-doubt questions to peers; a heartbeat every
-//! 50 ms whose answers renew a 500 ms lease, and a fence when the lease runs out or the
-//! session breaks. Start-up registers, then replays each core's simulated log through
-//! `brick::replay_segment`, as the real brick does. Also here: the copy driver, as in
-//! `meta::copy_driver`.
+//! A simulated brick: the real `CoreRound` and `Storage` per core, driven the way
+//! `brick::core_loop` and `brick::control` drive them: rounds that execute every queued
+//! frame, log the round's records in one write (and one sync when a record must be
+//! durable first) and only then release the round's replies, with checkpoint work
+//! between rounds; in-doubt questions to peers; the lease's calls on the session.
+//! Start-up registers, then recovers each core through `brick::recover` on the
+//! brick's simulated disk, as the real brick does.
 
 use std::collections::VecDeque;
 use std::path::Path;
