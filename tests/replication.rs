@@ -231,3 +231,56 @@ fn replicas_decide_a_transaction_whose_coordinator_vanished() {
     assert!(logs.contains("resolved by peers: commit") && logs.contains("resolved by peers: abort"), "{logs}");
     cluster.down();
 }
+
+/// Reads `key` from `brick`'s core that stores it (not through a client's routing),
+/// asking again for up to 2 s while the brick has not seen `map` yet.
+fn get_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
+    let hash = dds::map::key_hash(key);
+    let cores = &map.bricks()[&brick].cores;
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
+        if reply.0 != dds::proto::Status::Behind || Instant::now() > deadline {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_replica() {
+    let cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    let mut client = cluster.client();
+    let n = 20_000;
+    write_all(&mut client, "joining", n);
+    let adder = {
+        let dir = dir.clone();
+        std::thread::spawn(move || text(&run_ok(&["cluster", "add", "--dir", &dir]).stdout))
+    };
+    // Killed once the new brick (id 2) holds a copied partition and restarted at once,
+    // on the same ports, before the authority would remove it: it keeps its id.
+    let meta_log = cluster.path().join("meta/meta.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&meta_log).unwrap_or_default().contains("to brick 2:") {
+        assert!(Instant::now() < deadline, "no partition was copied to the new brick");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    run_ok(&["cluster", "kill", "--dir", &dir, "--brick", "2"]);
+    let said = text(&run_ok(&["cluster", "restart", "--dir", &dir, "--brick", "2"]).stdout);
+    println!("{said}");
+    println!("{}", adder.join().expect("cluster add finished"));
+    assert_eq!(brick_id(&dir, 2), dds::map::BrickId(2), "restarted in time to keep its id");
+    let map = cluster.authority_map();
+    assert!(map.joining().is_empty() && map.groups().values().all(|g| g.len() == 2), "not settled");
+    let log = std::fs::read_to_string(&meta_log).unwrap_or_default();
+    assert!(log.contains("restarted while copying"), "the authority saw the restart:\n{log}");
+    for i in 0..n {
+        let k = key("joining", i);
+        let (_, group) = map.route(dds::map::key_hash(&k));
+        for &b in group {
+            assert_eq!(get_on(&map, b, &k), (dds::proto::Status::Ok, value("joining", i)), "key {i} on replica {b}");
+        }
+    }
+}
