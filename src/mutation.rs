@@ -24,10 +24,15 @@ pub enum Mutation {
     /// once instead of waiting for the decision: since a write is reported once every
     /// replica has prepared it, that value may be older than a reported write.
     ReadPastPrepared = 7,
+    /// A checkpoint keeps values but not the decided transactions its core remembers.
+    CheckpointForgetsDecisions = 8,
+    /// The authority takes a joining brick that registers again with its old addresses
+    /// for one that never stopped, so its copy goes on after it dropped what it had.
+    MissedRestart = 9,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::ReadUncommitted,
         Mutation::SkipSync,
         Mutation::LostCommit,
@@ -35,6 +40,8 @@ impl Mutation {
         Mutation::EarlyReplies,
         Mutation::SkipProbe,
         Mutation::ReadPastPrepared,
+        Mutation::CheckpointForgetsDecisions,
+        Mutation::MissedRestart,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +53,8 @@ impl Mutation {
             Mutation::EarlyReplies => "early-replies",
             Mutation::SkipProbe => "skip-probe",
             Mutation::ReadPastPrepared => "read-past-prepared",
+            Mutation::CheckpointForgetsDecisions => "checkpoint-forgets-decisions",
+            Mutation::MissedRestart => "missed-restart",
         }
     }
 

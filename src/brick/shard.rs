@@ -144,9 +144,7 @@ struct Outcomes {
     state: HashMap<TxId, bool>,
     order: VecDeque<(TxId, Box<[u8]>)>,
     windows: HashMap<u64, Window>,
-    /// Coordinators by last decision, least recent first (each once, lazily pruned).
-    clients: VecDeque<(u64, u64)>,
-    /// Decisions recorded, as a clock for `clients`.
+    /// Decisions recorded, as a clock for `Window::last`.
     recorded: u64,
 }
 
@@ -155,6 +153,7 @@ struct Outcomes {
 struct Window {
     base: u64,
     states: VecDeque<u8>,
+    /// When its coordinator last decided (`Outcomes::recorded`).
     last: u64,
 }
 
@@ -172,9 +171,14 @@ impl Outcomes {
             }
         }
         self.recorded += 1;
+        if self.windows.len() >= WINDOW_CLIENTS_MAX && !self.windows.contains_key(&txid.client) {
+            // Bounded: the coordinator that decided least recently is forgotten.
+            if let Some(oldest) = self.windows.iter().min_by_key(|(_, w)| w.last).map(|(c, _)| *c) {
+                self.windows.remove(&oldest);
+            }
+        }
         let window = self.windows.entry(txid.client).or_insert_with(|| Window { base: txid.seq, ..Window::default() });
         window.last = self.recorded;
-        self.clients.push_back((txid.client, self.recorded));
         if txid.seq < window.base && window.states.len() + (window.base - txid.seq) as usize <= WINDOW_SEQS {
             // Decided out of order (a coordinator with several in flight): room below.
             for _ in txid.seq..window.base {
@@ -191,13 +195,6 @@ impl Outcomes {
             while window.states.len() > WINDOW_SEQS {
                 window.states.pop_front();
                 window.base += 1;
-            }
-        }
-        // Bounded: the least recently deciding coordinators are forgotten first.
-        while self.clients.len() > 2 * WINDOW_CLIENTS_MAX || self.windows.len() > WINDOW_CLIENTS_MAX {
-            let Some((client, at)) = self.clients.pop_front() else { break };
-            if self.windows.len() > WINDOW_CLIENTS_MAX && self.windows.get(&client).is_some_and(|w| w.last == at) {
-                self.windows.remove(&client);
             }
         }
     }
@@ -1043,6 +1040,12 @@ mod tests {
         // The busy coordinator's own window slides: its oldest are forgotten.
         assert_eq!(outcomes.get(TxId { client: 2, seq: 1 }), if OUTCOMES_MAX * 2 > WINDOW_SEQS { None } else { Some(true) });
         assert_eq!(outcomes.get(TxId { client: 2, seq: OUTCOMES_MAX as u64 * 2 }), Some(true));
+        // Coordinators beyond the bound push out the one that decided least recently.
+        for client in 3..(3 + WINDOW_CLIENTS_MAX as u64) {
+            outcomes.record(TxId { client, seq: 1 }, true, b"c");
+        }
+        assert_eq!(outcomes.windows.len(), WINDOW_CLIENTS_MAX);
+        assert!(!outcomes.windows.contains_key(&1) && !outcomes.windows.contains_key(&2));
     }
 
     #[test]

@@ -212,7 +212,9 @@ impl<D: Disk> Storage<D> {
             return Ok(true);
         }
         let mut writer = self.checkpoint.take().expect("in progress");
-        writer.add_decisions(shard.outcome_records())?;
+        if !crate::mutation::active(crate::mutation::Mutation::CheckpointForgetsDecisions) {
+            writer.add_decisions(shard.outcome_records())?;
+        }
         let started = writer.finish(&mut self.disk)?;
         let mut trimmed = 0;
         for (first_lsn, path) in log::segments(&mut self.disk, &self.dir, self.core)? {

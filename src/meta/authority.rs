@@ -146,6 +146,8 @@ impl Authority {
         // but never gets a heartbeat through is still removed on time.
         let at_ms = self.seen.get(&id).map_or(now_ms, |s| s.at_ms);
         self.seen.insert(id, Seen { at_ms, session, epoch: 0, closed: false });
+        let joining = self.map.as_ref().is_some_and(|m| m.joining().values().any(|j| j.contains(&id)));
+        let missed = crate::mutation::active(crate::mutation::Mutation::MissedRestart);
         match &self.map {
             None => {
                 self.gathering.insert(id, addr);
@@ -155,14 +157,14 @@ impl Authority {
                     self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
                 }
             }
-            Some(map) if map.bricks().get(&id) == Some(&addr) && !map.joining().values().any(|j| j.contains(&id)) => {}
+            Some(map) if map.bricks().get(&id) == Some(&addr) && (!joining || missed) => {}
             Some(map) if map.bricks().contains_key(&id) => {
                 // Same brick, new addresses (it restarted before anyone noticed, with its
                 // state intact: it replayed its log), or a joining brick registering
                 // again. A joining brick that restarted dropped what its copies had
                 // brought (`Shard::install_map`): its copies start over, and the new map
                 // is newer than every copy planned before, whose chunks it refuses.
-                if map.joining().values().any(|j| j.contains(&id)) {
+                if joining {
                     self.restarted.insert(id);
                 }
                 let next = map.move_brick(id, addr)?;

@@ -473,11 +473,11 @@ impl World {
 
     /// Sends the lease's call (`control::call`) on the session `link`.
     fn lease_call(&mut self, b: usize, link: LinkId, step: Step) {
+        let ports = self.ports_life(b);
         let brick = &mut self.bricks[b];
         let (life, id) = (brick.life, brick.next_call_id);
         brick.next_call_id += 1;
-        let ports_life = if self.shape.same_ports { 0 } else { life };
-        let addr = BrickAddr { cores: (0..brick.cores_n).map(|c| core_addr(b, ports_life, c)).collect(), rdma: Vec::new(), token: dir_token(b) };
+        let addr = BrickAddr { cores: (0..brick.cores_n).map(|c| core_addr(b, ports, c)).collect(), rdma: Vec::new(), token: dir_token(b) };
         let (op, epoch, value) = lease::request(&step, &addr);
         let call = self.call(link, Endpoint::Brick(b), op, epoch, &value, id);
         self.bricks[b].lease_call = Some((call, step));
@@ -594,7 +594,7 @@ impl World {
         // Written now, synced when the disk is done: `Storage::commit(batch, true)` in two
         // calls, so a power loss meanwhile finds the batch written but not synced.
         if let Err(e) = self.bricks[b].cores[c].storage.commit(&batch, false) {
-            return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+            return self.storage_failed(b, c, e);
         }
         let core_busy_us = write_us + if must_sync { sync_us } else { 0 };
         let core = &mut self.bricks[b].cores[c];
@@ -616,7 +616,7 @@ impl World {
                 return self.stop_brick(b, format!("core {c}: fdatasync failed (EIO); brick stopped, never retried"));
             }
             if let Err(e) = self.bricks[b].cores[c].storage.commit(&[], true) {
-                return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+                return self.storage_failed(b, c, e);
             }
         }
         let core = &mut self.bricks[b].cores[c];
@@ -642,7 +642,7 @@ impl World {
             self.send(link, Endpoint::Brick(b), bytes);
         }
         if let Err(e) = checkpointing {
-            return self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+            return self.storage_failed(b, c, e);
         }
         self.check_replicas();
         if more {
@@ -708,13 +708,23 @@ impl World {
         self.after(down_ms * MS, Event::Restart { brick: b });
     }
 
+    /// Which incarnation's ports brick `b` listens on (`core_addr`): 0 for all of them
+    /// when restarts keep their ports.
+    fn ports_life(&self, b: usize) -> u64 {
+        if self.shape.same_ports { 0 } else { self.bricks[b].life % 1000 }
+    }
+
+    /// A core's storage failed (a log write, a sync, a checkpoint): the brick stops.
+    fn storage_failed(&mut self, b: usize, c: usize, e: LogError) {
+        self.stop_brick(b, format!("core {c}: {e}; brick stopped"));
+    }
+
     /// Opens a link from `from` to the brick core listening at `at`, if one listens
     /// (else the connection is refused: `None`).
     pub(crate) fn connect(&mut self, from: Endpoint, at: std::net::SocketAddr) -> Option<LinkId> {
-        let (b, ports_life, c) = super::addr_core(at)?;
+        let (b, ports, c) = super::addr_core(at)?;
         let brick = self.bricks.get(b)?;
-        let listening = if self.shape.same_ports { 0 } else { brick.life % 1000 };
-        if listening != ports_life || brick.state != State::Up || c >= brick.cores_n {
+        if self.ports_life(b) != ports || brick.state != State::Up || c >= brick.cores_n {
             return None;
         }
         let life = brick.life;
