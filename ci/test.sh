@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every test of dds, as CI runs it: lint, unit/property/end-to-end tests, the SIGKILL
 # crash test, the deterministic simulator (ci/sim.sh), the multi-host test in network
-# namespaces, the README's main command, a smoke run of the benchmark harness against
-# Redis and memcached, the RDMA tests in the soft-RoCE VM (ci/rdma.sh), and the fuzz
-# targets. Installs what it needs (cargo-fuzz from crates.io; redis-server, memcached, a
-# font, qemu and Debian's kernel, rdma-core and perftest, cmake, libclang-dev and
-# libibverbs-dev from Debian).
+# namespaces, a real Prometheus scraping a cluster (ci/prometheus.sh), the README's
+# main command, a smoke run of the benchmark harness against Redis and memcached, the
+# RDMA tests in the soft-RoCE VM (ci/rdma.sh), and the fuzz targets. Installs what it
+# needs (cargo-fuzz from crates.io; redis-server, memcached, prometheus, a font, qemu
+# and Debian's kernel, rdma-core and perftest, cmake, libclang-dev and libibverbs-dev
+# from Debian).
 #   FUZZ_SECONDS=60       how long the frame decoder is fuzzed (at least 60 asked)
 #   LOG_FUZZ_SECONDS=30   how long the log scanner is fuzzed
 #   SIM_SEEDS=2000        how many simulator seeds (ci/sim.sh) run
@@ -51,6 +52,9 @@ bash ci/sim.sh --seeds 5000 --raw-network --expect-failure 2>&1 | tail -n 4
 
 step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
 bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"
+
+step "metrics: a real Prometheus scrapes a 3-brick cluster under load (ci/prometheus.sh)"
+bash ci/prometheus.sh 2>&1 | tee -a "$LOG"
 
 step "main command: cargo run --release -- demo"
 cargo run --release --locked -- demo --seconds 1

@@ -11,6 +11,7 @@ pub mod client;
 pub mod durable;
 pub mod hash;
 pub mod map;
+pub mod metrics;
 pub mod meta;
 pub mod mutation;
 pub mod proto;

@@ -48,6 +48,7 @@ fn errors_are_clear_and_nonzero() {
     let out = run(&["put", &long_key, "v", "--cluster", &dir]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("longer than the limit of 4096"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).len() < 400, "a long key is cut in the message: {}", text(&out.stderr));
     let out = run(&["cluster", "up", "--dir", "/tmp/never-used-dds", "--replicas", "2"]);
     assert!(text(&out.stderr).contains("needs at least that many bricks"), "{}", text(&out.stderr));
     let out = run(&["bench", "--target", "redis://nohost"]);
@@ -117,4 +118,30 @@ fn spread_placement_puts_two_bricks_on_different_cpus() {
     // A brick asked for a CPU it cannot run on refuses to start, saying which.
     let out = run(&["brick", "--dir", &format!("{}/x", cluster.dir_arg()), "--cpus", "4095"]);
     assert!(!out.status.success() && text(&out.stderr).contains("CPU 4095 is not one this process may run on"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_and_status_tells_a_stopped_cluster() {
+    let mut cluster = TestCluster::up(1, 1);
+    let dir = cluster.dir_arg();
+    run_ok(&["put", "k", &"v".repeat(1 << 16), "--cluster", &dir]);
+    // `dds ... | head -c 1`: the reader goes away after the first bytes.
+    for args in [vec!["cluster", "status", "--dir", &dir], vec!["get", "k", "--cluster", &dir], vec!["--help"]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dds"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("panicked"), "{args:?}: {}", text(&out.stderr));
+    }
+    cluster.down();
+    let out = run(&["cluster", "status", "--dir", &dir]);
+    assert_eq!(out.status.code(), Some(3), "a stopped cluster's status exits 3");
+    assert!(text(&out.stderr).contains("is down"), "{}", text(&out.stderr));
 }

@@ -189,6 +189,7 @@ fn main() -> Result<()> {
         if failed == 0 {
             bail!("expected the checkers to catch the planted bug, but {passed} seeds passed");
         }
+        println!("caught, as expected: the planted bug failed the checkers");
         return Ok(());
     }
     if failed > 0 {

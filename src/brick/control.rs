@@ -244,7 +244,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
             Step::Idle { until_ms } => idle(until_ms.min(shared.now_ms() + 5), shared.now_ms()),
             Step::Note(note) => crate::log!("brick", "{note} (authority at {meta})"),
             Step::Stop(why) => {
-                crate::log!("brick", "{why}");
+                crate::log!(warn: "brick", "{why}");
                 return stop_removed(shared);
             }
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dds_transport::{CloseReason, ConnId, Handler, MixedTransport, Transport, TransportError};
 
 use crate::log::LogError;
-use crate::proto::DdsFraming;
+use crate::proto::{DdsFraming, Op};
 
 use super::control::Shared;
 use super::round::{CoreRound, TICK_MS};
@@ -32,6 +32,29 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 struct Shell<'a> {
     round: CoreRound,
     shared: &'a Shared,
+    /// When this round's first frame came: what its requests' latency counts from.
+    round_start: Option<Instant>,
+    /// Replies of this round sent at once, by op, not yet counted (`count_sent`).
+    sent: [u64; Op::ALL.len()],
+}
+
+impl Shell<'_> {
+    /// The replies sent at once during the poll have left with its flush: their
+    /// latency, one clock read for all of them.
+    fn count_sent(&mut self) {
+        let sent = std::mem::take(&mut self.sent);
+        for (op, n) in Op::ALL.into_iter().zip(sent).filter(|(_, n)| *n > 0) {
+            self.count_replies(op, n);
+        }
+    }
+
+    /// `n` replies of `op` went to the transport now: their latency, from the round's
+    /// start.
+    fn count_replies(&mut self, op: Op, n: u64) {
+        if let Some(start) = self.round_start {
+            self.round.stats_mut().latency[op.slot()].record(start.elapsed().as_micros() as u64, n);
+        }
+    }
 }
 
 impl Handler for Shell<'_> {
@@ -43,7 +66,14 @@ impl Handler for Shell<'_> {
                 panic!("failpoint core-panic-on-key: a request for {key:?}");
             }
         }
-        self.round.on_frame(self.shared, conn, frame, out)
+        self.round_start.get_or_insert_with(Instant::now);
+        let before = out.len();
+        let result = self.round.on_frame(self.shared, conn, frame, out);
+        // Sent at once (it waits for nothing): it leaves with the poll's flush.
+        if let Some((op, _)) = out.get(before..).and_then(crate::proto::peek_reply) {
+            self.sent[op.slot()] += 1;
+        }
+        result
     }
 
     fn on_accept(&mut self, _conn: ConnId, _peer: SocketAddr) {
@@ -58,12 +88,12 @@ impl Handler for Shell<'_> {
             stats.connections_closed_bad_input += 1;
         }
         if !matches!(reason, CloseReason::PeerClosed) {
-            crate::log!(format_args!("core {}", self.round.core), "closed connection from {peer}: {reason}");
+            crate::log!(warn: format_args!("core {}", self.round.core), "closed connection from {peer}: {reason}");
         }
     }
 
     fn on_refused(&mut self, peer: SocketAddr, open: usize) {
-        crate::log!(format_args!("core {}", self.round.core), "refused connection from {peer}: {open} already open");
+        crate::log!(warn: format_args!("core {}", self.round.core), "refused connection from {peer}: {open} already open");
     }
 }
 
@@ -86,7 +116,7 @@ fn ask_peers(transport: &mut MixedTransport<DdsFraming>, round: &mut CoreRound, 
             None => match transport.connect(addr, PEER_CONNECT_TIMEOUT) {
                 Ok(c) => c,
                 Err(e) => {
-                    crate::log!(format_args!("core {}", round.core), "cannot ask {} about {}: {e}", q.brick, q.txid);
+                    crate::log!(warn: format_args!("core {}", round.core), "cannot ask {} about {}: {e}", q.brick, q.txid);
                     continue;
                 }
             },
@@ -106,7 +136,7 @@ pub fn run(
     config: LoopConfig,
     shared: &Shared,
 ) -> Result<(), CoreError> {
-    let mut shell = Shell { round, shared };
+    let mut shell = Shell { round, shared, round_start: None, sent: [0; Op::ALL.len()] };
     let mut last_work = Instant::now();
     let started = Instant::now();
     let mut checkpointing = false;
@@ -118,6 +148,7 @@ pub fn run(
         let timeout = if busy { Duration::ZERO } else { config.park.min(Duration::from_millis(TICK_MS)) };
         if transport.poll(Some(timeout), &mut shell)? > 0 {
             last_work = Instant::now();
+            shell.count_sent();
         }
         let queries = shell.round.tick(started.elapsed().as_millis() as u64);
         if !queries.is_empty() {
@@ -128,16 +159,31 @@ pub fn run(
         }
         if let Some((batch, sync)) = shell.round.batch() {
             // Group commit. An error here ends the brick; nothing is retried.
+            let (started, len) = (Instant::now(), batch.len() as u64);
             storage.commit(batch, sync)?;
+            let stats = shell.round.stats_mut();
+            stats.log_writes += 1;
+            stats.log_bytes += len;
+            if sync {
+                stats.syncs.record(started.elapsed().as_micros() as u64, 1);
+            }
         }
         let mut released = false;
+        let mut by_op = [0u64; Op::ALL.len()];
         shell.round.committed(|conn, bytes| {
+            if let Some((op, _)) = crate::proto::peek_reply(bytes) {
+                by_op[op.slot()] += 1;
+            }
             // A connection that closed meanwhile just misses its reply.
             if let Ok(out) = transport.outbox(conn) {
                 out.extend_from_slice(bytes);
                 released = true;
             }
         });
+        for (op, n) in Op::ALL.into_iter().zip(by_op).filter(|(_, n)| *n > 0) {
+            shell.count_replies(op, n);
+        }
+        shell.round_start = None;
         if released {
             transport.flush(&mut shell);
         }

@@ -79,7 +79,7 @@ pub fn answer_of(step: &Step, reply: Result<(Status, Vec<u8>), String>) -> Answe
         },
         (Step::Register { .. }, _) => Answer::Lost(text()),
         (_, Status::Ok) => Answer::Map(crate::rpc::parse_map(&value).unwrap_or_else(|e| {
-            crate::log!("brick", "ignoring a bad map from the authority: {e}");
+            crate::log!(warn: "brick", "ignoring a bad map from the authority: {e}");
             None
         })),
         _ => Answer::Refused(text()),

@@ -39,6 +39,21 @@ pub enum Durability {
     Memory,
 }
 
+impl Durability {
+    /// Its name on the command line and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::Memory => "memory",
+        }
+    }
+}
+
+/// Addresses as a log line shows them: `127.0.0.1:4000, 127.0.0.1:4001`.
+fn addr_list(addrs: &[std::net::SocketAddr]) -> String {
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+}
+
 /// `<dir>/layout.json`: the shape a brick's logs were written for. A core's log holds
 /// only the partitions that core owns, so a brick must restart with the same shape.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,6 +93,8 @@ pub struct BrickConfig {
     /// Serve RDMA beside TCP (each core on a second, free port) when a verbs device
     /// opens; without one the brick says why in one line and serves TCP only.
     pub rdma: bool,
+    /// Serve Prometheus metrics over HTTP here (`/metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -94,6 +111,9 @@ pub struct BrickFile {
     /// One RDMA listener per core; empty when the brick serves TCP only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rdma: Vec<SocketAddr>,
+    /// Where its Prometheus metrics are served, if they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub const BRICK_FILE: &str = "brick.json";
@@ -148,6 +168,8 @@ pub enum BrickError {
     Ports { given: usize, cores: usize },
     #[error("brick: {0}")]
     Control(#[from] control::ControlError),
+    #[error("brick: {0}")]
+    Metrics(String),
     #[error("brick: cannot start the {thread} thread: {source}")]
     Spawn {
         thread: String,
@@ -222,7 +244,7 @@ fn listen_rdma(config: &BrickConfig, transports: &mut [MixedTransport<DdsFraming
     }
     for t in transports.iter_mut() {
         if let Err(why) = t.enable_rdma() {
-            crate::log!("brick", "RDMA unavailable: {why}; serving over TCP only");
+            crate::log!(warn: "brick", "RDMA unavailable: {why}; serving over TCP only");
             return Ok(Vec::new());
         }
     }
@@ -271,6 +293,11 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
         addrs.push(bound);
     }
     let rdma_addrs = listen_rdma(config, &mut transports)?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(crate::metrics::listen(addr).map_err(|e| BrickError::Metrics(e.to_string()))?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let token = control::load_or_make_token(&config.dir)
         .map_err(|source| BrickError::File { op: "write", path: config.dir.join("token"), source })?;
     let brick_addr = BrickAddr { cores: addrs.clone(), rdma: rdma_addrs.clone(), token };
@@ -321,7 +348,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         // thread's CPU mask when they are created.
                         if let Some(cpu) = cpu {
                             if !core_affinity::set_for_current(cpu) {
-                                crate::log!(format_args!("core {core}"), "cannot pin to CPU {}: placement left to the kernel", cpu.id);
+                                crate::log!(warn: format_args!("core {core}"), "cannot pin to CPU {}: placement left to the kernel", cpu.id);
                             }
                         }
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
@@ -355,6 +382,14 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 .map(|_| ())
                 .map_err(|source| BrickError::Spawn { thread: "control".into(), source });
         }
+        if let (Some(listener), Ok(())) = (metrics, &spawned) {
+            let (stop, addrs) = (Arc::clone(&stop), addrs.clone());
+            spawned = std::thread::Builder::new()
+                .name("dds-metrics".into())
+                .spawn_scoped(scope, move || crate::metrics::serve(listener, &stop, || samples(shared, &addrs)))
+                .map(|_| ())
+                .map_err(|source| BrickError::Spawn { thread: "metrics".into(), source });
+        }
         if spawned.is_err() || handles.iter().any(|h| h.is_err()) {
             // A brick serves with every core and its control plane, or not at all.
             stop.store(true, Ordering::SeqCst);
@@ -369,19 +404,23 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                 partition_bits: config.partition_bits,
                 addrs: addrs.clone(),
                 rdma: rdma_addrs.clone(),
+                metrics: metrics_addr,
             };
             let stored = file.store(&config.dir);
             if stored.is_ok() {
                 crate::log!(
                     "brick",
-                    "serving on {} core(s): {:?}{} (pid {}, {}, durability {:?})",
+                    "serving on {} core(s): {}{} (pid {}, {}, durability {})",
                     config.cores,
-                    addrs,
-                    if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {rdma_addrs:?}") },
+                    addr_list(&addrs),
+                    if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {}", addr_list(&rdma_addrs)) },
                     file.pid,
                     placement_line(cpus.as_deref()),
-                    config.durability
+                    config.durability.name()
                 );
+                if let Some(addr) = metrics_addr {
+                    crate::log!("brick", "metrics on http://{addr}/metrics");
+                }
             }
             stored
         } else {
@@ -403,4 +442,61 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     crate::log!("brick", "stopped");
     Ok(())
+}
+
+/// What a scrape of the brick's metrics reports: each core's counters (asked of the
+/// core itself, as `cluster status` does, so nothing is shared with the data path) and
+/// the control plane's view.
+fn samples(shared: &control::Shared, cores: &[SocketAddr]) -> Vec<crate::metrics::Sample> {
+    use crate::metrics::{Sample, Value};
+    use crate::proto::{CoreStats, Op, Status};
+    let stats: Vec<(String, CoreStats)> = cores
+        .iter()
+        .enumerate()
+        .filter_map(|(core, &addr)| {
+            let timeout = Duration::from_millis(500);
+            let (status, value) = crate::rpc::Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).ok()?;
+            let stats = (status == Status::Ok).then(|| CoreStats::decode(&value).ok()).flatten()?;
+            Some((core.to_string(), stats))
+        })
+        .collect();
+    let per_core = |f: fn(&CoreStats) -> u64| stats.iter().map(|(c, s)| (vec![("core", c.clone())], f(s))).collect::<Vec<_>>();
+    let gauge_per_core = |f: fn(&CoreStats) -> u64| stats.iter().map(|(c, s)| (vec![("core", c.clone())], f(s) as i64)).collect::<Vec<_>>();
+    let by_op = |f: &dyn Fn(&CoreStats, usize) -> u64| {
+        stats
+            .iter()
+            .flat_map(|(c, s)| Op::ALL.iter().enumerate().filter(|&(i, _)| f(s, i) > 0).map(move |(i, op)| (vec![("core", c.clone()), ("op", op.name().to_string())], f(s, i))))
+            .collect::<Vec<_>>()
+    };
+    let by_status = stats
+        .iter()
+        .flat_map(|(c, s)| Status::ALL.iter().enumerate().map(move |(i, st)| (vec![("core", c.clone()), ("status", st.name().to_string())], s.statuses[i])))
+        .collect();
+    let latency = stats
+        .iter()
+        .flat_map(|(c, s)| Op::ALL.iter().enumerate().filter(|&(i, _)| s.ops[i] > 0).map(move |(i, op)| (vec![("core", c.clone()), ("op", op.name().to_string())], s.latency[i])))
+        .collect();
+    let in_doubt = stats
+        .iter()
+        .flat_map(|(c, s)| [("commit", s.in_doubt_commits), ("abort", s.in_doubt_aborts)].map(|(o, n)| (vec![("core", c.clone()), ("outcome", o.to_string())], n)))
+        .collect();
+    let map = shared.map();
+    vec![
+        Sample { name: "brick_id", help: "This brick's id in the cluster map", value: Value::Gauge(vec![(vec![], i64::from(shared.me.0))]) },
+        Sample { name: "map_epoch", help: "Epoch of the newest cluster map this brick holds", value: Value::Gauge(vec![(vec![], map.epoch() as i64)]) },
+        Sample { name: "fenced", help: "1 while the brick serves nothing (no word from the map authority within its lease)", value: Value::Gauge(vec![(vec![], i64::from(shared.is_fenced()))]) },
+        Sample { name: "cores_answering", help: "Cores that answered this scrape", value: Value::Gauge(vec![(vec![], stats.len() as i64)]) },
+        Sample { name: "keys", help: "Keys stored", value: Value::Gauge(gauge_per_core(|s| s.keys)) },
+        Sample { name: "stored_bytes", help: "Key and value bytes stored", value: Value::Gauge(gauge_per_core(|s| s.bytes)) },
+        Sample { name: "connections", help: "Connections open", value: Value::Gauge(gauge_per_core(|s| s.connections_open)) },
+        Sample { name: "connections_closed_bad_input", help: "Connections closed for a malformed frame", value: Value::Counter(per_core(|s| s.connections_closed_bad_input)) },
+        Sample { name: "requests", help: "Requests executed, by op", value: Value::Counter(by_op(&|s, i| s.ops[i])) },
+        Sample { name: "rdma_requests", help: "Requests that came over RDMA", value: Value::Counter(per_core(|s| s.rdma_requests)) },
+        Sample { name: "replies", help: "Replies, by status (conflict: a prepare's no vote)", value: Value::Counter(by_status) },
+        Sample { name: "request_seconds", help: "Server-side latency: from the start of the loop round that executed a request until its reply went to the transport (after the round's log sync, if it waited for one)", value: Value::Histogram(latency) },
+        Sample { name: "log_writes", help: "Group commits written to the redo log", value: Value::Counter(per_core(|s| s.log_writes)) },
+        Sample { name: "log_bytes", help: "Bytes written to the redo log", value: Value::Counter(per_core(|s| s.log_bytes)) },
+        Sample { name: "log_sync_seconds", help: "Group commits that waited for fdatasync: the write and its sync", value: Value::Histogram(stats.iter().map(|(c, s)| (vec![("core", c.clone())], s.syncs)).collect()) },
+        Sample { name: "in_doubt_resolved", help: "In-doubt transactions resolved with peers, by outcome", value: Value::Counter(in_doubt) },
+    ]
 }

@@ -155,6 +155,13 @@ impl CoreRound {
                 let mut scratch = std::mem::take(&mut self.scratch);
                 scratch.clear();
                 self.shard.execute(conn, &frame, &self.info, &mut scratch, &mut self.fx);
+                let stats = &mut self.shard.stats;
+                if let Kind::Request(op) = frame.kind {
+                    stats.ops[op.slot()] += 1;
+                }
+                if let Some((_, status)) = crate::proto::peek_reply(&scratch) {
+                    stats.statuses[status as usize] += 1;
+                }
                 if scratch.is_empty() {
                     // Parked (a read of a prepared key): its reply comes with the decision.
                 } else if self.holding() {
@@ -258,6 +265,9 @@ impl CoreRound {
         self.fx.batch.clear();
         self.fx.must_sync = false;
         for (conn, bytes) in std::mem::take(&mut self.fx.deferred) {
+            if let Some((_, status)) = crate::proto::peek_reply(&bytes) {
+                self.shard.stats.statuses[status as usize] += 1;
+            }
             self.hold(conn, &bytes);
         }
         for (i, &(conn, start)) in self.held_at.iter().enumerate() {

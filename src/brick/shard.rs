@@ -470,6 +470,14 @@ impl Shard {
         Ok(group)
     }
 
+    fn count_in_doubt(&mut self, commit: bool) {
+        if commit {
+            self.stats.in_doubt_commits += 1;
+        } else {
+            self.stats.in_doubt_aborts += 1;
+        }
+    }
+
     /// Executes one request from `conn` and appends its immediate reply to `out` (a
     /// parked read replies later through `fx.deferred`). `info` answers `Hello`.
     pub fn execute(&mut self, conn: ConnId, request: &Frame<'_>, info: &BrickInfo, out: &mut Vec<u8>, fx: &mut Effects) {
@@ -740,6 +748,7 @@ impl Shard {
         }
         for (key, txid, commit) in decided {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved: {}", if commit { "commit" } else { "abort" });
+            self.count_in_doubt(commit);
             self.decide(&key, txid, commit, fx);
         }
     }
@@ -759,6 +768,7 @@ impl Shard {
         p.answers.push((from.0, state));
         if let Some(commit) = resolve_rule(&self.map, self.me, p) {
             crate::log!(format_args!("core {}", self.core), "in-doubt {txid} resolved by peers: {}", if commit { "commit" } else { "abort" });
+            self.count_in_doubt(commit);
             self.decide(key, txid, commit, fx);
         }
     }

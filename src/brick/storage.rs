@@ -137,7 +137,7 @@ pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard,
                 // Segments are synced before the next one starts: only the last can tear.
                 return Err(LogError::Corrupt { path: path.clone(), offset, error });
             }
-            crate::log!(who, "{}: dropping a torn tail of {} bytes at offset {offset} ({error})", path.display(), contents.len() as u64 - offset);
+            crate::log!(warn: who, "{}: dropping a torn tail of {} bytes at offset {offset} ({error})", path.display(), contents.len() as u64 - offset);
         }
         if let Some(mut file) = file {
             match end {

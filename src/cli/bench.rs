@@ -1,6 +1,7 @@
 //! `dds bench`, `dds suite` and `dds demo`: the dds client as a `dds_bench::Target`,
 //! beside Redis, memcached and the echo floor driven by the same load generator.
 
+use super::{out};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -56,6 +57,7 @@ impl System {
 
 #[derive(Args, Clone)]
 pub struct LoadArgs {
+    /// What the clients do: gets, puts, a mix, or the paper's shapes.
     #[arg(long, value_enum, default_value_t = Workload::Read)]
     workload: Workload,
     /// Bytes per value written [default: 64; 150 for the paper's workloads].
@@ -83,6 +85,7 @@ pub struct LoadArgs {
     /// Stop after this many operations in all.
     #[arg(long, default_value_t = 100_000_000)]
     ops_max: u64,
+    /// Seed of the keys and values drawn (the same seed, the same operations).
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -151,6 +154,7 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct DemoArgs {
+    /// Brick processes in the demo's cluster.
     #[arg(long, default_value_t = 2)]
     bricks: usize,
     /// Replicas per partition (writes go to every one by two-phase commit).
@@ -162,12 +166,16 @@ pub struct DemoArgs {
     /// Cores per brick [default: the machine's cores shared out among the bricks].
     #[arg(long)]
     cores: Option<usize>,
+    /// Distinct keys, all written before the first phase.
     #[arg(long, default_value_t = 10_000)]
     keys: u64,
+    /// Bytes per value.
     #[arg(long, default_value_t = 64)]
     value_size: usize,
+    /// Client threads, each with its own connections.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Operations in flight per client thread.
     #[arg(long, default_value_t = 4)]
     depth: usize,
 }
@@ -311,10 +319,10 @@ pub(super) fn measure(system: &System, config: &RunConfig, preload: bool) -> any
 }
 
 fn print_table(reports: &[Report]) {
-    println!("{}", Report::table_header());
+    out!("{}", Report::table_header());
     for r in reports {
         for row in r.table_rows() {
-            println!("{row}");
+            out!("{row}");
         }
     }
 }
@@ -334,7 +342,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
         let series = dds_bench::plot::percentile_series(&[&report]);
         for path in dds_bench::plot::chart(stem, &title, "percentile, in nines (2 = p99)", "latency (us, log)", &series)? {
-            println!("plot: {}", path.display());
+            out!("plot: {}", path.display());
         }
     }
     if report.errors > 0 {
@@ -356,12 +364,14 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,
+        metrics: false,
     };
     let cluster = cluster::up(&up)?;
-    println!(
-        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} keys of {} bytes, {} clients x depth {}, {} s per phase",
+    out!(
+        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} replica(s) per partition, durability sync (a put is acknowledged once every replica has it on disk: fdatasync), {} keys of {} bytes, {} clients x depth {}, {} s per phase",
         cluster.bricks.len(),
         cluster.bricks[0].cores,
+        cluster.replicas,
         args.keys,
         args.value_size,
         args.clients,
@@ -386,7 +396,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
             };
             reports.push(measure(&system, &load.config("dds")?, i == 0)?);
         }
-        println!();
+        out!();
         print_table(&reports);
         let errors: u64 = reports.iter().map(|r| r.errors).sum();
         if errors > 0 {
@@ -397,7 +407,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let stopped = cluster::down(dir.path());
     result?;
     stopped?;
-    println!("\ncluster stopped; every brick exited");
+    out!("\ncluster stopped; every brick exited");
     Ok(())
 }
 

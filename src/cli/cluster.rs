@@ -1,6 +1,7 @@
 //! `dds cluster`: a local cluster of brick processes on 127.0.0.1, its state kept in a
 //! directory (`cluster.json` plus one `brick-<i>/` per brick with its log).
 
+use super::{out};
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,22 +77,27 @@ pub enum ClusterCommand {
 
 #[derive(Args)]
 pub struct DirArgs {
+    /// The cluster's directory (as given to `cluster up`).
     #[arg(long)]
     pub dir: PathBuf,
 }
 
 #[derive(Args)]
 pub struct BrickSel {
+    /// The cluster's directory (as given to `cluster up`).
     #[arg(long)]
     pub dir: PathBuf,
+    /// Which brick: its index in the cluster (the first column of `cluster status`).
     #[arg(long)]
     pub brick: usize,
 }
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
+    /// A directory for the cluster: each brick's log and the map authority's state.
     #[arg(long)]
     pub dir: PathBuf,
+    /// Brick processes to start.
     #[arg(long, default_value_t = 1)]
     pub bricks: usize,
     /// Replicas per partition: every write goes to all of them (two-phase commit).
@@ -111,6 +117,7 @@ pub struct UpArgs {
     /// Where brick cores run: left to the kernel, or pinned and spread over the CPUs.
     #[arg(long, value_enum, default_value_t = Placement::Kernel)]
     pub placement: Placement,
+    /// The map starts with 2^bits partitions (more split off as bricks join).
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     pub partition_bits: u8,
     /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
@@ -119,6 +126,10 @@ pub struct UpArgs {
     /// A core's log past this many MiB starts a checkpoint.
     #[arg(long, default_value_t = 64.0)]
     pub checkpoint_log_mb: f64,
+    /// Every brick and the map authority serve Prometheus metrics over HTTP, each on a
+    /// free loopback port (`cluster status` lists them).
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +145,9 @@ pub struct ClusterBrick {
     /// The CPU each core is pinned to, as the brick reported it; absent when unpinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<Vec<usize>>,
+    /// Where it serves its metrics (`cluster up --metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The map authority of a local cluster.
@@ -142,6 +156,9 @@ pub struct ClusterMeta {
     pub pid: u32,
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// Where it serves its metrics (`cluster up --metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
@@ -157,6 +174,9 @@ pub struct ClusterFile {
     pub busy_poll: bool,
     #[serde(default)]
     pub placement: Placement,
+    /// Bricks and the authority serve metrics (kept on through restarts).
+    #[serde(default)]
+    pub metrics: bool,
     pub bricks: Vec<ClusterBrick>,
 }
 
@@ -205,7 +225,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Up(args) => {
             let cluster = up(&args)?;
-            println!(
+            out!(
                 "cluster up in {}: {} brick(s) x {} core(s), transport {}",
                 args.dir.display(),
                 cluster.bricks.len(),
@@ -213,14 +233,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 value_name(cluster.transport)
             );
             for b in &cluster.bricks {
-                println!("  brick {} pid {} at {}", b.index, b.pid, b.addr);
+                out!("  brick {} pid {} at {}", b.index, b.pid, b.addr);
             }
             Ok(())
         }
         ClusterCommand::Status(args) => status(&args.dir),
         ClusterCommand::Down(args) => {
             let stopped = down(&args.dir)?;
-            println!("cluster in {} is down ({stopped} brick(s) stopped)", args.dir.display());
+            out!("cluster in {} is down ({stopped} brick(s) stopped)", args.dir.display());
             Ok(())
         }
         ClusterCommand::Kill(sel) => {
@@ -232,13 +252,13 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 bail!("brick {} (pid {}) is not running", b.index, b.pid);
             }
             stop_brick(b, Signal::SIGKILL, Duration::ZERO)?;
-            println!("brick {} (pid {}) killed", b.index, b.pid);
+            out!("brick {} (pid {}) killed", b.index, b.pid);
             Ok(())
         }
         ClusterCommand::Add(args) => {
             let started = Instant::now();
             let b = add(&args.dir)?;
-            println!("brick {} added: pid {} at {}", b.index, b.pid, b.addr);
+            out!("brick {} added: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&args.dir)?;
             let map = wait_for_replicas(&cluster, brick_id(&b), true)?;
             let mut load: std::collections::BTreeMap<BrickId, usize> = map.bricks().keys().map(|&id| (id, 0)).collect();
@@ -248,27 +268,39 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 }
             }
             let loads: Vec<String> = load.iter().map(|(id, n)| format!("{}: {n}", id.0)).collect();
-            println!("balanced at epoch {} after {} ms; partitions per brick: {}", map.epoch(), started.elapsed().as_millis(), loads.join(", "));
+            let (least, most) = (load.values().min().copied().unwrap_or(0), load.values().max().copied().unwrap_or(0));
+            let even = if most - least <= 1 { "even" } else { "not even yet: the map authority goes on moving replicas to the new brick" };
+            out!(
+                "every partition at full strength at epoch {} after {} ms; partitions per brick (map id: count): {} ({even})",
+                map.epoch(),
+                started.elapsed().as_millis(),
+                loads.join(", ")
+            );
             Ok(())
         }
         ClusterCommand::Restart(sel) => {
             let started = Instant::now();
+            // The authority's log so far: a recovery line from an earlier copy is not this one's.
+            let meta_log = ClusterFile::load(&sel.dir)?.meta.dir.join("meta.log");
+            let log_start = std::fs::metadata(&meta_log).map_or(0, |m| m.len() as usize);
             let b = restart(&sel.dir, sel.brick)?;
-            println!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
+            out!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&sel.dir)?;
             let id = brick_id(&b);
             let map = wait_for_replicas(&cluster, id, false)?;
             let held = map.partitions_of(id).count();
-            println!(
-                "brick {} rejoined as {id} at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
+            out!(
+                "brick {} rejoined (map id {}) at epoch {}: holds {held} partition(s), every partition at full strength after {} ms",
                 b.index,
+                id.0,
                 map.epoch(),
                 started.elapsed().as_millis()
             );
             // The authority's account of the copy (per partition lines are in its log).
-            let log = std::fs::read_to_string(cluster.meta.dir.join("meta.log")).unwrap_or_default();
+            let log = std::fs::read(&meta_log).unwrap_or_default();
+            let log = String::from_utf8_lossy(log.get(log_start..).unwrap_or_default());
             if let Some(line) = log.lines().rev().find(|l| l.contains("meta: recovery:")) {
-                println!("  {}", line.split_once("meta: ").map_or(line, |(_, r)| r));
+                out!("  {}", line.split_once("meta: ").map_or(line, |(_, r)| r));
             }
             Ok(())
         }
@@ -287,10 +319,11 @@ struct BrickShape {
     rdma: bool,
     busy_poll: bool,
     placement: Placement,
+    metrics: bool,
 }
 
 /// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
-fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8) -> anyhow::Result<Child> {
+fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: bool) -> anyhow::Result<Child> {
     std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
     let _ = std::fs::remove_file(mdir.join(META_FILE));
     let log_path = mdir.join("meta.log");
@@ -302,6 +335,7 @@ fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
         .args(["--partition-bits", &bits.to_string()])
+        .args(if metrics { &["--metrics", "127.0.0.1:0"][..] } else { &[] })
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -326,9 +360,10 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let m = &cluster.meta;
-    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits)?;
+    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, cluster.metrics)?;
     let file = wait_for_meta(&m.dir, &mut child)?;
     cluster.meta.pid = file.pid;
+    cluster.meta.metrics = file.metrics;
     Ok(())
 }
 
@@ -365,6 +400,9 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
     }
     if shape.busy_poll {
         cmd.arg("--busy-poll");
+    }
+    if shape.metrics {
+        cmd.args(["--metrics", "127.0.0.1:0"]);
     }
     match brick_cpus(shape.placement, index, shape.cores) {
         None => cmd.arg("--no-pin"),
@@ -403,6 +441,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     cluster.bricks[index].pid = file.pid;
     cluster.bricks[index].addr = file.addrs[0];
     cluster.bricks[index].cpus = file.cpus;
+    cluster.bricks[index].metrics = file.metrics;
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
 }
@@ -419,6 +458,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         rdma: cluster.transport != TransportKind::Tcp,
         busy_poll: cluster.busy_poll,
         placement: cluster.placement,
+        metrics: cluster.metrics,
     };
     let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
@@ -437,7 +477,7 @@ pub fn add(dir: &Path) -> anyhow::Result<ClusterBrick> {
     let cores = cluster.bricks.first().map_or(1, |b| b.cores);
     let file = start_brick(&cluster, index, false, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
     let ports = file.addrs.iter().map(|a| a.port()).collect();
-    cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone() });
+    cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone(), metrics: file.metrics });
     cluster.store(dir)?;
     Ok(cluster.bricks[index].clone())
 }
@@ -521,7 +561,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     super::mib_to_bytes(args.checkpoint_log_mb)?;
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let mdir = dir.join("meta");
-    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits)?;
+    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics)?;
     let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
         Ok(f) => f,
         Err(e) => {
@@ -539,6 +579,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         rdma: transport != TransportKind::Tcp,
         busy_poll: args.busy_poll,
         placement: args.placement,
+        metrics: args.metrics,
     };
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
@@ -552,10 +593,10 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         for (index, (bdir, child)) in children.iter_mut().enumerate() {
             let file = wait_for_brick(bdir, child).with_context(|| format!("brick {index} did not start"))?;
             let ports = file.addrs.iter().map(|a| a.port()).collect();
-            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone() });
+            bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone(), metrics: file.metrics });
         }
         let cluster = ClusterFile {
-            meta: ClusterMeta { pid: meta_file.pid, addr: meta_file.addr, dir: mdir.clone() },
+            meta: ClusterMeta { pid: meta_file.pid, addr: meta_file.addr, dir: mdir.clone(), metrics: meta_file.metrics },
             partition_bits: args.partition_bits,
             replicas: args.replicas,
             durability: args.durability,
@@ -563,6 +604,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             transport,
             busy_poll: args.busy_poll,
             placement: args.placement,
+            metrics: args.metrics,
             bricks,
         };
         cluster.store(&dir)?;
@@ -694,9 +736,9 @@ fn brick_stats(b: &ClusterBrick) -> Result<Vec<CoreStats>, String> {
 fn status(dir: &Path) -> anyhow::Result<()> {
     let cluster = ClusterFile::load(dir)?;
     let map = current_map(&cluster);
-    println!("cluster {}", dir.display());
+    out!("cluster {}", dir.display());
     let meta_state = if meta_alive(&cluster.meta) { "up" } else { "down" };
-    println!(
+    out!(
         "  map authority {} (pid {}, {meta_state}); transport {}, durability {}, {} brick(s), {} replica(s) asked",
         cluster.meta.addr,
         cluster.meta.pid,
@@ -706,20 +748,24 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         cluster.replicas
     );
     match &map {
-        Ok(m) => println!(
+        Ok(m) => out!(
             "  epoch {}, {} partitions (base {} bits), {} copying",
             m.epoch(),
             m.dp().leaves().len(),
             m.base_bits(),
             m.joining().values().map(|j| j.len()).sum::<usize>()
         ),
-        Err(e) => println!("  map unavailable: {e}"),
+        Err(e) => out!("  map unavailable: {e}"),
+    }
+    if cluster.metrics {
+        let bricks: Vec<String> = cluster.bricks.iter().map(|b| b.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics"))).collect();
+        out!("  metrics: map authority {}; bricks (by index) {}", cluster.meta.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics")), bricks.join(" "));
     }
     if let Ok(m) = &map {
         let rdma = m.bricks().values().filter(|a| !a.rdma.is_empty()).count();
-        println!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks().len());
+        out!("  bricks serving RDMA beside TCP: {rdma} of {} in the map", m.bricks().len());
     }
-    println!(
+    out!(
         "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}  cpus",
         "brick", "id", "pid", "state", "net", "addr", "cores", "partitions", "copying", "keys", "bytes", "conns", "requests", "over rdma"
     );
@@ -749,14 +795,14 @@ fn status(dir: &Path) -> anyhow::Result<()> {
                 let sum = |f: fn(&CoreStats) -> u64| cores.iter().map(f).sum::<u64>();
                 let (keys, bytes, conns) = (sum(|s| s.keys), sum(|s| s.bytes), sum(|s| s.connections_open));
                 let (requests, rdma_requests) = (sum(|s| s.requests), sum(|s| s.rdma_requests));
-                println!(
+                out!(
                     "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}  {cpus}",
                     b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying, keys, bytes, conns, requests, rdma_requests
                 );
             }
             Err(why) => {
                 down += 1;
-                println!("{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying);
+                out!("{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8}   ({why})", b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying);
             }
         }
     }
@@ -768,18 +814,26 @@ fn status(dir: &Path) -> anyhow::Result<()> {
             ids.sort_unstable();
             *groups.entry(ids).or_default() += 1;
         }
-        println!("replica groups (bricks: partitions):");
+        out!("replica groups (bricks: partitions):");
         for (ids, n) in groups {
             let names: Vec<String> = ids.iter().map(u32::to_string).collect();
-            println!("  [{}]: {n}", names.join(","));
+            out!("  [{}]: {n}", names.join(","));
         }
         let short = m.groups().values().filter(|g| g.len() < cluster.replicas).count();
         if short > 0 {
-            println!("{short} partition(s) have fewer than {} replicas", cluster.replicas);
+            out!(
+                "{short} partition(s) have fewer than {} replicas: the map authority copies them to other bricks {} s after it removed a brick, unless the brick comes back first",
+                cluster.replicas,
+                crate::meta::authority::REREPLICATE_AFTER_MS / 1000
+            );
         }
     }
     if down > 0 {
-        println!("{down} brick(s) down");
+        out!("{down} brick(s) down");
+    }
+    if meta_state == "down" || down == cluster.bricks.len() {
+        let what = if meta_state == "down" { "the map authority is down" } else { "no brick is running" };
+        return Err(crate::cli::ExitCode(3, format!("cluster {} is down: {what}", dir.display())).into());
     }
     Ok(())
 }

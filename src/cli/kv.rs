@@ -14,25 +14,27 @@ use crate::client::{Client, ClientConfig};
 #[derive(Args)]
 pub struct Target {
     /// A local cluster's directory.
-    #[arg(long, conflicts_with = "brick")]
+    #[arg(long, conflicts_with = "addr")]
     cluster: Option<PathBuf>,
-    /// Bricks by address, in cluster order (repeat the flag).
+    /// Bricks by address, in cluster order (repeat the flag): for a cluster that is not
+    /// local (`--brick` is a brick's index in `cluster kill` and `restart`).
     #[arg(long)]
-    brick: Vec<SocketAddr>,
+    addr: Vec<SocketAddr>,
 }
 
 impl Target {
     fn connect(&self) -> anyhow::Result<Client> {
-        match (&self.cluster, self.brick.is_empty()) {
+        match (&self.cluster, self.addr.is_empty()) {
             (Some(dir), _) => ClusterFile::load(dir)?.connect(),
-            (None, false) => Client::connect(&self.brick, ClientConfig::default()).context("connect to the bricks"),
-            (None, true) => bail!("say where the cluster is: --cluster DIR or --brick ADDR"),
+            (None, false) => Client::connect(&self.addr, ClientConfig::default()).context("connect to the bricks"),
+            (None, true) => bail!("say where the cluster is: --cluster DIR or --addr ADDR"),
         }
     }
 }
 
 #[derive(Args)]
 pub struct KeyArgs {
+    /// The key (up to 4,096 bytes).
     key: String,
     #[command(flatten)]
     target: Target,
@@ -40,6 +42,7 @@ pub struct KeyArgs {
 
 #[derive(Args)]
 pub struct PutArgs {
+    /// The key (up to 4,096 bytes).
     key: String,
     /// The value; read from stdin (all of it, bytes as they are) when left out.
     value: Option<String>,
@@ -57,31 +60,41 @@ pub fn put(args: PutArgs) -> anyhow::Result<()> {
         }
     };
     let mut client = args.target.connect()?;
-    client.put(args.key.as_bytes(), &value).with_context(|| format!("put {:?}", args.key))?;
+    client.put(args.key.as_bytes(), &value).with_context(|| format!("put {}", shown(&args.key)))?;
     Ok(())
 }
 
 pub fn get(args: KeyArgs) -> anyhow::Result<()> {
     let mut client = args.target.connect()?;
-    match client.get(args.key.as_bytes()).with_context(|| format!("get {:?}", args.key))? {
+    match client.get(args.key.as_bytes()).with_context(|| format!("get {}", shown(&args.key)))? {
         Some(value) => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&value)?;
-            if out.is_terminal() {
-                out.write_all(b"\n")?;
+            let newline: &[u8] = if out.is_terminal() { b"\n" } else { b"" };
+            match out.write_all(&value).and_then(|()| out.write_all(newline)).and_then(|()| out.flush()) {
+                // A reader that went away (`dds get k | head -c 10`) is no failure.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("write the value to stdout"),
+                _ => Ok(()),
             }
-            out.flush()?;
-            Ok(())
         }
-        None => Err(ExitCode(1, format!("key not found: {:?}", args.key)).into()),
+        None => Err(ExitCode(1, format!("key not found: {}", shown(&args.key))).into()),
     }
 }
 
 pub fn del(args: KeyArgs) -> anyhow::Result<()> {
     let mut client = args.target.connect()?;
-    if client.remove(args.key.as_bytes()).with_context(|| format!("del {:?}", args.key))? {
+    if client.remove(args.key.as_bytes()).with_context(|| format!("del {}", shown(&args.key)))? {
         Ok(())
     } else {
-        Err(ExitCode(1, format!("key not found: {:?}", args.key)).into())
+        Err(ExitCode(1, format!("key not found: {}", shown(&args.key))).into())
     }
+}
+
+/// A key as messages show it: quoted, and cut after 64 characters with its length.
+pub(crate) fn shown(key: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 64;
+    if key.chars().count() <= SHOWN_CHARS_MAX {
+        return format!("{key:?}");
+    }
+    let head: String = key.chars().take(SHOWN_CHARS_MAX).collect();
+    format!("{head:?}... ({} bytes)", key.len())
 }

@@ -17,6 +17,31 @@ use clap::{Args, Parser, Subcommand};
 use crate::brick::{self, BrickConfig, Durability};
 use crate::map::DEFAULT_PARTITION_BITS;
 
+/// Writes to stdout like `print!`/`println!`, but a reader that went away (`dds cluster
+/// status | head -1`) ends the process quietly with status 0 instead of a panic.
+macro_rules! out {
+    () => { $crate::cli::write_out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+macro_rules! out_part {
+    ($($arg:tt)*) => { $crate::cli::write_out(format_args!($($arg)*)) };
+}
+
+pub(crate) use {out, out_part};
+
+pub(crate) fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("dds: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
+
 /// An error that asks for a particular exit status (a missing key exits 1).
 #[derive(Debug, thiserror::Error)]
 #[error("{1}")]
@@ -102,6 +127,10 @@ struct BrickArgs {
     /// brick logs why and serves TCP only.
     #[arg(long, value_enum, default_value_t = cluster::TransportKind::Tcp)]
     transport: cluster::TransportKind,
+    /// Serve Prometheus metrics over HTTP at this address (`/metrics`; port 0: any free
+    /// port, written to brick.json and the log).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -109,6 +138,7 @@ struct MetaArgs {
     /// Directory for the map (`map.json`).
     #[arg(long)]
     dir: PathBuf,
+    /// Address to serve bricks and clients on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Bricks to wait for before the first map.
@@ -120,6 +150,10 @@ struct MetaArgs {
     /// Partition count is 2^bits at the start (the bricks must agree).
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     partition_bits: u8,
+    /// Serve Prometheus metrics over HTTP at this address (`/metrics`; port 0: any free
+    /// port, written to meta.json and the log).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 /// MiB from the command line to bytes, at least one KiB.
@@ -223,6 +257,7 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
             replicas: args.replicas,
             base_bits: args.partition_bits,
         },
+        metrics: args.metrics,
     };
     crate::meta::run(&config, stop_on_signals()?)?;
     Ok(())
@@ -244,6 +279,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         meta: args.meta,
         id: args.id,
         rdma: args.transport != cluster::TransportKind::Tcp,
+        metrics: args.metrics,
     };
     brick::run(&config, stop)?;
     Ok(())
@@ -252,6 +288,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn cpu_lists_parse_and_refuse_what_is_not_one() {
@@ -261,5 +298,29 @@ mod tests {
         for bad in ["", "a", "3-1", "1,1", "0-1,1", "-1", "1-"] {
             assert!(parse_cpus(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    /// Every argument of every subcommand, with no help text: `command path: --arg`.
+    fn undescribed(cmd: &clap::Command, path: &str, found: &mut Vec<String>) {
+        let path = format!("{path} {}", cmd.get_name());
+        for arg in cmd.get_arguments() {
+            let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+            if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                found.push(format!("{path}: {}", arg.get_long().map_or(arg.get_id().to_string(), |l| format!("--{l}"))));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if cmd.get_subcommands().count() > 0 && sub.get_about().is_none() && sub.get_name() != "help" {
+                found.push(format!("{path} {}: no description", sub.get_name()));
+            }
+            undescribed(sub, &path, found);
+        }
+    }
+
+    #[test]
+    fn every_option_of_every_subcommand_has_a_description_in_help() {
+        let mut found = Vec::new();
+        undescribed(&Cli::command(), "", &mut found);
+        assert!(found.is_empty(), "options without a description in --help:\n{}", found.join("\n"));
     }
 }

@@ -1,6 +1,7 @@
 //! `dds suite`: the same workloads against dds, Redis, memcached and the echo floor in
 //! one run, repetitions interleaved, medians and spreads, ratios, JSON and plots.
 
+use super::{out, out_part};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub struct SuiteArgs {
     /// A memcached server to set beside dds.
     #[arg(long)]
     memcached: Option<SocketAddr>,
+    /// How much to run: smoke (seconds), quick (under 5 minutes) or full.
     #[arg(long, value_enum, default_value_t = Mode::Full)]
     mode: Mode,
     /// Repetitions [default: by mode].
@@ -121,17 +123,8 @@ fn machine() -> Machine {
 
 /// `YYYY-MM-DDTHH-MM-SS` in UTC (days-from-civil, inverted).
 fn stamp(unix: u64) -> String {
-    let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+    let (year, month, day, hour, minute, second) = crate::logging::civil(unix);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}-{minute:02}-{second:02}")
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -222,40 +215,40 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     };
     let echo = systems.len() - 1;
 
-    println!("\n## Throughput (ops/s): median (min–max) of {reps} run(s) of {seconds} s\n");
-    print!("| shape |");
+    out!("\n## Throughput (ops/s): median (min–max) of {reps} run(s) of {seconds} s\n");
+    out_part!("| shape |");
     for n in &names {
-        print!(" {n} |");
+        out_part!(" {n} |");
     }
     for n in &names[1..] {
-        print!(" dds ÷ {n} |");
+        out_part!(" dds ÷ {n} |");
     }
-    println!();
-    println!("|---|{}", "---|".repeat(2 * names.len() - 1));
+    out!();
+    out!("|---|{}", "---|".repeat(2 * names.len() - 1));
     for (si, s) in shapes.iter().enumerate() {
-        print!("| {} |", s.name);
+        out_part!("| {} |", s.name);
         for yi in 0..systems.len() {
-            print!(" {} |", spread(&cell(si, yi, &ops), 0));
+            out_part!(" {} |", spread(&cell(si, yi, &ops), 0));
         }
         for yi in 1..systems.len() {
-            print!(" {} |", ratio(&cell(si, 0, &ops), &cell(si, yi, &ops)));
+            out_part!(" {} |", ratio(&cell(si, 0, &ops), &cell(si, yi, &ops)));
         }
-        println!();
+        out!();
     }
 
-    println!("\n## Latency (µs): p50 / p99, medians of {reps} run(s)\n");
-    print!("| shape |");
+    out!("\n## Latency (µs): p50 / p99, medians of {reps} run(s)\n");
+    out_part!("| shape |");
     for n in &names {
-        print!(" {n} p50 | {n} p99 |");
+        out_part!(" {n} p50 | {n} p99 |");
     }
-    println!(" dds p50 ÷ echo p50 |");
-    println!("|---|{}---|", "---|---|".repeat(names.len()));
+    out!(" dds p50 ÷ echo p50 |");
+    out!("|---|{}---|", "---|---|".repeat(names.len()));
     for (si, s) in shapes.iter().enumerate() {
-        print!("| {} |", s.name);
+        out_part!("| {} |", s.name);
         for yi in 0..systems.len() {
-            print!(" {} | {} |", spread(&cell(si, yi, &p50), 1), spread(&cell(si, yi, &p99), 1));
+            out_part!(" {} | {} |", spread(&cell(si, yi, &p50), 1), spread(&cell(si, yi, &p99), 1));
         }
-        println!(" {} |", ratio(&cell(si, 0, &p50), &cell(si, echo, &p50)));
+        out!(" {} |", ratio(&cell(si, 0, &p50), &cell(si, echo, &p50)));
     }
 
     for (si, s) in shapes.iter().enumerate() {
@@ -265,7 +258,7 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
             _ => continue,
         };
         let dds = median(cell(si, 0, &ops));
-        println!(
+        out!(
             "\n{}: dds {dds:.0} {what} = {:.2} x the paper's {paper:.0} on {PAPER_BRICKS} bricks, {:.1} x its {:.0} per brick",
             s.name,
             dds / paper,
@@ -286,9 +279,9 @@ pub fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let file = ResultsFile { started_unix, mode: args.mode, reps, seconds, machine: machine(), shapes, runs };
     let json = base.with_extension("json");
     std::fs::write(&json, serde_json::to_string_pretty(&file)?).with_context(|| format!("write {}", json.display()))?;
-    println!("\nresults: {}", json.display());
+    out!("\nresults: {}", json.display());
     for path in plots(&base, shapes, &systems, &reports)? {
-        println!("plot: {}", path.display());
+        out!("plot: {}", path.display());
     }
     Ok(())
 }

@@ -553,7 +553,10 @@ impl ClientCore {
         let Some(op) = self.ops.get_mut(&token) else { return };
         if now >= op.deadline {
             let timeout_ms = self.config.op_timeout.as_millis() as u64;
-            let (name, why) = (op.name(), std::mem::take(&mut op.why));
+            let (name, mut why) = (op.name(), std::mem::take(&mut op.why));
+            if why.is_empty() {
+                why = "no reply in time from every replica it needs (a brick paused, overloaded or unreachable)".into();
+            }
             let err = match &op.phase {
                 // Failed for sure only if every participant said no: one that did not
                 // answer may hold it prepared and commit it in doubt once the no voters

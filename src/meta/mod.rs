@@ -31,6 +31,9 @@ pub const META_FILE: &str = "meta.json";
 pub struct MetaFile {
     pub pid: u32,
     pub addr: SocketAddr,
+    /// Where its Prometheus metrics are served, if they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,8 @@ pub struct MetaConfig {
     pub dir: PathBuf,
     pub listen: SocketAddr,
     pub authority: AuthorityConfig,
+    /// Serve Prometheus metrics over HTTP here (`/metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 struct State {
@@ -67,6 +72,14 @@ struct State {
     /// is one it could forget) and `run` returns `failure`.
     halted: bool,
     failure: Option<MetaError>,
+    /// Since start: maps published, copies finished with some partitions copied, copies
+    /// that copied nothing, and partitions copied.
+    maps_published: u64,
+    copies_done: u64,
+    copies_failed: u64,
+    partitions_copied: u64,
+    /// A copy thread is running.
+    copying: bool,
 }
 
 impl State {
@@ -91,9 +104,10 @@ fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
         crate::log!("meta", "{note}");
     }
     if actions.map_changed {
+        state.maps_published += 1;
         let map = state.authority.map().expect("a changed map exists");
         if let Err(e) = write_atomic(&state.dir, MAP_FILE, &serde_json::to_string_pretty(map).expect("serialises")) {
-            crate::log!("meta", "{e}; stopping");
+            crate::log!(warn: "meta", "{e}; stopping");
             state.halted = true;
             state.failure = Some(e);
             return;
@@ -104,8 +118,9 @@ fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
         let shared = Arc::clone(shared);
         let joins = actions.copy;
         let spawned = std::thread::Builder::new().name("dds-meta-copy".into()).spawn(move || copy_driver(shared, joins, epoch));
+        state.copying = spawned.is_ok();
         if let Err(e) = spawned {
-            crate::log!("meta", "cannot start the copy thread: {e}; copy failed, planned again at a later tick");
+            crate::log!(warn: "meta", "cannot start the copy thread: {e}; copy failed, planned again at a later tick");
             state.authority.copy_failed();
         }
     }
@@ -127,15 +142,36 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     let addr = listener.local_addr().map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| MetaError::Listen { addr, source })?;
     let started = Instant::now();
+    let replicas_asked = config.authority.replicas;
     let shared = Arc::new(Mutex::new(State {
         authority: Authority::new(config.authority.clone(), map, 0),
         dir: config.dir.clone(),
         started,
         halted: false,
         failure: None,
+        maps_published: 0,
+        copies_done: 0,
+        copies_failed: 0,
+        partitions_copied: 0,
+        copying: false,
     }));
-    write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr }).expect("serialises"))?;
+    let metrics = match config.metrics {
+        Some(at) => Some(crate::metrics::listen(at).map_err(|source| MetaError::Listen { addr: at, source })?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = metrics {
+        let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("dds-meta-metrics".into())
+            .spawn(move || crate::metrics::serve(listener, &stop, || samples(&shared.lock(), replicas_asked)))
+            .map_err(|source| MetaError::File { op: "start the metrics thread for", path: config.dir.clone(), source })?;
+    }
+    write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr, metrics: metrics_addr }).expect("serialises"))?;
     crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks);
+    if let Some(at) = metrics_addr {
+        crate::log!("meta", "metrics on http://{at}/metrics");
+    }
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if let Some(e) = shared.lock().failure.take() {
@@ -146,11 +182,11 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
                 let shared = Arc::clone(&shared);
                 // On failure the closure drops, and the connection with it.
                 if let Err(e) = std::thread::Builder::new().name("dds-meta-conn".into()).spawn(move || serve(stream, shared)) {
-                    crate::log!("meta", "cannot start a thread for {peer}: {e}; closing the connection");
+                    crate::log!(warn: "meta", "cannot start a thread for {peer}: {e}; closing the connection");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => crate::log!("meta", "accept: {e}"),
+            Err(e) => crate::log!(warn: "meta", "accept: {e}"),
         }
         if last_tick.elapsed() >= Duration::from_millis(50) {
             last_tick = Instant::now();
@@ -179,7 +215,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             Ok(false) => break,
             Err(e) => {
                 if session.is_brick() {
-                    crate::log!("meta", "session with {peer} ended: {e}");
+                    crate::log!(warn: "meta", "session with {peer} ended: {e}");
                 }
                 break;
             }
@@ -193,7 +229,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             match session.on_frame(&mut state.authority, now, &buf, &mut out) {
                 Ok(actions) => apply(&shared, &mut state, actions),
                 Err(why) => {
-                    crate::log!("meta", "{why}");
+                    crate::log!(warn: "meta", "{why}");
                     break;
                 }
             }
@@ -242,6 +278,13 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
             Step::Note(note) => crate::log!("meta", "{note}"),
             Step::Finished(done) => {
                 let mut state = shared.lock();
+                state.copying = false;
+                state.partitions_copied += done.len() as u64;
+                if done.is_empty() {
+                    state.copies_failed += 1;
+                } else {
+                    state.copies_done += 1;
+                }
                 let actions = if done.is_empty() {
                     state.authority.copy_failed();
                     Actions::default()
@@ -252,4 +295,35 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
             }
         }
     }
+}
+
+/// What a scrape of the authority's metrics reports: its map and its copies.
+fn samples(state: &State, replicas: usize) -> Vec<crate::metrics::Sample> {
+    use crate::metrics::{Sample, Value};
+    let gauge = |v: usize| Value::Gauge(vec![(vec![], v as i64)]);
+    let counter = |v: u64| Value::Counter(vec![(vec![], v)]);
+    let map = state.authority.map();
+    let (epoch, bricks, partitions, joining, leaving, short) = map.map_or((0, 0, 0, 0, 0, 0), |m| {
+        (
+            m.epoch() as usize,
+            m.bricks().len(),
+            m.groups().len(),
+            m.joining().values().map(|j| j.len()).sum(),
+            m.leaving().values().map(|l| l.len()).sum(),
+            m.groups().values().filter(|g| g.len() < replicas).count(),
+        )
+    });
+    vec![
+        Sample { name: "meta_map_epoch", help: "Epoch of the newest map published (0: none yet)", value: gauge(epoch) },
+        Sample { name: "meta_bricks", help: "Bricks in the map", value: gauge(bricks) },
+        Sample { name: "meta_partitions", help: "Partitions in the map", value: gauge(partitions) },
+        Sample { name: "meta_partitions_under_replicated", help: "Partitions with fewer replicas than asked", value: gauge(short) },
+        Sample { name: "meta_replicas_joining", help: "Replicas being copied to (joining their groups)", value: gauge(joining) },
+        Sample { name: "meta_replicas_leaving", help: "Replicas leaving their groups", value: gauge(leaving) },
+        Sample { name: "meta_copying", help: "1 while a copy runs", value: gauge(usize::from(state.copying)) },
+        Sample { name: "meta_maps_published", help: "Maps published since start", value: counter(state.maps_published) },
+        Sample { name: "meta_copies_done", help: "Copies that copied some partitions", value: counter(state.copies_done) },
+        Sample { name: "meta_copies_failed", help: "Copies that copied nothing (planned again later)", value: counter(state.copies_failed) },
+        Sample { name: "meta_partitions_copied", help: "Partitions copied to joining replicas", value: counter(state.partitions_copied) },
+    ]
 }

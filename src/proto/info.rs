@@ -1,5 +1,7 @@
 //! Payloads of the `Hello` and `Stats` replies: small fixed little-endian records.
 
+use super::{Op, Status};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InfoError {
     #[error("{what} payload of {len} bytes where {expected} were expected")]
@@ -62,7 +64,7 @@ impl BrickInfo {
 }
 
 /// Counters of one brick core, in reply to `Stats`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CoreStats {
     pub keys: u64,
     /// Key plus value bytes stored.
@@ -72,13 +74,79 @@ pub struct CoreStats {
     pub connections_closed_bad_input: u64,
     /// Of `requests`, those that came over RDMA.
     pub rdma_requests: u64,
+    /// Requests by op (`Op::ALL` order).
+    pub ops: [u64; Op::ALL.len()],
+    /// Replies by status (`Status::ALL` order).
+    pub statuses: [u64; Status::ALL.len()],
+    /// Per op, how long from the start of the round that executed a request until its
+    /// reply went to the transport (after the round's log sync, if it waited for one).
+    pub latency: [Histogram; Op::ALL.len()],
+    /// Group commits: log writes, their bytes, their fdatasyncs and how long those took.
+    pub log_writes: u64,
+    pub log_bytes: u64,
+    pub syncs: Histogram,
+    /// In-doubt transactions this core resolved with its peers, by outcome.
+    pub in_doubt_commits: u64,
+    pub in_doubt_aborts: u64,
+}
+
+/// Durations in microseconds, in power-of-two buckets: `buckets[i]` counts those below
+/// `2^i` us (and at least `2^(i-1)`); the last counts the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    pub buckets: [u64; HISTOGRAM_BUCKETS],
+    pub sum_us: u64,
+}
+
+/// 1 us up to 2^22 us (4.2 s), then the rest.
+pub const HISTOGRAM_BUCKETS: usize = 24;
+
+impl Histogram {
+    pub fn record(&mut self, us: u64, n: u64) {
+        let bucket = (u64::BITS - us.leading_zeros()) as usize;
+        self.buckets[bucket.min(HISTOGRAM_BUCKETS - 1)] += n;
+        self.sum_us += us * n;
+    }
+
+    /// The upper bound in microseconds of bucket `i` (`None`: the last, unbounded).
+    pub fn bound_us(i: usize) -> Option<u64> {
+        (i + 1 < HISTOGRAM_BUCKETS).then(|| 1 << i)
+    }
+
+    fn fields(&self) -> impl Iterator<Item = u64> + '_ {
+        self.buckets.iter().copied().chain([self.sum_us])
+    }
+
+    fn read(fields: &mut impl Iterator<Item = u64>) -> Histogram {
+        let mut h = Histogram::default();
+        for b in &mut h.buckets {
+            *b = fields.next().unwrap_or(0);
+        }
+        h.sum_us = fields.next().unwrap_or(0);
+        h
+    }
 }
 
 impl CoreStats {
-    const LEN: usize = 48;
+    const FIELDS: usize = 6 + Op::ALL.len() + Status::ALL.len() + (Op::ALL.len() + 1) * (HISTOGRAM_BUCKETS + 1) + 4;
+    const LEN: usize = Self::FIELDS * 8;
+
+    fn fields(&self) -> Vec<u64> {
+        let mut v = vec![self.keys, self.bytes, self.requests, self.connections_open, self.connections_closed_bad_input, self.rdma_requests];
+        v.extend(self.ops);
+        v.extend(self.statuses);
+        for h in &self.latency {
+            v.extend(h.fields());
+        }
+        v.extend([self.log_writes, self.log_bytes]);
+        v.extend(self.syncs.fields());
+        v.extend([self.in_doubt_commits, self.in_doubt_aborts]);
+        debug_assert_eq!(v.len(), Self::FIELDS);
+        v
+    }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        for v in [self.keys, self.bytes, self.requests, self.connections_open, self.connections_closed_bad_input, self.rdma_requests] {
+        for v in self.fields() {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -87,14 +155,28 @@ impl CoreStats {
         if buf.len() != Self::LEN {
             return Err(InfoError::BadLength { what: "stats", len: buf.len(), expected: Self::LEN });
         }
-        let field = |i: usize| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Ok(CoreStats {
-            keys: field(0),
-            bytes: field(1),
-            requests: field(2),
-            connections_open: field(3),
-            connections_closed_bad_input: field(4),
-            rdma_requests: field(5),
-        })
+        let mut fields = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        let mut next = || fields.next().unwrap_or(0);
+        let mut s = CoreStats {
+            keys: next(),
+            bytes: next(),
+            requests: next(),
+            connections_open: next(),
+            connections_closed_bad_input: next(),
+            rdma_requests: next(),
+            ..CoreStats::default()
+        };
+        for v in s.ops.iter_mut().chain(s.statuses.iter_mut()) {
+            *v = fields.next().unwrap_or(0);
+        }
+        for h in &mut s.latency {
+            *h = Histogram::read(&mut fields);
+        }
+        s.log_writes = fields.next().unwrap_or(0);
+        s.log_bytes = fields.next().unwrap_or(0);
+        s.syncs = Histogram::read(&mut fields);
+        s.in_doubt_commits = fields.next().unwrap_or(0);
+        s.in_doubt_aborts = fields.next().unwrap_or(0);
+        Ok(s)
     }
 }

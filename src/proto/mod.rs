@@ -27,7 +27,7 @@ mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
 pub use control::{Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
-pub use info::{BrickInfo, CoreStats, InfoError};
+pub use info::{BrickInfo, CoreStats, Histogram, InfoError, HISTOGRAM_BUCKETS};
 pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 
 pub const MAGIC: u16 = 0xDD5A;
@@ -100,6 +100,11 @@ impl Op {
         Op::ALL.into_iter().find(|op| *op as u8 == byte)
     }
 
+    /// Its place in `Op::ALL` (a counter's index).
+    pub fn slot(self) -> usize {
+        Op::ALL.iter().position(|op| *op == self).expect("every op is in ALL")
+    }
+
     /// Whether a request with this op carries a key.
     pub fn request_has_key(self) -> bool {
         matches!(self, Op::Get | Op::Put | Op::Remove | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve)
@@ -168,6 +173,27 @@ impl Status {
     pub fn from_u8(byte: u8) -> Option<Status> {
         Status::ALL.into_iter().find(|s| *s as u8 == byte)
     }
+
+    /// Its name in metrics (`snake_case`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::NotFound => "not_found",
+            Status::WrongShard => "wrong_shard",
+            Status::StaleEpoch => "stale_epoch",
+            Status::Unavailable => "unavailable",
+            Status::Behind => "behind",
+            Status::Conflict => "conflict",
+        }
+    }
+}
+
+/// The op and status of an encoded reply frame, read from its header without decoding
+/// the rest (`None` if it is not one).
+pub fn peek_reply(frame: &[u8]) -> Option<(Op, Status)> {
+    let (op, status) = (*frame.get(3)?, *frame.get(4)?);
+    (op & REPLY_BIT != 0).then_some(())?;
+    Some((Op::from_u8(op & !REPLY_BIT)?, Status::from_u8(status)?))
 }
 
 #[cfg(test)]

@@ -163,7 +163,10 @@ impl SimBrick {
         self.cores
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("core {i}: epoch {}/{epoch}, {} prepared, {} queued", c.round.shard().epoch(), c.round.shard().prepared_len(), c.inbox.len()))
+            .map(|(i, c)| {
+                let io = if c.busy { ", writing its log" } else { "" };
+                format!("core {i}: epoch {}/{epoch}, {} prepared, {} queued{io}", c.round.shard().epoch(), c.round.shard().prepared_len(), c.inbox.len())
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }

@@ -486,7 +486,10 @@ impl World {
         self.net.reset_p = 0.0;
         self.note("faults stop; every brick restarts".into());
         for b in 0..self.bricks.len() {
-            self.bricks[b].paused_until = self.bricks[b].paused_until.min(self.now);
+            // A pause runs its course: what waits for the brick's threads comes when it
+            // resumes (`quiet` waits for that); cutting it short here left events
+            // deferred to its old end, so a write queued to a paused brick could land
+            // after the final reads had been taken as the last word.
             if !self.bricks[b].is_up() {
                 self.restart(b);
             }
@@ -501,7 +504,10 @@ impl World {
         let Some(map) = self.authority.map() else { return false };
         let up: Vec<BrickId> = self.bricks.iter().filter(|b| b.serving()).filter_map(|b| b.id).collect();
         let want = self.shape.replicas.min(up.len());
+        // Past every pause, and what a resumed thread does first (`deferred`).
+        let resumed = self.bricks.iter().all(|b| b.paused_until + 200 * MS <= self.now);
         self.copy.is_none()
+            && resumed
             && up.len() == self.bricks.len()
             && up.iter().all(|b| map.bricks().contains_key(b))
             && map.bricks().len() == up.len()
