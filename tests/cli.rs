@@ -145,3 +145,41 @@ fn output_into_a_closed_pipe_ends_quietly_and_status_tells_a_stopped_cluster() {
     assert_eq!(out.status.code(), Some(3), "a stopped cluster's status exits 3");
     assert!(text(&out.stderr).contains("is down"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn the_authority_restarts_on_its_own_and_the_cluster_file_follows_one_started_by_hand() {
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    run_ok(&["put", "k", "before", "--cluster", &dir]);
+    let first = cluster.file().meta.pid;
+    let out = run_ok(&["cluster", "restart", "--dir", &dir, "--meta"]);
+    assert!(text(&out.stdout).contains("map authority restarted"), "{}", text(&out.stdout));
+    let second = cluster.file().meta.pid;
+    assert!(second != first && !process_alive(first) && process_alive(second));
+    // By hand: stopped, then `dds meta` on the same directory and port, its path spelled
+    // relative to its working directory.
+    let meta = cluster.file().meta;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    while process_alive(second) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut by_hand = dds()
+        .current_dir(cluster.path())
+        .args(["meta", "--dir", "meta", "--listen", &meta.addr.to_string(), "--bricks", "2", "--replicas", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cluster.file().meta.pid != by_hand.id() {
+        assert!(std::time::Instant::now() < deadline, "the hand-started authority was never seen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = text(&run_ok(&["cluster", "status", "--dir", &dir]).stdout);
+    assert!(status.contains(&format!("(pid {}, up)", by_hand.id())), "{status}");
+    run_ok(&["put", "k", "after", "--cluster", &dir]);
+    assert_eq!(run_ok(&["get", "k", "--cluster", &dir]).stdout, b"after");
+    cluster.down();
+    let stopped = by_hand.try_wait().unwrap();
+    assert!(stopped.is_some(), "`cluster down` stopped the hand-started authority too");
+}

@@ -68,9 +68,10 @@ pub enum ClusterCommand {
     Down(DirArgs),
     /// SIGKILL one brick (fault injection).
     Kill(BrickSel),
-    /// Start a stopped brick again on its directory and ports; it rejoins and copies
-    /// back the partitions it is given.
-    Restart(BrickSel),
+    /// Start a stopped brick again on its directory and ports (it rejoins and copies
+    /// back the partitions it is given), or the map authority (`--meta`), stopping it
+    /// first if it runs (bricks fence themselves meanwhile and register again).
+    Restart(RestartArgs),
     /// Start one more brick; replicas move to it until load evens out.
     Add(DirArgs),
 }
@@ -80,6 +81,19 @@ pub struct DirArgs {
     /// The cluster's directory (as given to `cluster up`).
     #[arg(long)]
     pub dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RestartArgs {
+    /// The cluster's directory (as given to `cluster up`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Which brick: its index in the cluster (the first column of `cluster status`).
+    #[arg(long, required_unless_present = "meta", conflicts_with = "meta")]
+    pub brick: Option<usize>,
+    /// Restart the map authority instead (same directory, port and map).
+    #[arg(long)]
+    pub meta: bool,
 }
 
 #[derive(Args)]
@@ -181,11 +195,30 @@ pub struct ClusterFile {
 }
 
 impl ClusterFile {
+    /// The cluster in `dir`, with what its processes say of themselves where they were
+    /// started again outside `cluster` (a `dds meta` or `dds brick` run by hand on the
+    /// same directory writes its own pid there): `cluster.json` stays true whoever
+    /// restarts what.
     pub fn load(dir: &Path) -> anyhow::Result<ClusterFile> {
         let path = dir.join(CLUSTER_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("no cluster in {}: cannot read {}", dir.display(), path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+        let mut cluster: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        cluster.adopt_restarted();
+        Ok(cluster)
+    }
+
+    fn adopt_restarted(&mut self) {
+        let meta = std::fs::read_to_string(self.meta.dir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok());
+        if let Some(m) = meta.filter(|m| m.pid != self.meta.pid && runs_as(m.pid, "meta", &self.meta.dir)) {
+            (self.meta.pid, self.meta.addr, self.meta.metrics) = (m.pid, m.addr, m.metrics);
+        }
+        for b in &mut self.bricks {
+            if let Some(f) = BrickFile::load(&b.dir).ok().filter(|f| f.pid != b.pid && !f.addrs.is_empty() && runs_as(f.pid, "brick", &b.dir)) {
+                (b.pid, b.addr, b.cpus, b.metrics) = (f.pid, f.addrs[0], f.cpus.clone(), f.metrics);
+                b.ports = f.addrs.iter().map(|a| a.port()).collect();
+            }
+        }
     }
 
     fn store(&self, dir: &Path) -> anyhow::Result<()> {
@@ -278,7 +311,18 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ClusterCommand::Restart(sel) => {
+        ClusterCommand::Restart(RestartArgs { dir, meta: true, .. }) => {
+            let mut cluster = ClusterFile::load(&dir)?;
+            if meta_alive(&cluster.meta) {
+                stop_process("the map authority", cluster.meta.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
+            }
+            ensure_meta(&mut cluster)?;
+            cluster.store(&dir)?;
+            out!("map authority restarted: pid {} at {} (its map from {})", cluster.meta.pid, cluster.meta.addr, cluster.meta.dir.join("map.json").display());
+            Ok(())
+        }
+        ClusterCommand::Restart(RestartArgs { dir, brick, .. }) => {
+            let sel = BrickSel { dir, brick: brick.context("say which: --brick INDEX or --meta")? };
             let started = Instant::now();
             // The authority's log so far: a recovery line from an earlier copy is not this one's.
             let meta_log = ClusterFile::load(&sel.dir)?.meta.dir.join("meta.log");
@@ -664,14 +708,25 @@ pub fn is_brick_process(b: &ClusterBrick) -> bool {
     runs_as(b.pid, "brick", &b.dir)
 }
 
-/// Whether `pid` is alive and runs `dds ROLE` on `dir`.
+/// Whether `pid` is alive and runs `dds ROLE` on `dir` (its `--dir`, however spelled:
+/// relative to the process's working directory, or through links).
 fn runs_as(pid: u32, role: &str, dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
     if !pid_alive(pid) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|&c| c == 0).collect();
-    args.contains(&role.as_bytes()) && args.contains(&dir.as_os_str().as_encoded_bytes())
+    if !args.contains(&role.as_bytes()) {
+        return false;
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let want = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    args.windows(2).filter(|w| w[0] == b"--dir").any(|w| {
+        let given = Path::new(std::ffi::OsStr::from_bytes(w[1]));
+        let given = cwd.join(given);
+        given.canonicalize().unwrap_or(given) == want
+    })
 }
 
 /// Signals a brick the caller has identified, and waits until its process is gone (not
