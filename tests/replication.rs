@@ -157,7 +157,7 @@ fn adding_a_brick_moves_replicas_while_reads_go_on() {
     stop.store(true, Ordering::Relaxed);
     let reads = reader.join().expect("the reader saw every value");
     println!("{reads} reads during the move, all correct");
-    assert!(said.contains("balanced"), "{said}");
+    assert!(said.contains("every partition at full strength"), "{said}");
     let map = cluster.client().map().clone();
     let loads: Vec<usize> = map.bricks().keys().map(|&b| map.partitions_of(b).count()).collect();
     assert_eq!(loads.len(), 3);
