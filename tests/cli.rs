@@ -183,3 +183,35 @@ fn the_authority_restarts_on_its_own_and_the_cluster_file_follows_one_started_by
     let stopped = by_hand.try_wait().unwrap();
     assert!(stopped.is_some(), "`cluster down` stopped the hand-started authority too");
 }
+
+#[test]
+fn a_brick_takes_its_flags_from_a_config_file_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("brick.toml");
+    let bdir = dir.path().join("b");
+    std::fs::write(&config, format!("dir = {:?}\ncores = 2\ndurability = \"memory\"\nmetrics = \"127.0.0.1:0\"\nno-pin = true\n", bdir.to_str().unwrap())).unwrap();
+    let mut brick = dds()
+        .args(["brick", "--config", config.to_str().unwrap(), "--cores", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let file = loop {
+        if let Ok(f) = dds::brick::BrickFile::load(&bdir) {
+            break f;
+        }
+        assert!(std::time::Instant::now() < deadline, "the brick never served");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(file.cores, 1, "the command line's --cores wins over the file's");
+    assert!(file.metrics.is_some(), "metrics from the file: {file:?}");
+    let addr = file.addrs[0].to_string();
+    run_ok(&["put", "k", "v", "--addr", &addr]);
+    assert_eq!(run_ok(&["get", "k", "--addr", &addr]).stdout, b"v");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(brick.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(brick.wait().unwrap().success());
+    std::fs::write(&config, "bogus = 1\n").unwrap();
+    let out = run(&["brick", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out.stderr).contains("`bogus` is not a flag of `dds brick`"), "{}", text(&out.stderr));
+}

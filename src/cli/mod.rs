@@ -62,8 +62,10 @@ enum Command {
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// Run one brick in the foreground until SIGTERM or SIGINT.
+    #[command(args_override_self = true)]
     Brick(BrickArgs),
     /// Run the map authority in the foreground until SIGTERM or SIGINT.
+    #[command(args_override_self = true)]
     Meta(MetaArgs),
     /// Store a value (from the argument, or stdin when it is left out).
     Put(kv::PutArgs),
@@ -80,6 +82,10 @@ enum Command {
 
 #[derive(Args)]
 struct BrickArgs {
+    /// A TOML file of these flags by their long names (`cores = 2`, `busy-poll = true`);
+    /// flags given on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Directory for this brick's state.
     #[arg(long)]
     dir: PathBuf,
@@ -135,6 +141,10 @@ struct BrickArgs {
 
 #[derive(Args)]
 struct MetaArgs {
+    /// A TOML file of these flags by their long names (`bricks = 3`, `replicas = 2`);
+    /// flags given on the command line win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Directory for the map (`map.json`).
     #[arg(long)]
     dir: PathBuf,
@@ -217,7 +227,7 @@ pub fn available_cores() -> usize {
 pub fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(with_config_file(std::env::args_os().collect())?);
     match cli.command {
         Command::Demo(args) => bench::demo(args),
         Command::Cluster(cmd) => cluster::run(cmd),
@@ -235,6 +245,55 @@ pub fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::bench(args),
         Command::Suite(args) => suite::suite(args),
     }
+}
+
+/// `dds brick --config FILE` and `dds meta --config FILE`: the file (TOML) holds the
+/// subcommand's flags by their long names (`cores = 2`, `busy-poll = true`,
+/// `metrics = "127.0.0.1:9100"`, a list as an array); they go before the command
+/// line's own, which win over them.
+fn with_config_file(mut args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let Some(sub) = args.get(1).and_then(|a| a.to_str()).filter(|a| ["brick", "meta"].contains(a)) else { return Ok(args) };
+    let sub = sub.to_string();
+    let given = args.iter().skip(2).enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        if a == "--config" {
+            return args.get(i + 3).map(PathBuf::from);
+        }
+        a.strip_prefix("--config=").map(PathBuf::from)
+    });
+    let Some(path) = given else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read the config file {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parse the config file {} (TOML)", path.display()))?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let known = |key: &str| command.find_subcommand(&sub).is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(key)));
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in table {
+        if key == "config" || !known(&key) {
+            anyhow::bail!("config file {}: `{key}` is not a flag of `dds {sub}` (keys are long flag names, such as busy-poll)", path.display());
+        }
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(n) => Some(n.to_string()),
+            toml::Value::Float(x) => Some(x.to_string()),
+            _ => None,
+        };
+        match &value {
+            toml::Value::Boolean(true) => flags.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                let items: Option<Vec<String>> = items.iter().map(scalar).collect();
+                let items = items.with_context(|| format!("config file {}: `{key}` must be a list of strings or numbers", path.display()))?;
+                flags.extend([flag.into(), items.join(",").into()]);
+            }
+            other => {
+                let v = scalar(other).with_context(|| format!("config file {}: `{key}` must be a string, number, boolean or list", path.display()))?;
+                flags.extend([flag.into(), v.into()]);
+            }
+        }
+    }
+    args.splice(2..2, flags);
+    Ok(args)
 }
 
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
