@@ -67,7 +67,7 @@ second="$(query 'sum(dds_requests_total{op=~"get|prepare|commit"})')"
 echo "requests (sum, series): $first, then $second"
 python3 -c 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if b > a > 0 else 1)' "${first%% *}" "${second%% *}" \
   || { echo "FAIL: the request counters did not move"; exit 1; }
-for series in dds_replies_total dds_request_seconds_bucket dds_log_sync_seconds_count dds_log_bytes_total \
+for series in dds_replies_total dds_request_seconds_bucket dds_log_sync_seconds_count dds_log_bytes_total dds_log_batch_records_sum \
   dds_map_epoch dds_fenced dds_keys dds_meta_map_epoch dds_meta_bricks dds_meta_partitions_under_replicated; do
   got="$(query "$series")"
   echo "$series: sum ${got% *}, ${got#* } series"

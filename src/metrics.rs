@@ -33,7 +33,12 @@ pub enum Value {
     Gauge(Vec<(Labels, i64)>),
     /// Durations in microseconds, exposed in seconds.
     Histogram(Vec<(Labels, Histogram)>),
+    /// Counts (records in a batch), exposed as they are.
+    Counts(Vec<(Labels, Histogram)>),
 }
+
+/// A histogram of counts, not of durations.
+struct Counted(Histogram);
 
 /// What a scrape encodes: the samples of one gathering.
 #[derive(Debug)]
@@ -58,6 +63,18 @@ impl EncodeMetric for Series<'_, i64> {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Gauge
+    }
+}
+
+impl EncodeMetric for Series<'_, Counted> {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0 .0;
+        let buckets: Vec<(f64, u64)> = (0..HISTOGRAM_BUCKETS).map(|i| (Histogram::bound_us(i).map_or(f64::MAX, |n| n as f64), h.buckets[i])).collect();
+        encoder.encode_histogram::<NoLabelSet>(h.sum_us as f64, h.buckets.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -99,6 +116,10 @@ impl prometheus_client::collector::Collector for Gathered {
                 Value::Counter(series) => family(&mut encoder, sample, MetricType::Counter, series)?,
                 Value::Gauge(series) => family(&mut encoder, sample, MetricType::Gauge, series)?,
                 Value::Histogram(series) => family(&mut encoder, sample, MetricType::Histogram, series)?,
+                Value::Counts(series) => {
+                    let series: Vec<(Labels, Counted)> = series.iter().map(|(l, h)| (l.clone(), Counted(*h))).collect();
+                    family(&mut encoder, sample, MetricType::Histogram, &series)?
+                }
             }
         }
         Ok(())

@@ -157,6 +157,7 @@ pub fn run(
         if shell.round.take_behind() {
             shared.refresh.store(true, Ordering::Relaxed);
         }
+        let records = shell.round.batch_records();
         if let Some((batch, sync)) = shell.round.batch() {
             // Group commit. An error here ends the brick; nothing is retried.
             let (started, len) = (Instant::now(), batch.len() as u64);
@@ -164,6 +165,7 @@ pub fn run(
             let stats = shell.round.stats_mut();
             stats.log_writes += 1;
             stats.log_bytes += len;
+            stats.batch_records.record(records, 1);
             if sync {
                 stats.syncs.record(started.elapsed().as_micros() as u64, 1);
             }

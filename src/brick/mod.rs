@@ -497,6 +497,7 @@ fn samples(shared: &control::Shared, cores: &[SocketAddr]) -> Vec<crate::metrics
         Sample { name: "log_writes", help: "Group commits written to the redo log", value: Value::Counter(per_core(|s| s.log_writes)) },
         Sample { name: "log_bytes", help: "Bytes written to the redo log", value: Value::Counter(per_core(|s| s.log_bytes)) },
         Sample { name: "log_sync_seconds", help: "Group commits that waited for fdatasync: the write and its sync", value: Value::Histogram(stats.iter().map(|(c, s)| (vec![("core", c.clone())], s.syncs)).collect()) },
+        Sample { name: "log_batch_records", help: "Log records per group commit (how many writes share one log write and sync)", value: Value::Counts(stats.iter().map(|(c, s)| (vec![("core", c.clone())], s.batch_records)).collect()) },
         Sample { name: "in_doubt_resolved", help: "In-doubt transactions resolved with peers, by outcome", value: Value::Counter(in_doubt) },
     ]
 }

@@ -263,6 +263,7 @@ impl CoreRound {
         assert_eq!(self.fx.batch.len(), self.batch_out, "core {}: records logged while the round's write was in flight", self.core);
         self.batch_out = 0;
         self.fx.batch.clear();
+        self.fx.records = 0;
         self.fx.must_sync = false;
         for (conn, bytes) in std::mem::take(&mut self.fx.deferred) {
             if let Some((_, status)) = crate::proto::peek_reply(&bytes) {
@@ -276,6 +277,11 @@ impl CoreRound {
         }
         self.held.clear();
         self.held_at.clear();
+    }
+
+    /// Log records in the batch `batch` handed out.
+    pub fn batch_records(&self) -> u64 {
+        self.fx.records
     }
 
     pub fn durability(&self) -> Durability {

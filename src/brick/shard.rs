@@ -95,8 +95,9 @@ impl Prepared {
 /// What executing a request or a tick produced besides the immediate reply.
 #[derive(Default)]
 pub struct Effects {
-    /// Log records of this round, in order.
+    /// Log records of this round, in order, and how many.
     pub batch: Vec<u8>,
+    pub records: u64,
     pub next_lsn: u64,
     /// A record in `batch` must be durable before any reply leaves (under sync
     /// durability): writes, prepares, decisions and tombstones all are.
@@ -117,6 +118,7 @@ impl Effects {
     fn log(&mut self, mutation: &Mutation<'_>, durable_first: bool) {
         record::encode(&mut self.batch, self.next_lsn, mutation);
         self.next_lsn += 1;
+        self.records += 1;
         // The planted bug `skip-sync` (simulator builds only): replies go out before
         // the records they depend on are durable.
         self.must_sync |= durable_first && !crate::mutation::active(crate::mutation::Mutation::SkipSync);

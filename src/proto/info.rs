@@ -85,6 +85,8 @@ pub struct CoreStats {
     pub log_writes: u64,
     pub log_bytes: u64,
     pub syncs: Histogram,
+    /// Log records per group commit (a count in each bucket's bound, not microseconds).
+    pub batch_records: Histogram,
     /// In-doubt transactions this core resolved with its peers, by outcome.
     pub in_doubt_commits: u64,
     pub in_doubt_aborts: u64,
@@ -128,7 +130,7 @@ impl Histogram {
 }
 
 impl CoreStats {
-    const FIELDS: usize = 6 + Op::ALL.len() + Status::ALL.len() + (Op::ALL.len() + 1) * (HISTOGRAM_BUCKETS + 1) + 4;
+    const FIELDS: usize = 6 + Op::ALL.len() + Status::ALL.len() + (Op::ALL.len() + 2) * (HISTOGRAM_BUCKETS + 1) + 4;
     const LEN: usize = Self::FIELDS * 8;
 
     fn fields(&self) -> Vec<u64> {
@@ -140,6 +142,7 @@ impl CoreStats {
         }
         v.extend([self.log_writes, self.log_bytes]);
         v.extend(self.syncs.fields());
+        v.extend(self.batch_records.fields());
         v.extend([self.in_doubt_commits, self.in_doubt_aborts]);
         debug_assert_eq!(v.len(), Self::FIELDS);
         v
@@ -175,6 +178,7 @@ impl CoreStats {
         s.log_writes = fields.next().unwrap_or(0);
         s.log_bytes = fields.next().unwrap_or(0);
         s.syncs = Histogram::read(&mut fields);
+        s.batch_records = Histogram::read(&mut fields);
         s.in_doubt_commits = fields.next().unwrap_or(0);
         s.in_doubt_aborts = fields.next().unwrap_or(0);
         Ok(s)
