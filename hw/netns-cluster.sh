@@ -66,7 +66,7 @@ start_brick() {
 }
 start_meta
 for i in 0 1 2; do start_brick "$i"; done
-seeds=(--brick "$META" --brick "$(addr_of 1):7000" --brick "$(addr_of 2):7000" --brick "$(addr_of 3):7000")
+seeds=(--addr "$META" --addr "$(addr_of 1):7000" --addr "$(addr_of 2):7000" --addr "$(addr_of 3):7000")
 client() { ns client "$dds" "$@" "${seeds[@]}"; }
 # The cluster serves once the authority has its first map.
 for _ in $(seq 100); do client put ready yes >/dev/null 2>&1 && break; sleep 0.1; done

@@ -25,6 +25,8 @@ pub(super) enum System {
     /// A dds cluster, by its directory, and how its clients connect (the cluster's
     /// transport when `None`).
     Dds(PathBuf, Option<TransportKind>),
+    /// A dds cluster that is not local, by its bricks' (or authority's) addresses.
+    DdsAt(Vec<SocketAddr>, Option<TransportKind>),
     /// The floor: an in-process echo server on the same TCP transport.
     Echo,
     Redis(SocketAddr),
@@ -32,12 +34,13 @@ pub(super) enum System {
 }
 
 impl System {
-    fn parse(target: &str, cluster: Option<&PathBuf>, transport: Option<TransportKind>) -> anyhow::Result<System> {
+    fn parse(target: &str, cluster: Option<&PathBuf>, addrs: &[SocketAddr], transport: Option<TransportKind>) -> anyhow::Result<System> {
         let addr = |rest: &str| -> anyhow::Result<SocketAddr> {
             rest.trim_end_matches('/').parse().with_context(|| format!("--target {target}: expected HOST:PORT with an IP"))
         };
         Ok(match target {
-            "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR")?, transport),
+            "dds" if !addrs.is_empty() => System::DdsAt(addrs.to_vec(), transport),
+            "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR (or --addr ADDR)")?, transport),
             "echo" => System::Echo,
             t if t.starts_with("redis://") => System::Redis(addr(&t["redis://".len()..])?),
             t if t.starts_with("memcached://") => System::Memcached(addr(&t["memcached://".len()..])?),
@@ -47,7 +50,7 @@ impl System {
 
     pub(super) fn name(&self) -> &'static str {
         match self {
-            System::Dds(..) => "dds",
+            System::Dds(..) | System::DdsAt(..) => "dds",
             System::Echo => "echo",
             System::Redis(_) => "redis",
             System::Memcached(_) => "memcached",
@@ -133,8 +136,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "dds")]
     target: String,
     /// A local cluster's directory (for --target dds).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "addr")]
     cluster: Option<PathBuf>,
+    /// Or the cluster's bricks (or authority) by address, repeated (for --target dds).
+    #[arg(long)]
+    addr: Vec<SocketAddr>,
     #[command(flatten)]
     load: LoadArgs,
     /// Do not write the keys before a workload that reads them.
@@ -231,10 +237,15 @@ trait WithTarget {
 
 fn with_target<W: WithTarget>(system: &System, value_size: usize, w: W) -> anyhow::Result<W::Out> {
     match system {
-        System::Dds(dir, transport) => {
-            let cluster = ClusterFile::load(dir)?;
-            let addrs = cluster.addrs();
-            let mut config = cluster.client_config();
+        System::Dds(..) | System::DdsAt(..) => {
+            let (addrs, mut config, transport) = match system {
+                System::Dds(dir, transport) => {
+                    let cluster = ClusterFile::load(dir)?;
+                    (cluster.addrs(), cluster.client_config(), transport)
+                }
+                System::DdsAt(addrs, transport) => (addrs.clone(), crate::ClientConfig::default(), transport),
+                _ => unreachable!("matched a dds system"),
+            };
             if let Some(t) = transport {
                 config.rdma = *t != TransportKind::Tcp;
             }
@@ -328,7 +339,7 @@ fn print_table(reports: &[Report]) {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let system = System::parse(&args.target, args.cluster.as_ref(), args.transport)?;
+    let system = System::parse(&args.target, args.cluster.as_ref(), &args.addr, args.transport)?;
     let config = args.load.config(system.name())?;
     let report = measure(&system, &config, !args.no_preload)?;
     print_table(std::slice::from_ref(&report));
