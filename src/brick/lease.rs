@@ -71,7 +71,7 @@ pub fn answer_of(step: &Step, reply: Result<(Status, Vec<u8>), String>) -> Answe
         Ok(reply) => reply,
         Err(why) => return Answer::Lost(why),
     };
-    let text = || format!("{status:?}: {}", String::from_utf8_lossy(&value));
+    let text = || format!("{}: {}", status.name(), String::from_utf8_lossy(&value));
     match (step, status) {
         (Step::Register { .. }, Status::Ok) => match serde_json::from_slice::<Registered>(&value) {
             Ok(reply) => Answer::Registered(reply.id),

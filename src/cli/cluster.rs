@@ -781,7 +781,7 @@ fn brick_stats(b: &ClusterBrick) -> Result<Vec<CoreStats>, String> {
                 .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], Duration::from_millis(500)))
                 .map_err(|e| e.to_string())?;
             if status != Status::Ok {
-                return Err(format!("{status:?}"));
+                return Err(format!("stats answered {}", status.name()));
             }
             CoreStats::decode(&value).map_err(|e| e.to_string())
         })

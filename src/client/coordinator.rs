@@ -274,7 +274,7 @@ impl ClientCore {
                     }
                     Some(status @ (Status::Unavailable | Status::WrongShard)) => {
                         op.avoid.push(brick);
-                        let why = format!("{brick}: {status:?}: {}", String::from_utf8_lossy(&r.value));
+                        let why = format!("{brick}: {}: {}", status.name(), String::from_utf8_lossy(&r.value));
                         self.fetch_map();
                         self.retry_in(token, Duration::from_millis(5), why);
                     }
@@ -304,7 +304,7 @@ impl ClientCore {
                 let vote = vote_of(r.status, &r.value);
                 votes.push((r.brick, vote));
                 if vote == Vote::No {
-                    op.why = format!("{} voted no: {:?} {}", r.brick, r.status, String::from_utf8_lossy(&r.value));
+                    op.why = format!("{} voted no: {} {}", r.brick, r.status.map_or("connection lost", |s| s.name()), String::from_utf8_lossy(&r.value));
                 }
                 match r.status {
                     Some(Status::StaleEpoch) => self.repair(&r.value),
@@ -337,7 +337,7 @@ impl ClientCore {
                 // the map (`Conflict`): the live participants decide it among
                 // themselves, and this client follows what they answer (`Confirm`).
                 // Retrying now could apply the write twice.
-                op.why = format!("{}: {:?} {}", r.brick, r.status, String::from_utf8_lossy(&r.value));
+                op.why = format!("{}: {} {}", r.brick, r.status.map_or("connection lost", |s| s.name()), String::from_utf8_lossy(&r.value));
                 let (txid, participants, votes) = (*txid, std::mem::take(participants), std::mem::take(votes));
                 op.phase = Phase::Confirm { txid, participants, votes, answers: Vec::new() };
                 op.timer = Some(self.now + Duration::from_millis(20));

@@ -77,7 +77,7 @@ pub enum ClientError {
     /// client gave up, so the replicas will decide it among themselves.
     #[error("{op} outcome unknown after {timeout_ms} ms: {why}")]
     Unknown { op: &'static str, timeout_ms: u64, why: String },
-    #[error("{op} refused by {brick}: {status:?}: {message}")]
+    #[error("{op} refused by {brick}: {}: {message}", status.name())]
     Refused { op: &'static str, brick: BrickId, status: Status, message: String },
     #[error("protocol error from {brick}: {what}")]
     Protocol { brick: BrickId, what: String },
@@ -315,7 +315,7 @@ impl Client {
                     .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout))
                     .map_err(|e| bad(e.to_string()))?;
                 if status != Status::Ok {
-                    return Err(bad(format!("stats answered {status:?}")));
+                    return Err(bad(format!("stats answered {}", status.name())));
                 }
                 crate::proto::CoreStats::decode(&value).map_err(|e| bad(e.to_string()))
             })

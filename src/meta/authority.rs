@@ -347,7 +347,8 @@ impl Authority {
         let restarted = std::mem::take(&mut self.restarted);
         let live: Vec<Join> = joins.iter().copied().filter(|(p, b)| map.is_joining(*p, *b) && !restarted.contains(b)).collect();
         if !restarted.is_empty() {
-            actions.notes.push(format!("{restarted:?} restarted while copying: their partitions are copied again"));
+            let names: Vec<String> = restarted.iter().map(|b| b.to_string()).collect();
+            actions.notes.push(format!("{} restarted while copying: their partitions are copied again", names.join(", ")));
         }
         self.copying.clear();
         // A moved replica leaves only where its replacement was copied; moves whose copy

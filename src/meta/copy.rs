@@ -282,7 +282,7 @@ impl CopyDriver {
                     }
                     behind_wait(self);
                 }
-                Answer::Reply(status, why) => self.retry(format!("{source}: {status:?}: {}", String::from_utf8_lossy(&why))),
+                Answer::Reply(status, why) => self.retry(format!("{source}: {}: {}", status.name(), String::from_utf8_lossy(&why))),
                 Answer::Lost(why) => self.retry(format!("{source}: {why}")),
             },
             (Phase::Install { source, next, last, .. }, answer) => match answer {
@@ -306,7 +306,7 @@ impl CopyDriver {
                     self.phase = Phase::Next;
                 }
                 Answer::Reply(Status::Behind, _) if now_ms < self.deadline_ms => behind_wait(self),
-                Answer::Reply(status, why) => self.give_up(format!("{target} refused the copy: {status:?}: {}", String::from_utf8_lossy(&why))),
+                Answer::Reply(status, why) => self.give_up(format!("{target} refused the copy: {}: {}", status.name(), String::from_utf8_lossy(&why))),
                 Answer::Lost(why) => self.give_up(format!("{target}: {why}")),
             },
             (phase, _) => unreachable!("an answer in phase {phase:?}"),
