@@ -161,12 +161,16 @@ pub fn serve(listener: TcpListener, stop: &AtomicBool, gather: impl Fn() -> Vec<
 
 fn answer(mut stream: TcpStream, gather: &impl Fn() -> Vec<Sample>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    // One deadline for the whole scrape, not per read: a client that trickles bytes
+    // cannot hold the server.
+    let deadline = std::time::Instant::now() + SCRAPE_TIMEOUT;
+    let left = || deadline.checked_duration_since(std::time::Instant::now()).filter(|d| !d.is_zero()).ok_or(std::io::ErrorKind::TimedOut);
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
-    // Bounded: until the end of the headers, the size limit, or the timeout.
+    // Bounded: until the end of the headers, the size limit, or the deadline.
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_BYTES_MAX {
+        stream.set_read_timeout(Some(left()?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             break;

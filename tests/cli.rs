@@ -124,7 +124,9 @@ fn spread_placement_puts_two_bricks_on_different_cpus() {
 fn output_into_a_closed_pipe_ends_quietly_and_status_tells_a_stopped_cluster() {
     let mut cluster = TestCluster::up(1, 1);
     let dir = cluster.dir_arg();
-    run_ok(&["put", "k", &"v".repeat(1 << 16), "--cluster", &dir]);
+    // Larger than a pipe's buffer, so the writer meets the closed pipe.
+    let out = run_with_stdin(&["put", "k", "--cluster", &dir], &vec![b'v'; 1 << 20]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     // `dds ... | head -c 1`: the reader goes away after the first bytes.
     for args in [vec!["cluster", "status", "--dir", &dir], vec!["get", "k", "--cluster", &dir], vec!["--help"]] {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dds"))

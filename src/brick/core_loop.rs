@@ -49,11 +49,12 @@ impl Shell<'_> {
     }
 
     /// `n` replies of `op` went to the transport now: their latency, from the round's
-    /// start.
+    /// start. A read parked on a prepared key is timed from the round that released
+    /// it (0 if that round took no frame), not from its own: the histogram counts
+    /// every reply but under-reports those reads.
     fn count_replies(&mut self, op: Op, n: u64) {
-        if let Some(start) = self.round_start {
-            self.round.stats_mut().latency[op.slot()].record(start.elapsed().as_micros() as u64, n);
-        }
+        let us = self.round_start.map_or(0, |start| start.elapsed().as_micros() as u64);
+        self.round.stats_mut().latency[op.slot()].record(us, n);
     }
 }
 

@@ -450,16 +450,18 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
 fn samples(shared: &control::Shared, cores: &[SocketAddr]) -> Vec<crate::metrics::Sample> {
     use crate::metrics::{Sample, Value};
     use crate::proto::{CoreStats, Op, Status};
-    let stats: Vec<(String, CoreStats)> = cores
-        .iter()
-        .enumerate()
-        .filter_map(|(core, &addr)| {
-            let timeout = Duration::from_millis(500);
-            let (status, value) = crate::rpc::Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).ok()?;
-            let stats = (status == Status::Ok).then(|| CoreStats::decode(&value).ok()).flatten()?;
-            Some((core.to_string(), stats))
-        })
-        .collect();
+    // Every core at once, each within 300 ms, so a stuck core costs the scrape its own
+    // series only (and the scrape stays within a Prometheus timeout of a second).
+    let ask = |addr: SocketAddr| {
+        let timeout = Duration::from_millis(300);
+        let (status, value) = crate::rpc::Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).ok()?;
+        (status == Status::Ok).then(|| CoreStats::decode(&value).ok()).flatten()
+    };
+    let answers: Vec<Option<CoreStats>> = std::thread::scope(|scope| {
+        let asks: Vec<_> = cores.iter().map(|&addr| std::thread::Builder::new().name("dds-metrics-ask".into()).spawn_scoped(scope, move || ask(addr))).collect();
+        asks.into_iter().map(|h| h.ok().and_then(|h| h.join().ok().flatten())).collect()
+    });
+    let stats: Vec<(String, CoreStats)> = answers.into_iter().enumerate().filter_map(|(core, s)| Some((core.to_string(), s?))).collect();
     let per_core = |f: fn(&CoreStats) -> u64| stats.iter().map(|(c, s)| (vec![("core", c.clone())], f(s))).collect::<Vec<_>>();
     let gauge_per_core = |f: fn(&CoreStats) -> u64| stats.iter().map(|(c, s)| (vec![("core", c.clone())], f(s) as i64)).collect::<Vec<_>>();
     let by_op = |f: &dyn Fn(&CoreStats, usize) -> u64| {

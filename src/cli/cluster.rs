@@ -709,7 +709,9 @@ pub fn is_brick_process(b: &ClusterBrick) -> bool {
 }
 
 /// Whether `pid` is alive and runs `dds ROLE` on `dir` (its `--dir`, however spelled:
-/// relative to the process's working directory, or through links).
+/// `--dir D` or `--dir=D`, relative to the process's working directory, or through
+/// links; or, when the directory came from a `--config` file, as the pid file in
+/// `dir` says of it).
 fn runs_as(pid: u32, role: &str, dir: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     if !pid_alive(pid) {
@@ -722,11 +724,23 @@ fn runs_as(pid: u32, role: &str, dir: &Path) -> bool {
     }
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
     let want = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    args.windows(2).filter(|w| w[0] == b"--dir").any(|w| {
-        let given = Path::new(std::ffi::OsStr::from_bytes(w[1]));
-        let given = cwd.join(given);
+    let dirs = args.windows(2).filter(|w| w[0] == b"--dir").map(|w| w[1]).chain(args.iter().filter_map(|a| a.strip_prefix(b"--dir=")));
+    let named = dirs.clone().any(|d| {
+        let given = cwd.join(Path::new(std::ffi::OsStr::from_bytes(d)));
         given.canonicalize().unwrap_or(given) == want
-    })
+    });
+    let from_config = dirs.count() == 0 && args.iter().any(|a| *a == b"--config" || a.starts_with(b"--config="));
+    named || (from_config && pid_file_names(dir, pid))
+}
+
+/// Whether the state file a brick or authority writes in `dir` once it serves
+/// (`brick.json`, `meta.json`) names `pid`.
+fn pid_file_names(dir: &Path, pid: u32) -> bool {
+    let named = |name: &str| {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v.get("pid")?.as_u64()) == Some(u64::from(pid))
+    };
+    named(BRICK_FILE) || named(META_FILE)
 }
 
 /// Signals a brick the caller has identified, and waits until its process is gone (not

@@ -18,7 +18,9 @@ use crate::brick::{self, BrickConfig, Durability};
 use crate::map::DEFAULT_PARTITION_BITS;
 
 /// Writes to stdout like `print!`/`println!`, but a reader that went away (`dds cluster
-/// status | head -1`) ends the process quietly with status 0 instead of a panic.
+/// status | head -1`) is no panic: the rest of the output is dropped and the command
+/// goes on (a demo still stops its cluster, a bench still writes its JSON) and exits
+/// as it would have.
 macro_rules! out {
     () => { $crate::cli::write_out(format_args!("\n")) };
     ($($arg:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*))) };
@@ -32,13 +34,16 @@ pub(crate) use {out, out_part};
 
 pub(crate) fn write_out(args: std::fmt::Arguments) {
     use std::io::Write;
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    if CLOSED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+        CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("dds: cannot write to stdout: {e}; the rest of the output is dropped");
         }
-        eprintln!("dds: cannot write to stdout: {e}");
-        std::process::exit(2);
     }
 }
 
@@ -249,48 +254,64 @@ pub fn main() -> anyhow::Result<()> {
 
 /// `dds brick --config FILE` and `dds meta --config FILE`: the file (TOML) holds the
 /// subcommand's flags by their long names (`cores = 2`, `busy-poll = true`,
-/// `metrics = "127.0.0.1:9100"`, a list as an array); they go before the command
-/// line's own, which win over them.
+/// `metrics = "127.0.0.1:9100"`, a list as an array). A flag the command line gives,
+/// or one that conflicts with a flag it gives, is taken from the command line and not
+/// from the file; a flag the file turns on cannot be turned off there.
 fn with_config_file(mut args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
     let Some(sub) = args.get(1).and_then(|a| a.to_str()).filter(|a| ["brick", "meta"].contains(a)) else { return Ok(args) };
     let sub = sub.to_string();
-    let given = args.iter().skip(2).enumerate().find_map(|(i, a)| {
-        let a = a.to_str()?;
-        if a == "--config" {
-            return args.get(i + 3).map(PathBuf::from);
-        }
-        a.strip_prefix("--config=").map(PathBuf::from)
-    });
-    let Some(path) = given else { return Ok(args) };
+    // The long flags the command line gives (`--x v` or `--x=v`).
+    let given: Vec<String> = args.iter().skip(2).filter_map(|a| a.to_str()?.strip_prefix("--").map(|f| f.split('=').next().unwrap_or(f).to_string())).collect();
+    let paths: Vec<PathBuf> = args
+        .iter()
+        .enumerate()
+        .skip(2)
+        .filter_map(|(i, a)| match a.to_str()? {
+            "--config" => args.get(i + 1).map(PathBuf::from),
+            a => a.strip_prefix("--config=").map(PathBuf::from),
+        })
+        .collect();
+    let path = match paths.as_slice() {
+        [] => return Ok(args),
+        [path] => path.clone(),
+        _ => anyhow::bail!("--config is given {} times; give one file", paths.len()),
+    };
     let text = std::fs::read_to_string(&path).with_context(|| format!("read the config file {}", path.display()))?;
     let table: toml::Table = text.parse().with_context(|| format!("parse the config file {} (TOML)", path.display()))?;
     let command = <Cli as clap::CommandFactory>::command();
-    let known = |key: &str| command.find_subcommand(&sub).is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(key)));
+    let Some(command) = command.find_subcommand(&sub) else { return Ok(args) };
+    let arg_of = |long: &str| command.get_arguments().find(|a| a.get_long() == Some(long));
+    // Given on the command line, or in conflict with a flag given there.
+    let conflict = |a: &clap::Arg, b: &clap::Arg| command.get_arg_conflicts_with(a).iter().any(|c| c.get_id() == b.get_id());
+    let overridden = |key: &str| {
+        given.iter().any(|g| g == key)
+            || arg_of(key).is_some_and(|k| given.iter().filter_map(|g| arg_of(g)).any(|g| conflict(k, g) || conflict(g, k)))
+    };
     let mut flags: Vec<std::ffi::OsString> = Vec::new();
     for (key, value) in table {
-        if key == "config" || !known(&key) {
+        if key == "config" || arg_of(&key).is_none() {
             anyhow::bail!("config file {}: `{key}` is not a flag of `dds {sub}` (keys are long flag names, such as busy-poll)", path.display());
         }
-        let flag = format!("--{key}");
+        if overridden(&key) {
+            continue;
+        }
         let scalar = |v: &toml::Value| match v {
             toml::Value::String(s) => Some(s.clone()),
             toml::Value::Integer(n) => Some(n.to_string()),
             toml::Value::Float(x) => Some(x.to_string()),
             _ => None,
         };
-        match &value {
-            toml::Value::Boolean(true) => flags.push(flag.into()),
-            toml::Value::Boolean(false) => {}
+        let value = match &value {
+            toml::Value::Boolean(true) => None,
+            toml::Value::Boolean(false) => continue,
             toml::Value::Array(items) => {
                 let items: Option<Vec<String>> = items.iter().map(scalar).collect();
-                let items = items.with_context(|| format!("config file {}: `{key}` must be a list of strings or numbers", path.display()))?;
-                flags.extend([flag.into(), items.join(",").into()]);
+                Some(items.with_context(|| format!("config file {}: `{key}` must be a list of strings or numbers", path.display()))?.join(","))
             }
-            other => {
-                let v = scalar(other).with_context(|| format!("config file {}: `{key}` must be a string, number, boolean or list", path.display()))?;
-                flags.extend([flag.into(), v.into()]);
-            }
-        }
+            other => Some(scalar(other).with_context(|| format!("config file {}: `{key}` must be a string, number, boolean or list", path.display()))?),
+        };
+        // `--key=value`, so a value that starts with `-` is not taken for a flag.
+        flags.push(value.map_or(format!("--{key}"), |v| format!("--{key}={v}")).into());
     }
     args.splice(2..2, flags);
     Ok(args)

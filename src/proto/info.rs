@@ -92,8 +92,9 @@ pub struct CoreStats {
     pub in_doubt_aborts: u64,
 }
 
-/// Durations in microseconds, in power-of-two buckets: `buckets[i]` counts those below
-/// `2^i` us (and at least `2^(i-1)`); the last counts the rest.
+/// Durations in microseconds (or counts), in power-of-two buckets: `buckets[i]` counts
+/// values at most `2^i` (and above `2^(i-1)`), as Prometheus's `le` means; the last
+/// counts the rest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Histogram {
     pub buckets: [u64; HISTOGRAM_BUCKETS],
@@ -105,7 +106,7 @@ pub const HISTOGRAM_BUCKETS: usize = 24;
 
 impl Histogram {
     pub fn record(&mut self, us: u64, n: u64) {
-        let bucket = (u64::BITS - us.leading_zeros()) as usize;
+        let bucket = (u64::BITS - us.saturating_sub(1).leading_zeros()) as usize;
         self.buckets[bucket.min(HISTOGRAM_BUCKETS - 1)] += n;
         self.sum_us += us * n;
     }
@@ -154,8 +155,10 @@ impl CoreStats {
         }
     }
 
+    /// The fields `buf` holds: a brick of another version may send fewer (those
+    /// missing read as 0) or more (ignored), whole fields after the first six.
     pub fn decode(buf: &[u8]) -> Result<CoreStats, InfoError> {
-        if buf.len() != Self::LEN {
+        if buf.len() < 48 || buf.len() % 8 != 0 {
             return Err(InfoError::BadLength { what: "stats", len: buf.len(), expected: Self::LEN });
         }
         let mut fields = buf.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
