@@ -73,6 +73,18 @@ for series in dds_replies_total dds_request_seconds_bucket dds_log_sync_seconds_
   echo "$series: sum ${got% *}, ${got#* } series"
   [ "${got#* }" != "0" ] || { echo "FAIL: no $series"; exit 1; }
 done
+# Every query of the Grafana dashboard (hw/grafana-dds.json) is valid PromQL with data.
+python3 - "$port" hw/grafana-dds.json <<'PY'
+import json, sys, urllib.parse, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+for panel in json.load(open(path))["panels"]:
+    for target in panel["targets"]:
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": target["expr"]})
+        reply = json.load(urllib.request.urlopen(url, timeout=5))
+        if reply.get("status") != "success":
+            sys.exit(f"FAIL: dashboard panel {panel['title']!r}: {reply}")
+        print(f"dashboard: {panel['title']}: {len(reply['data']['result'])} series")
+PY
 p99="$(query 'histogram_quantile(0.99, sum by (le) (rate(dds_request_seconds_bucket{op="prepare"}[5s])))')"
 echo "prepare p99 over the last 5 s, server side: ${p99%% *} s"
 wait "$bench_pid"
