@@ -45,7 +45,9 @@ pub fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
 }
 
 /// `log!(who, "...")` at level INFO; `log!(warn: who, "...")` for what an operator
-/// should look at (a refused start, a stop on an error, a lost peer).
+/// should look at (a refused connection, a torn tail, a lost peer). ERROR is a
+/// process's last line: a fail-stop, or the error that stopped a brick or authority
+/// (`main.rs`).
 #[macro_export]
 macro_rules! log {
     (warn: $who:expr, $($arg:tt)*) => {

@@ -9,7 +9,15 @@ fn main() {
                 message.push_str(&cause);
             }
         }
-        eprintln!("dds: {message}");
+        // A brick's or an authority's stderr is its log: its last line is in the log's
+        // format, at level ERROR.
+        match std::env::args().nth(1).as_deref() {
+            Some(role @ ("brick" | "meta")) => {
+                let message = message.strip_prefix(&format!("{role}: ")).unwrap_or(&message);
+                eprintln!("{} ERROR {role}: {message}", dds::logging::timestamp())
+            }
+            _ => eprintln!("dds: {message}"),
+        }
         std::process::exit(e.downcast_ref::<dds::cli::ExitCode>().map_or(2, |c| c.0));
     }
 }
