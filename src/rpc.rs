@@ -105,6 +105,16 @@ pub fn parse_map(value: &[u8]) -> Result<Option<ClusterMap>, String> {
     ClusterMap::from_json(&String::from_utf8_lossy(value)).map(Some).map_err(|e| e.to_string())
 }
 
+/// One brick core's counters, asked on its own port (`Op::Stats`, each step within
+/// `timeout`); the error says what went wrong.
+pub fn core_stats(addr: SocketAddr, timeout: Duration) -> Result<crate::proto::CoreStats, String> {
+    let (status, value) = Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).map_err(|e| e.to_string())?;
+    if status != Status::Ok {
+        return Err(format!("stats answered {}", status.name()));
+    }
+    crate::proto::CoreStats::decode(&value).map_err(|e| e.to_string())
+}
+
 /// Fetches the current map from any of `seeds` (bricks or the authority).
 pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, String> {
     let mut errors = Vec::new();

@@ -452,11 +452,7 @@ fn samples(shared: &control::Shared, cores: &[SocketAddr]) -> Vec<crate::metrics
     use crate::proto::{CoreStats, Op, Status};
     // Every core at once, each within 300 ms, so a stuck core costs the scrape its own
     // series only (and the scrape stays within a Prometheus timeout of a second).
-    let ask = |addr: SocketAddr| {
-        let timeout = Duration::from_millis(300);
-        let (status, value) = crate::rpc::Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).ok()?;
-        (status == Status::Ok).then(|| CoreStats::decode(&value).ok()).flatten()
-    };
+    let ask = |addr: SocketAddr| crate::rpc::core_stats(addr, Duration::from_millis(300)).ok();
     let answers: Vec<Option<CoreStats>> = std::thread::scope(|scope| {
         let asks: Vec<_> = cores.iter().map(|&addr| std::thread::Builder::new().name("dds-metrics-ask".into()).spawn_scoped(scope, move || ask(addr))).collect();
         asks.into_iter().map(|h| h.ok().and_then(|h| h.join().ok().flatten())).collect()

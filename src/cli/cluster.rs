@@ -19,9 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::brick::{BrickFile, Durability, BRICK_FILE};
 use crate::client::{Client, ClientConfig};
 use crate::map::{BrickId, ClusterMap, DEFAULT_PARTITION_BITS};
-use crate::rpc::Rpc;
 use crate::meta::{MetaFile, META_FILE};
-use crate::proto::{CoreStats, Op, Status};
+use crate::proto::CoreStats;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -789,16 +788,7 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
 fn brick_stats(b: &ClusterBrick) -> Result<Vec<CoreStats>, String> {
     b.ports
         .iter()
-        .map(|&port| {
-            let addr = SocketAddr::new(b.addr.ip(), port);
-            let (status, value) = Rpc::connect(addr, Duration::from_millis(500))
-                .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], Duration::from_millis(500)))
-                .map_err(|e| e.to_string())?;
-            if status != Status::Ok {
-                return Err(format!("stats answered {}", status.name()));
-            }
-            CoreStats::decode(&value).map_err(|e| e.to_string())
-        })
+        .map(|&port| crate::rpc::core_stats(SocketAddr::new(b.addr.ip(), port), Duration::from_millis(500)))
         .collect()
 }
 

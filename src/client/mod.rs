@@ -25,7 +25,7 @@ use dds_transport::{CloseReason, ConnId, Handler, MixedTransport, TcpConfig, Tra
 use hashbrown::HashMap;
 
 use crate::map::{BrickId, ClusterMap};
-use crate::proto::{DdsFraming, Op, Status, KEY_LEN_MAX, VALUE_LEN_MAX};
+use crate::proto::{DdsFraming, Status, KEY_LEN_MAX, VALUE_LEN_MAX};
 
 pub use self::core::ClientCore;
 pub use coordinator::ClientStats;
@@ -309,16 +309,7 @@ impl Client {
         let timeout = self.core.config.connect_timeout;
         cores
             .into_iter()
-            .map(|addr| {
-                let bad = |what: String| ClientError::Protocol { brick, what };
-                let (status, value) = crate::rpc::Rpc::connect(addr, timeout)
-                    .and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout))
-                    .map_err(|e| bad(e.to_string()))?;
-                if status != Status::Ok {
-                    return Err(bad(format!("stats answered {}", status.name())));
-                }
-                crate::proto::CoreStats::decode(&value).map_err(|e| bad(e.to_string()))
-            })
+            .map(|addr| crate::rpc::core_stats(addr, timeout).map_err(|what| ClientError::Protocol { brick, what }))
             .collect()
     }
 
