@@ -18,6 +18,8 @@ pub mod proto;
 pub mod rpc;
 
 pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request};
+/// The cluster's secret (`Secret::load` reads the file `dds cluster up` writes).
+pub use dds_transport::auth::{self, Secret};
 pub mod cli;
 #[cfg(feature = "sim")]
 pub mod sim;

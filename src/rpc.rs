@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use dds_transport::auth::{self, AuthError, Secret};
+
 use crate::map::ClusterMap;
 use crate::proto::{decode_exact, encode, frame_len, Frame, Kind, Op, Status, HEADER_LEN};
 
@@ -22,6 +24,20 @@ pub enum RpcError {
     },
     #[error("{op} to {addr}: malformed reply: {what}")]
     Protocol { op: &'static str, addr: SocketAddr, what: String },
+    #[error("connect to {addr}: {source}")]
+    Auth {
+        addr: SocketAddr,
+        #[source]
+        source: AuthError,
+    },
+}
+
+impl RpcError {
+    /// The peer refused this process's credentials (or could not prove its own): not
+    /// a failure that trying again mends.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, RpcError::Auth { source, .. } if source.is_refusal())
+    }
 }
 
 /// Reads one whole frame into `buf`; `Ok(false)` if the peer closed between frames. A
@@ -49,10 +65,16 @@ pub struct Rpc {
 }
 
 impl Rpc {
-    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Rpc, RpcError> {
+    /// Connects and, with a `secret`, proves it (and checks the peer's proof) within
+    /// `timeout` per step.
+    pub fn connect(addr: SocketAddr, timeout: Duration, secret: Option<&Secret>) -> Result<Rpc, RpcError> {
         let io = |source| RpcError::Io { op: "connect", addr, source };
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+        let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        if secret.is_some() {
+            stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout))).map_err(io)?;
+            auth::client_handshake(&mut stream, secret).map_err(|source| RpcError::Auth { addr, source })?;
+        }
         Ok(Rpc { stream, addr, next_id: 1, buf: Vec::new() })
     }
 
@@ -77,6 +99,12 @@ impl Rpc {
         self.stream.write_all(&self.buf).map_err(io)?;
         self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
         let bad = |what: String| RpcError::Protocol { op: op.name(), addr, what };
+        // A process without a secret, answered by one that wants it: say so (its hello
+        // comes before any reply, so the first call sees it).
+        let mut first = [0u8; auth::MAGIC.len()];
+        if id == 1 && self.stream.peek(&mut first).is_ok_and(|n| n == first.len()) && first == auth::MAGIC {
+            return Err(RpcError::Auth { addr, source: AuthError::NoSecret });
+        }
         match read_frame(&mut self.stream, &mut self.buf) {
             Ok(true) => {}
             Ok(false) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
@@ -107,8 +135,8 @@ pub fn parse_map(value: &[u8]) -> Result<Option<ClusterMap>, String> {
 
 /// One brick core's counters, asked on its own port (`Op::Stats`, each step within
 /// `timeout`); the error says what went wrong.
-pub fn core_stats(addr: SocketAddr, timeout: Duration) -> Result<crate::proto::CoreStats, String> {
-    let (status, value) = Rpc::connect(addr, timeout).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).map_err(|e| e.to_string())?;
+pub fn core_stats(addr: SocketAddr, timeout: Duration, secret: Option<&Secret>) -> Result<crate::proto::CoreStats, String> {
+    let (status, value) = Rpc::connect(addr, timeout, secret).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).map_err(|e| e.to_string())?;
     if status != Status::Ok {
         return Err(format!("stats answered {}", status.name()));
     }
@@ -116,10 +144,10 @@ pub fn core_stats(addr: SocketAddr, timeout: Duration) -> Result<crate::proto::C
 }
 
 /// Fetches the current map from any of `seeds` (bricks or the authority).
-pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterMap, String> {
+pub fn fetch_map(seeds: &[SocketAddr], timeout: Duration, secret: Option<&Secret>) -> Result<ClusterMap, String> {
     let mut errors = Vec::new();
     for &seed in seeds {
-        let got = Rpc::connect(seed, timeout)
+        let got = Rpc::connect(seed, timeout, secret)
             .and_then(|mut r| r.call(Op::GetMap, 0, &[], &[], timeout))
             .map_err(|e| e.to_string())
             .and_then(|(status, value)| match status {

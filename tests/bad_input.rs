@@ -17,8 +17,7 @@ fn put_frame(key: &[u8], value: &[u8]) -> Vec<u8> {
 }
 
 /// Sends `bytes`, then expects the brick to close the connection (EOF or reset).
-fn expect_closed_by_brick(addr: std::net::SocketAddr, bytes: &[u8]) {
-    let mut s = TcpStream::connect(addr).unwrap();
+fn expect_closed_by_brick(mut s: TcpStream, bytes: &[u8]) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(bytes).unwrap();
     let mut buf = [0u8; 256];
@@ -51,27 +50,27 @@ fn bad_peers_lose_only_their_own_connection() {
     };
 
     // Garbage: an HTTP request.
-    expect_closed_by_brick(addr, b"GET / HTTP/1.1\r\nHost: dds\r\n\r\n");
+    expect_closed_by_brick(cluster.raw_connect(addr), b"GET / HTTP/1.1\r\nHost: dds\r\n\r\n");
     wait_for_log(&cluster, "bad magic");
     check_good(&mut good, "garbage");
 
     // An oversized length: the header promises a 4 GiB value.
     let mut frame = put_frame(b"k", b"v");
     frame[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-    expect_closed_by_brick(addr, &frame[..HEADER_LEN]);
+    expect_closed_by_brick(cluster.raw_connect(addr), &frame[..HEADER_LEN]);
     wait_for_log(&cluster, "exceeds the limit");
     check_good(&mut good, "oversized length");
 
     // A reply sent to a brick.
     let mut reply = Vec::new();
     encode(&mut reply, &Frame { kind: Kind::Reply(Op::Get, dds::proto::Status::Ok), request_id: 3, epoch: 0, key: b"", value: b"x" });
-    expect_closed_by_brick(addr, &reply);
+    expect_closed_by_brick(cluster.raw_connect(addr), &reply);
     wait_for_log(&cluster, "unexpected get reply");
     check_good(&mut good, "a reply frame");
 
     // A truncated frame: half of a put, then the peer closes its side.
     let frame = put_frame(b"key", &[9u8; 1000]);
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = cluster.raw_connect(addr);
     s.write_all(&frame[..500]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
@@ -82,14 +81,14 @@ fn bad_peers_lose_only_their_own_connection() {
     check_good(&mut good, "truncated frame");
 
     // Disconnect in the middle of a header.
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = cluster.raw_connect(addr);
     s.write_all(&frame[..10]).unwrap();
     drop(s);
     wait_for_log(&cluster, "peer closed mid-frame with 10 bytes");
     check_good(&mut good, "disconnect mid-header");
 
     // A well-formed frame after all that on a fresh raw connection still works.
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = cluster.raw_connect(addr);
     s.write_all(&put_frame(b"raw", b"ok")).unwrap();
     let mut reply = [0u8; HEADER_LEN];
     s.read_exact(&mut reply).unwrap();
@@ -119,7 +118,7 @@ fn many_clients_keep_being_served_while_one_floods_garbage() {
             }
             rounds
         });
-        let mut c = dds::Client::connect(&addrs, dds::ClientConfig::default()).unwrap();
+        let mut c = dds::Client::connect(&addrs, cluster.file().client_config()).unwrap();
         for i in 0..2000u32 {
             let k = i.to_le_bytes();
             c.put(&k, &k).unwrap();

@@ -167,7 +167,7 @@ fn the_authority_restarts_on_its_own_and_the_cluster_file_follows_one_started_by
     }
     let mut by_hand = dds()
         .current_dir(cluster.path())
-        .args(["meta", "--dir", "meta", "--listen", &meta.addr.to_string(), "--bricks", "2", "--replicas", "2"])
+        .args(["meta", "--dir", "meta", "--listen", &meta.addr.to_string(), "--bricks", "2", "--replicas", "2", "--secret-file", "secret"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

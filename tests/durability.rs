@@ -43,7 +43,7 @@ fn acknowledged_writes_survive_sigkill() {
         };
         // Short: after the kill, writes on the wire end `Unknown` at once and new ones fail
         // at their deadline.
-        let config = ClientConfig { op_timeout: Duration::from_secs(1), ..ClientConfig::default() };
+        let config = ClientConfig { op_timeout: Duration::from_secs(1), ..cluster.file().client_config() };
         let mut client = dds::Client::connect(&addrs, config).unwrap();
         let mut in_flight: HashMap<u64, (Vec<u8>, Vec<u8>)> = HashMap::new();
         let mut done = Vec::new();

@@ -52,7 +52,7 @@ fn a_panicking_core_ends_its_brick_process_at_once_and_the_authority_removes_it(
         &mut out,
         &dds::proto::Frame { kind: dds::proto::Kind::Request(dds::proto::Op::Get), request_id: 1, epoch: 0, key: b"boom", value: &[] },
     );
-    let mut conn = std::net::TcpStream::connect(core_addr).expect("connect");
+    let mut conn = cluster.raw_connect(core_addr);
     std::io::Write::write_all(&mut conn, &out).unwrap();
     let sent = Instant::now();
     while process_alive(victim) {

@@ -18,8 +18,8 @@ const OPS_PER_THREAD_MAX: usize = 4000;
 /// Between one thread's operations, so the history spans the kill and the recovery.
 const PAUSE: Duration = Duration::from_micros(500);
 
-fn client_thread(t: usize, addrs: Vec<std::net::SocketAddr>, start: Instant, stop: Arc<AtomicBool>) -> Vec<Operation> {
-    let config = dds::ClientConfig { op_timeout: Duration::from_secs(3), ..dds::ClientConfig::default() };
+fn client_thread(t: usize, addrs: Vec<std::net::SocketAddr>, base: dds::ClientConfig, start: Instant, stop: Arc<AtomicBool>) -> Vec<Operation> {
+    let config = dds::ClientConfig { op_timeout: Duration::from_secs(3), ..base };
     let mut client = dds::Client::connect(&addrs, config).expect("connect");
     let mut history = Vec::new();
     let now = || start.elapsed().as_micros() as u64;
@@ -44,8 +44,8 @@ fn concurrent_history_through_a_kill_and_recovery_is_linearizable() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (addrs, stop) = (addrs.clone(), Arc::clone(&stop));
-            std::thread::spawn(move || client_thread(t, addrs, start, stop))
+            let (addrs, stop, base) = (addrs.clone(), Arc::clone(&stop), cluster.file().client_config());
+            std::thread::spawn(move || client_thread(t, addrs, base, start, stop))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(700));

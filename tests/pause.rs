@@ -71,7 +71,7 @@ const STALE_ROUNDS: usize = 50;
 fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
     let cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
     let dir = cluster.dir_arg();
-    let mut writer = dds::Client::connect(&cluster.file().addrs(), dds::ClientConfig::default()).expect("connect");
+    let mut writer = dds::Client::connect(&cluster.file().addrs(), cluster.file().client_config()).expect("connect");
     let start = Instant::now();
     let now = || start.elapsed().as_micros() as u64;
     let mut history = Vec::new();
@@ -100,7 +100,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         let core_addr: SocketAddr = addr.cores[map.core_of(key_hash(&key), addr.cores.len())];
         let index = index_of(&cluster, &map, victim);
         let pid = cluster.file().bricks[index].pid;
-        let mut conn = TcpStream::connect(core_addr).expect("connect to the brick core");
+        let mut conn = cluster.raw_connect(core_addr);
         conn.set_nodelay(true).unwrap();
         let mut out = Vec::new();
         // The brick may be a heartbeat behind the authority's map: ask until it serves.
@@ -133,7 +133,7 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
         }
         // A new client writes the new value (the harness's scenario): its map is the
         // authority's, without the paused brick.
-        let mut fresh = dds::Client::connect(&cluster.file().addrs(), dds::ClientConfig::default()).expect("connect");
+        let mut fresh = dds::Client::connect(&cluster.file().addrs(), cluster.file().client_config()).expect("connect");
         let invoke = now();
         fresh.put(&key, &new).expect("write the new value without the paused brick");
         history.push(Operation { key: key.clone(), event: Event::Write(Some(new.clone())), invoke, complete: now() });
@@ -169,8 +169,8 @@ fn a_paused_and_removed_brick_never_answers_queued_reads_with_old_values() {
 
 /// Load for the pause test: one client thread writing or reading a few keys, recording
 /// its history.
-fn load_thread(t: usize, addrs: Vec<SocketAddr>, start: Instant, stop: Arc<AtomicBool>) -> Vec<Operation> {
-    let config = dds::ClientConfig { op_timeout: Duration::from_secs(3), ..dds::ClientConfig::default() };
+fn load_thread(t: usize, addrs: Vec<SocketAddr>, base: dds::ClientConfig, start: Instant, stop: Arc<AtomicBool>) -> Vec<Operation> {
+    let config = dds::ClientConfig { op_timeout: Duration::from_secs(3), ..base };
     let mut client = dds::Client::connect(&addrs, config).expect("connect");
     let now = || start.elapsed().as_micros() as u64;
     let mut history = Vec::new();
@@ -199,8 +199,8 @@ fn bricks_paused_under_load_serve_correctly_or_exit() {
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..3)
         .map(|t| {
-            let (addrs, stop) = (addrs.clone(), Arc::clone(&stop));
-            std::thread::spawn(move || load_thread(t, addrs, start, stop))
+            let (addrs, stop, base) = (addrs.clone(), Arc::clone(&stop), cluster.file().client_config());
+            std::thread::spawn(move || load_thread(t, addrs, base, start, stop))
         })
         .collect();
     let (mut exited, mut long) = (0, 0);

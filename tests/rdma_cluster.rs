@@ -73,6 +73,25 @@ fn a_cluster_asked_for_rdma_serves_over_it_or_falls_back_to_tcp_and_loses_nothin
         assert_eq!(rdma, 0);
     }
 
+    if in_vm() {
+        // Every brick core's RDMA port refuses a stranger, a peer of another cluster
+        // and one without a secret: no queue pair is made, and nothing is applied.
+        let other = std::sync::Arc::new(dds::Secret::generate().unwrap());
+        let map = client.map().clone();
+        for brick in map.bricks().values() {
+            for &at in &brick.rdma {
+                for secret in [Some(&other), None] {
+                    let tcp = dds_transport::TcpConfig { secret: secret.cloned(), ..Default::default() };
+                    let mut t = dds_transport::MixedTransport::new(dds::proto::DdsFraming, tcp).unwrap();
+                    t.enable_rdma().unwrap();
+                    let err = t.connect_rdma(at, Duration::from_secs(2)).expect_err("refused").to_string();
+                    assert!(err.contains("not authenticated") || err.contains("belongs to cluster"), "{at}: {err}");
+                }
+            }
+        }
+        check_all(&mut client, "rdma", 2_000);
+    }
+
     run_ok(&["cluster", "kill", "--dir", &path, "--brick", "1"]);
     write_all(&mut client, "while-down", 500);
     let out = run_ok(&["cluster", "restart", "--dir", &path, "--brick", "1"]);

@@ -94,7 +94,7 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     let mut client = cluster.client();
     client.put(b"k", b"v").unwrap();
     let addr = client.map().bricks().values().next().unwrap().cores[0];
-    let mut rpc = dds::rpc::Rpc::connect(addr, Duration::from_secs(1)).unwrap();
+    let mut rpc = dds::rpc::Rpc::connect(addr, Duration::from_secs(1), cluster.file().secret.as_deref()).unwrap();
     let epoch = client.map().epoch();
     // Older epoch: refused with the brick's map.
     let (status, value) = rpc.call(Op::Get, epoch - 1, b"k", b"", Duration::from_secs(1)).unwrap();
@@ -139,9 +139,9 @@ fn adding_a_brick_moves_replicas_while_reads_go_on() {
     // A reader through the whole change: every read succeeds with the right value.
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (addrs, stop) = (cluster.file().addrs(), Arc::clone(&stop));
+        let (addrs, stop, config) = (cluster.file().addrs(), Arc::clone(&stop), cluster.file().client_config());
         std::thread::spawn(move || {
-            let mut c = Client::connect(&addrs, dds::ClientConfig::default()).unwrap();
+            let mut c = Client::connect(&addrs, config).unwrap();
             let mut reads = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let i = reads * 7 % 5_000;
@@ -192,7 +192,7 @@ fn small_clusters_split_partitions_and_keep_every_key() {
 }
 
 /// Sends a prepare for `key` to `brick`'s core that stores it, as a coordinator would.
-fn prepare_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8], txid: dds::proto::TxId, value: &[u8]) -> dds::proto::Status {
+fn prepare_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8], txid: dds::proto::TxId, value: &[u8]) -> dds::proto::Status {
     use dds::proto::{Op, PrepareBody, WriteKind};
     let hash = dds::map::key_hash(key);
     let (_, group) = map.route(hash);
@@ -200,7 +200,7 @@ fn prepare_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8], 
     let mut body = Vec::new();
     PrepareBody::encode(txid, WriteKind::Put, &ids, value, &mut body);
     let cores = &map.bricks()[&brick].cores;
-    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
     rpc.call(Op::Prepare, map.epoch(), key, &body, Duration::from_secs(1)).unwrap().0
 }
 
@@ -214,7 +214,7 @@ fn replicas_decide_a_transaction_whose_coordinator_vanished() {
     // participants prepared and commit. A read waits for that decision.
     let (_, group) = map.route(dds::map::key_hash(b"orphan-all"));
     for &b in group {
-        assert_eq!(prepare_on(&map, b, b"orphan-all", TxId { client: 7, seq: 1 }, b"decided"), Status::Ok);
+        assert_eq!(prepare_on(&map, cluster.file().secret.as_deref(), b, b"orphan-all", TxId { client: 7, seq: 1 }, b"decided"), Status::Ok);
     }
     let asked = Instant::now();
     assert_eq!(client.get(b"orphan-all").unwrap().as_deref(), Some(&b"decided"[..]));
@@ -222,7 +222,7 @@ fn replicas_decide_a_transaction_whose_coordinator_vanished() {
     // Prepared on one replica only: the other never saw it, so it is aborted, and the
     // key's lock is released for the next writer.
     let (_, group) = map.route(dds::map::key_hash(b"orphan-one"));
-    assert_eq!(prepare_on(&map, group[0], b"orphan-one", TxId { client: 7, seq: 2 }, b"never"), Status::Ok);
+    assert_eq!(prepare_on(&map, cluster.file().secret.as_deref(), group[0], b"orphan-one", TxId { client: 7, seq: 2 }, b"never"), Status::Ok);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(client.get(b"orphan-one").unwrap(), None);
     client.put(b"orphan-one", b"later").unwrap();
@@ -234,10 +234,10 @@ fn replicas_decide_a_transaction_whose_coordinator_vanished() {
 
 /// Reads `key` from `brick`'s core that stores it (not through a client's routing),
 /// asking again for up to 2 s while the brick has not seen `map` yet.
-fn get_on(map: &dds::map::ClusterMap, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
+fn get_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
     let hash = dds::map::key_hash(key);
     let cores = &map.bricks()[&brick].cores;
-    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1)).unwrap();
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
@@ -280,7 +280,7 @@ fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_
         let k = key("joining", i);
         let (_, group) = map.route(dds::map::key_hash(&k));
         for &b in group {
-            assert_eq!(get_on(&map, b, &k), (dds::proto::Status::Ok, value("joining", i)), "key {i} on replica {b}");
+            assert_eq!(get_on(&map, cluster.file().secret.as_deref(), b, &k), (dds::proto::Status::Ok, value("joining", i)), "key {i} on replica {b}");
         }
     }
 }

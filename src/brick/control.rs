@@ -16,6 +16,7 @@ use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
 use crate::proto::{Op, HEARTBEAT_MS, LEASE_MS};
 use crate::rpc::Rpc;
+use dds_transport::auth::Secret;
 
 /// What the cores and the control thread share.
 pub struct Shared {
@@ -156,13 +157,14 @@ pub enum ControlError {
 
 /// Makes the lease's call (`Step::Register` or `Step::Beat`) on `session`, the
 /// connection to the authority (a new one for `Register`), and says what became of it.
-fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAddr) -> Answer {
+fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAddr, secret: Option<&Secret>) -> Answer {
     let timeout = Duration::from_millis(LEASE_MS);
     let (op, epoch, value) = lease::request(step, addr);
     if op == Op::Register {
         *session = None;
-        match Rpc::connect(meta, timeout / 2) {
+        match Rpc::connect(meta, timeout / 2, secret) {
             Ok(rpc) => *session = Some(rpc),
+            Err(e @ crate::rpc::RpcError::Auth { .. }) if e.is_refusal() => return Answer::Unauthenticated(e.to_string()),
             Err(e) => return Answer::Lost(e.to_string()),
         }
     }
@@ -185,12 +187,13 @@ pub struct Session {
     pub lease: Lease,
     rpc: Option<Rpc>,
     meta: SocketAddr,
+    secret: Option<Arc<Secret>>,
 }
 
 /// Registers with the authority (retrying until `lease::START_DEADLINE_MS`), keeps the
 /// id it gives, and waits until the authority has a map. `started` is the clock of the
 /// brick's `Shared`.
-pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, started: Instant, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Session), ControlError> {
+pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, secret: Option<Arc<Secret>>, started: Instant, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Session), ControlError> {
     let now_ms = || started.elapsed().as_millis() as u64;
     let mut lease = Lease::starting(load_identity(dir).map(BrickId), now_ms());
     let mut rpc = None;
@@ -198,14 +201,14 @@ pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, started: Instant
         let step = lease.poll(now_ms(), false);
         match step {
             Step::Register { .. } | Step::Beat { .. } => {
-                let answer = call(&step, &mut rpc, meta, addr);
+                let answer = call(&step, &mut rpc, meta, addr, secret.as_deref());
                 lease.answer(answer, now_ms());
             }
             Step::HangUp => rpc = None,
             Step::Keep(id) => store_identity(dir, id.0).map_err(|source| ControlError::Identity { dir: dir.display().to_string(), source })?,
             Step::Boot(map) => {
                 let me = lease.id().expect("a lease serves only once registered");
-                return Ok((me, map, Session { lease, rpc, meta }));
+                return Ok((me, map, Session { lease, rpc, meta, secret }));
             }
             Step::Install(_) => unreachable!("a map installed before the first"),
             Step::Idle { until_ms } => idle(until_ms, now_ms()),
@@ -219,7 +222,7 @@ pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, started: Instant
 /// The control thread: heartbeats carry the brick's epoch, and their replies bring newer
 /// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
 pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
-    let Session { mut lease, mut rpc, meta } = session;
+    let Session { mut lease, mut rpc, meta, secret } = session;
     shared.publish(&lease);
     while !shared.stop.load(Ordering::Relaxed) {
         let step = lease.poll(shared.now_ms(), shared.refresh.swap(false, Ordering::Relaxed));
@@ -228,7 +231,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
         shared.raise_fence(&lease);
         match step {
             Step::Register { .. } | Step::Beat { .. } => {
-                let answer = call(&step, &mut rpc, meta, addr);
+                let answer = call(&step, &mut rpc, meta, addr, secret.as_deref());
                 lease.answer(answer, shared.now_ms());
                 shared.raise_fence(&lease);
             }

@@ -96,6 +96,11 @@ impl Handler for Shell<'_> {
     fn on_refused(&mut self, peer: SocketAddr, open: usize) {
         crate::log!(warn: format_args!("core {}", self.round.core), "refused connection from {peer}: {open} already open");
     }
+
+    fn on_unauthenticated(&mut self, peer: SocketAddr, why: &str) {
+        self.round.stats_mut().connections_closed_bad_input += 1;
+        crate::log!(warn: format_args!("core {}", self.round.core), "refused RDMA connection from {peer}: not authenticated: {why}");
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

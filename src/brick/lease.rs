@@ -53,6 +53,9 @@ pub enum Answer {
     Refused(String),
     /// No answer: refused connection, timeout, closed, malformed. The session is gone.
     Lost(String),
+    /// The authority refused this brick's credentials (another cluster's secret, a
+    /// wrong one, none): no retry can help.
+    Unauthenticated(String),
 }
 
 /// The request a call (`Step::Register`, `Step::Beat`) sends: its op, epoch and value.
@@ -238,6 +241,9 @@ impl Lease {
                     self.fenced = false;
                     self.out.push_back(Step::Note("in touch with the map authority again: serving".into()));
                 }
+            }
+            (_, Answer::Unauthenticated(why)) => {
+                self.stop(format!("the map authority refused this brick's credentials: {why}: stopping"));
             }
             (Asked::Beat { .. }, Answer::Refused(why)) if self.phase == Phase::Serving => {
                 // The authority no longer knows this brick's session: it was removed

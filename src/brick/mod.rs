@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dds_transport::auth::Secret;
 use dds_transport::{MixedTransport, TcpConfig, Transport, TransportError};
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,9 @@ pub struct BrickConfig {
     pub rdma: bool,
     /// Serve Prometheus metrics over HTTP here (`/metrics`).
     pub metrics: Option<SocketAddr>,
+    /// The cluster's secret: every connection to a core (TCP and RDMA's control
+    /// channel) and to the authority proves it first. `None`: open to anyone.
+    pub secret: Option<Arc<Secret>>,
 }
 
 /// What a running brick writes to `<dir>/brick.json` once every core serves.
@@ -287,7 +291,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             addr.set_port(port);
         }
         let mut transport =
-            MixedTransport::new(DdsFraming, TcpConfig::default()).map_err(|source| BrickError::Listen { core, source })?;
+            MixedTransport::new(DdsFraming, TcpConfig { secret: config.secret.clone(), ..TcpConfig::default() }).map_err(|source| BrickError::Listen { core, source })?;
         let bound = transport.listen(addr).map_err(|source| BrickError::Listen { core, source })?;
         transports.push(transport);
         addrs.push(bound);
@@ -311,7 +315,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
     let started = std::time::Instant::now();
     let (shared, session) = match config.meta {
         Some(meta) => {
-            let (me, map, session) = control::register(meta, &config.dir, &brick_addr, started, &stop)?;
+            let (me, map, session) = control::register(meta, &config.dir, &brick_addr, config.secret.clone(), started, &stop)?;
             crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch());
             let shared = Shared::new(me, map, started, Arc::clone(&stop));
             // The cores start before the control thread: they serve by this lease.
@@ -386,7 +390,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             let (stop, addrs) = (Arc::clone(&stop), addrs.clone());
             spawned = std::thread::Builder::new()
                 .name("dds-metrics".into())
-                .spawn_scoped(scope, move || crate::metrics::serve(listener, &stop, || samples(shared, &addrs)))
+                .spawn_scoped(scope, move || crate::metrics::serve(listener, &stop, || samples(shared, &addrs, config.secret.as_deref())))
                 .map(|_| ())
                 .map_err(|source| BrickError::Spawn { thread: "metrics".into(), source });
         }
@@ -447,12 +451,12 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
 /// What a scrape of the brick's metrics reports: each core's counters (asked of the
 /// core itself, as `cluster status` does, so nothing is shared with the data path) and
 /// the control plane's view.
-fn samples(shared: &control::Shared, cores: &[SocketAddr]) -> Vec<crate::metrics::Sample> {
+fn samples(shared: &control::Shared, cores: &[SocketAddr], secret: Option<&Secret>) -> Vec<crate::metrics::Sample> {
     use crate::metrics::{Sample, Value};
     use crate::proto::{CoreStats, Op, Status};
     // Every core at once, each within 300 ms, so a stuck core costs the scrape its own
     // series only (and the scrape stays within a Prometheus timeout of a second).
-    let ask = |addr: SocketAddr| crate::rpc::core_stats(addr, Duration::from_millis(300)).ok();
+    let ask = |addr: SocketAddr| crate::rpc::core_stats(addr, Duration::from_millis(300), secret).ok();
     let answers: Vec<Option<CoreStats>> = std::thread::scope(|scope| {
         let asks: Vec<_> = cores.iter().map(|&addr| std::thread::Builder::new().name("dds-metrics-ask".into()).spawn_scoped(scope, move || ask(addr))).collect();
         asks.into_iter().map(|h| h.ok().and_then(|h| h.join().ok().flatten())).collect()

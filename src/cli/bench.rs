@@ -1,7 +1,7 @@
 //! `dds bench`, `dds suite` and `dds demo`: the dds client as a `dds_bench::Target`,
 //! beside Redis, memcached and the echo floor driven by the same load generator.
 
-use super::{out};
+use super::out;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -26,7 +26,7 @@ pub(super) enum System {
     /// transport when `None`).
     Dds(PathBuf, Option<TransportKind>),
     /// A dds cluster that is not local, by its bricks' (or authority's) addresses.
-    DdsAt(Vec<SocketAddr>, Option<TransportKind>),
+    DdsAt(Vec<SocketAddr>, Option<TransportKind>, Option<PathBuf>),
     /// The floor: an in-process echo server on the same TCP transport.
     Echo,
     Redis(SocketAddr),
@@ -34,12 +34,12 @@ pub(super) enum System {
 }
 
 impl System {
-    fn parse(target: &str, cluster: Option<&PathBuf>, addrs: &[SocketAddr], transport: Option<TransportKind>) -> anyhow::Result<System> {
+    fn parse(target: &str, cluster: Option<&PathBuf>, addrs: &[SocketAddr], transport: Option<TransportKind>, secret_file: Option<&PathBuf>) -> anyhow::Result<System> {
         let addr = |rest: &str| -> anyhow::Result<SocketAddr> {
             rest.trim_end_matches('/').parse().with_context(|| format!("--target {target}: expected HOST:PORT with an IP"))
         };
         Ok(match target {
-            "dds" if !addrs.is_empty() => System::DdsAt(addrs.to_vec(), transport),
+            "dds" if !addrs.is_empty() => System::DdsAt(addrs.to_vec(), transport, secret_file.cloned()),
             "dds" => System::Dds(cluster.cloned().context("--target dds needs --cluster DIR (or --addr ADDR)")?, transport),
             "echo" => System::Echo,
             t if t.starts_with("redis://") => System::Redis(addr(&t["redis://".len()..])?),
@@ -141,6 +141,9 @@ pub struct BenchArgs {
     /// Or the cluster's bricks (or authority) by address, repeated (for --target dds).
     #[arg(long)]
     addr: Vec<SocketAddr>,
+    /// The secret of the cluster at --addr (a local cluster's is in its directory).
+    #[arg(long, requires = "addr")]
+    secret_file: Option<PathBuf>,
     #[command(flatten)]
     load: LoadArgs,
     /// Do not write the keys before a workload that reads them.
@@ -243,7 +246,9 @@ fn with_target<W: WithTarget>(system: &System, value_size: usize, w: W) -> anyho
                     let cluster = ClusterFile::load(dir)?;
                     (cluster.addrs(), cluster.client_config(), transport)
                 }
-                System::DdsAt(addrs, transport) => (addrs.clone(), crate::ClientConfig::default(), transport),
+                System::DdsAt(addrs, transport, secret_file) => {
+                    (addrs.clone(), crate::ClientConfig { secret: super::load_secret(secret_file.as_deref())?, ..crate::ClientConfig::default() }, transport)
+                }
                 _ => unreachable!("matched a dds system"),
             };
             if let Some(t) = transport {
@@ -339,7 +344,7 @@ fn print_table(reports: &[Report]) {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let system = System::parse(&args.target, args.cluster.as_ref(), &args.addr, args.transport)?;
+    let system = System::parse(&args.target, args.cluster.as_ref(), &args.addr, args.transport, args.secret_file.as_ref())?;
     let config = args.load.config(system.name())?;
     let report = measure(&system, &config, !args.no_preload)?;
     print_table(std::slice::from_ref(&report));
@@ -376,6 +381,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,
         metrics: false,
+        secret_file: None,
     };
     let cluster = cluster::up(&up)?;
     out!(

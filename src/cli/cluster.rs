@@ -1,13 +1,16 @@
 //! `dds cluster`: a local cluster of brick processes on 127.0.0.1, its state kept in a
 //! directory (`cluster.json` plus one `brick-<i>/` per brick with its log).
 
-use super::{out};
+use super::out;
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use dds_transport::auth::Secret;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -143,6 +146,10 @@ pub struct UpArgs {
     /// free loopback port (`cluster status` lists them).
     #[arg(long)]
     pub metrics: bool,
+    /// The cluster's secret, which every connection proves [default: <dir>/secret,
+    /// made (mode 0600) when there is none].
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -190,7 +197,13 @@ pub struct ClusterFile {
     /// Bricks and the authority serve metrics (kept on through restarts).
     #[serde(default)]
     pub metrics: bool,
+    /// The secret every process and client of the cluster proves (absent: a cluster
+    /// made before authentication, open to anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
     pub bricks: Vec<ClusterBrick>,
+    #[serde(skip)]
+    pub secret: Option<Arc<Secret>>,
 }
 
 impl ClusterFile {
@@ -203,6 +216,9 @@ impl ClusterFile {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("no cluster in {}: cannot read {}", dir.display(), path.display()))?;
         let mut cluster: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        if let Some(file) = &cluster.secret_file {
+            cluster.secret = Some(Arc::new(Secret::load(file)?));
+        }
         cluster.adopt_restarted();
         Ok(cluster)
     }
@@ -233,7 +249,7 @@ impl ClusterFile {
     /// How a client of this cluster connects: over RDMA to bricks that serve it when
     /// the cluster was started with RDMA.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig { rdma: self.transport != TransportKind::Tcp, ..ClientConfig::default() }
+        ClientConfig { rdma: self.transport != TransportKind::Tcp, secret: self.secret.clone(), ..ClientConfig::default() }
     }
 
     pub fn connect(&self) -> anyhow::Result<Client> {
@@ -363,10 +379,17 @@ struct BrickShape {
     busy_poll: bool,
     placement: Placement,
     metrics: bool,
+    secret_file: Option<PathBuf>,
+}
+
+/// `--secret-file FILE`, when the cluster has one.
+fn secret_args(file: Option<&Path>) -> Vec<std::ffi::OsString> {
+    file.map(|f| vec!["--secret-file".into(), f.as_os_str().to_owned()]).unwrap_or_default()
 }
 
 /// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
-fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: bool) -> anyhow::Result<Child> {
+#[allow(clippy::too_many_arguments)]
+fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: bool, secret_file: Option<&Path>) -> anyhow::Result<Child> {
     std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
     let _ = std::fs::remove_file(mdir.join(META_FILE));
     let log_path = mdir.join("meta.log");
@@ -379,6 +402,7 @@ fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize
         .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
         .args(["--partition-bits", &bits.to_string()])
         .args(if metrics { &["--metrics", "127.0.0.1:0"][..] } else { &[] })
+        .args(secret_args(secret_file))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -403,7 +427,7 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let m = &cluster.meta;
-    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, cluster.metrics)?;
+    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, cluster.metrics, cluster.secret_file.as_deref())?;
     let file = wait_for_meta(&m.dir, &mut child)?;
     cluster.meta.pid = file.pid;
     cluster.meta.metrics = file.metrics;
@@ -412,7 +436,7 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
 
 /// The map as the authority has it now.
 pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
-    crate::rpc::fetch_map(&cluster.addrs(), Duration::from_millis(500)).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
+    crate::rpc::fetch_map(&cluster.addrs(), Duration::from_millis(500), cluster.secret.as_deref()).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
 }
 
 /// `ask_id`: a brick of the first map asks for its index as its id; a brick added
@@ -430,7 +454,8 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
         .args(["--partition-bits", &shape.partition_bits.to_string()])
         .args(["--durability", &value_name(shape.durability)])
         .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()])
-        .args(["--meta", &shape.meta.to_string()]);
+        .args(["--meta", &shape.meta.to_string()])
+        .args(secret_args(shape.secret_file.as_deref()));
     if ask_id {
         cmd.args(["--id", &index.to_string()]);
     }
@@ -502,6 +527,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         busy_poll: cluster.busy_poll,
         placement: cluster.placement,
         metrics: cluster.metrics,
+        secret_file: cluster.secret_file.clone(),
     };
     let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
@@ -603,8 +629,9 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let cores = args.cores.unwrap_or_else(|| (super::available_cores() / args.bricks).max(1));
     super::mib_to_bytes(args.checkpoint_log_mb)?;
     let exe = std::env::current_exe().context("locate the dds binary")?;
+    let (secret_file, secret) = cluster_secret(&dir, args.secret_file.as_deref())?;
     let mdir = dir.join("meta");
-    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics)?;
+    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics, Some(&secret_file))?;
     let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
         Ok(f) => f,
         Err(e) => {
@@ -623,6 +650,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         busy_poll: args.busy_poll,
         placement: args.placement,
         metrics: args.metrics,
+        secret_file: Some(secret_file.clone()),
     };
     let mut children: Vec<(PathBuf, Child)> = Vec::new();
     let started = (|| {
@@ -648,7 +676,9 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             busy_poll: args.busy_poll,
             placement: args.placement,
             metrics: args.metrics,
+            secret_file: Some(secret_file),
             bricks,
+            secret: Some(secret),
         };
         cluster.store(&dir)?;
         cluster.connect()?;
@@ -661,6 +691,17 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         }
     }
     started
+}
+
+/// The secret a new cluster in `dir` uses: `given`, or `<dir>/secret` (made, mode
+/// 0600, if there is none yet: a cluster brought up again keeps its secret).
+fn cluster_secret(dir: &Path, given: Option<&Path>) -> anyhow::Result<(PathBuf, Arc<Secret>)> {
+    let path = match given {
+        Some(p) => p.canonicalize().with_context(|| format!("--secret-file {}", p.display()))?,
+        None => dir.join("secret"),
+    };
+    let secret = if given.is_none() && !path.exists() { Secret::create(&path)? } else { Secret::load(&path)? };
+    Ok((path, Arc::new(secret)))
 }
 
 fn wait_for_brick(bdir: &Path, child: &mut Child) -> anyhow::Result<BrickFile> {
@@ -785,10 +826,10 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
 }
 
 /// Counters of every core of a brick, asked on each core's own port.
-fn brick_stats(b: &ClusterBrick) -> Result<Vec<CoreStats>, String> {
+fn brick_stats(b: &ClusterBrick, secret: Option<&Secret>) -> Result<Vec<CoreStats>, String> {
     b.ports
         .iter()
-        .map(|&port| crate::rpc::core_stats(SocketAddr::new(b.addr.ip(), port), Duration::from_millis(500)))
+        .map(|&port| crate::rpc::core_stats(SocketAddr::new(b.addr.ip(), port), Duration::from_millis(500), secret))
         .collect()
 }
 
@@ -806,6 +847,10 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         cluster.bricks.len(),
         cluster.replicas
     );
+    match (&cluster.secret_file, &cluster.secret) {
+        (Some(file), Some(s)) => out!("  cluster {:016x}: every connection proves the secret in {}", s.cluster_id(), file.display()),
+        _ => out!("  no secret: open to anyone who reaches its ports (a cluster made before authentication)"),
+    }
     match &map {
         Ok(m) => out!(
             "  epoch {}, {} partitions (base {} bits), {} copying",
@@ -841,7 +886,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
             Some(_) => "tcp",
             None => "-",
         };
-        let stats = if is_brick_process(b) { brick_stats(b) } else { Err("not running".to_string()) };
+        let stats = if is_brick_process(b) { brick_stats(b, cluster.secret.as_deref()) } else { Err("not running".to_string()) };
         // Each core's CPU, or `kernel` where the kernel places them.
         let cpus = b.cpus.as_ref().map_or("kernel".to_string(), |c| c.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
         let state = match (&stats, member) {

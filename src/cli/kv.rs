@@ -20,13 +20,19 @@ pub struct Target {
     /// local (`--brick` is a brick's index in `cluster kill` and `restart`).
     #[arg(long)]
     addr: Vec<SocketAddr>,
+    /// The secret of the cluster at --addr (a local cluster's is in its directory).
+    #[arg(long, requires = "addr")]
+    secret_file: Option<PathBuf>,
 }
 
 impl Target {
     fn connect(&self) -> anyhow::Result<Client> {
         match (&self.cluster, self.addr.is_empty()) {
             (Some(dir), _) => ClusterFile::load(dir)?.connect(),
-            (None, false) => Client::connect(&self.addr, ClientConfig::default()).context("connect to the bricks"),
+            (None, false) => {
+                let config = ClientConfig { secret: super::load_secret(self.secret_file.as_deref())?, ..ClientConfig::default() };
+                Client::connect(&self.addr, config).context("connect to the bricks")
+            }
             (None, true) => bail!("say where the cluster is: --cluster DIR or --addr ADDR"),
         }
     }

@@ -7,12 +7,13 @@ mod kv;
 mod suite;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use dds_transport::auth::Secret;
 
 use crate::brick::{self, BrickConfig, Durability};
 use crate::map::DEFAULT_PARTITION_BITS;
@@ -142,6 +143,11 @@ struct BrickArgs {
     /// port, written to brick.json and the log).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The cluster's secret (`cluster up` writes one to <dir>/secret): every connection
+    /// to this brick, and its own to the authority and its peers, proves it. Without
+    /// it the brick serves anyone who reaches its ports.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -169,6 +175,10 @@ struct MetaArgs {
     /// port, written to meta.json and the log).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// The cluster's secret: every brick, client and tool proves it before its first
+    /// request. Without it the authority serves anyone who reaches its port.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 /// MiB from the command line to bytes, at least one KiB.
@@ -317,6 +327,22 @@ fn with_config_file(mut args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std
     Ok(args)
 }
 
+/// The secret in `file`, if one is given.
+pub(crate) fn load_secret(file: Option<&Path>) -> anyhow::Result<Option<Arc<Secret>>> {
+    file.map(|f| Secret::load(f).map(Arc::new)).transpose().context("--secret-file")
+}
+
+/// The secret a brick or authority serves with; without one it says, once, that it is
+/// open to anyone.
+fn served_secret(file: Option<&Path>, who: &str) -> anyhow::Result<Option<Arc<Secret>>> {
+    let secret = load_secret(file)?;
+    match &secret {
+        Some(s) => crate::log!(who, "connections must prove the secret of cluster {:016x}", s.cluster_id()),
+        None => crate::log!(warn: who, "no --secret-file: anyone who reaches this process's ports is served"),
+    }
+    Ok(secret)
+}
+
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -338,6 +364,7 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
             base_bits: args.partition_bits,
         },
         metrics: args.metrics,
+        secret: served_secret(args.secret_file.as_deref(), "meta")?,
     };
     crate::meta::run(&config, stop_on_signals()?)?;
     Ok(())
@@ -360,6 +387,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         id: args.id,
         rdma: args.transport != cluster::TransportKind::Tcp,
         metrics: args.metrics,
+        secret: served_secret(args.secret_file.as_deref(), "brick")?,
     };
     brick::run(&config, stop)?;
     Ok(())

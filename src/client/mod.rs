@@ -21,6 +21,9 @@ mod core;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use dds_transport::auth::Secret;
 use dds_transport::{CloseReason, ConnId, Handler, MixedTransport, TcpConfig, Transport, TransportError};
 use hashbrown::HashMap;
 
@@ -41,6 +44,9 @@ pub struct ClientConfig {
     /// Speak RDMA to the brick cores that serve it, when a verbs device opens here;
     /// TCP to the rest, and to all when none opens (`Client::rdma_unavailable` says why).
     pub rdma: bool,
+    /// The cluster's secret, proved on every connection (`Secret::load` reads the file
+    /// `dds cluster up` writes). `None` reaches only a cluster that runs without one.
+    pub secret: Option<Arc<Secret>>,
 }
 
 impl Default for ClientConfig {
@@ -50,6 +56,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(1),
             suspect_after: Duration::from_millis(300),
             rdma: false,
+            secret: None,
         }
     }
 }
@@ -152,7 +159,7 @@ impl Client {
         if seeds.is_empty() {
             return Err(ClientError::NoBricks);
         }
-        let map = crate::rpc::fetch_map(seeds, config.connect_timeout.max(Duration::from_millis(500)))
+        let map = crate::rpc::fetch_map(seeds, config.connect_timeout.max(Duration::from_millis(500)), config.secret.as_deref())
             .map_err(|why| ClientError::NoMap { seeds: format!("{seeds:?}"), why })?;
         Self::with_map(seeds, map, config)
     }
@@ -161,7 +168,8 @@ impl Client {
     /// first use) and asks `seeds` for newer maps. Fails only if the transport cannot be
     /// set up (no epoll instance: out of file descriptors or memory).
     pub fn with_map(seeds: &[SocketAddr], map: ClusterMap, config: ClientConfig) -> Result<Client, ClientError> {
-        let mut transport = MixedTransport::new(DdsFraming, TcpConfig::default()).map_err(ClientError::Setup)?;
+        let tcp = TcpConfig { secret: config.secret.clone(), ..TcpConfig::default() };
+        let mut transport = MixedTransport::new(DdsFraming, tcp).map_err(ClientError::Setup)?;
         let rdma_unavailable = if config.rdma { transport.enable_rdma().err() } else { None };
         // Replies over RDMA raise no epoll event: a client waiting for them spins.
         transport.set_spin_wait(true);
@@ -224,7 +232,7 @@ impl Client {
         if self.core.take_map_wanted() {
             let mut seeds = self.seeds.clone();
             seeds.extend(self.core.map().bricks().values().filter_map(|b| b.cores.first().copied()));
-            if let Ok(map) = crate::rpc::fetch_map(&seeds, Duration::from_millis(200)) {
+            if let Ok(map) = crate::rpc::fetch_map(&seeds, Duration::from_millis(200), self.core.config.secret.as_deref()) {
                 self.core.install_fetched(map);
             }
         }
@@ -309,7 +317,7 @@ impl Client {
         let timeout = self.core.config.connect_timeout;
         cores
             .into_iter()
-            .map(|addr| crate::rpc::core_stats(addr, timeout).map_err(|what| ClientError::Protocol { brick, what }))
+            .map(|addr| crate::rpc::core_stats(addr, timeout, self.core.config.secret.as_deref()).map_err(|what| ClientError::Protocol { brick, what }))
             .collect()
     }
 

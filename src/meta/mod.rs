@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use dds_transport::auth::{self, Secret};
+
 use crate::map::ClusterMap;
 use crate::rpc::{read_frame, Rpc};
 use authority::{Actions, Authority, AuthorityConfig, Join};
@@ -62,10 +64,14 @@ pub struct MetaConfig {
     pub authority: AuthorityConfig,
     /// Serve Prometheus metrics over HTTP here (`/metrics`).
     pub metrics: Option<SocketAddr>,
+    /// The cluster's secret: every connection proves it before its first request, and
+    /// the copy driver proves it to the bricks. `None`: open to anyone.
+    pub secret: Option<Arc<Secret>>,
 }
 
 struct State {
     authority: Authority,
+    secret: Option<Arc<Secret>>,
     dir: PathBuf,
     started: Instant,
     /// A map could not be stored: the authority answers nothing more (its map in memory
@@ -145,6 +151,7 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     let replicas_asked = config.authority.replicas;
     let shared = Arc::new(Mutex::new(State {
         authority: Authority::new(config.authority.clone(), map, 0),
+        secret: config.secret.clone(),
         dir: config.dir.clone(),
         started,
         halted: false,
@@ -206,6 +213,15 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     use std::io::Write;
     let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
+    let secret = shared.lock().secret.clone();
+    if secret.is_some() {
+        let _ = stream.set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT));
+        if let Err(e) = auth::server_handshake(&mut stream, secret.as_deref()) {
+            crate::log!(warn: "meta", "refused connection from {peer}: {e}");
+            return;
+        }
+        let _ = stream.set_read_timeout(None);
+    }
     let mut session = Session::new(peer.clone());
     let mut buf = Vec::new();
     let mut out = Vec::new();
@@ -254,6 +270,7 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
     let mut driver = CopyDriver::new(joins, epoch, now_ms());
     let timeout = Duration::from_millis(copy::COPY_RPC_TIMEOUT_MS);
     let mut lines: [Option<Rpc>; copy::LINES.len()] = Default::default();
+    let secret = shared.lock().secret.clone();
     loop {
         let map = shared.lock().authority.map().cloned();
         match driver.poll(map.as_ref(), now_ms()) {
@@ -261,7 +278,7 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
                 let rpc = &mut lines[line as usize];
                 let reply = match rpc {
                     Some(r) => Ok(r),
-                    None => Rpc::connect(addr, timeout).map(|r| rpc.insert(r)),
+                    None => Rpc::connect(addr, timeout, secret.as_deref()).map(|r| rpc.insert(r)),
                 }
                 .and_then(|r| r.call(op, epoch, &[], &value, timeout));
                 let answer = match reply {

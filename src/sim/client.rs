@@ -69,7 +69,7 @@ pub(crate) fn key_name(i: usize) -> Vec<u8> {
 impl World {
     pub(crate) fn add_client(&mut self, c: usize) {
         let link = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
-        let config = ClientConfig { op_timeout: Duration::from_secs(10), connect_timeout: Duration::from_millis(100), suspect_after: Duration::from_millis(self.shape.suspect_after_ms), rdma: false };
+        let config = ClientConfig { op_timeout: Duration::from_secs(10), connect_timeout: Duration::from_millis(100), suspect_after: Duration::from_millis(self.shape.suspect_after_ms), rdma: false, secret: None };
         let id = self.next_client_id;
         self.next_client_id += 1;
         // The client starts from a placeholder map of epoch 0 that its first fetch

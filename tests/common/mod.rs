@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dds::cli::cluster::{is_brick_process, ClusterFile};
-use dds::{Client, ClientConfig, Completion, Outcome, Request};
+use dds::{Client, Completion, Outcome, Request};
 
 pub fn dds() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dds"))
@@ -68,7 +68,7 @@ impl TestCluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::connect(&self.file().addrs(), ClientConfig::default()).unwrap()
+        Client::connect(&self.file().addrs(), self.file().client_config()).unwrap()
     }
 
     pub fn brick_log(&self, brick: usize) -> String {
@@ -180,9 +180,19 @@ pub fn recorded_op(client: &mut Client, key: Vec<u8>, value: Option<Vec<u8>>, no
 }
 
 impl TestCluster {
+    /// A raw connection to `addr` that has proved the cluster's secret, as every client
+    /// does before its first frame.
+    pub fn raw_connect(&self, addr: std::net::SocketAddr) -> std::net::TcpStream {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        dds::auth::client_handshake(&mut s, self.file().secret.as_deref()).expect("the cluster's handshake");
+        s.set_read_timeout(None).unwrap();
+        s
+    }
+
     /// The map the cluster's authority serves now.
     pub fn authority_map(&self) -> dds::map::ClusterMap {
-        dds::rpc::fetch_map(&[self.file().meta.addr], Duration::from_secs(2)).expect("the authority's map")
+        dds::rpc::fetch_map(&[self.file().meta.addr], Duration::from_secs(2), self.file().secret.as_deref()).expect("the authority's map")
     }
 
     /// Whether the authority's map still holds the brick whose core 0 is at `addr`.

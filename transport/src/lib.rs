@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod auth;
 mod mixed;
 mod tcp;
 #[cfg(feature = "rdma")]
@@ -61,6 +62,8 @@ pub enum CloseReason {
     Io(std::io::Error),
     /// Closed by this side's `close`.
     Local,
+    /// The peer did not prove it holds the cluster's secret (`auth`).
+    Unauthenticated(auth::AuthError),
 }
 
 impl std::fmt::Display for CloseReason {
@@ -75,6 +78,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::OutboxFull { bytes } => write!(f, "peer does not read: {bytes} reply bytes queued"),
             CloseReason::Io(e) => write!(f, "socket error: {e}"),
             CloseReason::Local => write!(f, "closed locally"),
+            CloseReason::Unauthenticated(why) => write!(f, "not authenticated: {why}"),
         }
     }
 }
@@ -82,7 +86,7 @@ impl std::fmt::Display for CloseReason {
 impl CloseReason {
     /// Whether the peer broke the protocol (as opposed to leaving or failing).
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, CloseReason::PeerClosedMidFrame { .. } | CloseReason::Malformed(_) | CloseReason::Refused(_))
+        matches!(self, CloseReason::PeerClosedMidFrame { .. } | CloseReason::Malformed(_) | CloseReason::Refused(_) | CloseReason::Unauthenticated(_))
     }
 }
 
@@ -98,6 +102,11 @@ pub trait Handler {
 
     /// A connection was refused because `connections_max` are open.
     fn on_refused(&mut self, _peer: SocketAddr, _connections_open: usize) {}
+
+    /// An RDMA connection's control channel did not prove the cluster's secret: no
+    /// queue pair was made (a TCP connection that fails it is closed through
+    /// `on_close`, with `CloseReason::Unauthenticated`).
+    fn on_unauthenticated(&mut self, _peer: SocketAddr, _why: &str) {}
 }
 
 #[derive(Debug, thiserror::Error)]

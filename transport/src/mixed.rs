@@ -50,6 +50,10 @@ impl<H: Handler> Handler for Tagged<'_, H> {
     fn on_refused(&mut self, peer: SocketAddr, connections_open: usize) {
         self.0.on_refused(peer, connections_open)
     }
+
+    fn on_unauthenticated(&mut self, peer: SocketAddr, why: &str) {
+        self.0.on_unauthenticated(peer, why)
+    }
 }
 
 pub struct MixedTransport<F: Framing + Clone> {
@@ -97,7 +101,7 @@ impl<F: Framing + Clone> MixedTransport<F> {
         #[cfg(feature = "rdma")]
         {
             if self.rdma.is_none() {
-                let config = crate::rdma::RdmaConfig::default();
+                let config = crate::rdma::RdmaConfig { secret: self.tcp.secret().cloned(), ..crate::rdma::RdmaConfig::default() };
                 let rdma = crate::rdma::RdmaTransport::new(self.framing.clone(), config).map_err(|e| e.to_string())?;
                 // An idle loop sleeps in this transport's epoll: RDMA completions and
                 // control messages must wake it too.

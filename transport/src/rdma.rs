@@ -197,11 +197,14 @@ pub struct RdmaConfig {
     pub outbox_bytes_max: usize,
     /// How long `connect` waits for the peer's queue pair.
     pub handshake_timeout: Duration,
+    /// The cluster's secret, proved on the control channel before any queue pair is
+    /// made: a peer that cannot prove it never learns an endpoint to connect to.
+    pub secret: Option<std::sync::Arc<crate::auth::Secret>>,
 }
 
 impl Default for RdmaConfig {
     fn default() -> Self {
-        RdmaConfig { outbox_bytes_max: 32 << 20, handshake_timeout: Duration::from_secs(2) }
+        RdmaConfig { outbox_bytes_max: 32 << 20, handshake_timeout: Duration::from_secs(2), secret: None }
     }
 }
 
@@ -239,6 +242,8 @@ fn control_message(endpoint: &ibverbs::QueuePairEndpoint) -> Vec<u8> {
 enum Control {
     Endpoint(ConnId, Result<ibverbs::QueuePairEndpoint, String>),
     Closed(ConnId, SocketAddr, CloseReason),
+    /// A control connection that did not prove the secret (`auth`).
+    Unauthenticated(ConnId, SocketAddr, String),
 }
 
 #[derive(Default)]
@@ -252,6 +257,9 @@ impl Handler for ControlEvents {
     }
 
     fn on_close(&mut self, conn: ConnId, peer: SocketAddr, reason: &CloseReason) {
+        if let CloseReason::Unauthenticated(why) = reason {
+            return self.0.push(Control::Unauthenticated(conn, peer, why.to_string()));
+        }
         let reason = match reason {
             CloseReason::PeerClosed => CloseReason::PeerClosed,
             other => CloseReason::Io(std::io::Error::other(format!("control connection: {other}"))),
@@ -340,7 +348,7 @@ impl<F: Framing> RdmaTransport<F> {
     pub fn new(framing: F, config: RdmaConfig) -> Result<Self, RdmaError> {
         // The device, its protection domain and completion queue live for the process.
         let device = VerbsDevice::open(CQ_ENTRIES).map_err(|e| RdmaError::NoDevice(e.to_string()))?;
-        let tcp_config = TcpConfig { connections_max: RDMA_CONNECTIONS_MAX, ..TcpConfig::default() };
+        let tcp_config = TcpConfig { connections_max: RDMA_CONNECTIONS_MAX, secret: config.secret.clone(), ..TcpConfig::default() };
         let tcp = TcpTransport::new(ControlFraming, tcp_config).map_err(|e| RdmaError::Verbs { op: "control channel", source: std::io::Error::other(e.to_string()) })?;
         Ok(RdmaTransport {
             framing,
@@ -470,6 +478,10 @@ impl<F: Framing> RdmaTransport<F> {
                     if self.conns.remove(&conn).is_some() {
                         handler.on_close(conn, peer, &reason);
                     }
+                }
+                Control::Unauthenticated(conn, peer, why) => {
+                    self.dialling.remove(&conn);
+                    handler.on_unauthenticated(peer, &why);
                 }
             }
         }
@@ -653,6 +665,12 @@ impl<F: Framing> Transport for RdmaTransport<F> {
                         self.control.0.remove(i);
                         self.dialling.remove(&conn);
                         self.tcp.close(conn, CloseReason::Local, &mut ControlEvents::default());
+                        return Err(TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(why) });
+                    }
+                    Control::Unauthenticated(c, _, why) if *c == conn => {
+                        let why = format!("not authenticated: {why}");
+                        self.control.0.remove(i);
+                        self.dialling.remove(&conn);
                         return Err(TransportError::Io { op: "rdma connect", addr, source: std::io::Error::other(why) });
                     }
                     Control::Closed(c, _, reason) if *c == conn => {

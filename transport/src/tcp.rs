@@ -4,11 +4,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::auth::{self, AuthError, ClientHandshake, Secret, ServerHandshake};
 use crate::{CloseReason, ConnId, Framing, Handler, Transport, TransportError};
 
 const LISTENER: Token = Token(usize::MAX);
@@ -28,6 +30,9 @@ pub struct TcpConfig {
     pub connections_max: usize,
     /// Events taken from epoll per poll.
     pub events_max: usize,
+    /// The cluster's secret: every connection, accepted or opened, proves it before
+    /// its first frame (`auth`). `None`: connections are open to anyone.
+    pub secret: Option<Arc<Secret>>,
 }
 
 impl Default for TcpConfig {
@@ -38,6 +43,7 @@ impl Default for TcpConfig {
             outbox_bytes_max: 32 << 20,
             connections_max: 4096,
             events_max: 256,
+            secret: None,
         }
     }
 }
@@ -58,6 +64,23 @@ struct Conn {
     unread: bool,
     /// Input left unread until the queued replies drain.
     paused: bool,
+    auth: ConnAuth,
+}
+
+/// Where a connection is in its handshake.
+#[derive(Debug)]
+enum ConnAuth {
+    Done,
+    /// Accepted: its `Hello` went out; no frame is taken before the client's proof.
+    AwaitProof(ServerHandshake),
+    /// Opened: nothing is written until the server's `Hello` has been answered (the
+    /// proof goes out first, then the frames queued meanwhile).
+    AwaitHello,
+    /// Opened, proof sent: the server's verdict comes before any frame.
+    AwaitVerdict(ClientHandshake),
+    /// Opened by a process without a secret: an authenticating peer's `Hello` (instead
+    /// of a frame) is refused with the reason, not taken for a malformed frame.
+    WatchForHello,
 }
 
 impl Conn {
@@ -134,6 +157,11 @@ impl<F: Framing> TcpTransport<F> {
         self.poll.registry().register(&mut mio::unix::SourceFd(&fd), WATCHED, Interest::READABLE).map_err(TransportError::Poll)
     }
 
+    /// The secret every connection proves (`TcpConfig::secret`).
+    pub fn secret(&self) -> Option<&Arc<Secret>> {
+        self.config.secret.as_ref()
+    }
+
     /// Whether a watched descriptor woke `poll` since the last call.
     pub fn take_woken(&mut self) -> bool {
         std::mem::take(&mut self.woken)
@@ -158,7 +186,7 @@ impl<F: Framing> TcpTransport<F> {
         ConnId { slot, generation: self.slots[slot as usize].generation }
     }
 
-    fn register(&mut self, mut stream: TcpStream, peer: SocketAddr) -> io::Result<ConnId> {
+    fn register(&mut self, mut stream: TcpStream, peer: SocketAddr, auth: ConnAuth, hello: &[u8]) -> io::Result<ConnId> {
         stream.set_nodelay(true)?;
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -179,13 +207,17 @@ impl<F: Framing> TcpTransport<F> {
             rbuf: vec![0; self.config.read_chunk_bytes],
             rstart: 0,
             rend: 0,
-            wbuf: Vec::new(),
+            wbuf: hello.to_vec(),
             wpos: 0,
-            dirty: false,
+            dirty: !hello.is_empty(),
             unread: true,
             paused: false,
+            auth,
         });
         self.open += 1;
+        if !hello.is_empty() {
+            self.dirty.push(slot);
+        }
         // Data may have arrived before registration; edge-triggered epoll would not
         // report it, so read it on the next round.
         self.unread.push(slot);
@@ -213,7 +245,18 @@ impl<F: Framing> TcpTransport<F> {
                         drop(stream);
                         continue;
                     }
-                    match self.register(stream, peer) {
+                    let mut hello = Vec::new();
+                    let auth = match &self.config.secret {
+                        None => ConnAuth::Done,
+                        Some(secret) => match ServerHandshake::start(secret, &mut hello) {
+                            Ok(h) => ConnAuth::AwaitProof(h),
+                            Err(_) => {
+                                handler.on_refused(peer, self.open);
+                                continue;
+                            }
+                        },
+                    };
+                    match self.register(stream, peer, auth, &hello) {
                         Ok(id) => handler.on_accept(id, peer),
                         Err(_) => handler.on_refused(peer, self.open),
                     }
@@ -243,6 +286,7 @@ impl<F: Framing> TcpTransport<F> {
         let outbox_max = self.config.outbox_bytes_max;
         let reads_max = self.config.reads_per_round_max;
         let framing = &self.framing;
+        let secret = self.config.secret.as_deref();
         let conn = self.slots[slot as usize].conn.as_mut().expect("service_read on an open slot");
         let mut delivered = 0;
         let mut reads = 0;
@@ -256,6 +300,12 @@ impl<F: Framing> TcpTransport<F> {
                     return Ok((delivered, ReadOutcome::Paused));
                 }
                 let buffered = &conn.rbuf[conn.rstart..conn.rend];
+                if !matches!(conn.auth, ConnAuth::Done) {
+                    match authenticate(conn, secret)? {
+                        Some(()) => continue,
+                        None => break,
+                    }
+                }
                 match framing.frame_len(buffered).map_err(CloseReason::Malformed)? {
                     Some(len) if len <= buffered.len() => {
                         let frame = &conn.rbuf[conn.rstart..conn.rstart + len];
@@ -354,6 +404,10 @@ impl<F: Framing> TcpTransport<F> {
     fn service_write<H: Handler>(&mut self, slot: u32, handler: &mut H) {
         let outbox_max = self.config.outbox_bytes_max;
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else { return };
+        if matches!(conn.auth, ConnAuth::AwaitHello) {
+            // Its proof must go first; it stays dirty until then.
+            return;
+        }
         let mut failure = None;
         while conn.wpos < conn.wbuf.len() {
             match conn.stream.write(&conn.wbuf[conn.wpos..]) {
@@ -433,8 +487,12 @@ impl<F: Framing> Transport for TcpTransport<F> {
     fn connect(&mut self, addr: SocketAddr, timeout: Duration) -> Result<ConnId, TransportError> {
         let io_err = |source| TransportError::Io { op: "connect", addr, source };
         let stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
+        // The handshake runs in `poll`, not here: a brick core that connects to a peer
+        // core must not wait for that core, which may be connecting to it. A refusal
+        // closes the connection with `CloseReason::Unauthenticated`.
+        let auth = if self.config.secret.is_some() { ConnAuth::AwaitHello } else { ConnAuth::WatchForHello };
         stream.set_nonblocking(true).map_err(io_err)?;
-        self.register(TcpStream::from_std(stream), addr).map_err(io_err)
+        self.register(TcpStream::from_std(stream), addr, auth, &[]).map_err(io_err)
     }
 
     fn outbox(&mut self, conn: ConnId) -> Result<&mut Vec<u8>, TransportError> {
@@ -514,5 +572,80 @@ impl<F: Framing> Transport for TcpTransport<F> {
 
     fn connections_open(&self) -> usize {
         self.open
+    }
+}
+
+/// One step of a connection's handshake on what it has buffered: `Some`: done (the
+/// proof, if any, consumed); `None`: more bytes needed. A refusal tells the peer why
+/// (best effort: one write on a fresh socket) and closes the connection.
+fn authenticate(conn: &mut Conn, secret: Option<&Secret>) -> Result<Option<()>, CloseReason> {
+    let buffered = &conn.rbuf[conn.rstart..conn.rend];
+    match &conn.auth {
+        ConnAuth::Done => Ok(Some(())),
+        ConnAuth::WatchForHello => {
+            let prefix = buffered.len().min(auth::MAGIC.len());
+            if buffered[..prefix] != auth::MAGIC[..prefix] {
+                conn.auth = ConnAuth::Done;
+                return Ok(Some(()));
+            }
+            if prefix < auth::MAGIC.len() {
+                return Ok(None);
+            }
+            Err(CloseReason::Unauthenticated(AuthError::NoSecret))
+        }
+        ConnAuth::AwaitHello => {
+            let secret = secret.expect("a hello is awaited only with a secret");
+            let prefix = buffered.len().min(auth::MAGIC.len());
+            if buffered[..prefix] != auth::MAGIC[..prefix] {
+                return Err(CloseReason::Unauthenticated(AuthError::PeerUnproven { cluster: secret.cluster_id() }));
+            }
+            if buffered.len() < auth::HELLO_LEN {
+                return Ok(None);
+            }
+            let mut proof = Vec::with_capacity(auth::PROOF_LEN);
+            let handshake = ClientHandshake::on_hello(secret, &buffered[..auth::HELLO_LEN], &mut proof);
+            conn.rstart += auth::HELLO_LEN;
+            match handshake {
+                Ok(h) => {
+                    // Ahead of the frames queued while the hello was awaited.
+                    conn.wbuf.splice(conn.wpos..conn.wpos, proof);
+                    conn.auth = ConnAuth::AwaitVerdict(h);
+                    Ok(Some(()))
+                }
+                Err(e) => {
+                    let _ = conn.stream.write_all(&proof);
+                    Err(CloseReason::Unauthenticated(e))
+                }
+            }
+        }
+        ConnAuth::AwaitVerdict(handshake) => {
+            let secret = secret.expect("a verdict is awaited only with a secret");
+            if buffered.len() < auth::VERDICT_LEN {
+                return Ok(None);
+            }
+            handshake.on_verdict(secret, &buffered[..auth::VERDICT_LEN]).map_err(CloseReason::Unauthenticated)?;
+            conn.rstart += auth::VERDICT_LEN;
+            conn.auth = ConnAuth::Done;
+            Ok(Some(()))
+        }
+        ConnAuth::AwaitProof(handshake) => {
+            let secret = secret.expect("a proof is awaited only with a secret");
+            let mut verdict = Vec::with_capacity(auth::VERDICT_LEN);
+            match handshake.on_bytes(secret, buffered, &mut verdict) {
+                Ok(None) => Ok(None),
+                Ok(Some(len)) => {
+                    conn.rstart += len;
+                    conn.wbuf.extend_from_slice(&verdict);
+                    conn.auth = ConnAuth::Done;
+                    Ok(Some(()))
+                }
+                Err(e) => {
+                    // The hello may not have left yet (a peer that spoke at once).
+                    let _ = conn.stream.write_all(&conn.wbuf[conn.wpos..]);
+                    let _ = conn.stream.write_all(&verdict);
+                    Err(CloseReason::Unauthenticated(e))
+                }
+            }
+        }
     }
 }

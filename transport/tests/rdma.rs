@@ -91,6 +91,9 @@ impl Handler for Echo {
         out.extend_from_slice(f);
         Ok(())
     }
+    fn on_unauthenticated(&mut self, _peer: SocketAddr, why: &str) {
+        self.closed.push(format!("not authenticated: {why}"));
+    }
     fn on_close(&mut self, _conn: ConnId, _peer: SocketAddr, reason: &CloseReason) {
         self.closed.push(reason.to_string());
     }
@@ -322,4 +325,24 @@ fn tcp_echo_round_trips_for_comparison() {
     println!("tcp transport, 28-byte frames: p50 {:.1} us, p99 {:.1} us round trip", rtts[1000].as_secs_f64() * 1e6, rtts[1980].as_secs_f64() * 1e6);
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+}
+
+#[test]
+fn only_peers_that_prove_the_secret_get_a_queue_pair() {
+    use dds_transport::auth::Secret;
+    let secret = Arc::new(Secret::generate().unwrap());
+    let server = Server::start(RdmaConfig { secret: Some(Arc::clone(&secret)), ..RdmaConfig::default() });
+    let with = |s: Option<&Arc<Secret>>| RdmaTransport::new(LenPrefix, RdmaConfig { secret: s.cloned(), ..RdmaConfig::default() }).expect("rdma transport");
+    let mut good = with(Some(&secret));
+    let g = good.connect(server.addr, Duration::from_secs(2)).expect("the secret's holder is served");
+    let frames = vec![frame(b"member")];
+    assert_eq!(round_trip(&mut good, g, &frames), frames);
+    let other = Arc::new(Secret::generate().unwrap());
+    let err = with(Some(&other)).connect(server.addr, Duration::from_secs(2)).unwrap_err().to_string();
+    assert!(err.contains("belongs to cluster"), "another cluster: {err}");
+    let err = with(None).connect(server.addr, Duration::from_secs(2)).unwrap_err().to_string();
+    assert!(err.contains("requires the cluster's secret"), "no secret: {err}");
+    assert_eq!(round_trip(&mut good, g, &frames), frames, "the member is still served");
+    let reasons = server.stop();
+    assert!(reasons.iter().filter(|r| r.contains("not authenticated")).count() >= 2, "{reasons:?}");
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use dds_transport::{CloseReason, ConnId, Handler, TcpConfig, TcpTransport, Transport};
 
 mod common;
+use common::tap::Tap;
 use common::{frame, LenPrefix};
 
 #[derive(Default)]
@@ -32,7 +33,11 @@ impl Handler for Echo {
 
 /// Runs an echo server until `stop`; returns its close reasons.
 fn serve(stop: &AtomicBool, ready: mpsc::Sender<SocketAddr>) -> Vec<String> {
-    let mut t = TcpTransport::new(LenPrefix, TcpConfig::default()).unwrap();
+    serve_with(TcpConfig::default(), stop, ready)
+}
+
+fn serve_with(config: TcpConfig, stop: &AtomicBool, ready: mpsc::Sender<SocketAddr>) -> Vec<String> {
+    let mut t = TcpTransport::new(LenPrefix, config).unwrap();
     ready.send(t.listen("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
     let mut echo = Echo::default();
     while !stop.load(Ordering::Relaxed) {
@@ -44,12 +49,16 @@ fn serve(stop: &AtomicBool, ready: mpsc::Sender<SocketAddr>) -> Vec<String> {
 #[derive(Default)]
 struct Collect {
     frames: Vec<Vec<u8>>,
+    closed: Vec<String>,
 }
 
 impl Handler for Collect {
     fn on_frame(&mut self, _conn: ConnId, frame: &[u8], _out: &mut Vec<u8>) -> Result<(), String> {
         self.frames.push(frame.to_vec());
         Ok(())
+    }
+    fn on_close(&mut self, _conn: ConnId, _peer: SocketAddr, reason: &CloseReason) {
+        self.closed.push(reason.to_string());
     }
 }
 
@@ -153,4 +162,100 @@ fn a_peer_that_never_reads_is_paused_without_hurting_others() {
         stop.store(true, Ordering::Relaxed);
         server.join().unwrap();
     });
+}
+
+/// Sends one frame on `conn` and waits up to 2 s for its echo: the echo, or why the
+/// connection closed.
+fn echo_once(t: &mut TcpTransport<LenPrefix>, conn: ConnId, payload: &[u8]) -> Result<Vec<u8>, String> {
+    t.outbox(conn).map_err(|e| e.to_string())?.extend_from_slice(&frame(payload));
+    let mut got = Collect::default();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while got.frames.is_empty() && Instant::now() < deadline && t.peer(conn).is_some() {
+        t.poll(Some(Duration::from_millis(5)), &mut got).unwrap();
+    }
+    got.frames.pop().ok_or(got.closed.join("; "))
+}
+
+#[test]
+fn only_peers_that_prove_the_clusters_secret_are_served() {
+    use dds_transport::auth::{client_handshake, AuthError, Secret};
+    use std::sync::Arc;
+    let secret = Arc::new(Secret::generate().unwrap());
+    let other = Arc::new(Secret::generate().unwrap());
+    // This cluster's id with another key.
+    let text: Vec<String> = secret.to_text().lines().map(|l| if l.starts_with("key") { format!("key = \"{}\"", "ab".repeat(32)) } else { l.to_string() }).collect();
+    let wrong_key = Arc::new(Secret::parse(&text.join("\n")).unwrap());
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    let closed = std::thread::scope(|s| {
+        let server = s.spawn(|| serve_with(TcpConfig { secret: Some(Arc::clone(&secret)), ..TcpConfig::default() }, &stop, tx));
+        let addr = rx.recv().unwrap();
+        // A failed assertion below must not leave the server running (the scope waits).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let transport = |secret: Option<&Arc<Secret>>| TcpTransport::new(LenPrefix, TcpConfig { secret: secret.cloned(), ..TcpConfig::default() }).unwrap();
+        let timeout = Duration::from_secs(2);
+
+        // The same secret: served, both ways proved.
+        let mut good = transport(Some(&secret));
+        let conn = good.connect(addr, timeout).unwrap();
+        assert_eq!(echo_once(&mut good, conn, b"hello"), Ok(frame(b"hello")), "the cluster's own secret is accepted");
+
+        // Another cluster's secret, and this cluster's id with a wrong key: the frame
+        // queued at connect never leaves, and the close says why.
+        for (secret, why) in [(&other, "belongs to cluster"), (&wrong_key, "wrong secret")] {
+            let mut t = transport(Some(secret));
+            let conn = t.connect(addr, timeout).unwrap();
+            let err = echo_once(&mut t, conn, b"sneak").unwrap_err();
+            assert!(err.contains("not authenticated") && err.contains(why), "{err}");
+        }
+
+        // No secret: the connection opens, the first frame is never echoed, and the
+        // reason is the peer's demand for a secret, not a malformed frame.
+        let mut open = transport(None);
+        let conn = open.connect(addr, timeout).unwrap();
+        let err = echo_once(&mut open, conn, b"let me in").unwrap_err();
+        assert!(err.contains("requires the cluster's secret"), "{err}");
+
+        // A raw stranger that speaks frames at once gets the hello, then the close.
+        let mut raw = TcpStream::connect(addr).unwrap();
+        raw.set_read_timeout(Some(timeout)).unwrap();
+        raw.write_all(&frame(b"stranger")).unwrap();
+        let mut seen = Vec::new();
+        let _ = raw.read_to_end(&mut seen);
+        assert!(seen.starts_with(&dds_transport::auth::MAGIC) && seen.len() == dds_transport::auth::HELLO_LEN + dds_transport::auth::VERDICT_LEN, "hello, refusal: {seen:?}");
+
+        // Replay: everything an authenticated client sent, captured, then sent again
+        // on a new connection, is refused (the proof is bound to the first server nonce).
+        let mut tap = Tap { stream: TcpStream::connect(addr).unwrap(), sent: Vec::new() };
+        tap.stream.set_read_timeout(Some(timeout)).unwrap();
+        client_handshake(&mut tap, Some(&secret)).unwrap();
+        tap.write_all(&frame(b"captured")).unwrap();
+        let mut echoed = [0u8; 12];
+        tap.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed[..], &frame(b"captured")[..]);
+        let mut replay = TcpStream::connect(addr).unwrap();
+        replay.set_read_timeout(Some(timeout)).unwrap();
+        replay.write_all(&tap.sent).unwrap();
+        let mut seen = Vec::new();
+        let _ = replay.read_to_end(&mut seen);
+        assert!(!seen.windows(12).any(|w| w == &frame(b"captured")[..]), "a replayed frame was served");
+        assert_eq!(seen.len(), dds_transport::auth::HELLO_LEN + dds_transport::auth::VERDICT_LEN, "hello, then the refusal");
+        assert!(matches!(
+            dds_transport::auth::ClientHandshake::on_hello(&secret, &seen[..32], &mut Vec::new()).unwrap().on_verdict(&secret, &seen[32..]),
+            Err(AuthError::RefusedByPeer("wrong secret"))
+        ));
+
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap()
+    });
+    let refused = closed.iter().filter(|c| c.contains("not authenticated")).count();
+    assert!(refused >= 4, "each refusal is a close with its reason: {closed:?}");
+    assert!(closed.iter().any(|c| c.contains("belongs to cluster")), "{closed:?}");
+    assert!(closed.iter().any(|c| c.contains("before authenticating")), "{closed:?}");
 }

@@ -23,3 +23,4 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(payload);
     f
 }
+pub mod tap;
