@@ -37,9 +37,19 @@ global:
   scrape_timeout: 900ms
 scrape_configs:
   - job_name: dds
+    authorization:
+      type: Bearer
+      credentials_file: $work/c/metrics.token
     static_configs:
       - targets: [$targets]
 EOF
+# Without the cluster's metrics token a scrape is refused (401); with it, served.
+first="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["bricks"][0]["metrics"])' "$work/c/cluster.json")"
+code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://$first/metrics")"
+[ "$code" = 401 ] || { echo "a scrape without the token got $code, not 401" >&2; exit 1; }
+code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Bearer $(cat "$work/c/metrics.token")" "http://$first/metrics")"
+[ "$code" = 200 ] || { echo "a scrape with the token got $code, not 200" >&2; exit 1; }
+echo "metrics: 401 without the cluster's token, 200 with it"
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
   --web.listen-address="127.0.0.1:$port" >"$work/prometheus.log" 2>&1 &
 prom_pid=$!

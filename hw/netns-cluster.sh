@@ -51,7 +51,8 @@ META="$(addr_of 0):7100"
 
 start_meta() {
   # `ip netns exec` directly (not through a function) so that $! is the server's pid.
-  ip netns exec "$tag-meta" "$dds" meta --dir "$work/meta" --listen "$META" --bricks 3 --replicas 2 >>"$work/meta.log" 2>&1 &
+  ip netns exec "$tag-meta" "$dds" meta --dir "$work/meta" --listen "$META" --bricks 3 --replicas 2 \
+    --secret-file "$work/secret" >>"$work/meta.log" 2>&1 &
   pids+=($!)
   disown $!
 }
@@ -59,15 +60,17 @@ brick_pid=()
 start_brick() {
   local i="$1"
   ip netns exec "$tag-b$i" "$dds" brick --dir "$work/b$i" --listen "$(addr_of $((i + 1))):7000" --meta "$META" --cores 1 --id "$i" \
-    >>"$work/b$i.log" 2>&1 &
+    --secret-file "$work/secret" >>"$work/b$i.log" 2>&1 &
   brick_pid[$i]=$!
   pids+=($!)
   disown $!
 }
+# The cluster's secret, as for processes started by hand on separate hosts.
+"$dds" secret "$work/secret" >/dev/null
 start_meta
 for i in 0 1 2; do start_brick "$i"; done
 seeds=(--addr "$META" --addr "$(addr_of 1):7000" --addr "$(addr_of 2):7000" --addr "$(addr_of 3):7000")
-client() { ns client "$dds" "$@" "${seeds[@]}"; }
+client() { ns client "$dds" "$@" "${seeds[@]}" --secret-file "$work/secret"; }
 # The cluster serves once the authority has its first map.
 for _ in $(seq 100); do client put ready yes >/dev/null 2>&1 && break; sleep 0.1; done
 check_range() {
@@ -77,6 +80,12 @@ check_range() {
   done
   echo "$bad"
 }
+# A client without the secret, from its own host, is refused by every process.
+for at in "$META" "$(addr_of 1):7000"; do
+  said="$(ns client "$dds" get ready --addr "$at" 2>&1 || true)"
+  case "$said" in *"requires the cluster's secret"*) ;; *) echo "netns: a client without the secret was not refused by $at: $said" >&2; exit 1 ;; esac
+done
+echo "netns: a client without the secret is refused by the authority and a brick"
 echo "netns: 3 bricks on 10.211.0.2-4, authority on 10.211.0.1, client on 10.211.0.5; loading $keys keys"
 for k in $(seq 1 "$keys"); do client put "k$k" "value-$k" >/dev/null; done
 kill -9 "${brick_pid[1]}"

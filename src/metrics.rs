@@ -12,6 +12,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use dds_transport::auth::Secret;
 
 use crate::proto::{Histogram, HISTOGRAM_BUCKETS};
 
@@ -141,9 +142,11 @@ const REQUEST_BYTES_MAX: usize = 8 << 10;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves `GET /metrics` on `listener` until `stop`, one scrape at a time, each with
-/// the samples `gather` returns then; any other path is 404. A client that sends
-/// nothing useful within the timeout is dropped.
-pub fn serve(listener: TcpListener, stop: &AtomicBool, gather: impl Fn() -> Vec<Sample>) {
+/// the samples `gather` returns then; any other path is 404. With a `secret`, a scrape
+/// must present its metrics token (`Authorization: Bearer <token>`, the file `cluster
+/// up --metrics` writes), else it is answered 401. A client that sends nothing useful
+/// within the timeout is dropped.
+pub fn serve(listener: TcpListener, stop: &AtomicBool, secret: Option<&Secret>, gather: impl Fn() -> Vec<Sample>) {
     // Non-blocking accepts, so a stop is seen within a tenth of a second.
     if listener.set_nonblocking(true).is_err() {
         return;
@@ -151,7 +154,7 @@ pub fn serve(listener: TcpListener, stop: &AtomicBool, gather: impl Fn() -> Vec<
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                let _ = answer(stream, &gather);
+                let _ = answer(stream, secret, &gather);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(100)),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -159,7 +162,14 @@ pub fn serve(listener: TcpListener, stop: &AtomicBool, gather: impl Fn() -> Vec<
     }
 }
 
-fn answer(mut stream: TcpStream, gather: &impl Fn() -> Vec<Sample>) -> std::io::Result<()> {
+/// Whether the request's headers carry the metrics token of `secret`.
+fn authorized(request: &[u8], secret: &Secret) -> bool {
+    String::from_utf8_lossy(request).lines().skip(1).filter_map(|l| l.split_once(':')).any(|(name, value)| {
+        name.trim().eq_ignore_ascii_case("authorization") && value.trim().strip_prefix("Bearer ").is_some_and(|t| secret.is_metrics_token(t))
+    })
+}
+
+fn answer(mut stream: TcpStream, secret: Option<&Secret>, gather: &impl Fn() -> Vec<Sample>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     // One deadline for the whole scrape, not per read: a client that trickles bytes
     // cannot hold the server.
@@ -179,7 +189,9 @@ fn answer(mut stream: TcpStream, gather: &impl Fn() -> Vec<Sample>) -> std::io::
     }
     let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
     let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
-    let (status, content_type, body) = if line.starts_with(b"GET ") && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
+    let (status, content_type, body) = if secret.is_some_and(|s| !authorized(&request, s)) {
+        ("401 Unauthorized", "text/plain; charset=utf-8", "this cluster's metrics need its token: Authorization: Bearer <the metrics.token file of `cluster up --metrics`>\n".to_string())
+    } else if line.starts_with(b"GET ") && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
         ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", encode(gather()))
     } else {
         ("404 Not Found", "text/plain; charset=utf-8", "dds serves its metrics at /metrics\n".to_string())

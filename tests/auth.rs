@@ -48,7 +48,7 @@ fn ports(cluster: &TestCluster) -> Vec<SocketAddr> {
 
 #[test]
 fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_change_nothing() {
-    let mut cluster = TestCluster::up_with(2, 2, &["--replicas", "2"]);
+    let mut cluster = TestCluster::up_with(2, 2, &["--replicas", "2", "--metrics"]);
     let dir = cluster.path().to_path_buf();
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join("secret")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "cluster up writes its secret for its owner only");
@@ -77,6 +77,23 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
         let mut seen = Vec::new();
         let _ = raw.read_to_end(&mut seen);
         assert!(seen.starts_with(&dds::auth::MAGIC) && seen.len() == dds::auth::HELLO_LEN + dds::auth::VERDICT_LEN, "{addr}: {seen:?}");
+    }
+    // Every metrics port wants the token `cluster up --metrics` wrote (401 without).
+    let token = std::fs::read_to_string(dir.join("metrics.token")).unwrap();
+    let file = cluster.file();
+    for at in std::iter::once(file.meta.metrics).chain(file.bricks.iter().map(|b| b.metrics)) {
+        let at = at.expect("--metrics");
+        let scrape = |header: &str| {
+            let mut s = TcpStream::connect(at).unwrap();
+            s.set_read_timeout(Some(timeout)).unwrap();
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: dds\r\n{header}\r\n").unwrap();
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer.lines().next().unwrap_or_default().to_string()
+        };
+        assert!(scrape("").contains("401"), "{at}: a scrape without the token");
+        assert!(scrape("Authorization: Bearer 00\r\n").contains("401"), "{at}: a wrong token");
+        assert!(scrape(&format!("Authorization: Bearer {token}\r\n")).contains("200"), "{at}: the cluster's token");
     }
     // The library's client says why too.
     let seeds = cluster.file().addrs();

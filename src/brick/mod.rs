@@ -390,7 +390,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             let (stop, addrs) = (Arc::clone(&stop), addrs.clone());
             spawned = std::thread::Builder::new()
                 .name("dds-metrics".into())
-                .spawn_scoped(scope, move || crate::metrics::serve(listener, &stop, || samples(shared, &addrs, config.secret.as_deref())))
+                .spawn_scoped(scope, move || crate::metrics::serve(listener, &stop, config.secret.as_deref(), || samples(shared, &addrs, config.secret.as_deref())))
                 .map(|_| ())
                 .map_err(|source| BrickError::Spawn { thread: "metrics".into(), source });
         }

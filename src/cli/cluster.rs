@@ -630,6 +630,9 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     super::mib_to_bytes(args.checkpoint_log_mb)?;
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let (secret_file, secret) = cluster_secret(&dir, args.secret_file.as_deref())?;
+    if args.metrics {
+        write_metrics_token(&dir, &secret)?;
+    }
     let mdir = dir.join("meta");
     let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics, Some(&secret_file))?;
     let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
@@ -702,6 +705,18 @@ fn cluster_secret(dir: &Path, given: Option<&Path>) -> anyhow::Result<(PathBuf, 
     };
     let secret = if given.is_none() && !path.exists() { Secret::create(&path)? } else { Secret::load(&path)? };
     Ok((path, Arc::new(secret)))
+}
+
+/// Where `cluster up --metrics` writes the bearer token a scrape presents.
+pub const METRICS_TOKEN_FILE: &str = "metrics.token";
+
+/// Writes `<dir>/metrics.token` (mode 0600), for Prometheus's `credentials_file`.
+fn write_metrics_token(dir: &Path, secret: &Secret) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(METRICS_TOKEN_FILE);
+    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).with_context(|| format!("write {}", path.display()))?;
+    file.write_all(secret.metrics_token().as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("write {}", path.display()))
 }
 
 fn wait_for_brick(bdir: &Path, child: &mut Child) -> anyhow::Result<BrickFile> {
@@ -864,6 +879,9 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     if cluster.metrics {
         let bricks: Vec<String> = cluster.bricks.iter().map(|b| b.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics"))).collect();
         out!("  metrics: map authority {}; bricks (by index) {}", cluster.meta.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics")), bricks.join(" "));
+        if cluster.secret.is_some() {
+            out!("  metrics need the bearer token in {}", dir.join(METRICS_TOKEN_FILE).display());
+        }
     }
     if let Ok(m) = &map {
         let rdma = m.bricks().values().filter(|a| !a.rdma.is_empty()).count();

@@ -84,6 +84,19 @@ enum Command {
     Bench(bench::BenchArgs),
     /// dds beside Redis, memcached and the echo floor, same load generator, one run.
     Suite(suite::SuiteArgs),
+    /// Make a new cluster secret (mode 0600) for processes started by hand, which take
+    /// it as --secret-file (`cluster up` makes its own).
+    Secret(SecretArgs),
+}
+
+#[derive(Args)]
+struct SecretArgs {
+    /// The file to write (one that exists is never replaced).
+    path: PathBuf,
+    /// Print the metrics bearer token of the secret already in PATH instead (what a
+    /// Prometheus scrape presents: `Authorization: Bearer <token>`).
+    #[arg(long)]
+    metrics_token: bool,
 }
 
 #[derive(Args)]
@@ -259,6 +272,15 @@ pub fn main() -> anyhow::Result<()> {
         Command::Del(args) => kv::del(args),
         Command::Bench(args) => bench::bench(args),
         Command::Suite(args) => suite::suite(args),
+        Command::Secret(args) if args.metrics_token => {
+            out!("{}", Secret::load(&args.path)?.metrics_token());
+            Ok(())
+        }
+        Command::Secret(args) => {
+            let secret = Secret::create(&args.path)?;
+            out!("cluster {:016x}: secret written to {} (mode 0600); give it to every process as --secret-file", secret.cluster_id(), args.path.display());
+            Ok(())
+        }
     }
 }
 

@@ -168,10 +168,10 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     };
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(listener) = metrics {
-        let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+        let (shared, stop, secret) = (Arc::clone(&shared), Arc::clone(&stop), config.secret.clone());
         std::thread::Builder::new()
             .name("dds-meta-metrics".into())
-            .spawn(move || crate::metrics::serve(listener, &stop, || samples(&shared.lock(), replicas_asked)))
+            .spawn(move || crate::metrics::serve(listener, &stop, secret.as_deref(), || samples(&shared.lock(), replicas_asked)))
             .map_err(|source| MetaError::File { op: "start the metrics thread for", path: config.dir.clone(), source })?;
     }
     write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr, metrics: metrics_addr }).expect("serialises"))?;

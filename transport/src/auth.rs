@@ -62,7 +62,7 @@ pub enum AuthError {
     PeerUnproven { cluster: u64 },
     #[error("it sent {0} before authenticating (a process without the cluster's secret?)")]
     NotAuthenticated(&'static str),
-    #[error("the peer sent no handshake within the timeout (does it run without a secret?)")]
+    #[error("no handshake within {} s: the peer sent nothing (does it run without the cluster's secret?)", HANDSHAKE_TIMEOUT.as_secs())]
     Silent,
     #[error("handshake: {0}")]
     Io(#[source] std::io::Error),
@@ -156,12 +156,31 @@ impl Secret {
         use std::os::unix::fs::OpenOptionsExt;
         let err = |why: String| AuthError::File { path: path.display().to_string(), why };
         let secret = Secret::generate()?;
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| err(e.to_string()))?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => err("exists already; a secret file is never replaced (remove it to make a new one)".into()),
+            _ => err(e.to_string()),
+        })?;
         file.write_all(secret.to_text().as_bytes()).and_then(|()| file.sync_all()).map_err(|e| err(e.to_string()))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(format!("sync its directory: {e}")))?;
         }
         Ok(secret)
+    }
+
+    /// The bearer token a metrics scrape presents (`Authorization: Bearer ...`): derived
+    /// from the key, so it proves nothing beyond the metrics and reveals nothing of it.
+    pub fn metrics_token(&self) -> String {
+        self.mac(b"dds metrics", &[0; 16], &[0; 16]).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `given` is the metrics token, compared in constant time.
+    pub fn is_metrics_token(&self, given: &str) -> bool {
+        let given = given.trim();
+        if given.len() != 64 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        let bytes: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&given[2 * i..2 * i + 2], 16).expect("hex digits")).collect();
+        self.mac(b"dds metrics", &[0; 16], &[0; 16]).verify_slice(&bytes).is_ok()
     }
 
     fn mac(&self, label: &[u8], first: &Nonce, second: &Nonce) -> Hmac<Sha256> {
@@ -372,5 +391,8 @@ mod tests {
         assert_eq!(Secret::parse(&secret.to_text()).unwrap(), secret);
         assert!(Secret::parse("cluster = \"12\"\nkey = \"00\"").unwrap_err().contains("cluster"));
         assert!(!format!("{secret:?}").contains(&secret.to_text()[100..110]));
+        assert!(secret.is_metrics_token(&secret.metrics_token()));
+        assert!(!secret.is_metrics_token(&Secret::generate().unwrap().metrics_token()));
+        assert!(!secret.is_metrics_token("not a token"));
     }
 }

@@ -2,10 +2,11 @@
 //! receive buffer and one send buffer per connection reused for its whole life, so the
 //! steady state allocates nothing per request.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -111,6 +112,9 @@ pub struct TcpTransport<F: Framing> {
     /// Slots whose input was not read to the end last round (fairness bound, or paused
     /// because their replies were not being read).
     unread: Vec<u32>,
+    /// Connections in their handshake, by deadline (`auth::HANDSHAKE_TIMEOUT`): one
+    /// that has not finished by then is closed, so strangers cannot hold slots.
+    handshakes: VecDeque<(Instant, ConnId)>,
     /// A watched descriptor became readable since `take_woken`.
     woken: bool,
 }
@@ -147,6 +151,7 @@ impl<F: Framing> TcpTransport<F> {
             open: 0,
             dirty: Vec::new(),
             unread: Vec::new(),
+            handshakes: VecDeque::new(),
             woken: false,
         })
     }
@@ -218,10 +223,14 @@ impl<F: Framing> TcpTransport<F> {
         if !hello.is_empty() {
             self.dirty.push(slot);
         }
+        let id = ConnId { slot, generation: s.generation };
+        if matches!(s.conn.as_ref().map(|c| &c.auth), Some(ConnAuth::AwaitProof(_) | ConnAuth::AwaitHello)) {
+            self.handshakes.push_back((Instant::now() + auth::HANDSHAKE_TIMEOUT, id));
+        }
         // Data may have arrived before registration; edge-triggered epoll would not
         // report it, so read it on the next round.
         self.unread.push(slot);
-        Ok(ConnId { slot, generation: s.generation })
+        Ok(id)
     }
 
     fn close_slot<H: Handler>(&mut self, slot: u32, reason: CloseReason, handler: &mut H) {
@@ -451,6 +460,22 @@ impl<F: Framing> TcpTransport<F> {
         }
     }
 
+    /// Closes the connections whose handshake ran past its deadline.
+    fn expire_handshakes<H: Handler>(&mut self, handler: &mut H) {
+        let Some(&(first, _)) = self.handshakes.front() else { return };
+        let now = Instant::now();
+        if first > now {
+            return;
+        }
+        while let Some(&(_, id)) = self.handshakes.front().filter(|(deadline, _)| *deadline <= now) {
+            self.handshakes.pop_front();
+            let waiting = self.conn_mut(id).is_some_and(|c| !matches!(c.auth, ConnAuth::Done | ConnAuth::WatchForHello));
+            if waiting {
+                self.close_slot(id.slot, CloseReason::Unauthenticated(AuthError::Silent), handler);
+            }
+        }
+    }
+
     fn flush_dirty<H: Handler>(&mut self, handler: &mut H) {
         // Slots that stay dirty (socket full) are re-queued when epoll says writable.
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -554,6 +579,7 @@ impl<F: Framing> Transport for TcpTransport<F> {
                 delivered += self.read_slot(slot, false, handler);
             }
         }
+        self.expire_handshakes(handler);
         self.flush_dirty(handler);
         Ok(delivered)
     }

@@ -230,6 +230,17 @@ fn only_peers_that_prove_the_clusters_secret_are_served() {
         let _ = raw.read_to_end(&mut seen);
         assert!(seen.starts_with(&dds_transport::auth::MAGIC) && seen.len() == dds_transport::auth::HELLO_LEN + dds_transport::auth::VERDICT_LEN, "hello, refusal: {seen:?}");
 
+        // A stranger that connects and says nothing holds its slot for the handshake's
+        // deadline only.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let since = Instant::now();
+        let mut seen = Vec::new();
+        let _ = silent.read_to_end(&mut seen);
+        let held = since.elapsed();
+        assert!(held >= Duration::from_millis(1500) && held < Duration::from_secs(5), "closed after {held:?}");
+        assert_eq!(seen.len(), dds_transport::auth::HELLO_LEN, "only the hello: {seen:?}");
+
         // Replay: everything an authenticated client sent, captured, then sent again
         // on a new connection, is refused (the proof is bound to the first server nonce).
         let mut tap = Tap { stream: TcpStream::connect(addr).unwrap(), sent: Vec::new() };
@@ -258,4 +269,5 @@ fn only_peers_that_prove_the_clusters_secret_are_served() {
     assert!(refused >= 4, "each refusal is a close with its reason: {closed:?}");
     assert!(closed.iter().any(|c| c.contains("belongs to cluster")), "{closed:?}");
     assert!(closed.iter().any(|c| c.contains("before authenticating")), "{closed:?}");
+    assert!(closed.iter().any(|c| c.contains("no handshake within")), "{closed:?}");
 }
