@@ -116,6 +116,12 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
     let said = text(&out.stderr);
     assert!(!out.status.success() && said.contains("refused this brick's credentials") && said.contains("belongs to cluster"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not after retries: {:?}", started.elapsed());
+    // A brick with no secret at all stops at once too.
+    let started = Instant::now();
+    let out = dds().args(["brick", "--dir", stranger_dir.path().join("open").to_str().unwrap(), "--cores", "1", "--meta", &meta]).output().unwrap();
+    let said = text(&out.stderr);
+    assert!(!out.status.success() && said.contains("refused this brick's credentials") && said.contains("requires the cluster's secret"), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(10), "refused at once: {:?}", started.elapsed());
     let map = cluster.authority_map();
     assert_eq!((map.epoch(), map.bricks().len()), (epoch, 2), "the map is as it was");
 

@@ -169,7 +169,14 @@ fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAd
         }
     }
     let Some(rpc) = session else { return Answer::Lost("no session".into()) };
-    let answer = lease::answer_of(step, rpc.call(op, epoch, &[], &value, timeout).map_err(|e| e.to_string()));
+    let result = rpc.call(op, epoch, &[], &value, timeout);
+    if let Some(e) = result.as_ref().err().filter(|e| e.is_refusal()) {
+        // An authority that wants a secret this brick does not have.
+        let why = e.to_string();
+        *session = None;
+        return Answer::Unauthenticated(why);
+    }
+    let answer = lease::answer_of(step, result.map_err(|e| e.to_string()));
     if op == Op::Register && !matches!(answer, Answer::Registered(_)) {
         *session = None;
     }

@@ -1,16 +1,21 @@
-//! The storage engine (shard + log records + replay) against a `BTreeMap`, with group
-//! commits and crashes that keep the synced log and any prefix of what was written
-//! after the last sync, cut anywhere, even inside a record.
+//! The storage engine (shard, log records, the real `Storage` with its segments and
+//! checkpoints, and `recover`) against a `BTreeMap`, on the crash-modelling memory disk
+//! the simulator uses too (`log::mem_disk`): group commits, checkpoints, and crashes
+//! that are process crashes (the kernel keeps every write) or power losses (what was
+//! synced survives; of the rest, a prefix in whole sectors, one sector maybe torn).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use proptest::prelude::*;
+use rand::SeedableRng;
 
 use std::sync::Arc;
 
 use super::control::standalone_map;
+use super::storage::recover;
 use super::{Effects, Shard};
-use crate::log::record::{self, ScanEnd};
+use crate::log::mem_disk::MemDisk;
 use crate::map::{BrickAddr, BrickId};
 use crate::proto::{BrickInfo, Frame, Kind, Op};
 
@@ -34,19 +39,20 @@ fn write(shard: &mut Shard, op: Op, key: &[u8], value: &[u8], next_lsn: &mut u64
 enum Step {
     Put(u8, Vec<u8>),
     Remove(u8),
-    /// End of a loop round: the batch is written; `sync` also fdatasyncs it.
+    /// End of a loop round: the batch is written (`sync`: and fdatasynced), then the
+    /// checkpoint work between rounds runs.
     Commit { sync: bool },
-    /// The process dies: the unwritten batch is gone, and of the unsynced bytes on disk
-    /// only the first `keep / 255` survive.
-    Crash { keep: u8 },
+    /// The process dies, or (`power_loss`) the machine: then what was not synced is
+    /// cut as a disk may cut it (drawn from `seed`). The unwritten batch is gone.
+    Crash { power_loss: bool, seed: u64 },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (0u8..24, prop::collection::vec(any::<u8>(), 0..40)).prop_map(|(k, v)| Step::Put(k, v)),
+        6 => (0u8..24, prop::collection::vec(any::<u8>(), 0..120)).prop_map(|(k, v)| Step::Put(k, v)),
         2 => (0u8..24).prop_map(Step::Remove),
         3 => any::<bool>().prop_map(|sync| Step::Commit { sync }),
-        1 => any::<u8>().prop_map(|keep| Step::Crash { keep }),
+        1 => (any::<bool>(), any::<u64>()).prop_map(|(power_loss, seed)| Step::Crash { power_loss, seed }),
     ]
 }
 
@@ -70,20 +76,25 @@ fn key(k: u8) -> Vec<u8> {
     format!("key-{k}").into_bytes()
 }
 
+/// A segment this small starts a checkpoint every few rounds.
+const CHECKPOINT_LOG_BYTES: u64 = 2048;
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn recovery_keeps_every_synced_write_and_nothing_unwritten(steps in prop::collection::vec(step(), 1..120)) {
+    fn recovery_keeps_every_synced_write_and_a_prefix_of_the_rest(steps in prop::collection::vec(step(), 1..150), preallocate in any::<bool>()) {
+        crate::logging::set_quiet(true);
+        let dir = Path::new("/core");
+        let disk = MemDisk::default();
         let mut shard = new_shard();
-        let mut live = Model::new();
-        let mut disk: Vec<u8> = Vec::new();
+        let (mut storage, mut next_lsn) = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate).expect("an empty directory");
+        // Every mutation written to the log, in order, and how many of them were synced.
+        let mut logged: Vec<Logged> = Vec::new();
         let mut synced = 0usize;
-        // Every record on disk: where it ends, and what it does.
-        let mut on_disk: Vec<(usize, Logged)> = Vec::new();
         let mut batch = Vec::new();
-        let mut batch_mutations = Vec::new();
-        let mut next_lsn = 1u64;
+        let mut batch_mutations: Vec<Logged> = Vec::new();
+        let mut live = Model::new();
         for step in steps {
             match step {
                 Step::Put(k, value) => {
@@ -91,58 +102,68 @@ proptest! {
                     let records = write(&mut shard, Op::Put, &key, &value, &mut next_lsn);
                     prop_assert!(!records.is_empty());
                     batch.extend_from_slice(&records);
-                    batch_mutations.push((batch.len(), (true, key.clone(), value.clone())));
+                    batch_mutations.push((true, key.clone(), value.clone()));
                     live.insert(key, value);
                 }
                 Step::Remove(k) => {
                     let key = key(k);
                     let records = write(&mut shard, Op::Remove, &key, &[], &mut next_lsn);
-                    let changed = !records.is_empty();
-                    prop_assert_eq!(changed, live.remove(&key).is_some());
-                    if changed {
+                    prop_assert_eq!(!records.is_empty(), live.remove(&key).is_some());
+                    if !records.is_empty() {
                         batch.extend_from_slice(&records);
-                        batch_mutations.push((batch.len(), (false, key, Vec::new())));
+                        batch_mutations.push((false, key, Vec::new()));
                     }
                 }
                 Step::Commit { sync } => {
-                    let base = disk.len();
-                    disk.extend_from_slice(&batch);
-                    on_disk.extend(batch_mutations.drain(..).map(|(end, m)| (base + end, m)));
+                    storage.commit(&batch, sync).expect("a memory disk does not fail");
                     batch.clear();
+                    logged.append(&mut batch_mutations);
                     if sync {
-                        synced = disk.len();
+                        synced = logged.len();
+                    }
+                    // Checkpoint work between rounds, as the core loop does it.
+                    for _ in 0..64 {
+                        if !storage.step(&shard, &mut next_lsn).expect("a memory disk does not fail") {
+                            break;
+                        }
                     }
                 }
-                Step::Crash { keep } => {
+                Step::Crash { power_loss, seed } => {
                     batch.clear();
                     batch_mutations.clear();
-                    let kept = synced + (disk.len() - synced) * keep as usize / 255;
-                    disk.truncate(kept);
-                    on_disk.retain(|(end, _)| *end <= kept);
-                    let mut expected = Model::new();
-                    for (_, m) in &on_disk {
-                        apply(&mut expected, m);
+                    drop(storage);
+                    if power_loss {
+                        disk.lose_power(&mut rand::rngs::SmallRng::seed_from_u64(seed));
                     }
-                    // Restart: a fresh shard from the log alone.
                     shard = new_shard();
-                    let mut last_lsn = 0;
-                    let end = record::scan(&disk, |r| {
-                        shard.replay(&r.mutation);
-                        last_lsn = r.lsn;
-                    });
-                    match end {
-                        Ok(ScanEnd::Clean) => {}
-                        Ok(ScanEnd::TornTail { offset, .. }) => {
-                            prop_assert!(offset as usize >= synced, "a synced record was called torn");
-                            disk.truncate(offset as usize);
+                    let recovered = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate);
+                    let Ok((s, lsn)) = recovered else {
+                        return Err(TestCaseError::fail(format!("a log only crashes touched was refused: {:?}", recovered.err())));
+                    };
+                    (storage, next_lsn) = (s, lsn);
+                    // What survived is the log up to some point: all that was synced (all
+                    // that was written, after a process crash), and no mutation out of order.
+                    let got = contents(&shard);
+                    let least = if power_loss { synced } else { logged.len() };
+                    let mut model = Model::new();
+                    logged.iter().take(least).for_each(|m| apply(&mut model, m));
+                    let mut kept = None;
+                    for n in least..=logged.len() {
+                        if model == got {
+                            kept = Some(n);
+                            break;
                         }
-                        Ok(ScanEnd::Preallocated { .. }) => prop_assert!(false, "a log that grows by appends was called preallocated"),
-                        Err(e) => prop_assert!(false, "a crash-cut log was called corrupt: {}", e),
+                        if let Some(m) = logged.get(n) {
+                            apply(&mut model, m);
+                        }
                     }
-                    prop_assert_eq!(contents(&shard), expected.clone());
-                    prop_assert_eq!(last_lsn as usize, on_disk.len());
-                    next_lsn = last_lsn + 1;
-                    live = expected;
+                    let Some(kept) = kept else {
+                        return Err(TestCaseError::fail(format!("recovered {} keys, not the log up to any point from {least} of {} mutations", got.len(), logged.len())));
+                    };
+                    logged.truncate(kept);
+                    // What recovery found is what the next crash starts from.
+                    synced = logged.len();
+                    live = got;
                 }
             }
             prop_assert_eq!(contents(&shard), live.clone());

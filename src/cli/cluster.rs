@@ -204,6 +204,10 @@ pub struct ClusterFile {
     pub bricks: Vec<ClusterBrick>,
     #[serde(skip)]
     pub secret: Option<Arc<Secret>>,
+    /// Why `secret_file` could not be read: commands that talk to the cluster fail
+    /// with it; `down`, `kill` and the rest, which only signal processes, go on.
+    #[serde(skip)]
+    pub secret_error: Option<String>,
 }
 
 impl ClusterFile {
@@ -217,7 +221,10 @@ impl ClusterFile {
             .with_context(|| format!("no cluster in {}: cannot read {}", dir.display(), path.display()))?;
         let mut cluster: ClusterFile = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         if let Some(file) = &cluster.secret_file {
-            cluster.secret = Some(Arc::new(Secret::load(file)?));
+            match Secret::load(file) {
+                Ok(s) => cluster.secret = Some(Arc::new(s)),
+                Err(e) => cluster.secret_error = Some(e.to_string()),
+            }
         }
         cluster.adopt_restarted();
         Ok(cluster)
@@ -252,7 +259,16 @@ impl ClusterFile {
         ClientConfig { rdma: self.transport != TransportKind::Tcp, secret: self.secret.clone(), ..ClientConfig::default() }
     }
 
+    /// Fails if the cluster's secret could not be read.
+    pub fn check_secret(&self) -> anyhow::Result<()> {
+        match &self.secret_error {
+            Some(why) => bail!("the cluster's secret: {why}"),
+            None => Ok(()),
+        }
+    }
+
     pub fn connect(&self) -> anyhow::Result<Client> {
+        self.check_secret()?;
         let client = Client::connect(&self.addrs(), self.client_config()).context("connect to the cluster")?;
         say_client_fallback(&client);
         Ok(client)
@@ -436,6 +452,7 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
 
 /// The map as the authority has it now.
 pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
+    cluster.check_secret()?;
     crate::rpc::fetch_map(&cluster.addrs(), Duration::from_millis(500), cluster.secret.as_deref()).map_err(|e| anyhow::anyhow!("fetch the cluster map: {e}"))
 }
 
@@ -682,6 +699,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             secret_file: Some(secret_file),
             bricks,
             secret: Some(secret),
+            secret_error: None,
         };
         cluster.store(&dir)?;
         cluster.connect()?;
@@ -715,7 +733,9 @@ fn write_metrics_token(dir: &Path, secret: &Secret) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(METRICS_TOKEN_FILE);
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).with_context(|| format!("write {}", path.display()))?;
+    // Made anew, so its mode is 0600 whatever an older file's was.
+    let _ = std::fs::remove_file(&path);
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("write {}", path.display()))?;
     file.write_all(secret.metrics_token().as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("write {}", path.display()))
 }
 
@@ -864,6 +884,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     );
     match (&cluster.secret_file, &cluster.secret) {
         (Some(file), Some(s)) => out!("  cluster {:016x}: every connection proves the secret in {}", s.cluster_id(), file.display()),
+        (Some(_), None) => out!("  the cluster's secret cannot be read: {}", cluster.secret_error.as_deref().unwrap_or("?")),
         _ => out!("  no secret: open to anyone who reaches its ports (a cluster made before authentication)"),
     }
     match &map {

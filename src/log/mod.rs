@@ -9,6 +9,8 @@
 pub mod checkpoint;
 pub mod disk;
 pub mod file;
+#[cfg(any(test, feature = "sim"))]
+pub mod mem_disk;
 pub mod record;
 
 use std::path::{Path, PathBuf};

@@ -214,13 +214,9 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
     let secret = shared.lock().secret.clone();
-    if secret.is_some() {
-        let _ = stream.set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT));
-        if let Err(e) = auth::server_handshake(&mut stream, secret.as_deref()) {
-            crate::log!(warn: "meta", "refused connection from {peer}: {e}");
-            return;
-        }
-        let _ = stream.set_read_timeout(None);
+    if let Err(e) = auth::server_handshake(&mut stream, secret.as_deref()) {
+        crate::log!(warn: "meta", "refused connection from {peer}: {e}");
+        return;
     }
     let mut session = Session::new(peer.clone());
     let mut buf = Vec::new();

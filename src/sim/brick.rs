@@ -18,11 +18,11 @@ use crate::proto::LEASE_MS;
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{recover, Control, CoreRound, Durability, Shard, Storage};
 use crate::hash::HashMap;
+use crate::log::mem_disk::MemDisk;
 use crate::log::LogError;
 use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
 use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
 
-use super::disk::SimDisk;
 use super::net::{Call, Endpoint, LinkId, Msg};
 use super::{core_addr, Event, Micros, World, MS};
 
@@ -47,7 +47,7 @@ pub(crate) struct SimCore {
     /// The core's round: the same state machine the core thread drives.
     round: CoreRound,
     /// Its log segments and checkpoint, on the brick's simulated disk.
-    storage: Storage<SimDisk>,
+    storage: Storage<MemDisk>,
     inbox: VecDeque<(LinkId, Vec<u8>)>,
     /// A round's log write (and sync) is under way; frames wait in the inbox.
     busy: bool,
@@ -80,7 +80,7 @@ pub(crate) struct SimBrick {
     pub life: u64,
     pub state: State,
     /// Its directory: every core's log and checkpoint.
-    disk: SimDisk,
+    disk: MemDisk,
     cores: Vec<SimCore>,
     map: Option<Arc<ClusterMap>>,
     /// The brick's lease: the machine the control thread drives.
@@ -124,7 +124,7 @@ impl SimBrick {
             id: None,
             life: 0,
             state: State::Down,
-            disk: SimDisk::default(),
+            disk: MemDisk::default(),
             cores: Vec::new(),
             map: None,
             lease: Lease::starting(None, 0),

@@ -26,7 +26,6 @@ mod brick;
 mod checks;
 mod client;
 mod copy;
-mod disk;
 mod net;
 
 use std::collections::BTreeMap;

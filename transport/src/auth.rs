@@ -35,8 +35,9 @@ pub const VERDICT_LEN: usize = 8 + 1 + 32;
 
 type Nonce = [u8; 16];
 
-/// The cluster's identity and shared key. `Debug` never shows the key.
-#[derive(Clone, PartialEq, Eq)]
+/// The cluster's identity and shared key. `Debug` never shows the key, and nothing
+/// compares keys but the MACs' constant-time checks.
+#[derive(Clone)]
 pub struct Secret {
     cluster_id: u64,
     key: [u8; 32],
@@ -298,32 +299,43 @@ pub fn client_handshake<S: Read + Write>(stream: &mut S, secret: Option<&Secret>
     handshake.on_verdict(secret, &verdict)
 }
 
-/// The whole accepting side on a blocking stream. Without a secret, nothing is
-/// exchanged.
-pub fn server_handshake<S: Read + Write>(stream: &mut S, secret: Option<&Secret>) -> Result<(), AuthError> {
+/// The whole accepting side on a blocking socket, within `HANDSHAKE_TIMEOUT` in all
+/// (not per read: a peer that trickles its proof a byte at a time is cut off too).
+/// Without a secret, nothing is exchanged. The socket's timeouts are left cleared.
+pub fn server_handshake(stream: &mut std::net::TcpStream, secret: Option<&Secret>) -> Result<(), AuthError> {
     let Some(secret) = secret else { return Ok(()) };
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let left = || deadline.checked_duration_since(std::time::Instant::now()).filter(|d| !d.is_zero()).ok_or(AuthError::Silent);
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(AuthError::Io)?;
     let mut hello = Vec::with_capacity(HELLO_LEN);
     let handshake = ServerHandshake::start(secret, &mut hello)?;
     stream.write_all(&hello).map_err(AuthError::Io)?;
     let mut input = Vec::with_capacity(PROOF_LEN);
     let mut verdict = Vec::with_capacity(VERDICT_LEN);
-    loop {
+    let result = loop {
         let mut chunk = [0u8; PROOF_LEN];
         let want = PROOF_LEN - input.len();
-        let n = stream.read(&mut chunk[..want]).map_err(AuthError::Io)?;
+        stream.set_read_timeout(Some(left()?)).map_err(AuthError::Io)?;
+        let n = match stream.read(&mut chunk[..want]) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break Err(AuthError::Silent),
+            Err(e) => break Err(AuthError::Io(e)),
+        };
         if n == 0 {
-            return Err(AuthError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            break Err(AuthError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         input.extend_from_slice(&chunk[..n]);
         match handshake.on_bytes(secret, &input, &mut verdict) {
             Ok(None) => continue,
-            Ok(Some(_)) => return stream.write_all(&verdict).map_err(AuthError::Io),
+            Ok(Some(_)) => break stream.write_all(&verdict).map_err(AuthError::Io),
             Err(e) => {
                 let _ = stream.write_all(&verdict);
-                return Err(e);
+                break Err(e);
             }
         }
-    }
+    };
+    stream.set_read_timeout(None).and_then(|()| stream.set_write_timeout(None)).map_err(AuthError::Io)?;
+    result
 }
 
 /// How long a blocking handshake may take at most, whatever the caller's timeout.
@@ -388,7 +400,7 @@ mod tests {
     #[test]
     fn secret_files_round_trip_and_a_bad_one_says_why() {
         let secret = Secret::generate().unwrap();
-        assert_eq!(Secret::parse(&secret.to_text()).unwrap(), secret);
+        assert_eq!(Secret::parse(&secret.to_text()).unwrap().to_text(), secret.to_text());
         assert!(Secret::parse("cluster = \"12\"\nkey = \"00\"").unwrap_err().contains("cluster"));
         assert!(!format!("{secret:?}").contains(&secret.to_text()[100..110]));
         assert!(secret.is_metrics_token(&secret.metrics_token()));

@@ -77,8 +77,10 @@ enum ConnAuth {
     /// Opened: nothing is written until the server's `Hello` has been answered (the
     /// proof goes out first, then the frames queued meanwhile).
     AwaitHello,
-    /// Opened, proof sent: the server's verdict comes before any frame.
-    AwaitVerdict(ClientHandshake),
+    /// Opened, proof queued at the head of the output: only those `proof_unsent` bytes
+    /// may leave before the server's verdict has proved the server a member; the
+    /// frames queued behind them wait for it.
+    AwaitVerdict { handshake: ClientHandshake, proof_unsent: usize },
     /// Opened by a process without a secret: an authenticating peer's `Hello` (instead
     /// of a frame) is refused with the reason, not taken for a malformed frame.
     WatchForHello,
@@ -303,9 +305,11 @@ impl<F: Framing> TcpTransport<F> {
         loop {
             // Deliver every whole frame already buffered.
             loop {
-                if conn.queued_bytes() > outbox_max {
+                if conn.queued_bytes() > outbox_max && matches!(conn.auth, ConnAuth::Done | ConnAuth::WatchForHello) {
                     // The peer is not reading its replies: stop reading its requests
                     // until the replies drain (the write path puts it back in `unread`).
+                    // Not during a handshake, whose bytes must be read for anything to
+                    // leave.
                     return Ok((delivered, ReadOutcome::Paused));
                 }
                 let buffered = &conn.rbuf[conn.rstart..conn.rend];
@@ -413,18 +417,26 @@ impl<F: Framing> TcpTransport<F> {
     fn service_write<H: Handler>(&mut self, slot: u32, handler: &mut H) {
         let outbox_max = self.config.outbox_bytes_max;
         let Some(conn) = self.slots[slot as usize].conn.as_mut() else { return };
-        if matches!(conn.auth, ConnAuth::AwaitHello) {
-            // Its proof must go first; it stays dirty until then.
-            return;
-        }
+        // An opened connection's frames wait until the server has proved itself: only
+        // the proof leaves before (the connection stays dirty meanwhile).
+        let writable_end = |conn: &Conn| match &conn.auth {
+            ConnAuth::AwaitHello => conn.wpos,
+            ConnAuth::AwaitVerdict { proof_unsent, .. } => conn.wpos + proof_unsent,
+            _ => conn.wbuf.len(),
+        };
         let mut failure = None;
-        while conn.wpos < conn.wbuf.len() {
-            match conn.stream.write(&conn.wbuf[conn.wpos..]) {
+        while conn.wpos < writable_end(conn) {
+            match conn.stream.write(&conn.wbuf[conn.wpos..writable_end(conn)]) {
                 Ok(0) => {
                     failure = Some(CloseReason::Io(io::ErrorKind::WriteZero.into()));
                     break;
                 }
-                Ok(n) => conn.wpos += n,
+                Ok(n) => {
+                    conn.wpos += n;
+                    if let ConnAuth::AwaitVerdict { proof_unsent, .. } = &mut conn.auth {
+                        *proof_unsent -= n;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -632,10 +644,11 @@ fn authenticate(conn: &mut Conn, secret: Option<&Secret>) -> Result<Option<()>, 
             let handshake = ClientHandshake::on_hello(secret, &buffered[..auth::HELLO_LEN], &mut proof);
             conn.rstart += auth::HELLO_LEN;
             match handshake {
-                Ok(h) => {
+                Ok(handshake) => {
                     // Ahead of the frames queued while the hello was awaited.
+                    let proof_unsent = proof.len();
                     conn.wbuf.splice(conn.wpos..conn.wpos, proof);
-                    conn.auth = ConnAuth::AwaitVerdict(h);
+                    conn.auth = ConnAuth::AwaitVerdict { handshake, proof_unsent };
                     Ok(Some(()))
                 }
                 Err(e) => {
@@ -644,7 +657,7 @@ fn authenticate(conn: &mut Conn, secret: Option<&Secret>) -> Result<Option<()>, 
                 }
             }
         }
-        ConnAuth::AwaitVerdict(handshake) => {
+        ConnAuth::AwaitVerdict { handshake, .. } => {
             let secret = secret.expect("a verdict is awaited only with a secret");
             if buffered.len() < auth::VERDICT_LEN {
                 return Ok(None);

@@ -230,6 +230,36 @@ fn only_peers_that_prove_the_clusters_secret_are_served() {
         let _ = raw.read_to_end(&mut seen);
         assert!(seen.starts_with(&dds_transport::auth::MAGIC) && seen.len() == dds_transport::auth::HELLO_LEN + dds_transport::auth::VERDICT_LEN, "hello, refusal: {seen:?}");
 
+        // A fake server that knows the cluster's id but not its key gets the proof and
+        // nothing else: the frames queued behind it wait for a verdict it cannot forge.
+        let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_addr = fake.local_addr().unwrap();
+        let mut member = transport(Some(&secret));
+        let conn = member.connect(fake_addr, timeout).unwrap();
+        member.outbox(conn).unwrap().extend_from_slice(&frame(b"a member's secret put"));
+        let (mut theirs, _) = fake.accept().unwrap();
+        let mut hello = dds_transport::auth::MAGIC.to_vec();
+        hello.extend_from_slice(&secret.cluster_id().to_le_bytes());
+        hello.extend_from_slice(&[7; 16]);
+        theirs.write_all(&hello).unwrap();
+        let mut got = Collect::default();
+        for _ in 0..40 {
+            member.poll(Some(Duration::from_millis(5)), &mut got).unwrap();
+        }
+        theirs.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 256];
+        while let Ok(n) = theirs.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(seen.len(), dds_transport::auth::PROOF_LEN, "only the proof left before a verdict: {seen:?}");
+        theirs.write_all(&[0u8; dds_transport::auth::VERDICT_LEN]).unwrap();
+        let err = echo_once(&mut member, conn, b"more").unwrap_err();
+        assert!(err.contains("could not prove"), "{err}");
+
         // A stranger that connects and says nothing holds its slot for the handshake's
         // deadline only.
         let mut silent = TcpStream::connect(addr).unwrap();

@@ -1,5 +1,6 @@
-//! The simulated disk under one brick's directory: `log::Disk` for the real `Storage`
-//! (log segments, checkpoints, recovery), with what a crash leaves of each file. A
+//! An in-memory `log::Disk` with what a crash leaves of each file: the disk of the
+//! simulator's bricks and of the storage engine's model test, under the real `Storage`
+//! (log segments, checkpoints, recovery). A
 //! process crash keeps everything written (the kernel has it). A power loss keeps what
 //! was synced; of the rest, a file that grew keeps a prefix of its new bytes in whole
 //! 512-byte sectors, the sector after it possibly torn (part new bytes, part garbage),
@@ -16,7 +17,7 @@ use std::rc::Rc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::log::{Disk, DiskFile};
+use super::{Disk, DiskFile};
 
 pub const SECTOR_BYTES: usize = 512;
 
@@ -118,9 +119,9 @@ impl Dir {
 
 /// One brick's directory, shared by its cores' `Storage`s and kept across its restarts.
 #[derive(Clone, Default)]
-pub(crate) struct SimDisk(Rc<RefCell<Dir>>);
+pub struct MemDisk(Rc<RefCell<Dir>>);
 
-impl SimDisk {
+impl MemDisk {
     /// Some file holds bytes that are not synced.
     pub fn unsynced(&self) -> bool {
         self.0.borrow().files.values().any(FileData::unsynced)
@@ -140,12 +141,12 @@ impl SimDisk {
     }
 
     /// What every file holds now, to put back with `restore`.
-    pub fn snapshot(&self) -> SimDiskImage {
-        SimDiskImage(self.0.borrow().files.clone())
+    pub fn snapshot(&self) -> MemDiskImage {
+        MemDiskImage(self.0.borrow().files.clone())
     }
 
     /// Puts every file back as `snapshot` found it.
-    pub fn restore(&self, image: SimDiskImage) {
+    pub fn restore(&self, image: MemDiskImage) {
         self.0.borrow_mut().files = image.0;
     }
 
@@ -157,15 +158,15 @@ impl SimDisk {
     }
 }
 
-/// A copy of a simulated disk's files (`SimDisk::snapshot`).
-pub(crate) struct SimDiskImage(BTreeMap<PathBuf, FileData>);
+/// A copy of a simulated disk's files (`MemDisk::snapshot`).
+pub struct MemDiskImage(BTreeMap<PathBuf, FileData>);
 
-pub(crate) struct SimFile {
+pub struct MemFile {
     dir: Rc<RefCell<Dir>>,
     path: PathBuf,
 }
 
-impl SimFile {
+impl MemFile {
     fn with<T>(&self, f: impl FnOnce(&mut FileData) -> T) -> io::Result<T> {
         let mut dir = self.dir.borrow_mut();
         let file = dir.files.get_mut(&self.path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
@@ -173,7 +174,7 @@ impl SimFile {
     }
 }
 
-impl DiskFile for SimFile {
+impl DiskFile for MemFile {
     fn write_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> io::Result<usize> {
         self.with(|f| {
             f.write_at(offset as usize, first);
@@ -195,14 +196,14 @@ impl DiskFile for SimFile {
     }
 }
 
-impl Disk for SimDisk {
-    type File = SimFile;
+impl Disk for MemDisk {
+    type File = MemFile;
 
-    fn open(&mut self, path: &Path) -> io::Result<(SimFile, Vec<u8>)> {
+    fn open(&mut self, path: &Path) -> io::Result<(MemFile, Vec<u8>)> {
         let mut dir = self.0.borrow_mut();
         let contents = dir.contents(path).unwrap_or_default();
         dir.files.entry(path.to_path_buf()).or_default();
-        Ok((SimFile { dir: Rc::clone(&self.0), path: path.to_path_buf() }, contents))
+        Ok((MemFile { dir: Rc::clone(&self.0), path: path.to_path_buf() }, contents))
     }
 
     fn read(&mut self, path: &Path) -> io::Result<Option<Vec<u8>>> {
