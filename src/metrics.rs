@@ -190,7 +190,7 @@ fn answer(mut stream: TcpStream, secret: Option<&Secret>, gather: &impl Fn() -> 
     let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
     let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
     let (status, content_type, body) = if secret.is_some_and(|s| !authorized(&request, s)) {
-        ("401 Unauthorized", "text/plain; charset=utf-8", "this cluster's metrics need its token: Authorization: Bearer <the metrics.token file of `cluster up --metrics`>\n".to_string())
+        ("401 Unauthorized", "text/plain; charset=utf-8", "this cluster's metrics need its token: Authorization: Bearer <DIR/metrics.token of `cluster up --metrics`, or `dds secret FILE --metrics-token`>\n".to_string())
     } else if line.starts_with(b"GET ") && (path == b"/metrics" || path.starts_with(b"/metrics?")) {
         ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", encode(gather()))
     } else {

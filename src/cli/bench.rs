@@ -238,27 +238,28 @@ trait WithTarget {
     fn call<T: Target, M: Fn(usize) -> Result<T, TargetError> + Sync + Send>(self, make: M) -> anyhow::Result<Self::Out>;
 }
 
+/// Hands `w` dds clients of the cluster at `addrs` (over RDMA if `transport` asks).
+fn with_dds<W: WithTarget>(addrs: Vec<SocketAddr>, mut config: crate::ClientConfig, transport: Option<&TransportKind>, w: W) -> anyhow::Result<W::Out> {
+    if let Some(t) = transport {
+        config.rdma = *t != TransportKind::Tcp;
+    }
+    w.call(move |_| {
+        let client = Client::connect(&addrs, config.clone()).map_err(|e| TargetError::new("connect", e))?;
+        cluster::say_client_fallback(&client);
+        Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
+    })
+}
+
 fn with_target<W: WithTarget>(system: &System, value_size: usize, w: W) -> anyhow::Result<W::Out> {
     match system {
-        System::Dds(..) | System::DdsAt(..) => {
-            let (addrs, mut config, transport) = match system {
-                System::Dds(dir, transport) => {
-                    let cluster = ClusterFile::load(dir)?;
-                    (cluster.addrs(), cluster.client_config(), transport)
-                }
-                System::DdsAt(addrs, transport, secret_file) => {
-                    (addrs.clone(), crate::ClientConfig { secret: super::load_secret(secret_file.as_deref())?, ..crate::ClientConfig::default() }, transport)
-                }
-                _ => unreachable!("matched a dds system"),
-            };
-            if let Some(t) = transport {
-                config.rdma = *t != TransportKind::Tcp;
-            }
-            w.call(move |_| {
-                let client = Client::connect(&addrs, config.clone()).map_err(|e| TargetError::new("connect", e))?;
-                cluster::say_client_fallback(&client);
-                Ok(DdsTarget { client, completions: Vec::new(), errors_logged: 0 })
-            })
+        System::Dds(dir, transport) => {
+            let cluster = ClusterFile::load(dir)?;
+            cluster.check_secret()?;
+            with_dds(cluster.addrs(), cluster.client_config(), transport.as_ref(), w)
+        }
+        System::DdsAt(addrs, transport, secret_file) => {
+            let config = crate::ClientConfig { secret: super::load_secret(secret_file.as_deref())?, ..crate::ClientConfig::default() };
+            with_dds(addrs.clone(), config, transport.as_ref(), w)
         }
         System::Echo => {
             // Polls like a brick: spin 50 us after the last request, then sleep.
@@ -385,7 +386,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let cluster = cluster::up(&up)?;
     out!(
-        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} replica(s) per partition, durability sync (a put is acknowledged once every replica has it on disk: fdatasync), {} keys of {} bytes, {} clients x depth {}, {} s per phase",
+        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} replica(s) per partition, durability sync (a put is acknowledged once every replica has it on disk: fdatasync), every connection authenticated (the cluster's secret), {} keys of {} bytes, {} clients x depth {}, {} s per phase",
         cluster.bricks.len(),
         cluster.bricks[0].cores,
         cluster.replicas,

@@ -403,9 +403,10 @@ fn secret_args(file: Option<&Path>) -> Vec<std::ffi::OsString> {
     file.map(|f| vec!["--secret-file".into(), f.as_os_str().to_owned()]).unwrap_or_default()
 }
 
-/// Starts `dds meta` in the background on `mdir` (`port` 0: any free port).
+/// Starts `dds meta` in the background on `mdir` (`port` 0: any free port), serving
+/// metrics on `metrics` (a port; 0: any free one) if given.
 #[allow(clippy::too_many_arguments)]
-fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: bool, secret_file: Option<&Path>) -> anyhow::Result<Child> {
+fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: Option<u16>, secret_file: Option<&Path>) -> anyhow::Result<Child> {
     std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
     let _ = std::fs::remove_file(mdir.join(META_FILE));
     let log_path = mdir.join("meta.log");
@@ -417,7 +418,7 @@ fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
         .args(["--partition-bits", &bits.to_string()])
-        .args(if metrics { &["--metrics", "127.0.0.1:0"][..] } else { &[] })
+        .args(metrics.map(|p| vec!["--metrics".to_string(), format!("127.0.0.1:{p}")]).unwrap_or_default())
         .args(secret_args(secret_file))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -443,7 +444,9 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let m = &cluster.meta;
-    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, cluster.metrics, cluster.secret_file.as_deref())?;
+    // The same ports as before, metrics too, so a scrape configuration keeps working.
+    let metrics = cluster.metrics.then(|| m.metrics.map_or(0, |a| a.port()));
+    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, metrics, cluster.secret_file.as_deref())?;
     let file = wait_for_meta(&m.dir, &mut child)?;
     cluster.meta.pid = file.pid;
     cluster.meta.metrics = file.metrics;
@@ -458,7 +461,9 @@ pub fn current_map(cluster: &ClusterFile) -> anyhow::Result<ClusterMap> {
 
 /// `ask_id`: a brick of the first map asks for its index as its id; a brick added
 /// later takes the id the authority gives (ids of removed bricks are never reused).
-fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &BrickShape, ports: Option<&[u16]>) -> anyhow::Result<Child> {
+/// `metrics_port`: where it serves metrics when the cluster has them (0: any free port;
+/// a restart keeps the one it had).
+fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &BrickShape, ports: Option<&[u16]>, metrics_port: u16) -> anyhow::Result<Child> {
     std::fs::create_dir_all(bdir).with_context(|| format!("create {}", bdir.display()))?;
     let _ = std::fs::remove_file(bdir.join(BRICK_FILE));
     let log_path = bdir.join("brick.log");
@@ -487,7 +492,7 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
         cmd.arg("--busy-poll");
     }
     if shape.metrics {
-        cmd.args(["--metrics", "127.0.0.1:0"]);
+        cmd.args(["--metrics", &format!("127.0.0.1:{metrics_port}")]);
     }
     match brick_cpus(shape.placement, index, shape.cores) {
         None => cmd.arg("--no-pin"),
@@ -522,7 +527,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
     }
     ensure_meta(&mut cluster)?;
     cluster.store(dir)?;
-    let file = start_brick(&cluster, index, false, &b.dir, b.cores, Some(&b.ports)).with_context(|| format!("brick {index} did not restart"))?;
+    let file = start_brick(&cluster, index, false, &b.dir, b.cores, Some(&b.ports), b.metrics.map_or(0, |a| a.port())).with_context(|| format!("brick {index} did not restart"))?;
     cluster.bricks[index].pid = file.pid;
     cluster.bricks[index].addr = file.addrs[0];
     cluster.bricks[index].cpus = file.cpus;
@@ -532,7 +537,7 @@ pub fn restart(dir: &Path, index: usize) -> anyhow::Result<ClusterBrick> {
 }
 
 /// Starts brick `index` of `cluster` on `bdir` and waits until it serves.
-fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, cores: usize, ports: Option<&[u16]>) -> anyhow::Result<BrickFile> {
+fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, cores: usize, ports: Option<&[u16]>, metrics_port: u16) -> anyhow::Result<BrickFile> {
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let shape = BrickShape {
         cores,
@@ -546,7 +551,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         metrics: cluster.metrics,
         secret_file: cluster.secret_file.clone(),
     };
-    let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports)?;
+    let mut child = spawn_brick(&exe, bdir, index, ask_id, &shape, ports, metrics_port)?;
     wait_for_brick(bdir, &mut child).inspect_err(|_| {
         let _ = child.kill();
         let _ = child.wait();
@@ -561,7 +566,7 @@ pub fn add(dir: &Path) -> anyhow::Result<ClusterBrick> {
     let index = cluster.bricks.len();
     let bdir = dir.canonicalize().with_context(|| format!("resolve {}", dir.display()))?.join(format!("brick-{index}"));
     let cores = cluster.bricks.first().map_or(1, |b| b.cores);
-    let file = start_brick(&cluster, index, false, &bdir, cores, None).with_context(|| format!("brick {index} did not start"))?;
+    let file = start_brick(&cluster, index, false, &bdir, cores, None, 0).with_context(|| format!("brick {index} did not start"))?;
     let ports = file.addrs.iter().map(|a| a.port()).collect();
     cluster.bricks.push(ClusterBrick { index, dir: bdir, pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone(), metrics: file.metrics });
     cluster.store(dir)?;
@@ -651,7 +656,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         write_metrics_token(&dir, &secret)?;
     }
     let mdir = dir.join("meta");
-    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics, Some(&secret_file))?;
+    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics.then_some(0), Some(&secret_file))?;
     let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
         Ok(f) => f,
         Err(e) => {
@@ -676,7 +681,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let started = (|| {
         for index in 0..args.bricks {
             let bdir = dir.join(format!("brick-{index}"));
-            let child = spawn_brick(&exe, &bdir, index, true, &shape, None)
+            let child = spawn_brick(&exe, &bdir, index, true, &shape, None, 0)
                 .with_context(|| format!("start brick {index}"))?;
             children.push((bdir, child));
         }

@@ -16,8 +16,7 @@ pub struct Target {
     /// A local cluster's directory.
     #[arg(long, conflicts_with = "addr")]
     cluster: Option<PathBuf>,
-    /// Bricks by address, in cluster order (repeat the flag): for a cluster that is not
-    /// local (`--brick` is a brick's index in `cluster kill` and `restart`).
+    /// Bricks (or the authority) by address, repeated: for a cluster that is not local.
     #[arg(long)]
     addr: Vec<SocketAddr>,
     /// The secret of the cluster at --addr (a local cluster's is in its directory).

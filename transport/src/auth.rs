@@ -281,8 +281,8 @@ impl ClientHandshake {
     }
 }
 
-/// The whole connecting side on a blocking stream, each step within `timeout`. Without
-/// a secret, nothing is exchanged.
+/// The whole connecting side on a blocking stream, each read and write within the
+/// stream's own timeouts. Without a secret, nothing is exchanged.
 pub fn client_handshake<S: Read + Write>(stream: &mut S, secret: Option<&Secret>) -> Result<(), AuthError> {
     let Some(secret) = secret else { return Ok(()) };
     let mut hello = [0u8; HELLO_LEN];
