@@ -135,15 +135,9 @@ pub struct BenchArgs {
     /// redis://HOST:PORT or memcached://HOST:PORT.
     #[arg(long, default_value = "dds")]
     target: String,
-    /// A local cluster's directory (for --target dds).
-    #[arg(long, conflicts_with = "addr")]
-    cluster: Option<PathBuf>,
-    /// Or the cluster's bricks (or authority) by address, repeated (for --target dds).
-    #[arg(long)]
-    addr: Vec<SocketAddr>,
-    /// The secret of the cluster at --addr (a local cluster's is in its directory).
-    #[arg(long, requires = "addr")]
-    secret_file: Option<PathBuf>,
+    /// Where the dds cluster is (for --target dds).
+    #[command(flatten)]
+    at: super::kv::Target,
     #[command(flatten)]
     load: LoadArgs,
     /// Do not write the keys before a workload that reads them.
@@ -345,7 +339,8 @@ fn print_table(reports: &[Report]) {
 }
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let system = System::parse(&args.target, args.cluster.as_ref(), &args.addr, args.transport, args.secret_file.as_ref())?;
+    let at = &args.at;
+    let system = System::parse(&args.target, at.cluster.as_ref(), &at.addr, args.transport, at.secret_file.as_ref())?;
     let config = args.load.config(system.name())?;
     let report = measure(&system, &config, !args.no_preload)?;
     print_table(std::slice::from_ref(&report));

@@ -11,17 +11,18 @@ use super::cluster::ClusterFile;
 use super::ExitCode;
 use crate::client::{Client, ClientConfig};
 
+/// Where a cluster is: `dds put/get/del` and `dds bench` take it the same way.
 #[derive(Args)]
 pub struct Target {
     /// A local cluster's directory.
     #[arg(long, conflicts_with = "addr")]
-    cluster: Option<PathBuf>,
+    pub(super) cluster: Option<PathBuf>,
     /// Bricks (or the authority) by address, repeated: for a cluster that is not local.
     #[arg(long)]
-    addr: Vec<SocketAddr>,
+    pub(super) addr: Vec<SocketAddr>,
     /// The secret of the cluster at --addr (a local cluster's is in its directory).
     #[arg(long, requires = "addr")]
-    secret_file: Option<PathBuf>,
+    pub(super) secret_file: Option<PathBuf>,
 }
 
 impl Target {
