@@ -102,7 +102,7 @@ impl Rpc {
         // A process without a secret, answered by one that wants it: say so (its hello
         // comes before any reply, so the first call sees it).
         let mut first = [0u8; auth::MAGIC.len()];
-        if id == 1 && self.stream.peek(&mut first).is_ok_and(|n| n == first.len()) && first == auth::MAGIC {
+        if id == 1 && self.stream.peek(&mut first).is_ok_and(|n| auth::opens_with_magic(&first[..n]) == Some(true)) {
             return Err(RpcError::Auth { addr, source: AuthError::NoSecret });
         }
         match read_frame(&mut self.stream, &mut self.buf) {

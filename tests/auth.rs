@@ -28,12 +28,6 @@ fn secret_file(dir: &std::path::Path, name: &str, secret: &Secret) -> std::path:
     path
 }
 
-/// `secret` with the same cluster id and another key.
-fn wrong_key(secret: &Secret) -> Secret {
-    let text: Vec<String> = secret.to_text().lines().map(|l| if l.starts_with("key") { format!("key = \"{}\"", "5a".repeat(32)) } else { l.to_string() }).collect();
-    Secret::parse(&text.join("\n")).unwrap()
-}
-
 fn put_frame(key: &[u8], value: &[u8], epoch: u64) -> Vec<u8> {
     let mut buf = Vec::new();
     encode(&mut buf, &Frame { kind: Kind::Request(Op::Put), request_id: 1, epoch, key, value });
@@ -58,7 +52,7 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
     let epoch = cluster.authority_map().epoch();
 
     let other = Secret::generate().unwrap();
-    let wrong = wrong_key(&ours);
+    let wrong = ours.with_key([0x5a; 32]);
     let timeout = Duration::from_secs(2);
     for addr in ports(&cluster) {
         // No secret: told so, on the first call.

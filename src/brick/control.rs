@@ -164,23 +164,29 @@ fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAd
         *session = None;
         match Rpc::connect(meta, timeout / 2, secret) {
             Ok(rpc) => *session = Some(rpc),
-            Err(e @ crate::rpc::RpcError::Auth { .. }) if e.is_refusal() => return Answer::Unauthenticated(e.to_string()),
-            Err(e) => return Answer::Lost(e.to_string()),
+            Err(e) => return unanswered(e),
         }
     }
     let Some(rpc) = session else { return Answer::Lost("no session".into()) };
-    let result = rpc.call(op, epoch, &[], &value, timeout);
-    if let Some(e) = result.as_ref().err().filter(|e| e.is_refusal()) {
-        // An authority that wants a secret this brick does not have.
-        let why = e.to_string();
-        *session = None;
-        return Answer::Unauthenticated(why);
-    }
-    let answer = lease::answer_of(step, result.map_err(|e| e.to_string()));
+    let answer = match rpc.call(op, epoch, &[], &value, timeout) {
+        Ok(reply) => lease::answer_of(step, Ok(reply)),
+        Err(e) => unanswered(e),
+    };
     if op == Op::Register && !matches!(answer, Answer::Registered(_)) {
         *session = None;
     }
     answer
+}
+
+/// A call that got no answer: the session is lost, or, when the authority refused this
+/// brick's credentials (a secret of another cluster, or none where one is wanted),
+/// nothing a retry could mend.
+fn unanswered(e: crate::rpc::RpcError) -> Answer {
+    if e.is_refusal() {
+        Answer::Unauthenticated(e.to_string())
+    } else {
+        Answer::Lost(e.to_string())
+    }
 }
 
 /// Sleeps until `until_ms` by `now_ms`, at most `HEARTBEAT_MS`.

@@ -96,6 +96,28 @@ fn refused_for(code: u8) -> &'static str {
     }
 }
 
+/// Whether `bytes` open with a handshake message: `Some(false)` as soon as they cannot,
+/// `None` while too few bytes are there to tell.
+pub fn opens_with_magic(bytes: &[u8]) -> Option<bool> {
+    let prefix = bytes.len().min(MAGIC.len());
+    if bytes[..prefix] != MAGIC[..prefix] {
+        return Some(false);
+    }
+    (prefix == MAGIC.len()).then_some(true)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `len` bytes written as `2 * len` hex digits.
+fn from_hex(s: &str, len: usize) -> Result<Vec<u8>, String> {
+    if s.len() != 2 * len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not {len} bytes in hex"));
+    }
+    Ok((0..len).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex digits")).collect())
+}
+
 fn nonce() -> Result<Nonce, AuthError> {
     let mut n = [0u8; 16];
     getrandom::fill(&mut n).map_err(|e| AuthError::Random(e.to_string()))?;
@@ -117,8 +139,7 @@ impl Secret {
 
     /// The file's text: `cluster = "<16 hex>"` and `key = "<64 hex>"` (TOML).
     pub fn to_text(&self) -> String {
-        let key: String = self.key.iter().map(|b| format!("{b:02x}")).collect();
-        format!("# The dds cluster secret: every process of the cluster needs it. Keep it private.\ncluster = \"{:016x}\"\nkey = \"{key}\"\n", self.cluster_id)
+        format!("# The dds cluster secret: every process of the cluster needs it. Keep it private.\ncluster = \"{:016x}\"\nkey = \"{}\"\n", self.cluster_id, to_hex(&self.key))
     }
 
     pub fn parse(text: &str) -> Result<Secret, String> {
@@ -129,14 +150,8 @@ impl Secret {
                 .map(|(_, v)| v.trim().trim_matches('"').to_string())
                 .ok_or(format!("no `{name} = \"...\"` line"))
         };
-        let hex = |s: &str, len: usize| -> Result<Vec<u8>, String> {
-            if s.len() != 2 * len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("{s:?} is not {len} bytes in hex"));
-            }
-            Ok((0..len).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex digits")).collect())
-        };
-        let id = hex(&field("cluster")?, 8).map_err(|e| format!("cluster: {e}"))?;
-        let key = hex(&field("key")?, 32).map_err(|e| format!("key: {e}"))?;
+        let id = from_hex(&field("cluster")?, 8).map_err(|e| format!("cluster: {e}"))?;
+        let key = from_hex(&field("key")?, 32).map_err(|e| format!("key: {e}"))?;
         Ok(Secret { cluster_id: u64::from_be_bytes(id.try_into().expect("8 bytes")), key: key.try_into().expect("32 bytes") })
     }
 
@@ -171,17 +186,22 @@ impl Secret {
     /// The bearer token a metrics scrape presents (`Authorization: Bearer ...`): derived
     /// from the key, so it proves nothing beyond the metrics and reveals nothing of it.
     pub fn metrics_token(&self) -> String {
-        self.mac(b"dds metrics", &[0; 16], &[0; 16]).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        to_hex(&self.metrics_mac().finalize().into_bytes())
     }
 
     /// Whether `given` is the metrics token, compared in constant time.
     pub fn is_metrics_token(&self, given: &str) -> bool {
-        let given = given.trim();
-        if given.len() != 64 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return false;
-        }
-        let bytes: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&given[2 * i..2 * i + 2], 16).expect("hex digits")).collect();
-        self.mac(b"dds metrics", &[0; 16], &[0; 16]).verify_slice(&bytes).is_ok()
+        from_hex(given.trim(), 32).is_ok_and(|bytes| self.metrics_mac().verify_slice(&bytes).is_ok())
+    }
+
+    fn metrics_mac(&self) -> Hmac<Sha256> {
+        self.mac(b"dds metrics", &[0; 16], &[0; 16])
+    }
+
+    /// This cluster's id with another key: what a wrong secret of this cluster is (for
+    /// tests that must be refused with one).
+    pub fn with_key(&self, key: [u8; 32]) -> Secret {
+        Secret { cluster_id: self.cluster_id, key }
     }
 
     fn mac(&self, label: &[u8], first: &Nonce, second: &Nonce) -> Hmac<Sha256> {
@@ -215,10 +235,9 @@ impl ServerHandshake {
     /// the answer to send. `Err`: refused; `verdict` holds the refusal to send, best
     /// effort, before the connection closes.
     pub fn on_bytes(&self, secret: &Secret, input: &[u8], verdict: &mut Vec<u8>) -> Result<Option<usize>, AuthError> {
-        let prefix = input.len().min(MAGIC.len());
         let theirs = input.get(8..16).map_or(0, |id| u64::from_le_bytes(id.try_into().expect("8 bytes")));
         let client_nonce: Nonce = input.get(16..32).map_or([0; 16], |n| n.try_into().expect("16 bytes"));
-        let checked = if input[..prefix] != MAGIC[..prefix] {
+        let checked = if opens_with_magic(input) == Some(false) {
             Err(AuthError::NotAuthenticated("a frame"))
         } else if input.len() < PROOF_LEN {
             return Ok(None);
@@ -367,7 +386,7 @@ mod tests {
     #[test]
     fn a_wrong_key_or_another_cluster_is_refused_on_both_sides() {
         let ours = Secret::generate().unwrap();
-        let wrong_key = Secret { key: [7; 32], ..ours.clone() };
+        let wrong_key = ours.with_key([7; 32]);
         let (accepted, checked) = exchange(&ours, &wrong_key);
         assert!(matches!(accepted, Err(AuthError::WrongSecret { .. })));
         assert!(matches!(checked, Err(AuthError::RefusedByPeer("wrong secret"))), "{checked:?}");

@@ -195,6 +195,7 @@ impl<F: Framing> TcpTransport<F> {
 
     fn register(&mut self, mut stream: TcpStream, peer: SocketAddr, auth: ConnAuth, hello: &[u8]) -> io::Result<ConnId> {
         stream.set_nodelay(true)?;
+        let in_handshake = matches!(auth, ConnAuth::AwaitProof(_) | ConnAuth::AwaitHello);
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -226,7 +227,7 @@ impl<F: Framing> TcpTransport<F> {
             self.dirty.push(slot);
         }
         let id = ConnId { slot, generation: s.generation };
-        if matches!(s.conn.as_ref().map(|c| &c.auth), Some(ConnAuth::AwaitProof(_) | ConnAuth::AwaitHello)) {
+        if in_handshake {
             self.handshakes.push_back((Instant::now() + auth::HANDSHAKE_TIMEOUT, id));
         }
         // Data may have arrived before registration; edge-triggered epoll would not
@@ -474,11 +475,10 @@ impl<F: Framing> TcpTransport<F> {
 
     /// Closes the connections whose handshake ran past its deadline.
     fn expire_handshakes<H: Handler>(&mut self, handler: &mut H) {
-        let Some(&(first, _)) = self.handshakes.front() else { return };
-        let now = Instant::now();
-        if first > now {
+        if self.handshakes.is_empty() {
             return;
         }
+        let now = Instant::now();
         while let Some(&(_, id)) = self.handshakes.front().filter(|(deadline, _)| *deadline <= now) {
             self.handshakes.pop_front();
             let waiting = self.conn_mut(id).is_some_and(|c| !matches!(c.auth, ConnAuth::Done | ConnAuth::WatchForHello));
@@ -620,21 +620,17 @@ fn authenticate(conn: &mut Conn, secret: Option<&Secret>) -> Result<Option<()>, 
     let buffered = &conn.rbuf[conn.rstart..conn.rend];
     match &conn.auth {
         ConnAuth::Done => Ok(Some(())),
-        ConnAuth::WatchForHello => {
-            let prefix = buffered.len().min(auth::MAGIC.len());
-            if buffered[..prefix] != auth::MAGIC[..prefix] {
+        ConnAuth::WatchForHello => match auth::opens_with_magic(buffered) {
+            Some(false) => {
                 conn.auth = ConnAuth::Done;
-                return Ok(Some(()));
+                Ok(Some(()))
             }
-            if prefix < auth::MAGIC.len() {
-                return Ok(None);
-            }
-            Err(CloseReason::Unauthenticated(AuthError::NoSecret))
-        }
+            None => Ok(None),
+            Some(true) => Err(CloseReason::Unauthenticated(AuthError::NoSecret)),
+        },
         ConnAuth::AwaitHello => {
             let secret = secret.expect("a hello is awaited only with a secret");
-            let prefix = buffered.len().min(auth::MAGIC.len());
-            if buffered[..prefix] != auth::MAGIC[..prefix] {
+            if auth::opens_with_magic(buffered) == Some(false) {
                 return Err(CloseReason::Unauthenticated(AuthError::PeerUnproven { cluster: secret.cluster_id() }));
             }
             if buffered.len() < auth::HELLO_LEN {

@@ -182,9 +182,7 @@ fn only_peers_that_prove_the_clusters_secret_are_served() {
     use std::sync::Arc;
     let secret = Arc::new(Secret::generate().unwrap());
     let other = Arc::new(Secret::generate().unwrap());
-    // This cluster's id with another key.
-    let text: Vec<String> = secret.to_text().lines().map(|l| if l.starts_with("key") { format!("key = \"{}\"", "ab".repeat(32)) } else { l.to_string() }).collect();
-    let wrong_key = Arc::new(Secret::parse(&text.join("\n")).unwrap());
+    let wrong_key = Arc::new(secret.with_key([0xab; 32]));
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel();
     let closed = std::thread::scope(|s| {
