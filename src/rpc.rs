@@ -82,6 +82,11 @@ impl Rpc {
         self.addr
     }
 
+    /// The connection, proved, for a caller that writes frames of its own.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Sends one request and waits at most `timeout` for its reply: (status, value).
     pub fn call(&mut self, op: Op, epoch: u64, key: &[u8], value: &[u8], timeout: Duration) -> Result<(Status, Vec<u8>), RpcError> {
         let addr = self.addr;

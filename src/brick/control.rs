@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::lease::{self, Answer, Lease, Step};
 use super::round::{lease_expired, Control};
 use crate::map::{BrickAddr, BrickId, ClusterMap};
-use crate::proto::{Op, HEARTBEAT_MS, LEASE_MS};
+use crate::proto::{Op, Status, HEARTBEAT_MS, LEASE_MS};
 use crate::rpc::Rpc;
 use dds_transport::auth::Secret;
 
@@ -143,10 +143,50 @@ pub fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
     crate::durable::write_file(dir, IDENTITY_FILE, serde_json::to_string(&Identity { id }).expect("serialises").as_bytes())
 }
 
+/// The map authority's members, and the one a brick asks now: the leader as far as it
+/// knows. A member that cannot be reached sends it to the next; one that does not lead
+/// names the leader (`Status::NotLeader`), or, not knowing it, sends it to the next.
+#[derive(Clone, Debug)]
+pub struct Authorities {
+    addrs: Vec<SocketAddr>,
+    at: usize,
+}
+
+impl Authorities {
+    pub fn new(addrs: &[SocketAddr]) -> Authorities {
+        assert!(!addrs.is_empty(), "an authority group has members");
+        Authorities { addrs: addrs.to_vec(), at: 0 }
+    }
+
+    pub fn current(&self) -> SocketAddr {
+        self.addrs[self.at]
+    }
+
+    fn next(&mut self) {
+        self.at = (self.at + 1) % self.addrs.len();
+    }
+
+    /// A `NotLeader` answer's value: the leader's address, if the member knew it.
+    fn redirect(&mut self, hint: &[u8]) {
+        let named = std::str::from_utf8(hint).ok().and_then(|h| h.parse::<SocketAddr>().ok());
+        match named.and_then(|a| self.addrs.iter().position(|x| *x == a)) {
+            Some(i) => self.at = i,
+            None => self.next(),
+        }
+    }
+}
+
+impl std::fmt::Display for Authorities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
+        write!(f, "{}", all.join(", "))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("register with the map authority at {meta}: {why}")]
-    Register { meta: SocketAddr, why: String },
+    Register { meta: String, why: String },
     #[error("store the brick identity in {dir}: {source}")]
     Identity {
         dir: String,
@@ -156,21 +196,34 @@ pub enum ControlError {
 }
 
 /// Makes the lease's call (`Step::Register` or `Step::Beat`) on `session`, the
-/// connection to the authority (a new one for `Register`), and says what became of it.
-fn call(step: &Step, session: &mut Option<Rpc>, meta: SocketAddr, addr: &BrickAddr, secret: Option<&Secret>) -> Answer {
+/// connection to the authority (a new one, to the member `meta` names, for
+/// `Register`), and says what became of it.
+fn call(step: &Step, session: &mut Option<Rpc>, meta: &mut Authorities, addr: &BrickAddr, secret: Option<&Secret>) -> Answer {
     let timeout = Duration::from_millis(LEASE_MS);
     let (op, epoch, value) = lease::request(step, addr);
     if op == Op::Register {
         *session = None;
-        match Rpc::connect(meta, timeout / 2, secret) {
+        match Rpc::connect(meta.current(), timeout / 2, secret) {
             Ok(rpc) => *session = Some(rpc),
-            Err(e) => return unanswered(e),
+            Err(e) => {
+                meta.next();
+                return unanswered(e);
+            }
         }
     }
     let Some(rpc) = session else { return Answer::Lost("no session".into()) };
     let answer = match rpc.call(op, epoch, &[], &value, timeout) {
+        Ok((Status::NotLeader, hint)) => {
+            meta.redirect(&hint);
+            lease::answer_of(step, Ok((Status::NotLeader, hint)))
+        }
         Ok(reply) => lease::answer_of(step, Ok(reply)),
-        Err(e) => unanswered(e),
+        Err(e) => {
+            if op == Op::Register {
+                meta.next();
+            }
+            unanswered(e)
+        }
     };
     if op == Op::Register && !matches!(answer, Answer::Registered(_)) {
         *session = None;
@@ -199,22 +252,30 @@ fn idle(until_ms: u64, now_ms: u64) {
 pub struct Session {
     pub lease: Lease,
     rpc: Option<Rpc>,
-    meta: SocketAddr,
+    meta: Authorities,
     secret: Option<Arc<Secret>>,
+}
+
+impl Session {
+    /// The authority member this brick registered with: the leader.
+    pub fn leader(&self) -> SocketAddr {
+        self.meta.current()
+    }
 }
 
 /// Registers with the authority (retrying until `lease::START_DEADLINE_MS`), keeps the
 /// id it gives, and waits until the authority has a map. `started` is the clock of the
 /// brick's `Shared`.
-pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, secret: Option<Arc<Secret>>, started: Instant, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Session), ControlError> {
+pub fn register(members: &[SocketAddr], dir: &Path, addr: &BrickAddr, secret: Option<Arc<Secret>>, started: Instant, stop: &AtomicBool) -> Result<(BrickId, ClusterMap, Session), ControlError> {
     let now_ms = || started.elapsed().as_millis() as u64;
+    let mut meta = Authorities::new(members);
     let mut lease = Lease::starting(load_identity(dir).map(BrickId), now_ms());
     let mut rpc = None;
     while !stop.load(Ordering::Relaxed) {
         let step = lease.poll(now_ms(), false);
         match step {
             Step::Register { .. } | Step::Beat { .. } => {
-                let answer = call(&step, &mut rpc, meta, addr, secret.as_deref());
+                let answer = call(&step, &mut rpc, &mut meta, addr, secret.as_deref());
                 lease.answer(answer, now_ms());
             }
             Step::HangUp => rpc = None,
@@ -226,16 +287,16 @@ pub fn register(meta: SocketAddr, dir: &Path, addr: &BrickAddr, secret: Option<A
             Step::Install(_) => unreachable!("a map installed before the first"),
             Step::Idle { until_ms } => idle(until_ms, now_ms()),
             Step::Note(note) => crate::log!("brick", "{note}"),
-            Step::Stop(why) => return Err(ControlError::Register { meta, why }),
+            Step::Stop(why) => return Err(ControlError::Register { meta: meta.to_string(), why }),
         }
     }
-    Err(ControlError::Register { meta, why: "stopped while registering".into() })
+    Err(ControlError::Register { meta: meta.to_string(), why: "stopped while registering".into() })
 }
 
 /// The control thread: heartbeats carry the brick's epoch, and their replies bring newer
 /// maps. Without a reply for `LEASE_MS` the brick fences itself until one comes.
 pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
-    let Session { mut lease, mut rpc, meta, secret } = session;
+    let Session { mut lease, mut rpc, mut meta, secret } = session;
     shared.publish(&lease);
     while !shared.stop.load(Ordering::Relaxed) {
         let step = lease.poll(shared.now_ms(), shared.refresh.swap(false, Ordering::Relaxed));
@@ -244,7 +305,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
         shared.raise_fence(&lease);
         match step {
             Step::Register { .. } | Step::Beat { .. } => {
-                let answer = call(&step, &mut rpc, meta, addr, secret.as_deref());
+                let answer = call(&step, &mut rpc, &mut meta, addr, secret.as_deref());
                 lease.answer(answer, shared.now_ms());
                 shared.raise_fence(&lease);
             }
@@ -258,7 +319,7 @@ pub fn heartbeat_loop(shared: &Shared, addr: &BrickAddr, session: Session) {
                 }
             }
             Step::Idle { until_ms } => idle(until_ms.min(shared.now_ms() + 5), shared.now_ms()),
-            Step::Note(note) => crate::log!("brick", "{note} (authority at {meta})"),
+            Step::Note(note) => crate::log!("brick", "{note} (authority at {})", meta.current()),
             Step::Stop(why) => {
                 crate::log!(warn: "brick", "{why}");
                 return stop_removed(shared);

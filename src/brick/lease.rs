@@ -81,6 +81,8 @@ pub fn answer_of(step: &Step, reply: Result<(Status, Vec<u8>), String>) -> Answe
             Err(e) => Answer::Lost(format!("bad reply: {e}")),
         },
         (Step::Register { .. }, _) => Answer::Lost(text()),
+        // A member that does not lead (any more): not a removal, the session is lost.
+        (_, Status::NotLeader) => Answer::Lost(text()),
         (_, Status::Ok) => Answer::Map(crate::rpc::parse_map(&value).unwrap_or_else(|e| {
             crate::log!(warn: "brick", "ignoring a bad map from the authority: {e}");
             None

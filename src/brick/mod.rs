@@ -87,8 +87,9 @@ pub struct BrickConfig {
     pub ports: Option<Vec<u16>>,
     /// A core's active log segment past this size starts a checkpoint.
     pub checkpoint_log_bytes: u64,
-    /// The map authority; `None` runs the brick alone (one brick, one replica).
-    pub meta: Option<SocketAddr>,
+    /// The map authority's members (any of them: the brick finds the leader); none runs
+    /// the brick alone (one brick, one replica).
+    pub meta: Vec<SocketAddr>,
     /// The id to ask the authority for (a new brick otherwise gets the next free one).
     pub id: Option<u32>,
     /// Serve RDMA beside TCP (each core on a second, free port) when a verbs device
@@ -313,16 +314,16 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             .map_err(|source| BrickError::File { op: "write", path: config.dir.join("identity.json"), source })?;
     }
     let started = std::time::Instant::now();
-    let (shared, session) = match config.meta {
-        Some(meta) => {
-            let (me, map, session) = control::register(meta, &config.dir, &brick_addr, config.secret.clone(), started, &stop)?;
-            crate::log!("brick", "registered with the map authority at {meta} as {me}; map epoch {}", map.epoch());
+    let (shared, session) = match config.meta.is_empty() {
+        false => {
+            let (me, map, session) = control::register(&config.meta, &config.dir, &brick_addr, config.secret.clone(), started, &stop)?;
+            crate::log!("brick", "registered with the map authority at {} as {me}; map epoch {}", session.leader(), map.epoch());
             let shared = Shared::new(me, map, started, Arc::clone(&stop));
             // The cores start before the control thread: they serve by this lease.
             shared.publish(&session.lease);
             (shared, Some(session))
         }
-        None => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), started, Arc::clone(&stop)), None),
+        true => (Shared::new(crate::map::BrickId(0), control::standalone_map(config.partition_bits, &brick_addr), started, Arc::clone(&stop)), None),
     };
     if shared.map().base_bits() != config.partition_bits {
         return Err(BrickError::LayoutMismatch { dir: config.dir.clone(), found_cores: config.cores, found_bits: shared.map().base_bits() });

@@ -111,9 +111,10 @@ struct BrickArgs {
     /// Address of core 0; core i listens on port+i (port 0: any free ports).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Map authority address; without it the brick runs alone (one replica).
+    /// A map authority member's address (repeat it for every member: the brick finds
+    /// the leader); without any, the brick runs alone (one replica).
     #[arg(long)]
-    meta: Option<SocketAddr>,
+    meta: Vec<SocketAddr>,
     /// Brick id to ask the authority for on first start (kept in the brick's directory).
     #[arg(long)]
     id: Option<u32>,
@@ -192,6 +193,23 @@ struct MetaArgs {
     /// request. Without it the authority serves anyone who reaches its port.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// This process's id in the authority group (with --member).
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// A member of the authority group, as ID=ADDR; give every member, this one
+    /// included (its ADDR is --listen's). Without any, the authority is a group of one.
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<(u64, SocketAddr)>,
+}
+
+/// `ID=ADDR` of `--member`.
+fn parse_member(text: &str) -> Result<(u64, SocketAddr), String> {
+    let (id, addr) = text.split_once('=').ok_or("expected ID=ADDR, for example 1=127.0.0.1:7000")?;
+    let id: u64 = id.parse().map_err(|e| format!("member id {id:?}: {e}"))?;
+    if id == 0 {
+        return Err("member ids start at 1".into());
+    }
+    Ok((id, addr.parse().map_err(|e| format!("member address {addr:?}: {e}"))?))
 }
 
 /// MiB from the command line to bytes, at least one KiB.
@@ -387,6 +405,8 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
         },
         metrics: args.metrics,
         secret: served_secret(args.secret_file.as_deref(), "meta")?,
+        id: args.id,
+        members: args.members,
     };
     crate::meta::run(&config, stop_on_signals()?)?;
     Ok(())

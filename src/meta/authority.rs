@@ -101,6 +101,18 @@ impl Authority {
         self.map.as_ref()
     }
 
+    /// Ids below this have been given out (before the first map, only this says so).
+    pub fn next_fresh(&self) -> u32 {
+        self.next_fresh
+    }
+
+    /// Continues from a predecessor that gave out every id below `next_fresh` (a new
+    /// leader of the authority group, from the replicated state).
+    pub fn with_next_fresh(mut self, next_fresh: u32) -> Authority {
+        self.next_fresh = self.next_fresh.max(next_fresh);
+        self
+    }
+
     fn set_map(&mut self, map: ClusterMap, why: String, actions: &mut Actions) {
         actions.notes.push(format!("epoch {}: {why}", map.epoch()));
         self.map = Some(map);

@@ -6,6 +6,8 @@
 
 pub mod authority;
 pub mod copy;
+pub mod member;
+pub mod raft_log;
 pub mod session;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,15 +16,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use dds_transport::auth::{self, Secret};
 
+use crate::log::{FsDisk, LogError};
 use crate::map::ClusterMap;
+use crate::proto::{encode, Frame, Kind, Op};
 use crate::rpc::{read_frame, Rpc};
-use authority::{Actions, Authority, AuthorityConfig, Join};
+use authority::AuthorityConfig;
 use copy::{Answer, CopyDriver, Step};
+use member::{CopyPlan, Member, MemberConfig, MemberError, Output, Settled, TICK_MS};
 use session::Session;
 
 pub const MAP_FILE: &str = "map.json";
@@ -49,6 +56,10 @@ pub enum MetaError {
     },
     #[error("meta: {path} holds a bad map: {why}")]
     BadMap { path: PathBuf, why: String },
+    #[error("meta: raft log: {0}")]
+    RaftLog(String),
+    #[error("meta: {0}")]
+    Members(String),
     #[error("meta: listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -67,17 +78,24 @@ pub struct MetaConfig {
     /// The cluster's secret: every connection proves it before its first request, and
     /// the copy driver proves it to the bricks. `None`: open to anyone.
     pub secret: Option<Arc<Secret>>,
+    /// This member's raft id, among `members`.
+    pub id: u64,
+    /// Every member of the authority group, this one included (its address must be
+    /// `listen`'s). Empty: a group of one.
+    pub members: Vec<(u64, SocketAddr)>,
 }
 
 struct State {
-    authority: Authority,
+    member: Member<FsDisk>,
     secret: Option<Arc<Secret>>,
     dir: PathBuf,
     started: Instant,
-    /// A map could not be stored: the authority answers nothing more (its map in memory
-    /// is one it could forget) and `run` returns `failure`.
+    /// The raft log failed (a write, an fsync): the member answers nothing more and
+    /// `run` returns `failure` (fail-stop: never retried).
     halted: bool,
     failure: Option<MetaError>,
+    /// Raft messages for each other member, to its sender thread.
+    peers: Vec<(u64, SyncSender<Vec<u8>>)>,
     /// Since start: maps published, copies finished with some partitions copied, copies
     /// that copied nothing, and partitions copied.
     maps_published: u64,
@@ -94,74 +112,143 @@ impl State {
     }
 }
 
+/// The member's state, and the condition a connection thread holding a reply waits on
+/// (signalled after every step, when a reply may have settled).
+struct Shared {
+    state: Mutex<State>,
+    settled: Condvar,
+}
+
+/// How long a reply waits for what it depends on to be committed before its connection
+/// is closed instead (the peer asks again, and finds the leader).
+const SETTLE_MAX: Duration = Duration::from_secs(2);
+/// Raft messages queued for one member before more are dropped (raft sends again).
+const PEER_QUEUE_MAX: usize = 1024;
+
 fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<(), MetaError> {
     crate::durable::write_file(dir, name, text.as_bytes()).map_err(|source| MetaError::File { op: "store", path: dir.join(name), source })
 }
 
-/// Carries out a step's actions: the map is made durable before any brick or client
-/// can see it; copies start on their own threads. A map that cannot be stored halts
-/// the authority (it must never hand out a map it could forget): nothing is answered
-/// from then on, and `run` returns the error.
-fn apply(shared: &Arc<Mutex<State>>, state: &mut State, actions: Actions) {
-    if state.halted {
-        return;
-    }
-    for note in &actions.notes {
-        crate::log!("meta", "{note}");
-    }
-    if actions.map_changed {
-        state.maps_published += 1;
-        let map = state.authority.map().expect("a changed map exists");
-        if let Err(e) = write_atomic(&state.dir, MAP_FILE, &serde_json::to_string_pretty(map).expect("serialises")) {
+/// Carries out what a step of the member asked for: raft messages to their senders,
+/// log lines, a copy of a newly committed map in `map.json` (for people: the raft log
+/// is what counts), a copy thread. A step that failed on the raft log halts the member.
+fn carry_out(shared: &Arc<Shared>, state: &mut State, step: Result<Output, impl Into<MetaError>>) {
+    shared.settled.notify_all();
+    let out = match step {
+        Ok(out) => out,
+        Err(e) => {
+            let e = e.into();
             crate::log!(warn: "meta", "{e}; stopping");
             state.halted = true;
-            state.failure = Some(e);
+            state.failure.get_or_insert(e);
             return;
         }
+    };
+    for (to, message) in out.messages {
+        if let Some((_, tx)) = state.peers.iter().find(|(id, _)| *id == to) {
+            let mut frame = Vec::with_capacity(message.len() + crate::proto::HEADER_LEN);
+            encode(&mut frame, &Frame { kind: Kind::Request(Op::Raft), request_id: 0, epoch: 0, key: &[], value: &message });
+            let _ = tx.try_send(frame);
+        }
     }
-    if !actions.copy.is_empty() {
-        let epoch = state.authority.map().expect("copying needs a map").epoch();
-        let shared = Arc::clone(shared);
-        let joins = actions.copy;
-        let spawned = std::thread::Builder::new().name("dds-meta-copy".into()).spawn(move || copy_driver(shared, joins, epoch));
+    for note in &out.notes {
+        crate::log!("meta", "{note}");
+    }
+    if out.published {
+        state.maps_published += 1;
+        if let Some(map) = state.member.published() {
+            if let Err(e) = write_atomic(&state.dir, MAP_FILE, &serde_json::to_string_pretty(map).expect("serialises")) {
+                crate::log!(warn: "meta", "{e} (a copy for people; the raft log holds the map)");
+            }
+        }
+    }
+    if let Some(plan) = out.copy {
+        let shared2 = Arc::clone(shared);
+        let spawned = std::thread::Builder::new().name("dds-meta-copy".into()).spawn(move || copy_driver(shared2, plan));
         state.copying = spawned.is_ok();
         if let Err(e) = spawned {
             crate::log!(warn: "meta", "cannot start the copy thread: {e}; copy failed, planned again at a later tick");
-            state.authority.copy_failed();
         }
     }
 }
 
-/// Runs the authority until `stop` is set.
+impl From<LogError> for MetaError {
+    fn from(e: LogError) -> MetaError {
+        MetaError::RaftLog(e.to_string())
+    }
+}
+
+impl From<MemberError> for MetaError {
+    fn from(e: MemberError) -> MetaError {
+        MetaError::RaftLog(e.to_string())
+    }
+}
+
+/// The members of the group this process belongs to, this one's id first checked.
+fn membership(config: &MetaConfig, addr: SocketAddr) -> Result<(u64, Vec<(u64, SocketAddr)>), MetaError> {
+    if config.members.is_empty() {
+        return Ok((1, vec![(1, addr)]));
+    }
+    if !config.members.iter().any(|(id, _)| *id == config.id) {
+        return Err(MetaError::Members(format!("member {} is not among --member {:?}", config.id, config.members)));
+    }
+    Ok((config.id, config.members.clone()))
+}
+
+/// Runs the authority member until `stop` is set.
 pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> {
     std::fs::create_dir_all(&config.dir).map_err(|source| MetaError::File { op: "create", path: config.dir.clone(), source })?;
-    let map_path = config.dir.join(MAP_FILE);
-    let map = match std::fs::read_to_string(&map_path) {
-        Ok(text) => Some(ClusterMap::from_json(&text).map_err(|e| MetaError::BadMap { path: map_path.clone(), why: e.to_string() })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
-    };
-    if let Some(map) = &map {
-        crate::log!("meta", "loaded map epoch {} ({} bricks)", map.epoch(), map.bricks().len());
-    }
     let listener = TcpListener::bind(config.listen).map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| MetaError::Listen { addr, source })?;
+    let (id, members) = membership(config, addr)?;
+    let member_config = MemberConfig { id, members: members.clone(), authority: config.authority.clone() };
+    let mut member = Member::open(member_config, FsDisk, &config.dir, crate::hash::random_u64()).map_err(|e| MetaError::RaftLog(e.to_string()))?;
+    // A directory an authority of an earlier version left: its map seeds the group.
+    let map_path = config.dir.join(MAP_FILE);
+    if member.replicated().map.is_none() {
+        match std::fs::read_to_string(&map_path) {
+            Ok(text) => {
+                let map = ClusterMap::from_json(&text).map_err(|e| MetaError::BadMap { path: map_path.clone(), why: e.to_string() })?;
+                crate::log!("meta", "{}: map epoch {} seeds the raft log", map_path.display(), map.epoch());
+                member.seed(map);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
+        }
+    }
+    if let Some(map) = member.published() {
+        crate::log!("meta", "member {id}: raft log replayed, map epoch {} ({} bricks)", map.epoch(), map.bricks().len());
+    }
     let started = Instant::now();
     let replicas_asked = config.authority.replicas;
-    let shared = Arc::new(Mutex::new(State {
-        authority: Authority::new(config.authority.clone(), map, 0),
-        secret: config.secret.clone(),
-        dir: config.dir.clone(),
-        started,
-        halted: false,
-        failure: None,
-        maps_published: 0,
-        copies_done: 0,
-        copies_failed: 0,
-        partitions_copied: 0,
-        copying: false,
-    }));
+    let mut peers = Vec::new();
+    for &(peer, peer_addr) in members.iter().filter(|(m, _)| *m != id) {
+        let (tx, rx) = sync_channel(PEER_QUEUE_MAX);
+        let (stop, secret) = (Arc::clone(&stop), config.secret.clone());
+        std::thread::Builder::new()
+            .name(format!("dds-meta-peer-{peer}"))
+            .spawn(move || send_to_peer(peer_addr, rx, &stop, secret.as_deref()))
+            .map_err(|source| MetaError::File { op: "start a sender thread for", path: config.dir.clone(), source })?;
+        peers.push((peer, tx));
+    }
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            member,
+            secret: config.secret.clone(),
+            dir: config.dir.clone(),
+            started,
+            halted: false,
+            failure: None,
+            peers,
+            maps_published: 0,
+            copies_done: 0,
+            copies_failed: 0,
+            partitions_copied: 0,
+            copying: false,
+        }),
+        settled: Condvar::new(),
+    });
     let metrics = match config.metrics {
         Some(at) => Some(crate::metrics::listen(at).map_err(|source| MetaError::Listen { addr: at, source })?),
         None => None,
@@ -171,17 +258,20 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
         let (shared, stop, secret) = (Arc::clone(&shared), Arc::clone(&stop), config.secret.clone());
         std::thread::Builder::new()
             .name("dds-meta-metrics".into())
-            .spawn(move || crate::metrics::serve(listener, &stop, secret.as_deref(), || samples(&shared.lock(), replicas_asked)))
+            .spawn(move || crate::metrics::serve(listener, &stop, secret.as_deref(), || samples(&shared.state.lock(), replicas_asked)))
             .map_err(|source| MetaError::File { op: "start the metrics thread for", path: config.dir.clone(), source })?;
     }
     write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr, metrics: metrics_addr }).expect("serialises"))?;
-    crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks);
+    match members.len() {
+        1 => crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks),
+        n => crate::log!("meta", "map authority member {id} of {n} on {addr}, waiting for {} brick(s)", config.authority.bricks),
+    }
     if let Some(at) = metrics_addr {
         crate::log!("meta", "metrics on http://{at}/metrics");
     }
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if let Some(e) = shared.lock().failure.take() {
+        if let Some(e) = shared.state.lock().failure.take() {
             return Err(e);
         }
         match listener.accept() {
@@ -195,25 +285,59 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => crate::log!(warn: "meta", "accept: {e}"),
         }
-        if last_tick.elapsed() >= Duration::from_millis(50) {
+        if last_tick.elapsed() >= Duration::from_millis(TICK_MS) {
             last_tick = Instant::now();
-            let mut state = shared.lock();
-            let now = state.now_ms();
-            let actions = state.authority.tick(now);
-            apply(&shared, &mut state, actions);
+            let mut state = shared.state.lock();
+            if !state.halted {
+                let now = state.now_ms();
+                let step = state.member.tick(now);
+                carry_out(&shared, &mut state, step);
+            }
         }
     }
     crate::log!("meta", "stopped");
     Ok(())
 }
 
-/// One connection: a brick's session (after `Register`), or anyone asking for the map
-/// (`session::Session` decides; this is its socket).
-fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
+/// Sends raft messages to member `addr` over one connection, made (and proved) again
+/// after any failure; messages that come meanwhile are dropped (raft sends again).
+fn send_to_peer(addr: SocketAddr, rx: Receiver<Vec<u8>>, stop: &AtomicBool, secret: Option<&Secret>) {
+    use std::io::Write;
+    let mut stream: Option<TcpStream> = None;
+    let mut last_failure: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let frame = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(frame) => frame,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if stream.is_none() {
+            if last_failure.is_some_and(|t| t.elapsed() < Duration::from_millis(TICK_MS)) {
+                continue;
+            }
+            match Rpc::connect(addr, Duration::from_millis(200), secret) {
+                Ok(rpc) => stream = Some(rpc.into_stream()),
+                Err(_) => {
+                    last_failure = Some(Instant::now());
+                    continue;
+                }
+            }
+        }
+        let s = stream.as_mut().expect("connected");
+        if s.write_all(&frame).is_err() {
+            stream = None;
+            last_failure = Some(Instant::now());
+        }
+    }
+}
+
+/// One connection: a brick's session (after `Register`), anyone asking for the map, or
+/// another member's raft messages (`Member::on_frame` decides; this is its socket).
+fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     use std::io::Write;
     let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
-    let secret = shared.lock().secret.clone();
+    let secret = shared.state.lock().secret.clone();
     if let Err(e) = auth::server_handshake(&mut stream, secret.as_deref()) {
         crate::log!(warn: "meta", "refused connection from {peer}: {e}");
         return;
@@ -221,7 +345,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
     let mut session = Session::new(peer.clone());
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    loop {
+    'frames: loop {
         match read_frame(&mut stream, &mut buf) {
             Ok(true) => {}
             Ok(false) => break,
@@ -233,42 +357,61 @@ fn serve(mut stream: TcpStream, shared: Arc<Mutex<State>>) {
             }
         }
         {
-            let mut state = shared.lock();
+            let mut state = shared.state.lock();
             if state.halted {
                 break;
             }
             let now = state.now_ms();
-            match session.on_frame(&mut state.authority, now, &buf, &mut out) {
-                Ok(actions) => apply(&shared, &mut state, actions),
-                Err(why) => {
-                    crate::log!(warn: "meta", "{why}");
+            let ticket = match state.member.on_frame(&mut session, now, &buf, &mut out) {
+                Ok((ticket, step)) => {
+                    carry_out(&shared, &mut state, Ok::<_, MetaError>(step));
+                    ticket
+                }
+                Err(MemberError::Log(e)) => {
+                    carry_out(&shared, &mut state, Err::<Output, _>(e));
                     break;
                 }
-            }
-            if state.halted {
-                break;
+                Err(why) => {
+                    crate::log!(warn: "meta", "closing {peer}: {why}");
+                    break;
+                }
+            };
+            // The reply leaves once what it depends on is committed.
+            let deadline = Instant::now() + SETTLE_MAX;
+            loop {
+                match state.member.settle(ticket) {
+                    Settled::Send => break,
+                    Settled::Lost => break 'frames,
+                    Settled::Wait if state.halted || Instant::now() >= deadline => break 'frames,
+                    Settled::Wait => {
+                        shared.settled.wait_until(&mut state, deadline);
+                    }
+                }
             }
         }
-        if stream.write_all(&out).is_err() {
+        if !out.is_empty() && stream.write_all(&out).is_err() {
             break;
         }
     }
-    let mut state = shared.lock();
-    let now = state.now_ms();
-    let actions = session.on_close(&mut state.authority, now);
-    apply(&shared, &mut state, actions);
+    let mut state = shared.state.lock();
+    if !state.halted {
+        let now = state.now_ms();
+        let step = state.member.on_close(&session, now);
+        carry_out(&shared, &mut state, step);
+    }
 }
 
 /// The copy thread: drives a `copy::CopyDriver` over blocking rpcs, one connection
-/// per line, then reports what finished to the authority.
-fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
-    let now_ms = || shared.lock().now_ms();
-    let mut driver = CopyDriver::new(joins, epoch, now_ms());
+/// per line, by the committed map, then reports what finished to the member (which
+/// drops the report if it no longer leads in the plan's term).
+fn copy_driver(shared: Arc<Shared>, plan: CopyPlan) {
+    let now_ms = || shared.state.lock().now_ms();
+    let mut driver = CopyDriver::new(plan.joins, plan.epoch, now_ms());
     let timeout = Duration::from_millis(copy::COPY_RPC_TIMEOUT_MS);
     let mut lines: [Option<Rpc>; copy::LINES.len()] = Default::default();
-    let secret = shared.lock().secret.clone();
+    let secret = shared.state.lock().secret.clone();
     loop {
-        let map = shared.lock().authority.map().cloned();
+        let map = shared.state.lock().member.published().cloned();
         match driver.poll(map.as_ref(), now_ms()) {
             Step::Call { line, addr, op, epoch, value } => {
                 let rpc = &mut lines[line as usize];
@@ -290,7 +433,7 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
             Step::Wait { ms } => std::thread::sleep(Duration::from_millis(ms)),
             Step::Note(note) => crate::log!("meta", "{note}"),
             Step::Finished(done) => {
-                let mut state = shared.lock();
+                let mut state = shared.state.lock();
                 state.copying = false;
                 state.partitions_copied += done.len() as u64;
                 if done.is_empty() {
@@ -298,13 +441,12 @@ fn copy_driver(shared: Arc<Mutex<State>>, joins: Vec<Join>, epoch: u64) {
                 } else {
                     state.copies_done += 1;
                 }
-                let actions = if done.is_empty() {
-                    state.authority.copy_failed();
-                    Actions::default()
-                } else {
-                    state.authority.copied(&done)
-                };
-                return apply(&shared, &mut state, actions);
+                if state.halted {
+                    return;
+                }
+                let now = state.now_ms();
+                let step = state.member.copied(plan.term, &done, now);
+                return carry_out(&shared, &mut state, step);
             }
         }
     }
@@ -315,7 +457,7 @@ fn samples(state: &State, replicas: usize) -> Vec<crate::metrics::Sample> {
     use crate::metrics::{Sample, Value};
     let gauge = |v: usize| Value::Gauge(vec![(vec![], v as i64)]);
     let counter = |v: u64| Value::Counter(vec![(vec![], v)]);
-    let map = state.authority.map();
+    let map = state.member.published();
     let (epoch, bricks, partitions, joining, leaving, short) = map.map_or((0, 0, 0, 0, 0, 0), |m| {
         (
             m.epoch() as usize,

@@ -76,10 +76,12 @@ pub enum Op {
     Register = 0x21,
     /// A brick to the map authority, with its epoch; the reply carries a newer map.
     Heartbeat = 0x22,
+    /// One map authority member to another: a raft message (protobuf). No reply.
+    Raft = 0x23,
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 15] = [
         Op::Get,
         Op::Put,
         Op::Remove,
@@ -94,6 +96,7 @@ impl Op {
         Op::GetMap,
         Op::Register,
         Op::Heartbeat,
+        Op::Raft,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Op> {
@@ -134,6 +137,7 @@ impl Op {
             Op::GetMap => "get-map",
             Op::Register => "register",
             Op::Heartbeat => "heartbeat",
+            Op::Raft => "raft",
         }
     }
 }
@@ -157,10 +161,13 @@ pub enum Status {
     /// A prepare's "no" vote: the key is locked by another transaction, or the
     /// transaction was already given up here.
     Conflict = 6,
+    /// A map authority member that is not the leader was asked what only the leader
+    /// answers (`Register`, `Heartbeat`); the value is the leader's address if known.
+    NotLeader = 7,
 }
 
 impl Status {
-    pub const ALL: [Status; 7] = [
+    pub const ALL: [Status; 8] = [
         Status::Ok,
         Status::NotFound,
         Status::WrongShard,
@@ -168,6 +175,7 @@ impl Status {
         Status::Unavailable,
         Status::Behind,
         Status::Conflict,
+        Status::NotLeader,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Status> {
@@ -184,6 +192,7 @@ impl Status {
             Status::Unavailable => "unavailable",
             Status::Behind => "behind",
             Status::Conflict => "conflict",
+            Status::NotLeader => "not_leader",
         }
     }
 }

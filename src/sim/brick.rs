@@ -685,7 +685,7 @@ impl World {
     /// after its chunk has left, for long enough to be removed, so the write may commit
     /// in doubt on the others, where the copy never saw it.
     fn source_served(&mut self, b: usize, p: PartitionId, epoch: u64) {
-        let Some(map) = self.authority.map() else { return };
+        let Some(map) = self.member.published() else { return };
         let (group, joining) = (map.groups().get(&p).cloned().unwrap_or_default(), map.joining().get(&p).cloned().unwrap_or_default());
         let up = |brick: &SimBrick, among: &[BrickId]| brick.state == State::Up && brick.id.is_some_and(|id| among.contains(&id));
         let pending = |brick: &SimBrick| up(brick, &group) && brick.cores.iter().any(|c| c.round.shard().pending_older(p, epoch));

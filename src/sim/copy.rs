@@ -1,14 +1,16 @@
 //! The copy driver's shell in the simulator: `meta::copy::CopyDriver` over simulated
 //! links and timers, as `meta::copy_driver` drives it over blocking rpcs.
 
-use crate::meta::authority::Join;
 use crate::meta::copy::{Answer, CopyDriver, Step, COPY_RPC_TIMEOUT_MS, LINES};
+use crate::meta::member::CopyPlan;
 
 use super::net::{Call, Endpoint, LinkId};
 use super::{Event, Micros, World, MS};
 
 pub(crate) struct SimCopy {
     driver: CopyDriver,
+    /// The leader's term that planned it (`Member::copied`).
+    term: u64,
     /// The open link of each line (`copy::Line`).
     lines: [Option<LinkId>; LINES.len()],
     /// The call on the wire.
@@ -24,8 +26,8 @@ pub(crate) struct SimCopy {
 
 impl SimCopy {
     /// `lives`: every brick's incarnation now.
-    pub fn new(joins: Vec<Join>, epoch: u64, now_ms: u64, lives: Vec<(crate::map::BrickId, u64)>) -> SimCopy {
-        SimCopy { driver: CopyDriver::new(joins, epoch, now_ms), lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1, copied: Vec::new(), lives }
+    pub fn new(plan: CopyPlan, now_ms: u64, lives: Vec<(crate::map::BrickId, u64)>) -> SimCopy {
+        SimCopy { driver: CopyDriver::new(plan.joins, plan.epoch, now_ms), term: plan.term, lines: [None; LINES.len()], waiting: None, wake_at: 0, next_id: 1, copied: Vec::new(), lives }
     }
 }
 
@@ -47,7 +49,7 @@ impl World {
             if self.now < job.wake_at {
                 return;
             }
-            let map = self.authority.map().cloned();
+            let map = self.member.published().cloned();
             let job = self.copy.as_mut().expect("present");
             match job.driver.poll(map.as_ref(), now_ms) {
                 Step::Call { line, addr, op, epoch, value } => {
@@ -86,14 +88,10 @@ impl World {
                 }
                 Step::Note(note) => self.note(format!("copy: {note}")),
                 Step::Finished(done) => {
+                    let term = job.term;
                     self.copy = None;
-                    let actions = if done.is_empty() {
-                        self.authority.copy_failed();
-                        Default::default()
-                    } else {
-                        self.authority.copied(&done)
-                    };
-                    return self.apply(actions);
+                    let step = self.member.copied(term, &done, now_ms).map_err(|e| e.to_string());
+                    return self.apply(step);
                 }
             }
         }

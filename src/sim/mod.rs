@@ -37,7 +37,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::brick::Durability;
 use crate::map::{BrickId, ClusterMap};
-use crate::meta::authority::{Actions, Authority, AuthorityConfig};
+use crate::log::mem_disk::MemDisk;
+use crate::meta::authority::AuthorityConfig;
+use crate::meta::member::{Member, MemberConfig, Output, Settled, Ticket, TICK_MS};
 use crate::meta::session::Session;
 use crate::mutation::Mutation;
 
@@ -240,7 +242,10 @@ pub(crate) struct World {
     shape: Shape,
     options: Options,
     net: Net,
-    authority: Authority,
+    /// The map authority: a group of one member (`meta::member`, as `dds meta` runs it).
+    member: Member<MemDisk>,
+    /// Its replies waiting for what they depend on to be committed: (link, ticket, frame).
+    held: Vec<(LinkId, Ticket, Vec<u8>)>,
     /// The authority's end of every connection to it (`meta::session`).
     sessions: crate::hash::HashMap<LinkId, Session>,
     /// Every map the authority published, in order.
@@ -295,13 +300,18 @@ impl World {
         }
     }
 
-    /// Carries out what the authority decided: record and check the map, start copies.
-    fn apply(&mut self, actions: Actions) {
-        for n in &actions.notes {
+    /// Carries out what a step of the authority asked for: record and check a newly
+    /// committed map, start copies, release replies whose wait is over.
+    fn apply(&mut self, step: Result<Output, String>) {
+        let out = match step {
+            Ok(out) => out,
+            Err(why) => return self.fail(format!("the authority stopped: {why}")),
+        };
+        for n in &out.notes {
             self.note(format!("authority: {n}"));
         }
-        if actions.map_changed {
-            let map = self.authority.map().expect("a changed map exists").clone();
+        if out.published {
+            let map = self.member.published().expect("a published map exists").clone();
             if let Err(e) = map.validate() {
                 self.fail(format!("the authority published an invalid map at epoch {}: {e}", map.epoch()));
             }
@@ -312,23 +322,30 @@ impl World {
             }
             self.maps.push(map);
         }
-        if !actions.copy.is_empty() {
-            let epoch = self.authority.map().expect("copying needs a map").epoch();
+        if let Some(plan) = out.copy {
             assert!(self.copy.is_none(), "the authority plans one copy at a time");
             let lives = self.bricks.iter().filter_map(|b| b.id.map(|id| (id, b.life))).collect();
-            self.copy = Some(copy::SimCopy::new(actions.copy, epoch, self.now_ms(), lives));
+            self.copy = Some(copy::SimCopy::new(plan, self.now_ms(), lives));
             self.after(0, Event::CopyStep);
+        }
+        let held = std::mem::take(&mut self.held);
+        for (link, ticket, reply) in held {
+            match self.member.settle(ticket) {
+                Settled::Send => self.send_back(link, reply),
+                Settled::Wait => self.held.push((link, ticket, reply)),
+                Settled::Lost => self.break_link(link, true),
+            }
         }
     }
 
     fn authority_tick(&mut self) {
-        let actions = self.authority.tick(self.now_ms());
-        self.apply(actions);
-        self.after(50 * MS, Event::AuthorityTick);
+        let step = self.member.tick(self.now_ms()).map_err(|e| e.to_string());
+        self.apply(step);
+        self.after(TICK_MS * MS, Event::AuthorityTick);
     }
 
     /// A frame for the authority: a copy's answer on a link it opened, else a request
-    /// on a brick's session or a map fetch (`meta::session`, as `meta::serve` runs it).
+    /// on a brick's session or a map fetch (`Member::on_frame`, as `meta::serve` runs it).
     fn authority_receive(&mut self, link: LinkId, bytes: Msg) {
         if self.net.opener(link) == Some(Endpoint::Authority) {
             return self.copy_receive(link, bytes);
@@ -336,11 +353,14 @@ impl World {
         let now_ms = self.now_ms();
         let session = self.sessions.entry(link).or_insert_with(|| Session::new(format!("link {}", link.0)));
         let mut out = Vec::new();
-        match session.on_frame(&mut self.authority, now_ms, &bytes, &mut out) {
-            Ok(actions) => {
-                self.apply(actions);
-                self.send_back(link, out);
+        match self.member.on_frame(session, now_ms, &bytes, &mut out) {
+            Ok((ticket, step)) => {
+                if !out.is_empty() {
+                    self.held.push((link, ticket, out));
+                }
+                self.apply(Ok(step));
             }
+            Err(crate::meta::member::MemberError::Log(e)) => self.apply(Err(e.to_string())),
             Err(why) => {
                 self.note(format!("authority: {why}"));
                 self.break_link(link, true);
@@ -353,9 +373,10 @@ impl World {
     fn authority_link_down(&mut self, link: LinkId) {
         if let Some(session) = self.sessions.remove(&link) {
             let now_ms = self.now_ms();
-            let actions = session.on_close(&mut self.authority, now_ms);
-            self.apply(actions);
+            let step = self.member.on_close(&session, now_ms).map_err(|e| e.to_string());
+            self.apply(step);
         }
+        self.held.retain(|(l, _, _)| *l != link);
         self.copy_link_down(link);
     }
 
@@ -500,7 +521,7 @@ impl World {
     /// at full strength with nothing joining or leaving, nothing prepared, no client
     /// operation open.
     fn quiet(&self) -> bool {
-        let Some(map) = self.authority.map() else { return false };
+        let Some(map) = self.member.published() else { return false };
         let up: Vec<BrickId> = self.bricks.iter().filter(|b| b.serving()).filter_map(|b| b.id).collect();
         let want = self.shape.replicas.min(up.len());
         // Past every pause, and what a resumed thread does first (`deferred`).
@@ -532,7 +553,7 @@ impl World {
     }
 
     fn unsettled(&self) -> String {
-        let Some(map) = self.authority.map() else { return "no map".into() };
+        let Some(map) = self.member.published() else { return "no map".into() };
         let mut why = Vec::new();
         for b in &self.bricks {
             if !b.serving() {
@@ -592,7 +613,9 @@ pub fn run(seed: u64, options: &Options) -> Report {
     crate::mutation::plant(options.mutation);
     let mut rng = SmallRng::seed_from_u64(seed);
     let shape = Shape::draw(&mut rng, options);
-    let authority = Authority::new(AuthorityConfig { bricks: shape.bricks, replicas: shape.replicas, base_bits: shape.base_bits }, None, 0);
+    let authority = AuthorityConfig { bricks: shape.bricks, replicas: shape.replicas, base_bits: shape.base_bits };
+    let member_config = MemberConfig { id: 1, members: vec![(1, SocketAddr::from(([10, 0, 0, 1], 7000)))], authority };
+    let member = Member::open(member_config, MemDisk::default(), std::path::Path::new("/meta"), seed).expect("an empty log opens");
     let mut world = World {
         now: 0,
         epoch_instant: Instant::now(),
@@ -601,7 +624,8 @@ pub fn run(seed: u64, options: &Options) -> Report {
         net: Net::new(shape.delay_us, shape.jitter_us, shape.reset_p),
         rng,
         options: options.clone(),
-        authority,
+        member,
+        held: Vec::new(),
         sessions: Default::default(),
         maps: Vec::new(),
         copy: None,

@@ -1,0 +1,501 @@
+//! One member of the map authority group, sans-I/O: a raft node (raft-rs `RawNode`)
+//! whose log holds every change of the authority's durable state, and, while it leads,
+//! the `Authority` that decides those changes. Peer messages, clock ticks and request
+//! frames come in; raft messages for the other members, replies (released once what
+//! they depend on is committed), copy plans and log lines go out. `meta::run` drives it
+//! over TCP and threads; the simulator drives the same code over simulated links.
+//!
+//! - The replicated state (`Replicated`) is the published map and the ids given out.
+//!   Each entry is the whole new state, so a follower applies it by taking it.
+//! - Only the leader runs an `Authority`, built from the committed state once its own
+//!   first entry of the term is committed (so it starts from the newest committed map).
+//!   It is built as after a restart: every known brick gets a full timeout from then on,
+//!   so a leader change removes no live brick.
+//! - A change the leader's authority makes is proposed, and nothing depends on it until
+//!   it is committed: the map a heartbeat or map fetch carries is always the committed
+//!   one, a registration's answer waits for the commit of everything proposed before it,
+//!   and a copy starts only once the map that made its replicas joining is committed.
+//! - Bricks' leases are granted by heartbeat answers, which only a leader gives
+//!   (followers answer `NotLeader` with the leader's address). raft's check-quorum makes
+//!   a leader that has not heard from a majority for an election timeout step down, so
+//!   a deposed leader grants no lease later than `ELECTION_TICKS` x 2 ticks after its
+//!   last contact with a majority; ARCHITECTURE.md gives the timing argument.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use protobuf::Message as _;
+use raft::eraftpb::{Entry, Message};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole, Storage as _};
+use serde::{Deserialize, Serialize};
+
+use crate::log::{Disk, LogError};
+use crate::map::ClusterMap;
+use crate::proto::{decode_exact, Frame, Kind, Op};
+
+use super::authority::{Actions, Authority, AuthorityConfig, Join};
+use super::raft_log::{RaftLog, RaftLogError};
+use super::session::Session;
+
+/// How often the shell ticks a member (raft's logical clock and the authority's).
+pub const TICK_MS: u64 = 50;
+/// A leader sends heartbeats every tick.
+const HEARTBEAT_TICKS: usize = 1;
+/// A follower that hears no leader for 6 to 12 ticks (300-600 ms) campaigns.
+pub const ELECTION_TICKS: usize = 6;
+
+#[derive(Clone, Debug)]
+pub struct MemberConfig {
+    pub id: u64,
+    /// Every member's raft id and address, this one's included (a fixed membership).
+    pub members: Vec<(u64, SocketAddr)>,
+    pub authority: AuthorityConfig,
+}
+
+/// The authority's durable state: what every member holds once committed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Replicated {
+    pub map: Option<ClusterMap>,
+    /// Brick ids below this were given out.
+    pub next_fresh: u32,
+}
+
+/// A raft entry's data: the whole new `Replicated` (the map as its JSON, so that
+/// reading it back goes through the map's validating parser).
+#[derive(Serialize, Deserialize)]
+struct Change {
+    map: Option<String>,
+    next_fresh: u32,
+}
+
+impl Replicated {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&Change { map: self.map.as_ref().map(|m| m.to_json()), next_fresh: self.next_fresh }).expect("serialises")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Replicated, String> {
+        let change: Change = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let map = change.map.map(|m| ClusterMap::from_json(&m)).transpose().map_err(|e| e.to_string())?;
+        Ok(Replicated { map, next_fresh: change.next_fresh })
+    }
+}
+
+/// Copy these joins (this leader's, in `term`): the map that made them joining, of
+/// `epoch`, is committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyPlan {
+    pub term: u64,
+    pub joins: Vec<Join>,
+    pub epoch: u64,
+}
+
+/// What a step asks the shell to do.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Raft messages: (member id, protobuf bytes), in order per member.
+    pub messages: Vec<(u64, Vec<u8>)>,
+    pub copy: Option<CopyPlan>,
+    /// Lines for the log (elections, map changes).
+    pub notes: Vec<String>,
+    /// The committed map changed.
+    pub published: bool,
+}
+
+/// When a reply may leave: once entry `index` of `term` is committed (0: at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    index: u64,
+    term: u64,
+}
+
+impl Ticket {
+    pub const NOW: Ticket = Ticket { index: 0, term: 0 };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// Send the reply.
+    Send,
+    /// Not yet committed: ask again after the next step.
+    Wait,
+    /// It may never be: this member stopped leading. Close the connection instead (its
+    /// peer asks again, and finds the leader).
+    Lost,
+}
+
+/// The leader's own state, for its term.
+struct Leading {
+    term: u64,
+    /// The entry that opened the term; the authority starts once it is applied.
+    start_index: u64,
+    authority: Option<Authority>,
+    /// The last entry this leader proposed.
+    proposed: u64,
+    /// A copy to start once entry `.0` is committed.
+    copy_after: Option<(u64, Vec<Join>)>,
+}
+
+pub struct Member<D: Disk> {
+    config: MemberConfig,
+    node: RawNode<MemStorage>,
+    mem: MemStorage,
+    log: RaftLog<D>,
+    state: Replicated,
+    leading: Option<Leading>,
+    /// The leader this member last knew, and in which term.
+    known_leader: (u64, u64),
+    /// Draws the election timeouts (raft-rs draws its own from the thread's generator,
+    /// which a seeded simulation cannot repeat): xorshift state, never 0.
+    rng: u64,
+    /// The election timeout last set, to see raft draw a new one.
+    timeout_set: usize,
+    /// A map to start from if the group has never committed one (`seed`).
+    seed: Option<ClusterMap>,
+    /// What `open` produced, handed out with the next step's output.
+    stash: Output,
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl<D: Disk> Member<D> {
+    /// Opens member `config.id`'s raft log in `dir` on `disk` and replays it. `seed`
+    /// draws its election timeouts. A member whose log is empty starts from `initial`
+    /// (a map an authority of an earlier version left, or nothing).
+    pub fn open(config: MemberConfig, mut disk: D, dir: &Path, seed: u64) -> Result<Member<D>, RaftLogError> {
+        assert!(config.members.iter().any(|(id, _)| *id == config.id), "member {} is not in its own membership", config.id);
+        let mem = MemStorage::new();
+        let (log, _held) = RaftLog::open(&mut disk, dir, &mem)?;
+        mem.wl().set_conf_state(raft::eraftpb::ConfState::from((config.members.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![])));
+        let applied = 0;
+        let raft_config = Config {
+            id: config.id,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            election_tick: ELECTION_TICKS,
+            check_quorum: true,
+            pre_vote: true,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 64,
+            ..Config::default()
+        };
+        let node = RawNode::new(&raft_config, mem.clone(), &logger()).expect("a valid raft configuration");
+        let mut member = Member {
+            config,
+            node,
+            mem,
+            log,
+            state: Replicated::default(),
+            leading: None,
+            known_leader: (0, 0),
+            rng: seed | 1,
+            timeout_set: 0,
+            seed: None,
+            stash: Output::default(),
+        };
+        member.draw_timeout();
+        if member.config.members.len() == 1 {
+            // A group of one need not wait out an election timeout to lead.
+            member.node.campaign().expect("a lone voter campaigns");
+            let mut stash = Output::default();
+            member.ready(0, &mut stash)?;
+            member.stash = stash;
+        }
+        Ok(member)
+    }
+
+    /// A map the group starts from if it has committed none (one an authority of an
+    /// earlier version left in its directory): the first leader proposes it.
+    pub fn seed(&mut self, map: ClusterMap) {
+        self.seed = Some(map);
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    /// The map every member holds committed.
+    pub fn published(&self) -> Option<&ClusterMap> {
+        self.state.map.as_ref()
+    }
+
+    pub fn replicated(&self) -> &Replicated {
+        &self.state
+    }
+
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    /// The leader's id as this member knows it (0: none).
+    pub fn leader(&self) -> u64 {
+        self.node.raft.leader_id
+    }
+
+    /// Leading, with its authority running.
+    pub fn is_leader(&self) -> bool {
+        self.leading.as_ref().is_some_and(|l| l.authority.is_some())
+    }
+
+    /// The address of member `id`.
+    pub fn addr_of(&self, id: u64) -> Option<SocketAddr> {
+        self.config.members.iter().find(|(m, _)| *m == id).map(|(_, a)| *a)
+    }
+
+    /// The running authority, while this member leads.
+    pub fn authority(&self) -> Option<&Authority> {
+        self.leading.as_ref().and_then(|l| l.authority.as_ref())
+    }
+
+    /// raft-rs drew a new election timeout from its own generator: replace it with one
+    /// from this member's, in the same range.
+    fn draw_timeout(&mut self) {
+        if self.node.raft.randomized_election_timeout() == self.timeout_set {
+            return;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let t = ELECTION_TICKS + (self.rng % ELECTION_TICKS as u64) as usize;
+        self.node.raft.set_randomized_election_timeout(t);
+        self.timeout_set = t;
+    }
+
+    /// One tick of the clock (every `TICK_MS`): raft's, and the leader's authority's.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Output, LogError> {
+        let mut out = std::mem::take(&mut self.stash);
+        self.node.tick();
+        self.draw_timeout();
+        if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()) {
+            let actions = authority.tick(now_ms);
+            self.take_actions(actions, &mut out);
+        }
+        self.ready(now_ms, &mut out)?;
+        Ok(out)
+    }
+
+    /// A raft message from another member. A malformed one is refused (the shell
+    /// closes that connection).
+    pub fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<Output, MemberError> {
+        let msg = Message::parse_from_bytes(bytes).map_err(|e| MemberError::BadMessage(e.to_string()))?;
+        if !self.config.members.iter().any(|(id, _)| *id == msg.from) || msg.to != self.config.id {
+            return Err(MemberError::BadMessage(format!("from {} to {}: not of this group", msg.from, msg.to)));
+        }
+        // A step error is raft refusing a message it cannot use (a stale one); nothing
+        // of this member's changes.
+        let _ = self.node.step(msg);
+        self.draw_timeout();
+        let mut out = std::mem::take(&mut self.stash);
+        self.ready(now_ms, &mut out)?;
+        Ok(out)
+    }
+
+    /// A request frame on `session`'s connection; its reply goes to `out`, to leave when
+    /// `settle` says so. `Err`: close the connection (a malformed frame).
+    pub fn on_frame(&mut self, session: &mut Session, now_ms: u64, bytes: &[u8], reply: &mut Vec<u8>) -> Result<(Ticket, Output), MemberError> {
+        reply.clear();
+        if let Ok(Frame { kind: Kind::Request(Op::Raft), value, .. }) = decode_exact(bytes) {
+            // From another member, on a connection that proved the cluster's secret.
+            return Ok((Ticket::NOW, self.on_message(value, now_ms)?));
+        }
+        let leader_addr = self.addr_of(self.leader());
+        let published = self.state.map.clone();
+        let leading = self.leading.as_mut().filter(|l| l.authority.is_some());
+        let term = self.node.raft.term;
+        let (actions, waits) = match leading {
+            Some(l) => session.on_frame(l.authority.as_mut(), l.term, published.as_ref(), leader_addr, now_ms, bytes, reply)?,
+            None => session.on_frame(None, 0, published.as_ref(), leader_addr, now_ms, bytes, reply)?,
+        };
+        let mut out = std::mem::take(&mut self.stash);
+        self.take_actions(actions, &mut out);
+        self.ready(now_ms, &mut out)?;
+        let ticket = match &self.leading {
+            Some(l) if waits && l.proposed > 0 => Ticket { index: l.proposed, term },
+            _ => Ticket::NOW,
+        };
+        Ok((ticket, out))
+    }
+
+    /// `session`'s connection closed.
+    pub fn on_close(&mut self, session: &Session, now_ms: u64) -> Result<Output, LogError> {
+        let mut out = std::mem::take(&mut self.stash);
+        if let Some(l) = self.leading.as_mut().filter(|l| session.registered_in(l.term)) {
+            let actions = session.on_close(l.authority.as_mut().expect("a session registers with a running authority"), now_ms);
+            self.take_actions(actions, &mut out);
+        }
+        self.ready(now_ms, &mut out)?;
+        Ok(out)
+    }
+
+    /// Whether a reply held by `ticket` may leave.
+    pub fn settle(&self, ticket: Ticket) -> Settled {
+        if ticket.index == 0 {
+            return Settled::Send;
+        }
+        if self.leading.as_ref().is_none_or(|l| l.term != ticket.term) {
+            return Settled::Lost;
+        }
+        if self.node.raft.raft_log.applied < ticket.index {
+            return Settled::Wait;
+        }
+        match self.mem.term(ticket.index) {
+            Ok(t) if t == ticket.term => Settled::Send,
+            _ => Settled::Lost,
+        }
+    }
+
+    /// The copy this leader planned in `term` finished: `done` were copied (none: it
+    /// failed). A report from an earlier term is dropped: that leader's successor plans
+    /// its own copies.
+    pub fn copied(&mut self, term: u64, done: &[Join], now_ms: u64) -> Result<Output, LogError> {
+        let mut out = std::mem::take(&mut self.stash);
+        if let Some(authority) = self.leading.as_mut().filter(|l| l.term == term).and_then(|l| l.authority.as_mut()) {
+            let actions = if done.is_empty() {
+                authority.copy_failed();
+                Actions::default()
+            } else {
+                authority.copied(done)
+            };
+            self.take_actions(actions, &mut out);
+        }
+        self.ready(now_ms, &mut out)?;
+        Ok(out)
+    }
+
+    /// Proposes what the authority changed, if anything, and remembers a copy to start.
+    fn take_actions(&mut self, actions: Actions, out: &mut Output) {
+        out.notes.extend(actions.notes);
+        let Some(leading) = self.leading.as_mut() else { return };
+        let Some(authority) = &leading.authority else { return };
+        let next = Replicated { map: authority.map().cloned(), next_fresh: authority.next_fresh() };
+        let last_proposed = leading.proposed.max(1);
+        let changed = actions.map_changed || next.next_fresh != self.state.next_fresh;
+        if changed && self.node.propose(Vec::new(), next.encode()).is_ok() {
+            leading.proposed = self.node.raft.raft_log.last_index();
+        }
+        if !actions.copy.is_empty() {
+            let at = if changed { leading.proposed } else { last_proposed };
+            leading.copy_after = Some((at, actions.copy));
+        }
+    }
+
+    /// Hands raft's ready state to the log, the wire and the state machine.
+    fn ready(&mut self, now_ms: u64, out: &mut Output) -> Result<(), LogError> {
+        while self.node.has_ready() {
+            let mut rd = self.node.ready();
+            // A leader's messages may leave before its own append is durable (raft
+            // counts its own vote only once it is).
+            self.send(rd.take_messages(), out);
+            assert!(rd.snapshot().is_empty(), "member {}: raft sent a snapshot, and logs are never compacted", self.config.id);
+            let committed = rd.take_committed_entries();
+            self.apply(committed, out);
+            self.log.persist(&self.mem, rd.entries(), rd.hs())?;
+            self.send(rd.take_persisted_messages(), out);
+            let mut light = self.node.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                self.log.commit_to(&self.mem, commit)?;
+            }
+            self.send(light.take_messages(), out);
+            let committed = light.take_committed_entries();
+            self.apply(committed, out);
+            self.node.advance_apply();
+        }
+        self.draw_timeout();
+        self.follow_role(now_ms, out);
+        self.release_copy(out);
+        Ok(())
+    }
+
+    fn send(&self, messages: Vec<Message>, out: &mut Output) {
+        for m in messages {
+            out.messages.push((m.to, m.write_to_bytes().expect("a message encodes")));
+        }
+    }
+
+    /// Applies committed entries: each non-empty one is the whole new state.
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) {
+        for entry in entries {
+            if entry.data.is_empty() {
+                continue;
+            }
+            // Written by a leader of this group and committed: unreadable is a bug.
+            let next = Replicated::decode(&entry.data).unwrap_or_else(|e| panic!("member {}: committed entry {} unreadable: {e}", self.config.id, entry.index));
+            let (old, new) = (self.state.map.as_ref().map_or(0, |m| m.epoch()), next.map.as_ref().map_or(0, |m| m.epoch()));
+            let same_map = next.map == self.state.map;
+            // Epochs only grow, across leaders: one map per epoch.
+            assert!(new > old || (same_map && new == old),
+                "member {}: entry {} takes the map from epoch {old} to {new}", self.config.id, entry.index);
+            assert!(next.next_fresh >= self.state.next_fresh, "member {}: entry {} gives ids out again", self.config.id, entry.index);
+            out.published |= !same_map;
+            self.state = next;
+        }
+    }
+
+    /// Hands out the copy the leader planned once the map it needs is committed.
+    fn release_copy(&mut self, out: &mut Output) {
+        let applied = self.node.raft.raft_log.applied;
+        let Some(leading) = self.leading.as_mut() else { return };
+        if leading.copy_after.as_ref().is_some_and(|(at, _)| applied >= *at) {
+            let (_, joins) = leading.copy_after.take().expect("checked");
+            let epoch = self.state.map.as_ref().map_or(0, |m| m.epoch());
+            out.copy = Some(CopyPlan { term: leading.term, joins, epoch });
+        }
+    }
+
+    /// Starts or ends this member's leadership as raft's role says.
+    fn follow_role(&mut self, now_ms: u64, out: &mut Output) {
+        let raft = &self.node.raft;
+        let (term, leader) = (raft.term, raft.leader_id);
+        if (term, leader) != self.known_leader && leader != 0 {
+            self.known_leader = (term, leader);
+            out.notes.push(match leader == self.config.id {
+                true => format!("member {} elected leader for term {term}", self.config.id),
+                false => format!("member {} follows member {leader} in term {term}", self.config.id),
+            });
+        }
+        if raft.state != StateRole::Leader {
+            if let Some(l) = self.leading.take() {
+                out.notes.push(format!("member {} no longer leads (term {} over)", self.config.id, l.term));
+            }
+            return;
+        }
+        if self.leading.as_ref().is_none_or(|l| l.term != term) {
+            let start_index = raft.raft_log.last_index();
+            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, copy_after: None });
+        }
+        let applied = raft.raft_log.applied;
+        let leading = self.leading.as_mut().expect("just set");
+        if leading.authority.is_none() && applied >= leading.start_index {
+            let seeded = self.state.map.is_none().then(|| self.seed.take()).flatten();
+            let map = self.state.map.clone().or_else(|| seeded.clone());
+            let authority = Authority::new(self.config.authority.clone(), map, now_ms).with_next_fresh(self.state.next_fresh);
+            leading.authority = Some(authority);
+            // Partitions short of replicas are planned at the next tick, as after a restart.
+            if seeded.is_some() {
+                self.take_actions(Actions { map_changed: true, ..Actions::default() }, out);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("malformed raft message: {0}")]
+    BadMessage(String),
+    #[error("{0}")]
+    Frame(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<String> for MemberError {
+    fn from(why: String) -> MemberError {
+        MemberError::Frame(why)
+    }
+}
+
+#[cfg(test)]
+#[path = "member_tests.rs"]
+mod tests;
