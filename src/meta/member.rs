@@ -305,8 +305,8 @@ impl<D: Disk> Member<D> {
         let leading = self.leading.as_mut().filter(|l| l.authority.is_some());
         let term = self.node.raft.term;
         let (actions, waits) = match leading {
-            Some(l) => session.on_frame(l.authority.as_mut(), l.term, published.as_ref(), leader_addr, now_ms, bytes, reply)?,
-            None => session.on_frame(None, 0, published.as_ref(), leader_addr, now_ms, bytes, reply)?,
+            Some(l) => session.on_frame(l.authority.as_mut().map(|a| (a, l.term)), published.as_ref(), leader_addr, now_ms, bytes, reply)?,
+            None => session.on_frame(None, published.as_ref(), leader_addr, now_ms, bytes, reply)?,
         };
         let mut out = std::mem::take(&mut self.stash);
         self.take_actions(actions, &mut out);

@@ -25,8 +25,8 @@ impl Session {
         Session { peer, brick: None }
     }
 
-    /// One request: its reply goes to `out` (a frame). `authority`: the leader's, in
-    /// `term`, or `None` on a member that does not lead (it answers `Register` and
+    /// One request: its reply goes to `out` (a frame). `leading`: the leader's authority
+    /// and its term, or `None` on a member that does not lead (it answers `Register` and
     /// `Heartbeat` with `NotLeader` and `leader`'s address, as it answers a heartbeat of
     /// a session registered in another term); `published`: the committed map, the only one
     /// a reply carries. Returns what the authority asks its caller to do, and whether
@@ -35,8 +35,7 @@ impl Session {
     /// reply where a request belongs).
     pub fn on_frame(
         &mut self,
-        authority: Option<&mut Authority>,
-        term: u64,
+        leading: Option<(&mut Authority, u64)>,
         published: Option<&ClusterMap>,
         leader: Option<SocketAddr>,
         now_ms: u64,
@@ -53,7 +52,8 @@ impl Session {
             _ => Vec::new(),
         };
         let not_leader = || (Status::NotLeader, leader.map(|a| a.to_string()).unwrap_or_default().into_bytes());
-        let (status, value) = match (op, authority) {
+        let term = leading.as_ref().map_or(0, |l| l.1);
+        let (status, value) = match (op, leading.map(|l| l.0)) {
             (Op::Register | Op::Heartbeat, None) => not_leader(),
             (Op::Register, Some(authority)) => match serde_json::from_slice::<Registration>(frame.value) {
                 Ok(reg) => match authority.register_at(reg.id, reg.addr, now_ms) {
