@@ -11,6 +11,7 @@ use std::time::Duration;
 use dds_transport::auth::{self, AuthError, Secret};
 
 use crate::map::ClusterMap;
+use crate::proto::MemberStatus;
 use crate::proto::{decode_exact, encode, frame_len, Frame, Kind, Op, Status, HEADER_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +147,15 @@ pub fn core_stats(addr: SocketAddr, timeout: Duration, secret: Option<&Secret>) 
         return Err(format!("stats answered {}", status.name()));
     }
     crate::proto::CoreStats::decode(&value).map_err(|e| e.to_string())
+}
+
+/// Asks the authority member at `addr` for its `MemberStatus`.
+pub fn member_status(addr: SocketAddr, timeout: Duration, secret: Option<&Secret>) -> Result<MemberStatus, String> {
+    let (status, value) = Rpc::connect(addr, timeout, secret).and_then(|mut r| r.call(Op::Stats, 0, &[], &[], timeout)).map_err(|e| e.to_string())?;
+    if status != Status::Ok {
+        return Err(format!("stats answered {}", status.name()));
+    }
+    serde_json::from_slice(&value).map_err(|e| e.to_string())
 }
 
 /// Fetches the current map from any of `seeds` (bricks or the authority).

@@ -37,7 +37,7 @@ fn put_frame(key: &[u8], value: &[u8], epoch: u64) -> Vec<u8> {
 /// Every port of the cluster: the authority's and every brick core's.
 fn ports(cluster: &TestCluster) -> Vec<SocketAddr> {
     let map = cluster.authority_map();
-    std::iter::once(cluster.file().meta.addr).chain(map.bricks().values().flat_map(|b| b.cores.clone())).collect()
+    cluster.file().meta_addrs().into_iter().chain(map.bricks().values().flat_map(|b| b.cores.clone())).collect()
 }
 
 #[test]
@@ -75,7 +75,7 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
     // Every metrics port wants the token `cluster up --metrics` wrote (401 without).
     let token = std::fs::read_to_string(dir.join("metrics.token")).unwrap();
     let file = cluster.file();
-    for at in std::iter::once(file.meta.metrics).chain(file.bricks.iter().map(|b| b.metrics)) {
+    for at in file.metas.iter().map(|m| m.metrics).chain(file.bricks.iter().map(|b| b.metrics)) {
         let at = at.expect("--metrics");
         let scrape = |header: &str| {
             let mut s = TcpStream::connect(at).unwrap();
@@ -100,7 +100,7 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
     // the reason, and the map does not change.
     let stranger_dir = tempfile::tempdir().unwrap();
     let file = secret_file(stranger_dir.path(), "secret", &other);
-    let meta = cluster.file().meta.addr.to_string();
+    let meta = cluster.file().metas[0].addr.to_string();
     let started = Instant::now();
     let out = dds()
         .args(["brick", "--dir", stranger_dir.path().join("b").to_str().unwrap(), "--cores", "1", "--meta", &meta])

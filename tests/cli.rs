@@ -150,17 +150,17 @@ fn output_into_a_closed_pipe_ends_quietly_and_status_tells_a_stopped_cluster() {
 
 #[test]
 fn the_authority_restarts_on_its_own_and_the_cluster_file_follows_one_started_by_hand() {
-    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2", "--meta-replicas", "1"]);
     let dir = cluster.dir_arg();
     run_ok(&["put", "k", "before", "--cluster", &dir]);
-    let first = cluster.file().meta.pid;
+    let first = cluster.file().metas[0].pid;
     let out = run_ok(&["cluster", "restart", "--dir", &dir, "--meta"]);
     assert!(text(&out.stdout).contains("map authority restarted"), "{}", text(&out.stdout));
-    let second = cluster.file().meta.pid;
+    let second = cluster.file().metas[0].pid;
     assert!(second != first && !process_alive(first) && process_alive(second));
     // By hand: stopped, then `dds meta` on the same directory and port, its path spelled
     // relative to its working directory.
-    let meta = cluster.file().meta;
+    let meta = cluster.file().metas[0].clone();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(second as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     while process_alive(second) {
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -173,7 +173,7 @@ fn the_authority_restarts_on_its_own_and_the_cluster_file_follows_one_started_by
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while cluster.file().meta.pid != by_hand.id() {
+    while cluster.file().metas[0].pid != by_hand.id() {
         assert!(std::time::Instant::now() < deadline, "the hand-started authority was never seen");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

@@ -118,8 +118,10 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     assert_eq!(status, Status::WrongShard);
     // Without the map authority a brick fences itself within its lease: it answers
     // nothing from its data rather than risk a stale answer.
-    let meta_pid = cluster.file().meta.pid;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(meta_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // (Every member of it: one alone would leave a majority that serves on.)
+    for m in cluster.file().metas {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
     std::thread::sleep(Duration::from_millis(1000));
     let (status, why) = rpc.call(Op::Get, epoch, b"k", b"", Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::Unavailable, "{}", String::from_utf8_lossy(&why));

@@ -260,9 +260,12 @@ impl Lease {
                     _ => "an answer to another call".into(),
                 };
                 if self.phase == Phase::Serving && self.session {
-                    // Fence before the connection drops: the authority removes a brick
-                    // whose session closed once its lease may have run out.
-                    self.fence("lost the map authority's session: fenced until it answers again");
+                    // The lease runs on (from the last answered beat's sending) while the
+                    // brick registers again, with the same authority or a new leader of
+                    // its group: an authority removes a brick whose session closed only
+                    // once that lease has surely run out (`CLOSED_REMOVAL_MS`), and a new
+                    // leader only `BRICK_TIMEOUT_MS` after it took office.
+                    self.out.push_back(Step::Note(format!("lost the map authority's session ({}): registering again, serving until the lease runs out", self.last_error)));
                 }
                 if self.phase == Phase::AwaitingMap {
                     // Registered, but the session broke before the first map: anew.
@@ -315,11 +318,11 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_session_fences_before_it_hangs_up_and_a_new_id_stops() {
+    fn a_lost_session_serves_out_its_lease_while_it_registers_again_and_a_new_id_stops() {
         let mut lease = serving(0);
         assert_eq!(lease.poll(50, false), Step::Beat { epoch: 1 });
         lease.answer(Answer::Lost("reset".into()), 60);
-        assert!(lease.fenced());
+        assert!(!lease.fenced(), "the lease, from the beat sent at 0, runs to {LEASE_MS}");
         assert!(matches!(lease.poll(60, false), Step::Note(_)));
         assert_eq!(lease.poll(60, false), Step::HangUp);
         assert_eq!(lease.poll(110, false), Step::Register { id: Some(7) });
@@ -327,6 +330,32 @@ mod tests {
         assert_eq!(lease.poll(111, false), Step::HangUp);
         assert!(matches!(lease.poll(111, false), Step::Stop(_)));
         assert!(lease.fenced());
+    }
+
+    #[test]
+    fn a_brick_that_finds_no_leader_fences_when_its_lease_runs_out() {
+        let mut lease = serving(0);
+        assert_eq!(lease.poll(50, false), Step::Beat { epoch: 1 });
+        lease.answer(Answer::Lost("reset".into()), 60);
+        assert!(matches!(lease.poll(60, false), Step::Note(_)));
+        assert_eq!(lease.poll(60, false), Step::HangUp);
+        let mut now = 110;
+        while now <= LEASE_MS {
+            assert!(!lease.fenced(), "fenced at {now} ms, inside the lease");
+            if let Step::Register { .. } = lease.poll(now, false) {
+                lease.answer(Answer::Lost("not the leader".into()), now);
+            }
+            now += 10;
+        }
+        loop {
+            match lease.poll(now, false) {
+                Step::Register { .. } => break,
+                Step::Idle { .. } => now += 10,
+                _ => {}
+            }
+        }
+        lease.answer(Answer::Lost("not the leader".into()), now);
+        assert!(lease.fenced(), "serving past the lease with no authority");
     }
 
     #[test]

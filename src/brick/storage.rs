@@ -21,6 +21,8 @@ pub struct Storage<D: Disk = FsDisk> {
     /// New segments are laid out ahead of their writes (`LogFile::open_preallocated`):
     /// for sync durability, where every round's fdatasync is on a reply's path.
     preallocate: bool,
+    /// Checkpoints finished since start.
+    checkpoints: u64,
 }
 
 /// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
@@ -164,7 +166,7 @@ pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard,
     if replayed > 0 {
         crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
     }
-    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate };
+    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0 };
     Ok((storage, next_lsn))
 }
 
@@ -172,6 +174,11 @@ impl<D: Disk> Storage<D> {
     /// One group commit.
     pub fn commit(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
         self.active.append(batch, sync)
+    }
+
+    /// Checkpoints finished (and older segments trimmed) since start.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints
     }
 
     /// Checkpoint work between rounds: start one when the active segment has grown past
@@ -224,6 +231,7 @@ impl<D: Disk> Storage<D> {
             }
         }
         checkpoint::sync_dir(&mut self.disk, self.active.path())?;
+        self.checkpoints += 1;
         crate::log!(
             format_args!("core {}", self.core),
             "checkpoint at lsn {started}: {} keys; {trimmed} old log segment(s) removed",

@@ -378,13 +378,15 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         checkpoint_log_mb: 64.0,
         metrics: false,
         secret_file: None,
+        meta_replicas: 3,
     };
     let cluster = cluster::up(&up)?;
     out!(
-        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} replica(s) per partition, durability sync (a put is acknowledged once every replica has it on disk: fdatasync), every connection authenticated (the cluster's secret), {} keys of {} bytes, {} clients x depth {}, {} s per phase",
+        "dds demo: {} brick(s) x {} core(s) on 127.0.0.1, {} replica(s) per partition, durability sync (a put is acknowledged once every replica has it on disk: fdatasync), every connection authenticated (the cluster's secret), a map authority of {} raft members, {} keys of {} bytes, {} clients x depth {}, {} s per phase",
         cluster.bricks.len(),
         cluster.bricks[0].cores,
         cluster.replicas,
+        cluster.metas.len(),
         args.keys,
         args.value_size,
         args.clients,

@@ -150,6 +150,18 @@ pub struct UpArgs {
     /// made (mode 0600) when there is none].
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Members of the map authority, a raft group: with 3, any one may fail (or be
+    /// restarted) and the cluster serves on; with 5, any two; 1 is one process.
+    #[arg(long, default_value_t = 3, value_parser = meta_replicas)]
+    pub meta_replicas: usize,
+}
+
+/// `--meta-replicas`: an odd number of members, a majority of which must run.
+fn meta_replicas(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err(format!("{text}: the authority runs 1, 3 or 5 members")),
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -170,9 +182,13 @@ pub struct ClusterBrick {
     pub metrics: Option<SocketAddr>,
 }
 
-/// The map authority of a local cluster.
+/// A member of a local cluster's map authority group.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterMeta {
+    /// Its raft id (1 for the one member of a cluster made before the authority was a
+    /// group).
+    #[serde(default = "first_member")]
+    pub id: u64,
     pub pid: u32,
     pub addr: SocketAddr,
     pub dir: PathBuf,
@@ -181,10 +197,31 @@ pub struct ClusterMeta {
     pub metrics: Option<SocketAddr>,
 }
 
+fn first_member() -> u64 {
+    1
+}
+
+/// The authority group's members: a list, or the one object a cluster made before the
+/// authority was a group has under `meta`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ClusterMeta>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(ClusterMeta),
+        Many(Vec<ClusterMeta>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(m) => vec![m],
+        OneOrMany::Many(ms) => ms,
+    })
+}
+
 /// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
-    pub meta: ClusterMeta,
+    /// The map authority's members (one or more: a raft group).
+    #[serde(alias = "meta", deserialize_with = "one_or_many")]
+    pub metas: Vec<ClusterMeta>,
     pub partition_bits: u8,
     pub replicas: usize,
     pub durability: Durability,
@@ -231,9 +268,11 @@ impl ClusterFile {
     }
 
     fn adopt_restarted(&mut self) {
-        let meta = std::fs::read_to_string(self.meta.dir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok());
-        if let Some(m) = meta.filter(|m| m.pid != self.meta.pid && runs_as(m.pid, "meta", &self.meta.dir)) {
-            (self.meta.pid, self.meta.addr, self.meta.metrics) = (m.pid, m.addr, m.metrics);
+        for member in &mut self.metas {
+            let meta = std::fs::read_to_string(member.dir.join(META_FILE)).ok().and_then(|t| serde_json::from_str::<MetaFile>(&t).ok());
+            if let Some(m) = meta.filter(|m| m.pid != member.pid && runs_as(m.pid, "meta", &member.dir)) {
+                (member.pid, member.addr, member.metrics) = (m.pid, m.addr, m.metrics);
+            }
         }
         for b in &mut self.bricks {
             if let Some(f) = BrickFile::load(&b.dir).ok().filter(|f| f.pid != b.pid && !f.addrs.is_empty() && runs_as(f.pid, "brick", &b.dir)) {
@@ -248,9 +287,27 @@ impl ClusterFile {
             .with_context(|| format!("store {}", dir.join(CLUSTER_FILE).display()))
     }
 
-    /// Where a client can learn the map: the authority, then every brick.
+    /// Where a client can learn the map: the authority's members, then every brick.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        std::iter::once(self.meta.addr).chain(self.bricks.iter().map(|b| b.addr)).collect()
+        self.meta_addrs().into_iter().chain(self.bricks.iter().map(|b| b.addr)).collect()
+    }
+
+    /// The authority's members' addresses.
+    pub fn meta_addrs(&self) -> Vec<SocketAddr> {
+        self.metas.iter().map(|m| m.addr).collect()
+    }
+
+    /// The group as `dds meta --member` takes it (empty for a group of one).
+    fn group(&self) -> Vec<(u64, SocketAddr)> {
+        match self.metas.len() {
+            1 => Vec::new(),
+            _ => self.metas.iter().map(|m| (m.id, m.addr)).collect(),
+        }
+    }
+
+    /// Where the authority's log is: the first member's (every member logs elections).
+    pub fn meta_log(&self) -> PathBuf {
+        self.metas[0].dir.join("meta.log")
     }
 
     /// How a client of this cluster connects: over RDMA to bricks that serve it when
@@ -343,20 +400,25 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCommand::Restart(RestartArgs { dir, meta: true, .. }) => {
+            // One member at a time: a group of three or more keeps a majority throughout.
             let mut cluster = ClusterFile::load(&dir)?;
-            if meta_alive(&cluster.meta) {
-                stop_process("the map authority", cluster.meta.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
+            for i in 0..cluster.metas.len() {
+                let m = &cluster.metas[i];
+                if meta_alive(m) {
+                    stop_process("a map authority member", m.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
+                }
+                ensure_meta(&mut cluster)?;
+                cluster.store(&dir)?;
+                let m = &cluster.metas[i];
+                out!("map authority restarted: member {} pid {} at {} (its raft log in {})", m.id, m.pid, m.addr, m.dir.display());
             }
-            ensure_meta(&mut cluster)?;
-            cluster.store(&dir)?;
-            out!("map authority restarted: pid {} at {} (its map from {})", cluster.meta.pid, cluster.meta.addr, cluster.meta.dir.join("map.json").display());
             Ok(())
         }
         ClusterCommand::Restart(RestartArgs { dir, brick, .. }) => {
             let sel = BrickSel { dir, brick: brick.context("say which: --brick INDEX or --meta")? };
             let started = Instant::now();
             // The authority's log so far: a recovery line from an earlier copy is not this one's.
-            let meta_log = ClusterFile::load(&sel.dir)?.meta.dir.join("meta.log");
+            let meta_log = ClusterFile::load(&sel.dir)?.meta_log();
             let log_start = std::fs::metadata(&meta_log).map_or(0, |m| m.len() as usize);
             let b = restart(&sel.dir, sel.brick)?;
             out!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
@@ -389,7 +451,8 @@ struct BrickShape {
     partition_bits: u8,
     durability: Durability,
     checkpoint_log_mb: f64,
-    meta: SocketAddr,
+    /// The authority's members.
+    meta: Vec<SocketAddr>,
     /// Serve RDMA beside TCP (`--transport rdma`).
     rdma: bool,
     busy_poll: bool,
@@ -403,10 +466,22 @@ fn secret_args(file: Option<&Path>) -> Vec<std::ffi::OsString> {
     file.map(|f| vec!["--secret-file".into(), f.as_os_str().to_owned()]).unwrap_or_default()
 }
 
-/// Starts `dds meta` in the background on `mdir` (`port` 0: any free port), serving
-/// metrics on `metrics` (a port; 0: any free one) if given.
-#[allow(clippy::too_many_arguments)]
-fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize, bits: u8, metrics: Option<u16>, secret_file: Option<&Path>) -> anyhow::Result<Child> {
+/// How a cluster's authority members are started.
+struct MetaShape<'a> {
+    bricks: usize,
+    replicas: usize,
+    bits: u8,
+    secret_file: Option<&'a Path>,
+    /// Every member (`--member`); empty for a group of one.
+    group: Vec<(u64, SocketAddr)>,
+}
+
+/// Starts authority member `id` of `shape` in the background on `mdir` (`port` 0: any
+/// free port), serving metrics on `metrics` (a port; 0: any free one) if given.
+fn spawn_meta(exe: &Path, mdir: &Path, id: u64, port: u16, shape: &MetaShape<'_>, metrics: Option<u16>) -> anyhow::Result<Child> {
+    let (bricks, replicas, bits, secret_file) = (shape.bricks, shape.replicas, shape.bits, shape.secret_file);
+    let group: Vec<String> = shape.group.iter().flat_map(|(m, a)| ["--member".to_string(), format!("{m}={a}")]).collect();
+    let id_args = if group.is_empty() { Vec::new() } else { vec!["--id".to_string(), id.to_string()] };
     std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
     let _ = std::fs::remove_file(mdir.join(META_FILE));
     let log_path = mdir.join("meta.log");
@@ -418,6 +493,8 @@ fn spawn_meta(exe: &Path, mdir: &Path, port: u16, bricks: usize, replicas: usize
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
         .args(["--partition-bits", &bits.to_string()])
+        .args(id_args)
+        .args(group)
         .args(metrics.map(|p| vec!["--metrics".to_string(), format!("127.0.0.1:{p}")]).unwrap_or_default())
         .args(secret_args(secret_file))
         .stdin(Stdio::null())
@@ -437,19 +514,22 @@ fn meta_alive(m: &ClusterMeta) -> bool {
     runs_as(m.pid, "meta", &m.dir)
 }
 
-/// Starts the cluster's authority again (same directory and port) if it is not running.
+/// Starts every member of the cluster's authority that is not running again (same
+/// directory and port).
 fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
-    if meta_alive(&cluster.meta) {
-        return Ok(());
-    }
     let exe = std::env::current_exe().context("locate the dds binary")?;
-    let m = &cluster.meta;
-    // The same ports as before, metrics too, so a scrape configuration keeps working.
-    let metrics = cluster.metrics.then(|| m.metrics.map_or(0, |a| a.port()));
-    let mut child = spawn_meta(&exe, &m.dir, m.addr.port(), cluster.bricks.len(), cluster.replicas, cluster.partition_bits, metrics, cluster.secret_file.as_deref())?;
-    let file = wait_for_meta(&m.dir, &mut child)?;
-    cluster.meta.pid = file.pid;
-    cluster.meta.metrics = file.metrics;
+    let shape = MetaShape { bricks: cluster.bricks.len(), replicas: cluster.replicas, bits: cluster.partition_bits, secret_file: cluster.secret_file.as_deref(), group: cluster.group() };
+    let mut started = Vec::new();
+    for (i, m) in cluster.metas.iter().enumerate().filter(|(_, m)| !meta_alive(m)) {
+        // The same ports as before, metrics too, so a scrape configuration keeps working.
+        let metrics = cluster.metrics.then(|| m.metrics.map_or(0, |a| a.port()));
+        let mut child = spawn_meta(&exe, &m.dir, m.id, m.addr.port(), &shape, metrics)?;
+        started.push((i, wait_for_meta(&m.dir, &mut child)?));
+    }
+    for (i, file) in started {
+        cluster.metas[i].pid = file.pid;
+        cluster.metas[i].metrics = file.metrics;
+    }
     Ok(())
 }
 
@@ -476,7 +556,7 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
         .args(["--partition-bits", &shape.partition_bits.to_string()])
         .args(["--durability", &value_name(shape.durability)])
         .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()])
-        .args(["--meta", &shape.meta.to_string()])
+        .args(shape.meta.iter().flat_map(|a| ["--meta".to_string(), a.to_string()]))
         .args(secret_args(shape.secret_file.as_deref()));
     if ask_id {
         cmd.args(["--id", &index.to_string()]);
@@ -544,7 +624,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         partition_bits: cluster.partition_bits,
         durability: cluster.durability,
         checkpoint_log_mb: cluster.checkpoint_log_mb,
-        meta: cluster.meta.addr,
+        meta: cluster.meta_addrs(),
         rdma: cluster.transport != TransportKind::Tcp,
         busy_poll: cluster.busy_poll,
         placement: cluster.placement,
@@ -593,7 +673,7 @@ fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> an
             }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not get back to {} replicas per partition within 120 s; see {}", cluster.replicas, cluster.meta.dir.join("meta.log").display());
+            bail!("the cluster did not get back to {} replicas per partition within 120 s; see {}", cluster.replicas, cluster.meta_log().display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -655,13 +735,35 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     if args.metrics {
         write_metrics_token(&dir, &secret)?;
     }
-    let mdir = dir.join("meta");
-    let mut meta_child = spawn_meta(&exe, &mdir, 0, args.bricks, args.replicas, args.partition_bits, args.metrics.then_some(0), Some(&secret_file))?;
-    let meta_file = match wait_for_meta(&mdir, &mut meta_child) {
-        Ok(f) => f,
+    // Members of a group listen where the others were told they would: ports picked
+    // free now. A group of one takes any free port.
+    let n = args.meta_replicas;
+    let ports = if n == 1 { vec![0] } else { free_ports(n)? };
+    let group: Vec<(u64, SocketAddr)> = if n == 1 { Vec::new() } else { (1..=n as u64).zip(&ports).map(|(id, &p)| (id, SocketAddr::from(([127, 0, 0, 1], p)))).collect() };
+    let meta_shape = MetaShape { bricks: args.bricks, replicas: args.replicas, bits: args.partition_bits, secret_file: Some(&secret_file), group };
+    let mut meta_children: Vec<Child> = Vec::new();
+    let mut metas = Vec::new();
+    let spawned = (|| {
+        for (i, &port) in ports.iter().enumerate() {
+            let id = i as u64 + 1;
+            let mdir = if n == 1 { dir.join("meta") } else { dir.join(format!("meta-{id}")) };
+            meta_children.push(spawn_meta(&exe, &mdir, id, port, &meta_shape, args.metrics.then_some(0))?);
+            metas.push((id, mdir));
+        }
+        let mut started = Vec::new();
+        for ((id, mdir), child) in metas.iter().zip(meta_children.iter_mut()) {
+            let f = wait_for_meta(mdir, child)?;
+            started.push(ClusterMeta { id: *id, pid: f.pid, addr: f.addr, dir: mdir.clone(), metrics: f.metrics });
+        }
+        anyhow::Ok(started)
+    })();
+    let metas = match spawned {
+        Ok(m) => m,
         Err(e) => {
-            let _ = meta_child.kill();
-            let _ = meta_child.wait();
+            for child in &mut meta_children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             return Err(e);
         }
     };
@@ -670,7 +772,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         partition_bits: args.partition_bits,
         durability: args.durability,
         checkpoint_log_mb: args.checkpoint_log_mb,
-        meta: meta_file.addr,
+        meta: metas.iter().map(|m| m.addr).collect(),
         rdma: transport != TransportKind::Tcp,
         busy_poll: args.busy_poll,
         placement: args.placement,
@@ -692,7 +794,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             bricks.push(ClusterBrick { index, dir: bdir.clone(), pid: file.pid, addr: file.addrs[0], cores: file.cores, ports, cpus: file.cpus.clone(), metrics: file.metrics });
         }
         let cluster = ClusterFile {
-            meta: ClusterMeta { pid: meta_file.pid, addr: meta_file.addr, dir: mdir.clone(), metrics: meta_file.metrics },
+            metas,
             partition_bits: args.partition_bits,
             replicas: args.replicas,
             durability: args.durability,
@@ -711,12 +813,19 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         anyhow::Ok(cluster)
     })();
     if started.is_err() {
-        for child in children.iter_mut().map(|(_, c)| c).chain(std::iter::once(&mut meta_child)) {
+        for child in children.iter_mut().map(|(_, c)| c).chain(meta_children.iter_mut()) {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
     started
+}
+
+/// `n` loopback ports free now (bound, then let go: a member started right after takes
+/// its port).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().context("find free ports for the authority's members")?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// The secret a new cluster in `dir` uses: `given`, or `<dir>/secret` (made, mode
@@ -852,8 +961,11 @@ fn stop_process(what: &str, pid: u32, signal: Signal, grace: Duration) -> anyhow
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     let cluster = ClusterFile::load(dir)?;
     // The authority first: bricks that stop must not be taken for failures and removed.
-    if meta_alive(&cluster.meta) {
-        stop_process("the map authority", cluster.meta.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
+    for m in cluster.metas.iter().filter(|m| meta_alive(m)) {
+        let _ = kill(Pid::from_raw(m.pid as i32), Signal::SIGTERM);
+    }
+    for m in cluster.metas.iter().filter(|m| meta_alive(m)) {
+        stop_process("a map authority member", m.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
     }
     let running: Vec<&ClusterBrick> = cluster.bricks.iter().filter(|b| is_brick_process(b)).collect();
     for b in &running {
@@ -877,11 +989,21 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     let cluster = ClusterFile::load(dir)?;
     let map = current_map(&cluster);
     out!("cluster {}", dir.display());
-    let meta_state = if meta_alive(&cluster.meta) { "up" } else { "down" };
+    let members_up = cluster.metas.iter().filter(|m| meta_alive(m)).count();
+    let meta_state = if members_up * 2 > cluster.metas.len() { "up" } else { "down" };
+    for m in &cluster.metas {
+        let alive = if meta_alive(m) { "up" } else { "down" };
+        let role = match crate::rpc::member_status(m.addr, Duration::from_millis(500), cluster.secret.as_deref()) {
+            Ok(s) if s.leader == s.id => format!("leader, term {}", s.term),
+            Ok(s) if s.leader == 0 => format!("no leader known, term {}", s.term),
+            Ok(s) => format!("follower of member {}, term {}", s.leader, s.term),
+            Err(_) => "not answering".to_string(),
+        };
+        out!("  map authority member {} at {} (pid {}, {alive}): {role}", m.id, m.addr, m.pid);
+    }
     out!(
-        "  map authority {} (pid {}, {meta_state}); transport {}, durability {}, {} brick(s), {} replica(s) asked",
-        cluster.meta.addr,
-        cluster.meta.pid,
+        "  map authority {meta_state} ({members_up} of {} members); transport {}, durability {}, {} brick(s), {} replica(s) asked",
+        cluster.metas.len(),
         value_name(cluster.transport),
         value_name(cluster.durability),
         cluster.bricks.len(),
@@ -904,7 +1026,8 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     }
     if cluster.metrics {
         let bricks: Vec<String> = cluster.bricks.iter().map(|b| b.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics"))).collect();
-        out!("  metrics: map authority {}; bricks (by index) {}", cluster.meta.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics")), bricks.join(" "));
+        let metas: Vec<String> = cluster.metas.iter().map(|m| m.metrics.map_or("-".to_string(), |a| format!("http://{a}/metrics"))).collect();
+        out!("  metrics: map authority {}; bricks (by index) {}", metas.join(" "), bricks.join(" "));
         if cluster.secret.is_some() {
             out!("  metrics need the bearer token in {}", dir.join(METRICS_TOKEN_FILE).display());
         }
@@ -980,7 +1103,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         out!("{down} brick(s) down");
     }
     if meta_state == "down" || down == cluster.bricks.len() {
-        let what = if meta_state == "down" { "the map authority is down" } else { "no brick is running" };
+        let what = if meta_state == "down" { "the map authority is down (no majority of its members runs)" } else { "no brick is running" };
         return Err(crate::cli::ExitCode(3, format!("cluster {} is down: {what}", dir.display())).into());
     }
     Ok(())

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::log::{Disk, LogError};
 use crate::map::ClusterMap;
-use crate::proto::{decode_exact, Frame, Kind, Op};
+use crate::proto::{decode_exact, encode, Frame, Kind, Op, Status};
 
 use super::authority::{Actions, Authority, AuthorityConfig, Join};
 use super::raft_log::{RaftLog, RaftLogError};
@@ -296,9 +296,16 @@ impl<D: Disk> Member<D> {
     /// `settle` says so. `Err`: close the connection (a malformed frame).
     pub fn on_frame(&mut self, session: &mut Session, now_ms: u64, bytes: &[u8], reply: &mut Vec<u8>) -> Result<(Ticket, Output), MemberError> {
         reply.clear();
-        if let Ok(Frame { kind: Kind::Request(Op::Raft), value, .. }) = decode_exact(bytes) {
+        match decode_exact(bytes) {
             // From another member, on a connection that proved the cluster's secret.
-            return Ok((Ticket::NOW, self.on_message(value, now_ms)?));
+            Ok(Frame { kind: Kind::Request(Op::Raft), value, .. }) => return Ok((Ticket::NOW, self.on_message(value, now_ms)?)),
+            Ok(Frame { kind: Kind::Request(Op::Stats), request_id, .. }) => {
+                let status = crate::proto::MemberStatus { id: self.id(), term: self.term(), leader: self.leader(), epoch: self.published().map_or(0, |m| m.epoch()) };
+                let value = serde_json::to_vec(&status).expect("serialises");
+                encode(reply, &Frame { kind: Kind::Reply(Op::Stats, Status::Ok), request_id, epoch: 0, key: &[], value: &value });
+                return Ok((Ticket::NOW, std::mem::take(&mut self.stash)));
+            }
+            _ => {}
         }
         let leader_addr = self.addr_of(self.leader());
         let published = self.state.map.clone();

@@ -30,3 +30,14 @@ pub struct Registration {
 pub struct Registered {
     pub id: u32,
 }
+
+/// What a map authority member says of itself (its answer to `Op::Stats`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub term: u64,
+    /// The leader's id as this member knows it (0: none).
+    pub leader: u64,
+    /// The epoch of the map it holds committed.
+    pub epoch: u64,
+}

@@ -26,7 +26,7 @@ mod info;
 mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
-pub use control::{Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
+pub use control::{MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 pub use info::{BrickInfo, CoreStats, Histogram, InfoError, HISTOGRAM_BUCKETS};
 pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 
@@ -117,7 +117,7 @@ impl Op {
     pub fn request_has_value(self) -> bool {
         matches!(
             self,
-            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register
+            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register | Op::Raft
         )
     }
 

@@ -53,6 +53,9 @@ pub(crate) struct SimCore {
     busy: bool,
     round_due: bool,
     sync_pending: bool,
+    /// Checkpoints its storage had finished at the last round's end (one more is a
+    /// worst moment: `checkpoint_done`).
+    checkpoints: u64,
 }
 
 /// What a core reads of its brick's control plane, as of the simulated now: the
@@ -330,7 +333,7 @@ impl World {
                     let info = BrickInfo { partition_bits: map.base_bits(), core: c as u16, ports: Vec::new() };
                     let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn);
                     round.begin(&SimControl { fenced: false, map: None });
-                    cores.push(SimCore { round, storage, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false });
+                    cores.push(SimCore { round, storage, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false, checkpoints: 0 });
                 }
                 Err(e) => {
                     // Only a misread corrupts a log here: one that crashes left as they
@@ -641,6 +644,8 @@ impl World {
         let checkpointing = core.storage.step(shard, next_lsn);
         core.round.begin(&control);
         let more = !core.inbox.is_empty() || checkpointing.as_ref().is_ok_and(|busy| *busy);
+        let finished = core.storage.checkpoints() > core.checkpoints;
+        core.checkpoints = core.storage.checkpoints();
         for (link, bytes) in released {
             self.send(link, Endpoint::Brick(b), bytes);
         }
@@ -648,9 +653,27 @@ impl World {
             return self.storage_failed(b, c, e);
         }
         self.check_replicas();
+        if finished {
+            return self.checkpoint_done(b, c);
+        }
         if more {
             self.wake_core(b, c);
         }
+    }
+
+    /// Core `c` of brick `b` finished a checkpoint (and trimmed the log before it). If
+    /// another brick may be in doubt (it holds an undecided prepare, or is down and may
+    /// come back with one), this one dies at the worst moment and comes back at once: the
+    /// peer asks it about a transaction it knew the outcome of only through that log.
+    fn checkpoint_done(&mut self, b: usize, c: usize) {
+        let in_doubt = |brick: &SimBrick| brick.state != State::Up || brick.cores.iter().any(|c| c.round.shard().prepared_len() > 0);
+        let in_doubt = self.bricks.iter().enumerate().any(|(x, brick)| x != b && in_doubt(brick));
+        if !self.faults_on || !in_doubt || !self.rng.random_bool(0.5) {
+            return self.wake_core(b, c);
+        }
+        self.crash(b, &format!("process crash (core {c} just finished a checkpoint, a peer in doubt)"), false);
+        let down_ms = self.rng.random_range(20..=300);
+        self.after(down_ms * MS, Event::Restart { brick: b });
     }
 
     /// Sends in-doubt questions to the peer cores that store their keys

@@ -192,7 +192,7 @@ impl TestCluster {
 
     /// The map the cluster's authority serves now.
     pub fn authority_map(&self) -> dds::map::ClusterMap {
-        dds::rpc::fetch_map(&[self.file().meta.addr], Duration::from_secs(2), self.file().secret.as_deref()).expect("the authority's map")
+        dds::rpc::fetch_map(&self.file().meta_addrs(), Duration::from_secs(2), self.file().secret.as_deref()).expect("the authority's map")
     }
 
     /// Whether the authority's map still holds the brick whose core 0 is at `addr`.
