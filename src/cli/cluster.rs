@@ -71,8 +71,8 @@ pub enum ClusterCommand {
     /// SIGKILL one brick (fault injection).
     Kill(BrickSel),
     /// Start a stopped brick again on its directory and ports (it rejoins and copies
-    /// back the partitions it is given), or the map authority (`--meta`), stopping it
-    /// first if it runs (bricks fence themselves meanwhile and register again).
+    /// back the partitions it is given), or the map authority's members (`--meta`):
+    /// those that are down, or, if none is, each in turn.
     Restart(RestartArgs),
     /// Start one more brick; replicas move to it until load evens out.
     Add(DirArgs),
@@ -93,7 +93,8 @@ pub struct RestartArgs {
     /// Which brick: its index in the cluster (the first column of `cluster status`).
     #[arg(long, required_unless_present = "meta", conflicts_with = "meta")]
     pub brick: Option<usize>,
-    /// Restart the map authority instead (same directory, port and map).
+    /// Restart the map authority's members instead (same directories and ports): those
+    /// that are down, or every one in turn.
     #[arg(long)]
     pub meta: bool,
 }
@@ -400,9 +401,12 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCommand::Restart(RestartArgs { dir, meta: true, .. }) => {
-            // One member at a time: a group of three or more keeps a majority throughout.
             let mut cluster = ClusterFile::load(&dir)?;
-            for i in 0..cluster.metas.len() {
+            let down: Vec<usize> = (0..cluster.metas.len()).filter(|&i| !meta_alive(&cluster.metas[i])).collect();
+            // Members that are down start again; if none is, each restarts in turn (a
+            // group of three or more keeps a majority throughout).
+            let which = if down.is_empty() { (0..cluster.metas.len()).collect() } else { down };
+            for i in which {
                 let m = &cluster.metas[i];
                 if meta_alive(m) {
                     stop_process("a map authority member", m.pid, Signal::SIGTERM, STOP_TIMEOUT)?;

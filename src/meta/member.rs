@@ -38,12 +38,15 @@ use super::authority::{Actions, Authority, AuthorityConfig, Join};
 use super::raft_log::{RaftLog, RaftLogError};
 use super::session::Session;
 
-/// How often the shell ticks a member (raft's logical clock and the authority's).
-pub const TICK_MS: u64 = 50;
+/// How often the shell ticks a member: raft's logical clock.
+pub const TICK_MS: u64 = 25;
+/// How often the leader's authority ticks (removals, plans), as a lone `dds meta` did.
+pub const AUTHORITY_TICK_MS: u64 = 50;
 /// A leader sends heartbeats every tick.
 const HEARTBEAT_TICKS: usize = 1;
-/// A follower that hears no leader for 6 to 12 ticks (300-600 ms) campaigns.
-pub const ELECTION_TICKS: usize = 6;
+/// A follower that hears no leader for 8 to 16 ticks (200-400 ms) campaigns: a new
+/// leader is usually in office before a brick's lease (`LEASE_MS`, 500 ms) runs out.
+pub const ELECTION_TICKS: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct MemberConfig {
@@ -154,6 +157,8 @@ pub struct Member<D: Disk> {
     seed: Option<ClusterMap>,
     /// What `open` produced, handed out with the next step's output.
     stash: Output,
+    /// When the leader's authority last ticked.
+    authority_tick_ms: u64,
 }
 
 fn logger() -> slog::Logger {
@@ -194,6 +199,7 @@ impl<D: Disk> Member<D> {
             timeout_set: 0,
             seed: None,
             stash: Output::default(),
+            authority_tick_ms: 0,
         };
         member.draw_timeout();
         if member.config.members.len() == 1 {
@@ -263,12 +269,17 @@ impl<D: Disk> Member<D> {
         self.timeout_set = t;
     }
 
-    /// One tick of the clock (every `TICK_MS`): raft's, and the leader's authority's.
+    /// One tick of the clock (every `TICK_MS`): raft's, and the leader's authority's
+    /// every `AUTHORITY_TICK_MS`.
     pub fn tick(&mut self, now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
         self.node.tick();
         self.draw_timeout();
-        if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()) {
+        let authority_due = now_ms >= self.authority_tick_ms + AUTHORITY_TICK_MS;
+        if authority_due {
+            self.authority_tick_ms = now_ms;
+        }
+        if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()).filter(|_| authority_due) {
             let actions = authority.tick(now_ms);
             self.take_actions(actions, &mut out);
         }

@@ -1,0 +1,171 @@
+//! The map authority as a raft group, on the real binary: its leader killed again and
+//! again under clients that write and read, a majority of its members lost and
+//! regained. Histories are checked by the project's linearizability checker.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{recorded_op, run_ok, TestCluster};
+use dds::check::{check, Event, Operation};
+use dds::proto::MemberStatus;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const KILLS: usize = 20;
+const CLIENTS: usize = 4;
+const KEYS: usize = 8;
+/// The longest a leader's death may stop writes (the bound).
+const WRITE_STALL_MAX: Duration = Duration::from_millis(1500);
+
+/// Each member's status, by its index in `cluster.json` (`None`: not answering).
+fn statuses(cluster: &TestCluster) -> Vec<Option<MemberStatus>> {
+    let file = cluster.file();
+    file.metas.iter().map(|m| dds::rpc::member_status(m.addr, Duration::from_millis(300), file.secret.as_deref()).ok()).collect()
+}
+
+/// The index of the member that leads, waiting up to 10 s for one that all answering
+/// members agree on.
+fn leader(cluster: &TestCluster) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = statuses(cluster);
+        let leaders: Vec<usize> = all.iter().enumerate().filter(|(_, s)| s.is_some_and(|s| s.leader == s.id)).map(|(i, _)| i).collect();
+        if let [one] = leaders[..] {
+            return one;
+        }
+        assert!(Instant::now() < deadline, "no single leader within 10 s: {all:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A completed operation's end, in µs since the start, and whether it was a
+/// successful write (else a successful read).
+type Done = (u64, bool);
+
+/// The longest time in `[from, until]` without a completion of the kind asked, counting
+/// from the last one before `from`.
+fn longest_gap(done: &[Done], writes: bool, from: u64, until: u64) -> u64 {
+    let mut times: Vec<u64> = done.iter().filter(|d| d.1 == writes).map(|d| d.0).collect();
+    times.sort_unstable();
+    let mut last = times.iter().rev().find(|&&t| t <= from).copied().unwrap_or(from);
+    let mut longest = 0;
+    for &t in times.iter().filter(|&&t| t > from && t <= until) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest.max(until.saturating_sub(last))
+}
+
+#[test]
+fn killing_the_authority_leader_twenty_times_loses_no_write_and_stalls_writes_briefly() {
+    let mut cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
+    let file = cluster.file();
+    assert_eq!(file.metas.len(), 3, "cluster up starts three authority members");
+    let dir = cluster.dir_arg();
+    let start = Instant::now();
+    let now = move || start.elapsed().as_micros() as u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(Vec::<Operation>::new()));
+    let done = Arc::new(Mutex::new(Vec::<Done>::new()));
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (stop, history, done, file) = (Arc::clone(&stop), Arc::clone(&history), Arc::clone(&done), file.clone());
+            std::thread::spawn(move || {
+                let mut client = dds::Client::connect(&file.addrs(), file.client_config()).expect("connect");
+                for i in 0..1_000_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("key-{}", (i as usize * 7 + c) % KEYS).into_bytes();
+                    let value = (i % 2 == 0).then(|| format!("c{c}-{i}").into_bytes());
+                    let Some(op) = recorded_op(&mut client, key, value, now) else { continue };
+                    match op.event {
+                        Event::Write(_) => done.lock().unwrap().push((op.complete, true)),
+                        Event::Read(_) => done.lock().unwrap().push((op.complete, false)),
+                        Event::MaybeWrite(_) => {}
+                    }
+                    history.lock().unwrap().push(op);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut kills = Vec::new();
+    for round in 0..KILLS {
+        let l = leader(&cluster);
+        let victim = cluster.file().metas[l].clone();
+        kills.push(now());
+        kill(Pid::from_raw(victim.pid as i32), Signal::SIGKILL).unwrap();
+        // Another member takes over; the dead one starts again and follows it.
+        let next = leader(&cluster);
+        assert_ne!(next, l, "round {round}: the killed member still leads");
+        run_ok(&["cluster", "restart", "--dir", &dir, "--meta"]);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let end = now();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("a client thread");
+    }
+    // Every key read once more on a quiet cluster: the last word for the checker.
+    let mut client = cluster.client();
+    let mut history = std::mem::take(&mut *history.lock().unwrap());
+    for k in 0..KEYS {
+        history.push(recorded_op(&mut client, format!("key-{k}").into_bytes(), None, now).expect("a final read"));
+    }
+    let checked = check(&history).unwrap_or_else(|e| panic!("linearizability: {e}"));
+    let done = done.lock().unwrap().clone();
+    let (writes, reads) = (done.iter().filter(|d| d.1).count(), done.iter().filter(|d| !d.1).count());
+    println!("{checked} operations checked: {writes} writes and {reads} reads acknowledged, {KILLS} leaders killed");
+    let mut worst = (0, 0);
+    for (k, &at) in kills.iter().enumerate() {
+        // Until the next kill (at least 700 ms later), or the end of the workload.
+        let until = kills.get(k + 1).copied().unwrap_or(end);
+        let (w, r) = (longest_gap(&done, true, at, until), longest_gap(&done, false, at, until));
+        println!("kill {k:>2}: writes stalled {:>5} ms, reads {:>5} ms", w / 1000, r / 1000);
+        worst = (worst.0.max(w), worst.1.max(r));
+    }
+    println!("longest stall after a leader's death: writes {} ms, reads {} ms", worst.0 / 1000, worst.1 / 1000);
+    assert!(worst.0 <= WRITE_STALL_MAX.as_micros() as u64, "writes stopped for {} ms after a leader's death", worst.0 / 1000);
+    // Reads stop only where an election outlasts a brick's lease (500 ms from its last
+    // answered heartbeat): never longer than writes may.
+    assert!(worst.1 <= WRITE_STALL_MAX.as_micros() as u64, "reads stopped for {} ms after a leader's death", worst.1 / 1000);
+    cluster.down();
+}
+
+#[test]
+fn without_a_majority_bricks_fence_and_service_resumes_when_a_member_returns() {
+    let mut cluster = TestCluster::up_with(2, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    run_ok(&["put", "k", "before", "--cluster", &dir]);
+    let file = cluster.file();
+    // Two of three members die: no map can change, so no brick may serve past its lease.
+    for m in &file.metas[..2] {
+        kill(Pid::from_raw(m.pid as i32), Signal::SIGKILL).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut raw = dds::rpc::Rpc::connect(file.bricks[0].addr, Duration::from_secs(1), file.secret.as_deref()).expect("connect");
+    let epoch = cluster.authority_map().epoch();
+    let (status, why) = raw.call(dds::proto::Op::Get, epoch, b"k", b"", Duration::from_secs(1)).expect("answered");
+    assert_eq!(status, dds::proto::Status::Unavailable, "{}", String::from_utf8_lossy(&why));
+    assert!(String::from_utf8_lossy(&why).contains("fenced"), "{}", String::from_utf8_lossy(&why));
+    // One returns: a majority again, and reads and writes resume by themselves.
+    run_ok(&["cluster", "restart", "--dir", &dir, "--meta"]);
+    let back = Instant::now();
+    let mut client = cluster.client();
+    let deadline = back + Duration::from_secs(10);
+    loop {
+        if client.put(b"k", b"after").is_ok() && client.get(b"k").ok().flatten().as_deref() == Some(&b"after"[..]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "service did not resume within 10 s of a majority's return");
+    }
+    let resumed = back.elapsed();
+    println!("reads and writes resumed {} ms after the members came back", resumed.as_millis());
+    assert!(resumed <= Duration::from_secs(2), "resumed only after {resumed:?}");
+    cluster.down();
+}
