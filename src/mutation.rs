@@ -29,10 +29,13 @@ pub enum Mutation {
     /// The authority takes a joining brick that registers again with its old addresses
     /// for one that never stopped, so its copy goes on after it dropped what it had.
     MissedRestart = 9,
+    /// The authority group's leader serves a map it has proposed before raft has
+    /// committed it: a leader that dies first leaves a map its successor never made.
+    UncommittedMap = 10,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 9] = [
+    pub const ALL: [Mutation; 10] = [
         Mutation::ReadUncommitted,
         Mutation::SkipSync,
         Mutation::LostCommit,
@@ -42,6 +45,7 @@ impl Mutation {
         Mutation::ReadPastPrepared,
         Mutation::CheckpointForgetsDecisions,
         Mutation::MissedRestart,
+        Mutation::UncommittedMap,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +59,7 @@ impl Mutation {
             Mutation::ReadPastPrepared => "read-past-prepared",
             Mutation::CheckpointForgetsDecisions => "checkpoint-forgets-decisions",
             Mutation::MissedRestart => "missed-restart",
+            Mutation::UncommittedMap => "uncommitted-map",
         }
     }
 

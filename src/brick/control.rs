@@ -162,8 +162,24 @@ impl Authorities {
         self.addrs[self.at]
     }
 
+    /// Every member, in order.
+    pub fn all(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
     fn next(&mut self) {
         self.at = (self.at + 1) % self.addrs.len();
+    }
+
+    /// What became of a call (`register`: a `Register` on a new connection) says whom
+    /// to ask next: the leader a `NotLeader` answer names, the next member after a
+    /// registration that got no answer, the same one otherwise.
+    pub fn after_call(&mut self, register: bool, reply: &Result<(Status, Vec<u8>), String>) {
+        match reply {
+            Ok((Status::NotLeader, hint)) => self.redirect(hint),
+            Err(_) if register => self.next(),
+            _ => {}
+        }
     }
 
     /// A `NotLeader` answer's value: the leader's address, if the member knew it.
@@ -201,31 +217,30 @@ pub enum ControlError {
 fn call(step: &Step, session: &mut Option<Rpc>, meta: &mut Authorities, addr: &BrickAddr, secret: Option<&Secret>) -> Answer {
     let timeout = Duration::from_millis(LEASE_MS);
     let (op, epoch, value) = lease::request(step, addr);
-    if op == Op::Register {
+    let register = op == Op::Register;
+    if register {
         *session = None;
         match Rpc::connect(meta.current(), timeout / 2, secret) {
             Ok(rpc) => *session = Some(rpc),
             Err(e) => {
-                meta.next();
+                meta.after_call(true, &Err(e.to_string()));
                 return unanswered(e);
             }
         }
     }
     let Some(rpc) = session else { return Answer::Lost("no session".into()) };
     let answer = match rpc.call(op, epoch, &[], &value, timeout) {
-        Ok((Status::NotLeader, hint)) => {
-            meta.redirect(&hint);
-            lease::answer_of(step, Ok((Status::NotLeader, hint)))
+        Ok(reply) => {
+            let reply = Ok(reply);
+            meta.after_call(register, &reply);
+            lease::answer_of(step, reply)
         }
-        Ok(reply) => lease::answer_of(step, Ok(reply)),
         Err(e) => {
-            if op == Op::Register {
-                meta.next();
-            }
+            meta.after_call(register, &Err(e.to_string()));
             unanswered(e)
         }
     };
-    if op == Op::Register && !matches!(answer, Answer::Registered(_)) {
+    if register && !matches!(answer, Answer::Registered(_)) {
         *session = None;
     }
     answer

@@ -1006,7 +1006,8 @@ fn status(dir: &Path) -> anyhow::Result<()> {
         out!("  map authority member {} at {} (pid {}, {alive}): {role}", m.id, m.addr, m.pid);
     }
     out!(
-        "  map authority {meta_state} ({members_up} of {} members); transport {}, durability {}, {} brick(s), {} replica(s) asked",
+        "  map authority: {} ({members_up} of {} members running); transport {}, durability {}, {} brick(s), {} replica(s) asked",
+        if meta_state == "up" { "a majority runs" } else { "no majority" },
         cluster.metas.len(),
         value_name(cluster.transport),
         value_name(cluster.durability),

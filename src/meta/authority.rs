@@ -300,6 +300,22 @@ impl Authority {
             actions.copy = orphans;
             return;
         }
+        // A move whose planner is gone (an earlier leader of the authority group, or this
+        // process before a restart) left its group a replica too many once its copy was
+        // redone: the replica on the fullest brick leaves (dropped once every brick has
+        // seen it serve no reads).
+        let extra = over_replicated(map, self.config.replicas);
+        if !extra.is_empty() {
+            match map.finish_join(&[], &extra) {
+                Ok(next) => {
+                    let epoch = next.epoch();
+                    self.set_map(next, format!("{} replica(s) beyond {} per partition stop serving reads", extra.len(), self.config.replicas), actions);
+                    self.pending_drop = Some((epoch, extra));
+                }
+                Err(e) => actions.notes.push(format!("cannot shed extra replicas: {e}")),
+            }
+            return;
+        }
         let live = map.bricks().keys().filter(|b| self.seen.contains_key(b)).count();
         let leaves = map.dp().leaves();
         if leaves.len() < PARTITIONS_PER_BRICK_MIN * live && leaves.iter().all(|l| l.depth() < crate::map::dp::DEPTH_MAX) {
@@ -396,6 +412,15 @@ impl Authority {
     /// reads: no client can then be answered by one from a copy that stopped taking
     /// writes.
     fn drop_when_seen(&mut self, actions: &mut Actions) {
+        // Replicas a predecessor (a leader before this one, this process before a
+        // restart) marked leaving and did not live to drop: they serve no reads in the
+        // current map, so they go once every live brick has seen it.
+        if let (None, true, Some(map)) = (&self.pending_drop, self.copying.is_empty(), &self.map) {
+            let leaving: Vec<Join> = map.leaving().iter().flat_map(|(&p, bs)| bs.iter().map(move |&b| (p, b))).collect();
+            if !leaving.is_empty() {
+                self.pending_drop = Some((map.epoch(), leaving));
+            }
+        }
         let (Some((epoch, _)), Some(map)) = (&self.pending_drop, &self.map) else { return };
         let behind = map.bricks().keys().any(|b| self.seen.get(b).is_none_or(|s| s.epoch < *epoch));
         if behind {
@@ -407,6 +432,22 @@ impl Authority {
             Err(e) => actions.notes.push(format!("cannot drop moved replicas: {e}")),
         }
     }
+}
+
+/// For each partition with more readable members than `replicas` and nothing joining or
+/// leaving, the member on the brick holding the most replicas (the highest id on a tie).
+fn over_replicated(map: &ClusterMap, replicas: usize) -> Vec<Join> {
+    let mut load: BTreeMap<BrickId, usize> = BTreeMap::new();
+    for group in map.groups().values() {
+        for &b in group {
+            *load.entry(b).or_default() += 1;
+        }
+    }
+    map.groups()
+        .iter()
+        .filter(|(p, g)| g.len() > replicas && !map.joining().contains_key(p) && !map.leaving().contains_key(p))
+        .filter_map(|(&p, g)| g.iter().max_by_key(|b| (load[b], b.0)).map(|&b| (p, b)))
+        .collect()
 }
 
 /// Moves that even out replicas per live brick: while the fullest holds two more than

@@ -3,7 +3,8 @@
 //! the `Authority` that decides those changes. Peer messages, clock ticks and request
 //! frames come in; raft messages for the other members, replies (released once what
 //! they depend on is committed), copy plans and log lines go out. `meta::run` drives it
-//! over TCP and threads; the simulator drives the same code over simulated links.
+//! over TCP and threads; the simulator (`sim/authority.rs`) drives the same code over
+//! simulated links, in groups of 1, 3 and 5.
 //!
 //! - The replicated state (`Replicated`) is the published map and the ids given out.
 //!   Each entry is the whole new state, so a follower applies it by taking it.
@@ -18,7 +19,7 @@
 //! - Bricks' leases are granted by heartbeat answers, which only a leader gives
 //!   (followers answer `NotLeader` with the leader's address). raft's check-quorum makes
 //!   a leader that has not heard from a majority for an election timeout step down, so
-//!   a deposed leader grants no lease later than `ELECTION_TICKS` x 2 ticks after its
+//!   a deposed leader grants no lease later than 2 x `ELECTION_TICKS` ticks after its
 //!   last contact with a majority; ARCHITECTURE.md gives the timing argument.
 
 use std::net::SocketAddr;
@@ -103,6 +104,8 @@ pub struct Output {
     pub notes: Vec<String>,
     /// The committed map changed.
     pub published: bool,
+    /// This leader proposed a change (its append messages are in `messages`).
+    pub proposed: bool,
 }
 
 /// When a reply may leave: once entry `index` of `term` is committed (0: at once).
@@ -148,17 +151,27 @@ pub struct Member<D: Disk> {
     leading: Option<Leading>,
     /// The leader this member last knew, and in which term.
     known_leader: (u64, u64),
-    /// Draws the election timeouts (raft-rs draws its own from the thread's generator,
-    /// which a seeded simulation cannot repeat): xorshift state, never 0.
+    /// Draws the election timeouts (`tick_raft`): splitmix64's state.
     rng: u64,
-    /// The election timeout last set, to see raft draw a new one.
-    timeout_set: usize,
+    /// Ticks to hold back before this member's election timer may fire, and the timer,
+    /// term and role at the last tick (a lower reading or another term or role means the
+    /// timer restarted).
+    hold_ticks: usize,
+    last_timer: (usize, u64, StateRole),
     /// A map to start from if the group has never committed one (`seed`).
     seed: Option<ClusterMap>,
     /// What `open` produced, handed out with the next step's output.
     stash: Output,
     /// When the leader's authority last ticked.
     authority_tick_ms: u64,
+}
+
+/// Spreads a seed's bits over all 64 (members' seeds differ in a few high bits only).
+fn splitmix64(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn logger() -> slog::Logger {
@@ -181,6 +194,10 @@ impl<D: Disk> Member<D> {
             election_tick: ELECTION_TICKS,
             check_quorum: true,
             pre_vote: true,
+            // raft-rs draws from this range with the thread's generator: one value, so
+            // its draw is fixed; `tick_raft` spreads the timeouts with a seeded one.
+            min_election_tick: ELECTION_TICKS,
+            max_election_tick: ELECTION_TICKS + 1,
             applied,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 64,
@@ -195,13 +212,13 @@ impl<D: Disk> Member<D> {
             state: Replicated::default(),
             leading: None,
             known_leader: (0, 0),
-            rng: seed | 1,
-            timeout_set: 0,
+            rng: splitmix64(seed),
+            hold_ticks: 0,
+            last_timer: (usize::MAX, 0, StateRole::Follower),
             seed: None,
             stash: Output::default(),
             authority_tick_ms: 0,
         };
-        member.draw_timeout();
         if member.config.members.len() == 1 {
             // A group of one need not wait out an election timeout to lead.
             member.node.campaign().expect("a lone voter campaigns");
@@ -255,26 +272,39 @@ impl<D: Disk> Member<D> {
         self.leading.as_ref().and_then(|l| l.authority.as_ref())
     }
 
-    /// raft-rs drew a new election timeout from its own generator: replace it with one
-    /// from this member's, in the same range.
-    fn draw_timeout(&mut self) {
-        if self.node.raft.randomized_election_timeout() == self.timeout_set {
-            return;
+    /// A draw from this member's generator (splitmix64), below `n`.
+    fn draw(&mut self, n: u64) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        splitmix64(self.rng) % n
+    }
+
+    /// Ticks raft, holding back the tick that would start an election for the ticks
+    /// drawn when its election timer last restarted: raft's own timeout is always
+    /// `ELECTION_TICKS` (its range allows one value: it draws from the thread's generator,
+    /// which a seeded simulation cannot repeat), so this member's generator spreads the
+    /// members' timeouts over `ELECTION_TICKS` to twice that.
+    fn tick_raft(&mut self) {
+        let raft = &self.node.raft;
+        let seen = (raft.election_elapsed, raft.term, raft.state);
+        if seen.0 < self.last_timer.0 || (seen.1, seen.2) != (self.last_timer.1, self.last_timer.2) {
+            self.hold_ticks = self.draw(ELECTION_TICKS as u64) as usize;
         }
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let t = ELECTION_TICKS + (self.rng % ELECTION_TICKS as u64) as usize;
-        self.node.raft.set_randomized_election_timeout(t);
-        self.timeout_set = t;
+        let raft = &self.node.raft;
+        let due = raft.state != StateRole::Leader && raft.election_elapsed + 1 >= raft.randomized_election_timeout();
+        if due && self.hold_ticks > 0 {
+            self.hold_ticks -= 1;
+        } else {
+            self.node.tick();
+        }
+        let raft = &self.node.raft;
+        self.last_timer = (raft.election_elapsed, raft.term, raft.state);
     }
 
     /// One tick of the clock (every `TICK_MS`): raft's, and the leader's authority's
     /// every `AUTHORITY_TICK_MS`.
     pub fn tick(&mut self, now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
-        self.node.tick();
-        self.draw_timeout();
+        self.tick_raft();
         let authority_due = now_ms >= self.authority_tick_ms + AUTHORITY_TICK_MS;
         if authority_due {
             self.authority_tick_ms = now_ms;
@@ -297,7 +327,6 @@ impl<D: Disk> Member<D> {
         // A step error is raft refusing a message it cannot use (a stale one); nothing
         // of this member's changes.
         let _ = self.node.step(msg);
-        self.draw_timeout();
         let mut out = std::mem::take(&mut self.stash);
         self.ready(now_ms, &mut out)?;
         Ok(out)
@@ -390,8 +419,15 @@ impl<D: Disk> Member<D> {
         let next = Replicated { map: authority.map().cloned(), next_fresh: authority.next_fresh() };
         let last_proposed = leading.proposed.max(1);
         let changed = actions.map_changed || next.next_fresh != self.state.next_fresh;
+        // The planted bug `uncommitted-map` serves the leader's change before raft has
+        // it on a majority.
+        if changed && crate::mutation::active(crate::mutation::Mutation::UncommittedMap) {
+            out.published |= next.map.is_some() && next.map != self.state.map;
+            self.state = next.clone();
+        }
         if changed && self.node.propose(Vec::new(), next.encode()).is_ok() {
             leading.proposed = self.node.raft.raft_log.last_index();
+            out.proposed = true;
         }
         if !actions.copy.is_empty() {
             let at = if changed { leading.proposed } else { last_proposed };
@@ -420,7 +456,6 @@ impl<D: Disk> Member<D> {
             self.apply(committed, out);
             self.node.advance_apply();
         }
-        self.draw_timeout();
         self.follow_role(now_ms, out);
         self.release_copy(out);
         Ok(())
@@ -443,9 +478,12 @@ impl<D: Disk> Member<D> {
             let (old, new) = (self.state.map.as_ref().map_or(0, |m| m.epoch()), next.map.as_ref().map_or(0, |m| m.epoch()));
             let same_map = next.map == self.state.map;
             // Epochs only grow, across leaders: one map per epoch.
-            assert!(new > old || (same_map && new == old),
+            // (The planted bug `uncommitted-map` breaks this on purpose: the simulator's
+            // checks, not this assertion, must catch it.)
+            let planted = crate::mutation::active(crate::mutation::Mutation::UncommittedMap);
+            assert!(new > old || (same_map && new == old) || planted,
                 "member {}: entry {} takes the map from epoch {old} to {new}", self.config.id, entry.index);
-            assert!(next.next_fresh >= self.state.next_fresh, "member {}: entry {} gives ids out again", self.config.id, entry.index);
+            assert!(next.next_fresh >= self.state.next_fresh || planted, "member {}: entry {} gives ids out again", self.config.id, entry.index);
             out.published |= !same_map;
             self.state = next;
         }

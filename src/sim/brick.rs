@@ -23,7 +23,9 @@ use crate::log::LogError;
 use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
 use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
 
+use super::authority::{member_addr, member_of};
 use super::net::{Call, Endpoint, LinkId, Msg};
+use crate::brick::control::Authorities;
 use super::{core_addr, Event, Micros, World, MS};
 
 /// Frames one core takes from one link per round: the transport's fairness bound
@@ -93,6 +95,9 @@ pub(crate) struct SimBrick {
     lease_call: Option<(Call, Step)>,
     /// The id of the next request on the session.
     next_call_id: u64,
+    /// The authority's members and the one it asks (`control::Authorities`, as the
+    /// control thread keeps them).
+    meta: Authorities,
     pub paused_until: Micros,
     /// How much later than the cores its control thread runs again after a pause.
     control_lag: Micros,
@@ -121,7 +126,7 @@ fn dir_token(b: usize) -> u64 {
 }
 
 impl SimBrick {
-    pub fn new(cores_n: usize) -> SimBrick {
+    pub fn new(cores_n: usize, members: usize) -> SimBrick {
         SimBrick {
             cores_n,
             id: None,
@@ -134,6 +139,7 @@ impl SimBrick {
             session_link: None,
             lease_call: None,
             next_call_id: 1,
+            meta: Authorities::new(&(0..members).map(member_addr).collect::<Vec<_>>()),
             paused_until: 0,
             control_lag: 0,
             down_until: 0,
@@ -241,7 +247,7 @@ impl World {
             lost = brick.disk.lose_power(&mut self.rng);
         }
         self.note(format!("brick {b}: {why}{}", if power_loss { format!(" ({lost} un-synced log bytes lost)") } else { String::new() }));
-        self.break_links_of(b, !power_loss);
+        self.break_links_of(Endpoint::Brick(b), !power_loss);
     }
 
     /// Stops the brick for good on an error the design says must never be retried.
@@ -415,6 +421,7 @@ impl World {
         }
         let Some((call, step)) = brick.lease_call.take() else { return };
         let reply = call.reply(bytes);
+        brick.meta.after_call(matches!(step, Step::Register { .. }), &reply);
         if reply.is_err() {
             self.break_link(link, true);
         }
@@ -431,11 +438,12 @@ impl World {
             if !brick.is_up() {
                 return;
             }
-            if let Some((call, _)) = &brick.lease_call {
+            if let Some((call, step)) = &brick.lease_call {
                 if self.now < call.sent + LEASE_MS * MS {
                     return;
                 }
                 // The call timed out (`LEASE_MS`, as the control thread's rpc does).
+                brick.meta.after_call(matches!(step, Step::Register { .. }), &Err("timed out".into()));
                 brick.lease_call = None;
                 brick.lease.answer(Answer::Lost("timed out".into()), now_ms);
                 continue;
@@ -446,7 +454,8 @@ impl World {
                     if let Some(old) = brick.session_link.take() {
                         self.break_link(old, true);
                     }
-                    let link = self.open_link(Endpoint::Brick(b), Endpoint::Authority, None);
+                    let member = member_of(self.bricks[b].meta.current()).expect("a member's address");
+                    let link = self.open_link(Endpoint::Brick(b), Endpoint::Member(member), None);
                     self.bricks[b].session_link = Some(link);
                     return self.lease_call(b, link, step);
                 }
@@ -499,7 +508,8 @@ impl World {
         if brick.session_link == Some(link) {
             // The control thread's call on it fails; without one out, the next does.
             brick.session_link = None;
-            if brick.lease_call.take().is_some() {
+            if let Some((_, step)) = brick.lease_call.take() {
+                brick.meta.after_call(matches!(step, Step::Register { .. }), &Err("the session closed".into()));
                 let now_ms = self.now_ms();
                 self.bricks[b].lease.answer(Answer::Lost("the session closed".into()), now_ms);
                 self.lease_step(b, false);
@@ -708,7 +718,7 @@ impl World {
     /// after its chunk has left, for long enough to be removed, so the write may commit
     /// in doubt on the others, where the copy never saw it.
     fn source_served(&mut self, b: usize, p: PartitionId, epoch: u64) {
-        let Some(map) = self.member.published() else { return };
+        let Some(map) = self.published() else { return };
         let (group, joining) = (map.groups().get(&p).cloned().unwrap_or_default(), map.joining().get(&p).cloned().unwrap_or_default());
         let up = |brick: &SimBrick, among: &[BrickId]| brick.state == State::Up && brick.id.is_some_and(|id| among.contains(&id));
         let pending = |brick: &SimBrick| up(brick, &group) && brick.cores.iter().any(|c| c.round.shard().pending_older(p, epoch));

@@ -17,8 +17,8 @@ impl World {
     /// replica that holds the prepare, so a replica without either has lost a write. The
     /// end-of-run comparison sees such a loss only if no later write covered it.
     pub(crate) fn check_replicas(&mut self) {
-        let Some(map) = self.member.published() else { return };
-        let copied = self.copy.as_ref().map_or(&[][..], |c| &c.copied[..]);
+        let Some(map) = self.published() else { return };
+        let copied: Vec<_> = self.members.iter().filter_map(|m| m.copy.as_ref()).flat_map(|c| c.copied.iter().copied()).collect();
         for k in 0..self.shape.keys {
             let key = key_name(k);
             let (p, group) = map.route(key_hash(&key));
@@ -63,7 +63,7 @@ impl World {
             }
             return Err(format!("linearizability: {e}"));
         }
-        let map = self.member.published().ok_or("no map at the end")?;
+        let map = self.published().ok_or("no map at the end")?;
         // What the final reads saw, by key.
         let finals = &self.clients[0].history;
         for k in 0..self.shape.keys {

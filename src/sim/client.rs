@@ -68,7 +68,7 @@ pub(crate) fn key_name(i: usize) -> Vec<u8> {
 
 impl World {
     pub(crate) fn add_client(&mut self, c: usize) {
-        let link = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
+        let link = self.open_link(Endpoint::Client(c), Endpoint::Member(c % self.members.len()), None);
         let config = ClientConfig { op_timeout: Duration::from_secs(10), connect_timeout: Duration::from_millis(100), suspect_after: Duration::from_millis(self.shape.suspect_after_ms), rdma: false, secret: None };
         let id = self.next_client_id;
         self.next_client_id += 1;
@@ -104,7 +104,9 @@ impl World {
     /// last one broke (`rpc::fetch_map` connects per fetch).
     fn ask_map(&mut self, c: usize, epoch: u64) {
         if !self.net.alive(self.clients[c].authority) {
-            self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Authority, None);
+            // Any member serves the map it holds committed: the next one.
+            let member = (c + self.clients[c].map_calls as usize) % self.members.len();
+            self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Member(member), None);
         }
         let client = &mut self.clients[c];
         client.map_calls += 1;

@@ -1,5 +1,6 @@
 //! The copy driver's shell in the simulator: `meta::copy::CopyDriver` over simulated
-//! links and timers, as `meta::copy_driver` drives it over blocking rpcs.
+//! links and timers, as `meta::copy_driver` drives it over blocking rpcs; each member
+//! of the authority group drives the copies it planned while it led.
 
 use crate::meta::copy::{Answer, CopyDriver, Step, COPY_RPC_TIMEOUT_MS, LINES};
 use crate::meta::member::CopyPlan;
@@ -32,34 +33,35 @@ impl SimCopy {
 }
 
 impl World {
-    /// Polls the driver until it waits: for a reply, a pause, or nothing (finished).
-    pub(crate) fn copy_step(&mut self) {
+    /// Polls member `m`'s driver until it waits: for a reply, a pause, or nothing
+    /// (finished).
+    pub(crate) fn copy_step(&mut self, m: usize) {
         loop {
             let now_ms = self.now_ms();
-            let Some(job) = &mut self.copy else { return };
+            let Some(job) = &mut self.members[m].copy else { return };
             if let Some(call) = job.waiting {
                 if self.now < call.sent + COPY_RPC_TIMEOUT_MS * MS {
                     return;
                 }
                 // The call timed out, as `Rpc::call` does: the link is as good as lost.
                 self.break_link(call.link, false);
-                self.copy_answer(call.link, Answer::Lost("timed out".into()));
+                self.copy_answer(m, call.link, Answer::Lost("timed out".into()));
                 continue;
             }
             if self.now < job.wake_at {
                 return;
             }
-            let map = self.member.published().cloned();
-            let job = self.copy.as_mut().expect("present");
+            let map = self.members[m].member.as_ref().and_then(|x| x.published()).cloned();
+            let job = self.members[m].copy.as_mut().expect("present");
             match job.driver.poll(map.as_ref(), now_ms) {
                 Step::Call { line, addr, op, epoch, value } => {
                     // A held line that closed fails the call, as a closed socket does.
                     let link = match job.lines[line as usize] {
                         Some(l) if self.net.alive(l) => Ok(l),
                         Some(_) => Err("connection closed".to_string()),
-                        None => self.connect(Endpoint::Authority, addr).ok_or(format!("connect to {addr}: refused")),
+                        None => self.connect(Endpoint::Member(m), addr).ok_or(format!("connect to {addr}: refused")),
                     };
-                    let job = self.copy.as_mut().expect("present");
+                    let job = self.members[m].copy.as_mut().expect("present");
                     let link = match link {
                         Ok(l) => l,
                         Err(why) => {
@@ -71,9 +73,9 @@ impl World {
                     job.lines[line as usize] = Some(link);
                     let id = job.next_id;
                     job.next_id += 1;
-                    let call = self.call(link, Endpoint::Authority, op, epoch, &value, id);
-                    self.copy.as_mut().expect("present").waiting = Some(call);
-                    self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep);
+                    let call = self.call(link, Endpoint::Member(m), op, epoch, &value, id);
+                    self.members[m].copy.as_mut().expect("present").waiting = Some(call);
+                    self.after(COPY_RPC_TIMEOUT_MS * MS, Event::CopyStep { member: m });
                     return;
                 }
                 Step::HangUp(line) => {
@@ -83,24 +85,26 @@ impl World {
                 }
                 Step::Wait { ms } => {
                     job.wake_at = self.now + ms * MS;
-                    self.after(ms * MS, Event::CopyStep);
+                    self.after(ms * MS, Event::CopyStep { member: m });
                     return;
                 }
                 Step::Note(note) => self.note(format!("copy: {note}")),
                 Step::Finished(done) => {
                     let term = job.term;
-                    self.copy = None;
-                    let step = self.member.copied(term, &done, now_ms).map_err(|e| e.to_string());
-                    return self.apply(step);
+                    self.members[m].copy = None;
+                    let Some(member) = self.members[m].member.as_mut() else { return };
+                    let step = member.copied(term, &done, now_ms).map_err(|e| e.to_string());
+                    return self.member_apply(m, step);
                 }
             }
         }
     }
 
-    /// Hands the driver what became of its call on `link`; the line is closed if lost.
-    fn copy_answer(&mut self, link: LinkId, answer: Answer) {
+    /// Hands member `m`'s driver what became of its call on `link`; the line is closed
+    /// if lost.
+    fn copy_answer(&mut self, m: usize, link: LinkId, answer: Answer) {
         let now_ms = self.now_ms();
-        let Some(job) = &mut self.copy else { return };
+        let Some(job) = &mut self.members[m].copy else { return };
         job.waiting = None;
         if matches!(answer, Answer::Lost(_)) {
             job.lines.iter_mut().filter(|l| **l == Some(link)).for_each(|l| *l = None);
@@ -113,8 +117,8 @@ impl World {
         }
     }
 
-    pub(crate) fn copy_receive(&mut self, link: LinkId, bytes: Vec<u8>) {
-        let Some(call) = self.copy.as_ref().and_then(|j| j.waiting).filter(|c| c.link == link) else { return };
+    pub(crate) fn copy_receive(&mut self, m: usize, link: LinkId, bytes: Vec<u8>) {
+        let Some(call) = self.members[m].copy.as_ref().and_then(|j| j.waiting).filter(|c| c.link == link) else { return };
         let answer = match call.reply(&bytes) {
             Ok((status, value)) => Answer::Reply(status, value),
             Err(why) => Answer::Lost(why),
@@ -122,15 +126,15 @@ impl World {
         if matches!(answer, Answer::Lost(_)) {
             self.break_link(link, false);
         }
-        self.copy_answer(link, answer);
-        self.copy_step();
+        self.copy_answer(m, link, answer);
+        self.copy_step(m);
     }
 
-    pub(crate) fn copy_link_down(&mut self, link: LinkId) {
-        let Some(job) = &mut self.copy else { return };
+    pub(crate) fn copy_link_down(&mut self, m: usize, link: LinkId) {
+        let Some(job) = &mut self.members[m].copy else { return };
         if job.waiting.is_some_and(|c| c.link == link) {
-            self.copy_answer(link, Answer::Lost("connection closed".into()));
-            self.copy_step();
+            self.copy_answer(m, link, Answer::Lost("connection closed".into()));
+            self.copy_step(m);
         }
     }
 }

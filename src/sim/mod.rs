@@ -22,6 +22,7 @@
 //! is simulated, events at one instant run in insertion order, and protocol hash maps
 //! use fixed keys in this build (`crate::hash`). `Report::digest` proves it.
 
+mod authority;
 mod brick;
 mod checks;
 mod client;
@@ -37,12 +38,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::brick::Durability;
 use crate::map::{BrickId, ClusterMap};
-use crate::log::mem_disk::MemDisk;
 use crate::meta::authority::AuthorityConfig;
-use crate::meta::member::{Member, MemberConfig, Output, Settled, Ticket, TICK_MS};
-use crate::meta::session::Session;
 use crate::mutation::Mutation;
 
+use authority::SimMember;
 use brick::SimBrick;
 use client::SimClient;
 use net::{Endpoint, LinkId, Msg, Net};
@@ -142,6 +141,9 @@ pub struct Shape {
     /// Chance of a network partition per fault (only with `Options::partitions`).
     pub partition_p: f64,
     pub durability: Durability,
+    /// Members of the map authority's raft group (1, 3 or 5), drawn from a generator of
+    /// their own (`member_rng`).
+    pub members: usize,
 }
 
 impl Shape {
@@ -183,16 +185,18 @@ impl Shape {
             durability: options.durability,
             checkpoint_log_bytes: pick(rng, &[4096.0, 32768.0, 1048576.0]) as u64,
             same_ports: rng.random_bool(0.5),
+            members: 1,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
             self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.same_ports, self.partition_p,
-            self.durability
+            self.durability,
+            self.members
         )
     }
 }
@@ -204,10 +208,11 @@ enum Event {
     Deliver { link: LinkId, to: Endpoint, msg: Msg },
     /// A link broke: tell this end.
     LinkDown { link: LinkId, to: Endpoint },
-    /// The authority's clock tick (every 50 ms, as `dds meta`).
-    AuthorityTick,
-    /// The copy driver's next step.
-    CopyStep,
+    /// An authority member's clock tick (every `member::TICK_MS`, as `dds meta`).
+    MemberTick { member: usize, life: u64 },
+    RestartMember { member: usize },
+    /// The copy driver's next step (of the member that drives it).
+    CopyStep { member: usize },
     /// A brick's lease timer: its next beat, or its call's timeout (incarnation-tagged:
     /// a dead brick's timers are void).
     Lease { brick: usize, life: u64 },
@@ -242,15 +247,16 @@ pub(crate) struct World {
     shape: Shape,
     options: Options,
     net: Net,
-    /// The map authority: a group of one member (`meta::member`, as `dds meta` runs it).
-    member: Member<MemDisk>,
-    /// Its replies waiting for what they depend on to be committed: (link, ticket, frame).
-    held: Vec<(LinkId, Ticket, Vec<u8>)>,
-    /// The authority's end of every connection to it (`meta::session`).
-    sessions: crate::hash::HashMap<LinkId, Session>,
-    /// Every map the authority published, in order.
+    /// The map authority's members (`authority.rs`).
+    members: Vec<SimMember>,
+    /// Draws the members' faults (and their number), apart from `rng`.
+    member_rng: SmallRng,
+    seed: u64,
+    /// Every map the group published, in epoch order.
     maps: Vec<ClusterMap>,
-    copy: Option<copy::SimCopy>,
+    /// The leader of each term seen, and each member's last published epoch.
+    leaders: BTreeMap<u64, usize>,
+    member_epochs: BTreeMap<usize, u64>,
     bricks: Vec<SimBrick>,
     clients: Vec<SimClient>,
     faults_on: bool,
@@ -300,84 +306,8 @@ impl World {
         }
     }
 
-    /// Carries out what a step of the authority asked for: record and check a newly
-    /// committed map, start copies, release replies whose wait is over.
-    fn apply(&mut self, step: Result<Output, String>) {
-        let out = match step {
-            Ok(out) => out,
-            Err(why) => return self.fail(format!("the authority stopped: {why}")),
-        };
-        for n in &out.notes {
-            self.note(format!("authority: {n}"));
-        }
-        if out.published {
-            let map = self.member.published().expect("a published map exists").clone();
-            if let Err(e) = map.validate() {
-                self.fail(format!("the authority published an invalid map at epoch {}: {e}", map.epoch()));
-            }
-            if let Some(last) = self.maps.last() {
-                if map.epoch() <= last.epoch() {
-                    self.fail(format!("map epoch went from {} to {}", last.epoch(), map.epoch()));
-                }
-            }
-            self.maps.push(map);
-        }
-        if let Some(plan) = out.copy {
-            assert!(self.copy.is_none(), "the authority plans one copy at a time");
-            let lives = self.bricks.iter().filter_map(|b| b.id.map(|id| (id, b.life))).collect();
-            self.copy = Some(copy::SimCopy::new(plan, self.now_ms(), lives));
-            self.after(0, Event::CopyStep);
-        }
-        let held = std::mem::take(&mut self.held);
-        for (link, ticket, reply) in held {
-            match self.member.settle(ticket) {
-                Settled::Send => self.send_back(link, reply),
-                Settled::Wait => self.held.push((link, ticket, reply)),
-                Settled::Lost => self.break_link(link, true),
-            }
-        }
-    }
-
-    fn authority_tick(&mut self) {
-        let step = self.member.tick(self.now_ms()).map_err(|e| e.to_string());
-        self.apply(step);
-        self.after(TICK_MS * MS, Event::AuthorityTick);
-    }
-
-    /// A frame for the authority: a copy's answer on a link it opened, else a request
-    /// on a brick's session or a map fetch (`Member::on_frame`, as `meta::serve` runs it).
-    fn authority_receive(&mut self, link: LinkId, bytes: Msg) {
-        if self.net.opener(link) == Some(Endpoint::Authority) {
-            return self.copy_receive(link, bytes);
-        }
-        let now_ms = self.now_ms();
-        let session = self.sessions.entry(link).or_insert_with(|| Session::new(format!("link {}", link.0)));
-        let mut out = Vec::new();
-        match self.member.on_frame(session, now_ms, &bytes, &mut out) {
-            Ok((ticket, step)) => {
-                if !out.is_empty() {
-                    self.held.push((link, ticket, out));
-                }
-                self.apply(Ok(step));
-            }
-            Err(crate::meta::member::MemberError::Log(e)) => self.apply(Err(e.to_string())),
-            Err(why) => {
-                self.note(format!("authority: {why}"));
-                self.break_link(link, true);
-            }
-        }
-    }
-
-    /// A link of the authority's broke: a brick's session ends (the brick is removed),
-    /// or a copy's link is lost.
-    fn authority_link_down(&mut self, link: LinkId) {
-        if let Some(session) = self.sessions.remove(&link) {
-            let now_ms = self.now_ms();
-            let step = self.member.on_close(&session, now_ms).map_err(|e| e.to_string());
-            self.apply(step);
-        }
-        self.held.retain(|(l, _, _)| *l != link);
-        self.copy_link_down(link);
+    fn authority_config(&self) -> AuthorityConfig {
+        AuthorityConfig { bricks: self.shape.bricks, replicas: self.shape.replicas, base_bits: self.shape.base_bits }
     }
 
     fn dispatch(&mut self, event: Event) {
@@ -387,7 +317,7 @@ impl World {
                     return;
                 }
                 match to {
-                    Endpoint::Authority => self.authority_receive(link, msg),
+                    Endpoint::Member(m) => self.member_receive(m, link, msg),
                     Endpoint::Brick(b) => self.brick_receive(b, link, msg),
                     Endpoint::Client(c) => {
                         if let Some(at) = self.client_paused(c) {
@@ -399,15 +329,16 @@ impl World {
                 }
             }
             Event::LinkDown { link, to } => match to {
-                Endpoint::Authority => self.authority_link_down(link),
+                Endpoint::Member(m) => self.member_link_down(m, link),
                 Endpoint::Brick(b) => self.brick_link_down(b, link),
                 Endpoint::Client(c) => match self.client_paused(c) {
                     Some(at) => self.schedule(at, Event::LinkDown { link, to }),
                     None => self.client_link_down(c, link),
                 },
             },
-            Event::AuthorityTick => self.authority_tick(),
-            Event::CopyStep => self.copy_step(),
+            Event::MemberTick { member, life } => self.member_tick(member, life),
+            Event::RestartMember { member } => self.restart_member(member),
+            Event::CopyStep { member } => self.copy_step(member),
             Event::Lease { brick, life } => self.lease_timer(brick, life),
             Event::CoreRound { brick, life, core } => self.core_round(brick, life, core),
             Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
@@ -432,6 +363,11 @@ impl World {
     fn fault(&mut self) {
         if !self.faults_on {
             return;
+        }
+        if self.members.len() > 1 && self.member_rng.random_bool(0.25) {
+            self.member_fault();
+            let next = self.member_rng.random_range(50..=600);
+            return self.after(next * MS, Event::Fault);
         }
         // Pauses alone strike one brick, so the rest can take its partitions over.
         let b = if self.shape.pauses_only { 0 } else { self.rng.random_range(0..self.bricks.len()) };
@@ -505,6 +441,12 @@ impl World {
         self.net.heal();
         self.net.reset_p = 0.0;
         self.note("faults stop; every brick restarts".into());
+        for m in 0..self.members.len() {
+            if !self.members[m].is_up() {
+                self.members[m].down_until = 0;
+                self.restart_member(m);
+            }
+        }
         for b in 0..self.bricks.len() {
             // A pause runs its course: what waits for the brick's threads comes when it
             // resumes (`quiet` waits for that); cutting it short here left events
@@ -521,12 +463,12 @@ impl World {
     /// at full strength with nothing joining or leaving, nothing prepared, no client
     /// operation open.
     fn quiet(&self) -> bool {
-        let Some(map) = self.member.published() else { return false };
+        let Some(map) = self.leader().and_then(|l| self.members[l].member.as_ref()?.published()) else { return false };
         let up: Vec<BrickId> = self.bricks.iter().filter(|b| b.serving()).filter_map(|b| b.id).collect();
         let want = self.shape.replicas.min(up.len());
         // Past every pause, and what a resumed thread does first (`deferred`).
         let resumed = self.bricks.iter().all(|b| b.paused_until + 200 * MS <= self.now);
-        self.copy.is_none()
+        self.members.iter().all(|m| m.is_up() && m.copy.is_none() && m.paused_until <= self.now)
             && resumed
             && up.len() == self.bricks.len()
             && up.iter().all(|b| map.bricks().contains_key(b))
@@ -553,7 +495,7 @@ impl World {
     }
 
     fn unsettled(&self) -> String {
-        let Some(map) = self.member.published() else { return "no map".into() };
+        let Some(map) = self.published() else { return "no map".into() };
         let mut why = Vec::new();
         for b in &self.bricks {
             if !b.serving() {
@@ -562,8 +504,13 @@ impl World {
                 why.push(format!("brick {:?} unsettled ({})", b.id, b.unsettled(map.epoch())));
             }
         }
-        if self.copy.is_some() {
+        if self.members.iter().any(|m| m.copy.is_some()) {
             why.push("a copy is running".into());
+        }
+        let down = self.members.iter().filter(|m| !m.is_up()).count();
+        match self.leader() {
+            Some(l) => why.push(format!("member {l} leads ({down} of {} members down)", self.members.len())),
+            None => why.push(format!("no leader ({down} of {} members down)", self.members.len())),
         }
         if !map.joining().is_empty() || !map.leaving().is_empty() {
             why.push(format!("joining {:?} leaving {:?}", map.joining().len(), map.leaving().len()));
@@ -613,9 +560,9 @@ pub fn run(seed: u64, options: &Options) -> Report {
     crate::mutation::plant(options.mutation);
     let mut rng = SmallRng::seed_from_u64(seed);
     let shape = Shape::draw(&mut rng, options);
-    let authority = AuthorityConfig { bricks: shape.bricks, replicas: shape.replicas, base_bits: shape.base_bits };
-    let member_config = MemberConfig { id: 1, members: vec![(1, SocketAddr::from(([10, 0, 0, 1], 7000)))], authority };
-    let member = Member::open(member_config, MemDisk::default(), std::path::Path::new("/meta"), seed).expect("an empty log opens");
+    let mut shape = shape;
+    let mut member_rng = SmallRng::seed_from_u64(seed ^ 0x6d65_6d62_6572_7321);
+    shape.members = [1, 1, 3, 3, 5][member_rng.random_range(0..5)];
     let mut world = World {
         now: 0,
         epoch_instant: Instant::now(),
@@ -624,12 +571,13 @@ pub fn run(seed: u64, options: &Options) -> Report {
         net: Net::new(shape.delay_us, shape.jitter_us, shape.reset_p),
         rng,
         options: options.clone(),
-        member,
-        held: Vec::new(),
-        sessions: Default::default(),
+        members: (0..shape.members).map(|_| SimMember::new(shape.members)).collect(),
+        member_rng,
+        seed,
         maps: Vec::new(),
-        copy: None,
-        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores)).collect(),
+        leaders: BTreeMap::new(),
+        member_epochs: BTreeMap::new(),
+        bricks: (0..shape.bricks).map(|_| SimBrick::new(shape.cores, shape.members)).collect(),
         clients: Vec::new(),
         faults_on: true,
         outage_armed: false,
@@ -644,7 +592,10 @@ pub fn run(seed: u64, options: &Options) -> Report {
     for b in 0..world.shape.bricks {
         world.start_brick(b);
     }
-    world.after(50 * MS, Event::AuthorityTick);
+    for m in 0..world.shape.members {
+        let config = world.authority_config();
+        world.start_member(m, config);
+    }
     for c in 0..world.shape.clients {
         world.add_client(c);
     }

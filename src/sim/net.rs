@@ -24,7 +24,8 @@ pub(crate) struct LinkId(pub u64);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Endpoint {
-    Authority,
+    /// A member of the map authority group (by index).
+    Member(usize),
     Brick(usize),
     Client(usize),
 }
@@ -106,7 +107,7 @@ impl Net {
     fn apart(&self, x: Endpoint, y: Endpoint) -> bool {
         let inside = |e: Endpoint| match e {
             Endpoint::Brick(b) => self.cut.contains(&b),
-            Endpoint::Authority => self.authority_cut,
+            Endpoint::Member(_) => self.authority_cut,
             Endpoint::Client(_) => false,
         };
         (!self.cut.is_empty() || self.authority_cut) && inside(x) != inside(y)
@@ -183,21 +184,21 @@ impl World {
         }
     }
 
-    /// Every link with an end on brick `b` breaks (its process died or its machine lost
+    /// Every link with an end at `end` breaks (its process died or its machine lost
     /// power); the other ends learn it only if `tell`.
-    pub(crate) fn break_links_of(&mut self, b: usize, tell: bool) {
+    pub(crate) fn break_links_of(&mut self, end: Endpoint, tell: bool) {
         let ids: Vec<LinkId> = self
             .net
             .links
             .iter()
-            .filter(|(_, l)| l.alive && (l.a == Endpoint::Brick(b) || l.b == Endpoint::Brick(b)))
+            .filter(|(_, l)| l.alive && (l.a == end || l.b == end))
             .map(|(&id, _)| id)
             .collect();
         for id in ids {
             let l = self.net.links.get_mut(&id).expect("listed");
             l.alive = false;
             if tell {
-                let other = if l.a == Endpoint::Brick(b) { l.b } else { l.a };
+                let other = if l.a == end { l.b } else { l.a };
                 let delay = self.net.delay_us;
                 self.after(delay, Event::LinkDown { link: id, to: other });
             }
