@@ -146,7 +146,7 @@ fn strangers_wrong_secrets_and_other_clusters_are_refused_on_every_port_and_chan
     assert_eq!(fresh.get(&common::key("kept", 0)).unwrap().as_deref(), Some(&common::value("kept", 0)[..]));
     let logs = cluster.brick_log(0) + &cluster.brick_log(1);
     assert!(logs.contains("not authenticated"), "each brick refusal is logged:\n{logs}");
-    let meta_log: String = cluster.file().metas.iter().map(|m| std::fs::read_to_string(m.dir.join("meta.log")).unwrap()).collect();
+    let meta_log = cluster.meta_logs();
     assert!(meta_log.contains("refused connection from") && meta_log.contains("belongs to cluster"), "{meta_log}");
     cluster.down();
 }

@@ -128,7 +128,7 @@ fn lost_copy_chunks_are_retried_and_the_new_replica_holds_every_value() {
         assert!(Instant::now() < deadline, "the copy to the restarted brick never finished");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let meta_log = std::fs::read_to_string(cluster.file().meta_log()).unwrap_or_default();
+    let meta_log = cluster.meta_logs();
     assert!(meta_log.contains("failpoint") && meta_log.contains("retrying"), "the lost chunks were not retried:\n{meta_log}");
     // Brick 0 dies: what it shared with brick 1 is now served by the copy alone.
     common::run_ok(&["cluster", "kill", "--dir", &d, "--brick", "0"]);

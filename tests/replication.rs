@@ -263,9 +263,8 @@ fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_
     };
     // Killed once the new brick (id 2) holds a copied partition and restarted at once,
     // on the same ports, before the authority would remove it: it keeps its id.
-    let meta_log = cluster.path().join("meta/meta.log");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&meta_log).unwrap_or_default().contains("to brick 2:") {
+    while !cluster.meta_logs().contains("to brick 2:") {
         assert!(Instant::now() < deadline, "no partition was copied to the new brick");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -276,7 +275,7 @@ fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_
     assert_eq!(brick_id(&dir, 2), dds::map::BrickId(2), "restarted in time to keep its id");
     let map = cluster.authority_map();
     assert!(map.joining().is_empty() && map.groups().values().all(|g| g.len() == 2), "not settled");
-    let log = std::fs::read_to_string(&meta_log).unwrap_or_default();
+    let log = cluster.meta_logs();
     assert!(log.contains("restarted while copying"), "the authority saw the restart:\n{log}");
     for i in 0..n {
         let k = key("joining", i);

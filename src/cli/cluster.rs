@@ -306,9 +306,9 @@ impl ClusterFile {
         }
     }
 
-    /// Where the authority's log is: the first member's (every member logs elections).
-    pub fn meta_log(&self) -> PathBuf {
-        self.metas[0].dir.join("meta.log")
+    /// The authority members' logs (a leader's decisions are in its own).
+    pub fn meta_logs(&self) -> Vec<PathBuf> {
+        self.metas.iter().map(|m| m.dir.join("meta.log")).collect()
     }
 
     /// How a client of this cluster connects: over RDMA to bricks that serve it when
@@ -422,8 +422,8 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             let sel = BrickSel { dir, brick: brick.context("say which: --brick INDEX or --meta")? };
             let started = Instant::now();
             // The authority's log so far: a recovery line from an earlier copy is not this one's.
-            let meta_log = ClusterFile::load(&sel.dir)?.meta_log();
-            let log_start = std::fs::metadata(&meta_log).map_or(0, |m| m.len() as usize);
+            let meta_logs = ClusterFile::load(&sel.dir)?.meta_logs();
+            let log_starts: Vec<usize> = meta_logs.iter().map(|l| std::fs::metadata(l).map_or(0, |m| m.len() as usize)).collect();
             let b = restart(&sel.dir, sel.brick)?;
             out!("brick {} restarted: pid {} at {}", b.index, b.pid, b.addr);
             let cluster = ClusterFile::load(&sel.dir)?;
@@ -438,8 +438,11 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 started.elapsed().as_millis()
             );
             // The authority's account of the copy (per partition lines are in its log).
-            let log = std::fs::read(&meta_log).unwrap_or_default();
-            let log = String::from_utf8_lossy(log.get(log_start..).unwrap_or_default());
+            let log: String = meta_logs
+                .iter()
+                .zip(&log_starts)
+                .map(|(l, &start)| String::from_utf8_lossy(std::fs::read(l).unwrap_or_default().get(start..).unwrap_or_default()).into_owned())
+                .collect();
             if let Some(line) = log.lines().rev().find(|l| l.contains("meta: recovery:")) {
                 out!("  {}", line.split_once("meta: ").map_or(line, |(_, r)| r));
             }
@@ -677,7 +680,7 @@ fn wait_for_replicas(cluster: &ClusterFile, brick: BrickId, holding: bool) -> an
             }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not get back to {} replicas per partition within 120 s; see {}", cluster.replicas, cluster.meta_log().display());
+            bail!("the cluster did not get back to {} replicas per partition within 120 s; see the authority's logs in {}", cluster.replicas, cluster.metas[0].dir.parent().unwrap_or(&cluster.metas[0].dir).display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

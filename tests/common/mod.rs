@@ -75,6 +75,12 @@ impl TestCluster {
         std::fs::read_to_string(self.path().join(format!("brick-{brick}/brick.log"))).unwrap_or_default()
     }
 
+    /// Every authority member's log, one after another (the leader's decisions are in
+    /// its own).
+    pub fn meta_logs(&self) -> String {
+        self.file().meta_logs().iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
+    }
+
     pub fn brick_dirs(&self) -> Vec<PathBuf> {
         self.file().bricks.iter().map(|b| b.dir.clone()).collect()
     }
