@@ -17,10 +17,10 @@
 //!   one, a registration's answer waits for the commit of everything proposed before it,
 //!   and a copy starts only once the map that made its replicas joining is committed.
 //! - Bricks' leases are granted by heartbeat answers, which only a leader gives
-//!   (followers answer `NotLeader` with the leader's address). raft's check-quorum makes
-//!   a leader that has not heard from a majority for an election timeout step down, so
-//!   a deposed leader grants no lease later than 2 x `ELECTION_TICKS` ticks after its
-//!   last contact with a majority; ARCHITECTURE.md gives the timing argument.
+//!   (followers answer `NotLeader` with the leader's address), and only while a majority
+//!   has answered it within `LEADER_LEASE_MS` by its own clock (raft's check-quorum
+//!   counts ticks, which stop while the process is paused); ARCHITECTURE.md gives the
+//!   timing argument.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -31,6 +31,7 @@ use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole, Storage as _};
 use serde::{Deserialize, Serialize};
 
+use crate::hash::HashMap;
 use crate::log::{Disk, LogError};
 use crate::map::ClusterMap;
 use crate::proto::{decode_exact, encode, Frame, Kind, Op, Status};
@@ -45,6 +46,11 @@ pub const TICK_MS: u64 = 25;
 pub const AUTHORITY_TICK_MS: u64 = 50;
 /// A leader sends heartbeats every tick.
 const HEARTBEAT_TICKS: usize = 1;
+/// A leader answers for the group only while a majority has answered it this recently
+/// (by its own clock): a new leader is elected only after a majority heard nothing from
+/// the old one for an election timeout (`ELECTION_TICKS` ticks, at least 200 ms), so a
+/// lease the old one grants after that ends by the time it is `LEASE_MS` old.
+pub const LEADER_LEASE_MS: u64 = 200;
 /// A follower that hears no leader for 8 to 16 ticks (200-400 ms) campaigns: a new
 /// leader is usually in office before a brick's lease (`LEASE_MS`, 500 ms) runs out.
 pub const ELECTION_TICKS: usize = 8;
@@ -136,8 +142,9 @@ struct Leading {
     /// The entry that opened the term; the authority starts once it is applied.
     start_index: u64,
     authority: Option<Authority>,
-    /// The last entry this leader proposed.
+    /// The last entry this leader proposed, and the state it proposed.
     proposed: u64,
+    proposed_state: Option<Replicated>,
     /// A copy to start once entry `.0` is committed.
     copy_after: Option<(u64, Vec<Join>)>,
 }
@@ -158,8 +165,11 @@ pub struct Member<D: Disk> {
     /// timer restarted).
     hold_ticks: usize,
     last_timer: (usize, u64, StateRole),
-    /// A map to start from if the group has never committed one (`seed`).
+    /// A map to start from if the group has never committed one (`open`'s `initial`).
     seed: Option<ClusterMap>,
+    /// When (`now_ms`) each other member was last heard from in the current term, and
+    /// that term: what the leader's lease counts (`leases`).
+    heard: HashMap<u64, (u64, u64)>,
     /// What `open` produced, handed out with the next step's output.
     stash: Output,
     /// When the leader's authority last ticked.
@@ -180,9 +190,10 @@ fn logger() -> slog::Logger {
 
 impl<D: Disk> Member<D> {
     /// Opens member `config.id`'s raft log in `dir` on `disk` and replays it. `seed`
-    /// draws its election timeouts. A member whose log is empty starts from `initial`
-    /// (a map an authority of an earlier version left, or nothing).
-    pub fn open(config: MemberConfig, mut disk: D, dir: &Path, seed: u64) -> Result<Member<D>, RaftLogError> {
+    /// draws its election timeouts. `initial`: a map the group starts from if it has
+    /// committed none (one an authority of an earlier version left in its directory);
+    /// the first leader proposes it.
+    pub fn open(config: MemberConfig, mut disk: D, dir: &Path, seed: u64, initial: Option<ClusterMap>) -> Result<Member<D>, RaftLogError> {
         assert!(config.members.iter().any(|(id, _)| *id == config.id), "member {} is not in its own membership", config.id);
         let mem = MemStorage::new();
         let (log, _held) = RaftLog::open(&mut disk, dir, &mem)?;
@@ -215,7 +226,8 @@ impl<D: Disk> Member<D> {
             rng: splitmix64(seed),
             hold_ticks: 0,
             last_timer: (usize::MAX, 0, StateRole::Follower),
-            seed: None,
+            seed: initial,
+            heard: HashMap::default(),
             stash: Output::default(),
             authority_tick_ms: 0,
         };
@@ -227,12 +239,6 @@ impl<D: Disk> Member<D> {
             member.stash = stash;
         }
         Ok(member)
-    }
-
-    /// A map the group starts from if it has committed none (one an authority of an
-    /// earlier version left in its directory): the first leader proposes it.
-    pub fn seed(&mut self, map: ClusterMap) {
-        self.seed = Some(map);
     }
 
     pub fn id(&self) -> u64 {
@@ -305,6 +311,9 @@ impl<D: Disk> Member<D> {
     pub fn tick(&mut self, now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
         self.tick_raft();
+        // A tick may have ended this leadership (check-quorum): drop it before the
+        // authority plans.
+        self.follow_role(now_ms, &mut out);
         let authority_due = now_ms >= self.authority_tick_ms + AUTHORITY_TICK_MS;
         if authority_due {
             self.authority_tick_ms = now_ms;
@@ -324,9 +333,13 @@ impl<D: Disk> Member<D> {
         if !self.config.members.iter().any(|(id, _)| *id == msg.from) || msg.to != self.config.id {
             return Err(MemberError::BadMessage(format!("from {} to {}: not of this group", msg.from, msg.to)));
         }
+        let (from, term) = (msg.from, msg.term);
         // A step error is raft refusing a message it cannot use (a stale one); nothing
         // of this member's changes.
         let _ = self.node.step(msg);
+        if term == self.node.raft.term {
+            self.heard.insert(from, (term, now_ms));
+        }
         let mut out = std::mem::take(&mut self.stash);
         self.ready(now_ms, &mut out)?;
         Ok(out)
@@ -349,7 +362,11 @@ impl<D: Disk> Member<D> {
         }
         let leader_addr = self.addr_of(self.leader());
         let published = self.state.map.clone();
-        let leading = self.leading.as_mut().filter(|l| l.authority.is_some());
+        // Only a leader that a majority has answered within `LEADER_LEASE_MS`, by this
+        // clock, answers for the group (grants a brick's lease, registers it); one that
+        // was paused, or cut off, does not, whatever its raft state says.
+        let leases = self.leases(now_ms);
+        let leading = self.leading.as_mut().filter(|l| l.authority.is_some() && leases);
         let term = self.node.raft.term;
         let (actions, waits) = match leading {
             Some(l) => session.on_frame(l.authority.as_mut().map(|a| (a, l.term)), published.as_ref(), leader_addr, now_ms, bytes, reply)?,
@@ -374,6 +391,14 @@ impl<D: Disk> Member<D> {
         }
         self.ready(now_ms, &mut out)?;
         Ok(out)
+    }
+
+    /// Whether a majority of the group (this member included) was heard from in the
+    /// current term within `LEADER_LEASE_MS` of `now_ms`.
+    fn leases(&self, now_ms: u64) -> bool {
+        let term = self.node.raft.term;
+        let fresh = self.heard.iter().filter(|(id, (t, at))| **id != self.config.id && *t == term && now_ms.saturating_sub(*at) <= LEADER_LEASE_MS).count();
+        (fresh + 1) * 2 > self.config.members.len()
     }
 
     /// Whether a reply held by `ticket` may leave.
@@ -418,15 +443,26 @@ impl<D: Disk> Member<D> {
         let Some(authority) = &leading.authority else { return };
         let next = Replicated { map: authority.map().cloned(), next_fresh: authority.next_fresh() };
         let last_proposed = leading.proposed.max(1);
-        let changed = actions.map_changed || next.next_fresh != self.state.next_fresh;
+        // Against what this leader last proposed (committed or not), so that a change
+        // waiting for its commit is not proposed again at every step.
+        let base = leading.proposed_state.as_ref().unwrap_or(&self.state);
+        let changed = (actions.map_changed || next.next_fresh != base.next_fresh) && next != *base;
         // The planted bug `uncommitted-map` serves the leader's change before raft has
         // it on a majority.
         if changed && crate::mutation::active(crate::mutation::Mutation::UncommittedMap) {
             out.published |= next.map.is_some() && next.map != self.state.map;
             self.state = next.clone();
         }
-        if changed && self.node.propose(Vec::new(), next.encode()).is_ok() {
+        if changed {
+            if let Err(e) = self.node.propose(Vec::new(), next.encode()) {
+                // raft refuses proposals only while it has no leader or hands over:
+                // this leadership is over, and replies waiting on it are lost.
+                out.notes.push(format!("member {}: proposal refused ({e}): leading no more", self.config.id));
+                self.leading = None;
+                return;
+            }
             leading.proposed = self.node.raft.raft_log.last_index();
+            leading.proposed_state = Some(next);
             out.proposed = true;
         }
         if !actions.copy.is_empty() {
@@ -519,7 +555,7 @@ impl<D: Disk> Member<D> {
         }
         if self.leading.as_ref().is_none_or(|l| l.term != term) {
             let start_index = raft.raft_log.last_index();
-            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, copy_after: None });
+            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, proposed_state: None, copy_after: None });
         }
         let applied = raft.raft_log.applied;
         let leading = self.leading.as_mut().expect("just set");
@@ -529,7 +565,8 @@ impl<D: Disk> Member<D> {
             let authority = Authority::new(self.config.authority.clone(), map, now_ms).with_next_fresh(self.state.next_fresh);
             leading.authority = Some(authority);
             // Partitions short of replicas are planned at the next tick, as after a restart.
-            if seeded.is_some() {
+            if let Some(map) = &seeded {
+                out.notes.push(format!("member {}: the map of epoch {} an earlier authority left seeds the raft log", self.config.id, map.epoch()));
                 self.take_actions(Actions { map_changed: true, ..Actions::default() }, out);
             }
         }

@@ -42,7 +42,7 @@ impl Group {
 
     fn open(&self, i: usize) -> Member<MemDisk> {
         let config = MemberConfig { id: i as u64 + 1, members: self.config.clone(), authority: authority_config() };
-        Member::open(config, self.disks[i].clone(), Path::new(DIR), 7 * i as u64 + 3).expect("opens")
+        Member::open(config, self.disks[i].clone(), Path::new(DIR), 7 * i as u64 + 3, None).expect("opens")
     }
 
     fn take(&mut self, from: u64, out: Output) {
@@ -237,4 +237,53 @@ fn without_a_majority_nothing_changes_and_service_resumes_when_one_returns() {
     let (status, _) = g.register(now, &mut Session::new("b2".into()), 2).expect("answered");
     assert_eq!(status, Status::Ok);
     g.one_map_per_epoch();
+}
+
+#[test]
+fn a_group_of_one_starts_from_the_map_an_earlier_authority_left() {
+    let config = MemberConfig { id: 1, members: vec![(1, SocketAddr::from(([127, 0, 0, 1], 9001)))], authority: authority_config() };
+    let bricks = [(crate::map::BrickId(0), BrickAddr::tcp(vec!["127.0.0.1:1".parse().unwrap()])), (crate::map::BrickId(1), BrickAddr::tcp(vec!["127.0.0.1:2".parse().unwrap()]))];
+    let map = ClusterMap::initial(2, bricks.into_iter().collect(), 2).expect("map");
+    let disk = MemDisk::default();
+    let mut m = Member::open(config.clone(), disk.clone(), Path::new(DIR), 3, Some(map.clone())).expect("opens");
+    for i in 1..5 {
+        m.tick(i * TICK_MS).expect("ticks");
+    }
+    // The leader went on from it (splits, one epoch up), not from an empty map.
+    let served = m.published().expect("a map is served").clone();
+    assert!(served.epoch() > map.epoch() && served.bricks() == map.bricks(), "served epoch {}", served.epoch());
+    // Once in the raft log, a restart takes it from there, whatever it is given.
+    drop(m);
+    let again = Member::open(config, disk, Path::new(DIR), 3, None).expect("reopens");
+    assert_eq!(again.published(), Some(&served));
+}
+
+#[test]
+fn a_leader_that_resumes_from_a_pause_grants_no_lease() {
+    let mut g = Group::new(3);
+    let (leader, _) = g.elect();
+    let mut sessions = [Session::new("b0".into()), Session::new("b1".into())];
+    for (b, s) in sessions.iter_mut().enumerate() {
+        assert_eq!(g.register(leader, s, b as u16).expect("answered").0, Status::Ok);
+    }
+    for _ in 0..5 {
+        g.tick();
+    }
+    let epoch = g.members[leader as usize - 1].as_ref().unwrap().published().unwrap().epoch();
+    // The leader stops for 3 s; the others elect one of themselves.
+    let paused = g.members[leader as usize - 1].take();
+    for _ in 0..120 {
+        g.tick();
+    }
+    assert_eq!(g.leaders().len(), 1);
+    // It resumes, raft still calling it leader, and a brick's heartbeat comes first.
+    g.members[leader as usize - 1] = paused;
+    let mut frame = Vec::new();
+    encode(&mut frame, &Frame { kind: Kind::Request(Op::Heartbeat), request_id: 1, epoch, key: &[], value: &[] });
+    let mut reply = Vec::new();
+    let now = g.now_ms;
+    let m = g.members[leader as usize - 1].as_mut().unwrap();
+    let (ticket, _) = m.on_frame(&mut sessions[0], now, &frame, &mut reply).unwrap();
+    let f = decode_exact(&reply).unwrap();
+    assert!(matches!(f.kind, Kind::Reply(Op::Heartbeat, Status::NotLeader)) || m.settle(ticket) != Settled::Send, "a deposed leader renewed a lease: {:?}", f.kind);
 }

@@ -203,20 +203,15 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     listener.set_nonblocking(true).map_err(|source| MetaError::Listen { addr, source })?;
     let (id, members) = membership(config, addr)?;
     let member_config = MemberConfig { id, members: members.clone(), authority: config.authority.clone() };
-    let mut member = Member::open(member_config, FsDisk, &config.dir, crate::hash::random_u64()).map_err(|e| MetaError::RaftLog(e.to_string()))?;
-    // A directory an authority of an earlier version left: its map seeds the group.
+    // A directory an authority of an earlier version left: its map seeds the group if
+    // the raft log holds none (the member says so when it does).
     let map_path = config.dir.join(MAP_FILE);
-    if member.replicated().map.is_none() {
-        match std::fs::read_to_string(&map_path) {
-            Ok(text) => {
-                let map = ClusterMap::from_json(&text).map_err(|e| MetaError::BadMap { path: map_path.clone(), why: e.to_string() })?;
-                crate::log!("meta", "{}: map epoch {} seeds the raft log", map_path.display(), map.epoch());
-                member.seed(map);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
-        }
-    }
+    let initial = match std::fs::read_to_string(&map_path) {
+        Ok(text) => Some(ClusterMap::from_json(&text).map_err(|e| MetaError::BadMap { path: map_path.clone(), why: e.to_string() })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
+    };
+    let member = Member::open(member_config, FsDisk, &config.dir, crate::hash::random_u64(), initial).map_err(|e| MetaError::RaftLog(e.to_string()))?;
     if let Some(map) = member.published() {
         crate::log!("meta", "member {id}: raft log replayed, map epoch {} ({} bricks)", map.epoch(), map.bricks().len());
     }

@@ -71,7 +71,11 @@ impl Session {
             (Op::Heartbeat, Some(authority)) => match self.brick {
                 Some((_, _, t)) if t != term => not_leader(),
                 Some((id, serial, _)) if authority.heartbeat(id, serial, frame.epoch, now_ms) => (Status::Ok, newer_map),
-                Some((id, _, _)) => (Status::Conflict, format!("{id}'s session has ended (it was removed): register again").into_bytes()),
+                Some((id, _, _)) => {
+                    // The brick stops on this answer: only once its removal is committed.
+                    waits = true;
+                    (Status::Conflict, format!("{id}'s session has ended (it was removed): register again").into_bytes())
+                }
                 None => (Status::Conflict, b"heartbeat before register".to_vec()),
             },
             (Op::GetMap, _) => (Status::Ok, newer_map),

@@ -88,7 +88,7 @@ impl World {
         self.member_epochs.remove(&m);
         let sm = &mut self.members[m];
         sm.life += 1;
-        match Member::open(member_config, sm.disk.clone(), Path::new("/meta"), seed) {
+        match Member::open(member_config, sm.disk.clone(), Path::new("/meta"), seed, None) {
             Ok(member) => sm.member = Some(member),
             Err(e) => return self.fail(format!("member {m} cannot open its raft log: {e}")),
         }
