@@ -39,6 +39,9 @@ pub struct LogFile<F: DiskFile = UringFile> {
     durable: u64,
     /// How much is laid out at a time (`PREALLOC_BYTES` at most).
     step_bytes: u64,
+    /// The failpoints of its writes and syncs (failpoints builds): `log-write` and
+    /// `log-fsync` for a brick core's log, others for other logs (`with_failpoints`).
+    failpoints: (&'static str, &'static str),
 }
 
 /// A preallocated log grows by at most this much at a time, zeros written ahead of the
@@ -67,7 +70,7 @@ impl<F: DiskFile> LogFile<F> {
         let end = contents.len() as u64;
         // A file laid out ahead of its records stays so, whoever opens it.
         let preallocated = record::starts_preallocated(&contents);
-        let log = LogFile { file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, step_bytes: PREALLOC_BYTES };
+        let log = LogFile { file, path: path.to_path_buf(), end, preallocated, allocated: end, durable: end, step_bytes: PREALLOC_BYTES, failpoints: ("log-write", "log-fsync") };
         Ok((log, contents))
     }
 
@@ -101,6 +104,13 @@ impl<F: DiskFile> LogFile<F> {
             self.allocated += n as u64;
         }
         Ok(())
+    }
+
+    /// Names its write and sync failpoints (a log that is not a brick core's, so that a
+    /// test arming `log-fsync` for the bricks does not fail it too).
+    pub fn with_failpoints(mut self, write: &'static str, fsync: &'static str) -> Self {
+        self.failpoints = (write, fsync);
+        self
     }
 
     /// Appends continue at `offset`: the log's records end there and only laid-out
@@ -146,7 +156,9 @@ impl<F: DiskFile> LogFile<F> {
     /// Writes `first` then `second` at `offset` in one vectored write, and the rest of
     /// them after a short write.
     fn write_two_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> Result<(), LogError> {
-        crate::failpoint!("log-write", |_| Err(self.err("write", std::io::Error::other("failpoint log-write"))));
+        if crate::logging::failpoint_hit(self.failpoints.0) {
+            return Err(self.err("write", std::io::Error::other(format!("failpoint {}", self.failpoints.0))));
+        }
         let total = first.len() + second.len();
         let mut done = 0usize;
         while done < total {
@@ -180,7 +192,9 @@ impl<F: DiskFile> LogFile<F> {
         self.write_two_at(self.end, batch, &sync_point)?;
         if sync {
             // Submitted only once every byte of the batch has completed.
-            crate::failpoint!("log-fsync", |_| Err(self.err("fdatasync", std::io::Error::other("failpoint log-fsync"))));
+            if crate::logging::failpoint_hit(self.failpoints.1) {
+                return Err(self.err("fdatasync", std::io::Error::other(format!("failpoint {}", self.failpoints.1))));
+            }
             self.file.datasync().map_err(|e| self.err("fdatasync", e))?;
         }
         self.end += (batch.len() + sync_point.len()) as u64;

@@ -48,7 +48,8 @@ impl<D: Disk> RaftLog<D> {
     /// whether it held anything (a member that never ran has an empty one).
     pub fn open(disk: &mut D, dir: &Path, mem: &MemStorage) -> Result<(RaftLog<D>, bool), RaftLogError> {
         let path = dir.join(RAFT_LOG_FILE);
-        let (mut file, contents) = LogFile::open_on(disk, &path)?;
+        let (file, contents) = LogFile::open_on(disk, &path)?;
+        let mut file = file.with_failpoints("raft-log-write", "raft-log-fsync");
         let mut records = Vec::new();
         let end = record::scan(&contents, |r| records.push(r)).map_err(|error| LogError::Corrupt { path: path.clone(), offset: error.offset(), error })?;
         let bad = |lsn: u64, what: String| RaftLogError::Bad { path: path.clone(), lsn, what };
