@@ -162,22 +162,18 @@ impl Authorities {
         self.addrs[self.at]
     }
 
-    /// Every member, in order.
-    pub fn all(&self) -> &[SocketAddr] {
-        &self.addrs
-    }
-
     fn next(&mut self) {
         self.at = (self.at + 1) % self.addrs.len();
     }
 
-    /// What became of a call (`register`: a `Register` on a new connection) says whom
-    /// to ask next: the leader a `NotLeader` answer names, the next member after a
-    /// registration that got no answer, the same one otherwise.
-    pub fn after_call(&mut self, register: bool, reply: &Result<(Status, Vec<u8>), String>) {
+    /// What became of a call (`register`: a `Register` on a new connection; `reply`:
+    /// its status and value, `None` if it got none) says whom to ask next: the leader a
+    /// `NotLeader` answer names, the next member after a registration that got no
+    /// answer, the same one otherwise.
+    pub fn after_call(&mut self, register: bool, reply: Option<(Status, &[u8])>) {
         match reply {
-            Ok((Status::NotLeader, hint)) => self.redirect(hint),
-            Err(_) if register => self.next(),
+            Some((Status::NotLeader, hint)) => self.redirect(hint),
+            None if register => self.next(),
             _ => {}
         }
     }
@@ -220,25 +216,17 @@ fn call(step: &Step, session: &mut Option<Rpc>, meta: &mut Authorities, addr: &B
     let register = op == Op::Register;
     if register {
         *session = None;
-        match Rpc::connect(meta.current(), timeout / 2, secret) {
-            Ok(rpc) => *session = Some(rpc),
-            Err(e) => {
-                meta.after_call(true, &Err(e.to_string()));
-                return unanswered(e);
-            }
-        }
     }
-    let Some(rpc) = session else { return Answer::Lost("no session".into()) };
-    let answer = match rpc.call(op, epoch, &[], &value, timeout) {
-        Ok(reply) => {
-            let reply = Ok(reply);
-            meta.after_call(register, &reply);
-            lease::answer_of(step, reply)
-        }
-        Err(e) => {
-            meta.after_call(register, &Err(e.to_string()));
-            unanswered(e)
-        }
+    let rpc = match session {
+        Some(rpc) => Ok(rpc),
+        None if register => Rpc::connect(meta.current(), timeout / 2, secret).map(|rpc| session.insert(rpc)),
+        None => return Answer::Lost("no session".into()),
+    };
+    let result = rpc.and_then(|rpc| rpc.call(op, epoch, &[], &value, timeout));
+    meta.after_call(register, result.as_ref().ok().map(|(status, value)| (*status, &value[..])));
+    let answer = match result {
+        Ok(reply) => lease::answer_of(step, Ok(reply)),
+        Err(e) => unanswered(e),
     };
     if register && !matches!(answer, Answer::Registered(_)) {
         *session = None;

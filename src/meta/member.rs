@@ -103,7 +103,8 @@ pub struct CopyPlan {
 /// What a step asks the shell to do.
 #[derive(Debug, Default)]
 pub struct Output {
-    /// Raft messages: (member id, protobuf bytes), in order per member.
+    /// Raft messages, each a whole `Op::Raft` frame: (member id, frame), in order per
+    /// member.
     pub messages: Vec<(u64, Vec<u8>)>,
     pub copy: Option<CopyPlan>,
     /// Lines for the log (elections, map changes).
@@ -328,7 +329,7 @@ impl<D: Disk> Member<D> {
 
     /// A raft message from another member. A malformed one is refused (the shell
     /// closes that connection).
-    pub fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<Output, MemberError> {
+    fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<Output, MemberError> {
         let msg = Message::parse_from_bytes(bytes).map_err(|e| MemberError::BadMessage(e.to_string()))?;
         if !self.config.members.iter().any(|(id, _)| *id == msg.from) || msg.to != self.config.id {
             return Err(MemberError::BadMessage(format!("from {} to {}: not of this group", msg.from, msg.to)));
@@ -441,19 +442,21 @@ impl<D: Disk> Member<D> {
         out.notes.extend(actions.notes);
         let Some(leading) = self.leading.as_mut() else { return };
         let Some(authority) = &leading.authority else { return };
-        let next = Replicated { map: authority.map().cloned(), next_fresh: authority.next_fresh() };
         let last_proposed = leading.proposed.max(1);
         // Against what this leader last proposed (committed or not), so that a change
-        // waiting for its commit is not proposed again at every step.
+        // waiting for its commit is not proposed again at every step. The map is copied
+        // only for a change (not for every heartbeat).
         let base = leading.proposed_state.as_ref().unwrap_or(&self.state);
-        let changed = (actions.map_changed || next.next_fresh != base.next_fresh) && next != *base;
-        // The planted bug `uncommitted-map` serves the leader's change before raft has
-        // it on a majority.
-        if changed && crate::mutation::active(crate::mutation::Mutation::UncommittedMap) {
-            out.published |= next.map.is_some() && next.map != self.state.map;
-            self.state = next.clone();
-        }
-        if changed {
+        let changed = (actions.map_changed || authority.next_fresh() != base.next_fresh)
+            && (authority.next_fresh() != base.next_fresh || authority.map() != base.map.as_ref());
+        let next = changed.then(|| Replicated { map: authority.map().cloned(), next_fresh: authority.next_fresh() });
+        if let Some(next) = next {
+            // The planted bug `uncommitted-map` serves the leader's change before raft
+            // has it on a majority.
+            if crate::mutation::active(crate::mutation::Mutation::UncommittedMap) {
+                out.published |= next.map.is_some() && next.map != self.state.map;
+                self.state = next.clone();
+            }
             if let Err(e) = self.node.propose(Vec::new(), next.encode()) {
                 // raft refuses proposals only while it has no leader or hands over:
                 // this leadership is over, and replies waiting on it are lost.
@@ -499,7 +502,10 @@ impl<D: Disk> Member<D> {
 
     fn send(&self, messages: Vec<Message>, out: &mut Output) {
         for m in messages {
-            out.messages.push((m.to, m.write_to_bytes().expect("a message encodes")));
+            let message = m.write_to_bytes().expect("a message encodes");
+            let mut frame = Vec::with_capacity(message.len() + crate::proto::HEADER_LEN);
+            encode(&mut frame, &Frame { kind: Kind::Request(Op::Raft), request_id: 0, epoch: 0, key: &[], value: &message });
+            out.messages.push((m.to, frame));
         }
     }
 

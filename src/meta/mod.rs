@@ -25,7 +25,6 @@ use dds_transport::auth::{self, Secret};
 
 use crate::log::{FsDisk, LogError};
 use crate::map::ClusterMap;
-use crate::proto::{encode, Frame, Kind, Op};
 use crate::rpc::{read_frame, Rpc};
 use authority::AuthorityConfig;
 use copy::{Answer, CopyDriver, Step};
@@ -144,10 +143,8 @@ fn carry_out(shared: &Arc<Shared>, state: &mut State, step: Result<Output, impl 
             return;
         }
     };
-    for (to, message) in out.messages {
+    for (to, frame) in out.messages {
         if let Some((_, tx)) = state.peers.iter().find(|(id, _)| *id == to) {
-            let mut frame = Vec::with_capacity(message.len() + crate::proto::HEADER_LEN);
-            encode(&mut frame, &Frame { kind: Kind::Request(Op::Raft), request_id: 0, epoch: 0, key: &[], value: &message });
             let _ = tx.try_send(frame);
         }
     }

@@ -17,7 +17,6 @@ use crate::map::ClusterMap;
 use crate::meta::authority::AuthorityConfig;
 use crate::meta::member::{Member, MemberConfig, MemberError, Output, Settled, Ticket, TICK_MS};
 use crate::meta::session::Session;
-use crate::proto::{encode, Frame, Kind, Op};
 
 use super::copy::SimCopy;
 use super::net::{Endpoint, LinkId, Msg};
@@ -209,26 +208,20 @@ impl World {
         for n in &out.notes {
             self.note(format!("member {m}: {n}"));
         }
-        if out.proposed && self.members.len() > 1 && self.faults_on && self.member_rng.random_bool(0.05) {
-            // The leader dies at the worst moment: a change proposed, its messages not
-            // yet sent (what it made public of it, its successor never saw).
-            if out.published {
-                let map = self.members[m].member.as_ref().and_then(|x| x.published()).cloned();
-                if let Some(map) = map {
-                    self.record_map(m, map);
-                }
-            }
-            let down_ms = self.member_rng.random_range(50..=2000);
-            return self.crash_member(m, down_ms);
-        }
-        for (to, message) in out.messages {
-            self.send_raft(m, to as usize - 1, &message);
-        }
         let member = self.members[m].member.as_ref().expect("a member that stepped is up");
         match (out.published, member.published().cloned()) {
             (true, Some(map)) => self.record_map(m, map),
             (true, None) => return self.fail(format!("member {m} published no map after one")),
             _ => {}
+        }
+        if out.proposed && self.members.len() > 1 && self.faults_on && self.member_rng.random_bool(0.05) {
+            // The leader dies at the worst moment: a change proposed, its messages not
+            // yet sent (what it made public of it, its successor never saw).
+            let down_ms = self.member_rng.random_range(50..=2000);
+            return self.crash_member(m, down_ms);
+        }
+        for (to, frame) in out.messages {
+            self.send_raft(m, to as usize - 1, frame);
         }
         if let Some(term) = self.members[m].member.as_ref().filter(|x| x.is_leader()).map(|x| x.term()) {
             match self.leaders.get(&term) {
@@ -272,8 +265,9 @@ impl World {
         }
     }
 
-    /// A raft message from member `m` to member `to`, on the link `m` keeps to it.
-    fn send_raft(&mut self, m: usize, to: usize, message: &[u8]) {
+    /// A raft message (an `Op::Raft` frame) from member `m` to member `to`, on the link
+    /// `m` keeps to it.
+    fn send_raft(&mut self, m: usize, to: usize, frame: Vec<u8>) {
         let link = match self.members[m].peers[to].filter(|l| self.net.alive(*l)) {
             Some(l) => l,
             None => {
@@ -282,8 +276,6 @@ impl World {
                 l
             }
         };
-        let mut frame = Vec::with_capacity(message.len() + crate::proto::HEADER_LEN);
-        encode(&mut frame, &Frame { kind: Kind::Request(Op::Raft), request_id: 0, epoch: 0, key: &[], value: message });
         self.send(link, Endpoint::Member(m), frame);
     }
 

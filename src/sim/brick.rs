@@ -421,7 +421,7 @@ impl World {
         }
         let Some((call, step)) = brick.lease_call.take() else { return };
         let reply = call.reply(bytes);
-        brick.meta.after_call(matches!(step, Step::Register { .. }), &reply);
+        brick.meta.after_call(matches!(step, Step::Register { .. }), reply.as_ref().ok().map(|(status, value)| (*status, &value[..])));
         if reply.is_err() {
             self.break_link(link, true);
         }
@@ -443,7 +443,7 @@ impl World {
                     return;
                 }
                 // The call timed out (`LEASE_MS`, as the control thread's rpc does).
-                brick.meta.after_call(matches!(step, Step::Register { .. }), &Err("timed out".into()));
+                brick.meta.after_call(matches!(step, Step::Register { .. }), None);
                 brick.lease_call = None;
                 brick.lease.answer(Answer::Lost("timed out".into()), now_ms);
                 continue;
@@ -509,7 +509,7 @@ impl World {
             // The control thread's call on it fails; without one out, the next does.
             brick.session_link = None;
             if let Some((_, step)) = brick.lease_call.take() {
-                brick.meta.after_call(matches!(step, Step::Register { .. }), &Err("the session closed".into()));
+                brick.meta.after_call(matches!(step, Step::Register { .. }), None);
                 let now_ms = self.now_ms();
                 self.bricks[b].lease.answer(Answer::Lost("the session closed".into()), now_ms);
                 self.lease_step(b, false);
