@@ -79,11 +79,15 @@ echo "requests (sum, series): $first, then $second"
 python3 -c 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); sys.exit(0 if b > a > 0 else 1)' "${first%% *}" "${second%% *}" \
   || { echo "FAIL: the request counters did not move"; exit 1; }
 for series in dds_replies_total dds_request_seconds_bucket dds_log_sync_seconds_count dds_log_bytes_total dds_log_batch_records_sum \
-  dds_map_epoch dds_fenced dds_keys dds_meta_map_epoch dds_meta_bricks dds_meta_partitions_under_replicated; do
+  dds_map_epoch dds_fenced dds_keys dds_meta_map_epoch dds_meta_bricks dds_meta_partitions_under_replicated \
+  dds_meta_raft_term dds_meta_members; do
   got="$(query "$series")"
   echo "$series: sum ${got% *}, ${got#* } series"
   [ "${got#* }" != "0" ] || { echo "FAIL: no $series"; exit 1; }
 done
+leaders="$(query 'sum(dds_meta_leader)')"
+echo "authority leaders (sum over the members): ${leaders%% *}"
+[ "${leaders%% *}" = "1.0" ] || { echo "FAIL: the authority group has ${leaders%% *} leaders, not 1"; exit 1; }
 # Every query of the Grafana dashboard (hw/grafana-dds.json) is valid PromQL with data.
 python3 - "$port" hw/grafana-dds.json <<'PY'
 import json, sys, urllib.parse, urllib.request

@@ -6,12 +6,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dds_transport::auth::{self, AuthError, Secret};
 
 use crate::map::ClusterMap;
-use crate::proto::MemberStatus;
+use crate::proto::{MemberList, MemberRequest, MemberStatus};
 use crate::proto::{decode_exact, encode, frame_len, Frame, Kind, Op, Status, HEADER_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +156,43 @@ pub fn member_status(addr: SocketAddr, timeout: Duration, secret: Option<&Secret
         return Err(format!("stats answered {}", status.name()));
     }
     serde_json::from_slice(&value).map_err(|e| e.to_string())
+}
+
+/// Asks the authority group (any of `seeds`; a member that does not lead names the
+/// one that does) about its membership, for up to `wait`: a change is answered by the
+/// leader once committed. `Err`: refused (the reason), or no answer in time.
+pub fn ask_members(seeds: &[SocketAddr], request: &MemberRequest, secret: Option<&Secret>, wait: Duration) -> Result<MemberList, String> {
+    assert!(!seeds.is_empty(), "a member to ask");
+    let value = serde_json::to_vec(request).expect("serialises");
+    let deadline = Instant::now() + wait;
+    let timeout = Duration::from_secs(2);
+    let mut ask: Vec<SocketAddr> = seeds.to_vec();
+    let mut at = 0;
+    let mut said: Vec<String> = Vec::new();
+    while Instant::now() < deadline {
+        let addr = ask[at % ask.len()];
+        at += 1;
+        match Rpc::connect(addr, timeout, secret).and_then(|mut r| r.call(Op::Members, 0, &[], &value, timeout)) {
+            Ok((Status::Ok, list)) => return serde_json::from_slice(&list).map_err(|e| format!("{addr} answered badly: {e}")),
+            Ok((Status::NotLeader, hint)) => match std::str::from_utf8(&hint).ok().and_then(|h| h.parse::<SocketAddr>().ok()) {
+                // Ask the leader it names next.
+                Some(leader) => {
+                    ask.retain(|a| *a != leader);
+                    ask.insert(at % (ask.len() + 1), leader);
+                    // Two members may name each other while an election settles.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                None => said.push(format!("{addr}: knows no leader")),
+            },
+            Ok((Status::Conflict, why)) => return Err(format!("{addr} refused: {}", String::from_utf8_lossy(&why))),
+            Ok((status, why)) => said.push(format!("{addr}: {} {}", status.name(), String::from_utf8_lossy(&why))),
+            Err(e) => said.push(format!("{addr}: {e}")),
+        }
+        said.drain(..said.len().saturating_sub(3));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no leader among {seeds:?} answered within {} ms (last: {})", wait.as_millis(), said.join("; ")))
 }
 
 /// Fetches the current map from any of `seeds` (bricks or the authority).

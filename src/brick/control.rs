@@ -146,6 +146,9 @@ pub fn store_identity(dir: &Path, id: u32) -> std::io::Result<()> {
 /// The map authority's members, and the one a brick asks now: the leader as far as it
 /// knows. A member that cannot be reached sends it to the next; one that does not lead
 /// names the leader (`Status::NotLeader`), or, not knowing it, sends it to the next.
+/// The most authority addresses a brick keeps (those it was given and those it learnt).
+const AUTHORITIES_MAX: usize = 16;
+
 #[derive(Clone, Debug)]
 pub struct Authorities {
     addrs: Vec<SocketAddr>,
@@ -178,9 +181,14 @@ impl Authorities {
         }
     }
 
-    /// A `NotLeader` answer's value: the leader's address, if the member knew it.
+    /// A `NotLeader` answer's value: the leader's address, if the member knew it (one
+    /// that joined the group since this brick started is learnt so, up to
+    /// `AUTHORITIES_MAX` addresses).
     fn redirect(&mut self, hint: &[u8]) {
         let named = std::str::from_utf8(hint).ok().and_then(|h| h.parse::<SocketAddr>().ok());
+        if let Some(a) = named.filter(|a| !self.addrs.contains(a) && self.addrs.len() < AUTHORITIES_MAX) {
+            self.addrs.push(a);
+        }
         match named.and_then(|a| self.addrs.iter().position(|x| *x == a)) {
             Some(i) => self.at = i,
             None => self.next(),

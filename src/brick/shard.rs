@@ -606,7 +606,7 @@ impl Shard {
                 self.stats.encode(&mut payload);
                 reply(Status::Ok, &payload);
             }
-            Op::Register | Op::Heartbeat | Op::Raft => reply(Status::WrongShard, b"this is a brick, not the map authority"),
+            Op::Register | Op::Heartbeat | Op::Raft | Op::Members => reply(Status::WrongShard, b"this is a brick, not the map authority"),
         }
     }
 

@@ -76,6 +76,28 @@ pub enum ClusterCommand {
     Restart(RestartArgs),
     /// Start one more brick; replicas move to it until load evens out.
     Add(DirArgs),
+    /// Change the map authority group's members (raft configuration changes).
+    #[command(subcommand)]
+    Meta(MetaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum MetaCommand {
+    /// Start one more member (a new id, directory and port); it joins the group.
+    Add(DirArgs),
+    /// Take member --id out of the group (once raft has committed that), then stop it.
+    /// Its directory is left as it was.
+    Remove(MemberSel),
+}
+
+#[derive(Args)]
+pub struct MemberSel {
+    /// The cluster's directory (as given to `cluster up`).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Which member: its id (`cluster status` lists them).
+    #[arg(long)]
+    pub id: u64,
 }
 
 #[derive(Args)]
@@ -400,6 +422,18 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        ClusterCommand::Meta(MetaCommand::Add(args)) => {
+            let started = Instant::now();
+            let (m, list) = meta_add(&args.dir)?;
+            out!("member {} added: pid {} at {} (raft log in {}), in {} ms", m.id, m.pid, m.addr, m.dir.display(), started.elapsed().as_millis());
+            out!("  the group is now {}", member_ids(&list.members));
+            Ok(())
+        }
+        ClusterCommand::Meta(MetaCommand::Remove(sel)) => {
+            let list = meta_remove(&sel.dir, sel.id)?;
+            out!("member {} removed and stopped; the group is now {}", sel.id, member_ids(&list.members));
+            Ok(())
+        }
         ClusterCommand::Restart(RestartArgs { dir, meta: true, .. }) => {
             let mut cluster = ClusterFile::load(&dir)?;
             let down: Vec<usize> = (0..cluster.metas.len()).filter(|&i| !meta_alive(&cluster.metas[i])).collect();
@@ -481,6 +515,8 @@ struct MetaShape<'a> {
     secret_file: Option<&'a Path>,
     /// Every member (`--member`); empty for a group of one.
     group: Vec<(u64, SocketAddr)>,
+    /// Members to join through (`--join`), for a member that is new to the group.
+    join: Vec<SocketAddr>,
 }
 
 /// Starts authority member `id` of `shape` in the background on `mdir` (`port` 0: any
@@ -488,7 +524,8 @@ struct MetaShape<'a> {
 fn spawn_meta(exe: &Path, mdir: &Path, id: u64, port: u16, shape: &MetaShape<'_>, metrics: Option<u16>) -> anyhow::Result<Child> {
     let (bricks, replicas, bits, secret_file) = (shape.bricks, shape.replicas, shape.bits, shape.secret_file);
     let group: Vec<String> = shape.group.iter().flat_map(|(m, a)| ["--member".to_string(), format!("{m}={a}")]).collect();
-    let id_args = if group.is_empty() { Vec::new() } else { vec!["--id".to_string(), id.to_string()] };
+    let join: Vec<String> = shape.join.iter().flat_map(|a| ["--join".to_string(), a.to_string()]).collect();
+    let id_args = vec!["--id".to_string(), id.to_string()];
     std::fs::create_dir_all(mdir).with_context(|| format!("create {}", mdir.display()))?;
     let _ = std::fs::remove_file(mdir.join(META_FILE));
     let log_path = mdir.join("meta.log");
@@ -501,7 +538,7 @@ fn spawn_meta(exe: &Path, mdir: &Path, id: u64, port: u16, shape: &MetaShape<'_>
         .args(["--bricks", &bricks.to_string(), "--replicas", &replicas.to_string()])
         .args(["--partition-bits", &bits.to_string()])
         .args(id_args)
-        .args(group)
+        .args(if join.is_empty() { group } else { join })
         .args(metrics.map(|p| vec!["--metrics".to_string(), format!("127.0.0.1:{p}")]).unwrap_or_default())
         .args(secret_args(secret_file))
         .stdin(Stdio::null())
@@ -525,7 +562,7 @@ fn meta_alive(m: &ClusterMeta) -> bool {
 /// directory and port).
 fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locate the dds binary")?;
-    let shape = MetaShape { bricks: cluster.bricks.len(), replicas: cluster.replicas, bits: cluster.partition_bits, secret_file: cluster.secret_file.as_deref(), group: cluster.group() };
+    let shape = MetaShape { bricks: cluster.bricks.len(), replicas: cluster.replicas, bits: cluster.partition_bits, secret_file: cluster.secret_file.as_deref(), group: cluster.group(), join: Vec::new() };
     let mut started = Vec::new();
     for (i, m) in cluster.metas.iter().enumerate().filter(|(_, m)| !meta_alive(m)) {
         // The same ports as before, metrics too, so a scrape configuration keeps working.
@@ -538,6 +575,65 @@ fn ensure_meta(cluster: &mut ClusterFile) -> anyhow::Result<()> {
         cluster.metas[i].metrics = file.metrics;
     }
     Ok(())
+}
+
+/// How long a membership change may take (an election included).
+const MEMBER_CHANGE_MAX: Duration = Duration::from_secs(15);
+
+fn member_ids(members: &[(u64, SocketAddr)]) -> String {
+    let all: Vec<String> = members.iter().map(|(id, a)| format!("{id} at {a}")).collect();
+    format!("{} member(s): {}", members.len(), all.join(", "))
+}
+
+/// Starts a new member of the authority group (it asks the leader to add it, then
+/// catches up from the raft log) and records it in `cluster.json`.
+fn meta_add(dir: &Path) -> anyhow::Result<(ClusterMeta, crate::proto::MemberList)> {
+    let mut cluster = ClusterFile::load(dir)?;
+    cluster.check_secret()?;
+    let secret = cluster.secret.clone();
+    let seeds: Vec<SocketAddr> = cluster.metas.iter().filter(|m| meta_alive(m)).map(|m| m.addr).collect();
+    if seeds.is_empty() {
+        bail!("no member of the map authority runs (start them with `dds cluster restart --dir {} --meta`)", dir.display());
+    }
+    let list = crate::rpc::ask_members(&seeds, &crate::proto::MemberRequest::List, secret.as_deref(), MEMBER_CHANGE_MAX).map_err(|e| anyhow::anyhow!("listing the members: {e}"))?;
+    // Never an id the group had (raft keys what it knows of a member by id).
+    let id = list.next_id.max(cluster.metas.iter().map(|m| m.id + 1).max().unwrap_or(1));
+    let mdir = dir.join(format!("meta-{id}"));
+    if mdir.join(crate::meta::raft_log::RAFT_LOG_FILE).exists() {
+        bail!("{} already holds a raft log: it is not a new member's directory", mdir.display());
+    }
+    let port = free_ports(1)?[0];
+    let exe = std::env::current_exe().context("locate the dds binary")?;
+    let shape = MetaShape { bricks: cluster.bricks.len(), replicas: cluster.replicas, bits: cluster.partition_bits, secret_file: cluster.secret_file.as_deref(), group: Vec::new(), join: seeds.clone() };
+    let mut child = spawn_meta(&exe, &mdir, id, port, &shape, cluster.metrics.then_some(0))?;
+    let file = wait_for_meta(&mdir, &mut child).with_context(|| format!("member {id} did not join"))?;
+    let m = ClusterMeta { id, pid: file.pid, addr: file.addr, dir: mdir, metrics: file.metrics };
+    cluster.metas.push(m.clone());
+    cluster.store(dir)?;
+    let list = crate::rpc::ask_members(&[m.addr], &crate::proto::MemberRequest::List, secret.as_deref(), MEMBER_CHANGE_MAX).map_err(|e| anyhow::anyhow!("member {id} joined but does not answer: {e}"))?;
+    Ok((m, list))
+}
+
+/// Takes member `id` out of the authority group, then stops it and forgets it in
+/// `cluster.json`.
+fn meta_remove(dir: &Path, id: u64) -> anyhow::Result<crate::proto::MemberList> {
+    let mut cluster = ClusterFile::load(dir)?;
+    cluster.check_secret()?;
+    let Some(m) = cluster.metas.iter().find(|m| m.id == id).cloned() else {
+        bail!("no member {id} in {} (members: {})", dir.display(), cluster.metas.iter().map(|m| m.id.to_string()).collect::<Vec<_>>().join(", "))
+    };
+    let seeds: Vec<SocketAddr> = cluster.metas.iter().filter(|m| meta_alive(m)).map(|m| m.addr).collect();
+    if seeds.is_empty() {
+        bail!("no member of the map authority runs: a change needs a majority");
+    }
+    let request = crate::proto::MemberRequest::Remove { id };
+    let list = crate::rpc::ask_members(&seeds, &request, cluster.secret.as_deref(), MEMBER_CHANGE_MAX).map_err(|e| anyhow::anyhow!("removing member {id}: {e}"))?;
+    if meta_alive(&m) {
+        stop_process("a map authority member", m.pid, Signal::SIGTERM, STOP_TIMEOUT)?;
+    }
+    cluster.metas.retain(|m| m.id != id);
+    cluster.store(dir)?;
+    Ok(list)
 }
 
 /// The map as the authority has it now.
@@ -747,7 +843,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     let n = args.meta_replicas;
     let ports = if n == 1 { vec![0] } else { free_ports(n)? };
     let group: Vec<(u64, SocketAddr)> = if n == 1 { Vec::new() } else { (1..=n as u64).zip(&ports).map(|(id, &p)| (id, SocketAddr::from(([127, 0, 0, 1], p)))).collect() };
-    let meta_shape = MetaShape { bricks: args.bricks, replicas: args.replicas, bits: args.partition_bits, secret_file: Some(&secret_file), group };
+    let meta_shape = MetaShape { bricks: args.bricks, replicas: args.replicas, bits: args.partition_bits, secret_file: Some(&secret_file), group, join: Vec::new() };
     let mut meta_children: Vec<Child> = Vec::new();
     let mut metas = Vec::new();
     let spawned = (|| {

@@ -200,6 +200,12 @@ struct MetaArgs {
     /// included (its ADDR is --listen's). Without any, the authority is a group of one.
     #[arg(long = "member", value_parser = parse_member)]
     members: Vec<(u64, SocketAddr)>,
+    /// Join a running authority group through any of its members (repeat for more
+    /// seeds): its leader adds this process as member --id (a new id: see `dds cluster
+    /// meta add`) at --listen's address. Only a new --dir joins; later starts need none
+    /// of --join or --member (the raft log holds the group).
+    #[arg(long, conflicts_with = "members")]
+    join: Vec<SocketAddr>,
 }
 
 /// `ID=ADDR` of `--member`.
@@ -395,6 +401,9 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
     if args.bricks == 0 || args.replicas == 0 || args.replicas > args.bricks {
         anyhow::bail!("--replicas {} needs at least that many --bricks (got {})", args.replicas, args.bricks);
     }
+    if !args.join.is_empty() && args.listen.ip().is_unspecified() {
+        anyhow::bail!("--join: the group reaches this member at --listen's address, so it must be one they can reach (not {})", args.listen.ip());
+    }
     let config = crate::meta::MetaConfig {
         dir: args.dir,
         listen: args.listen,
@@ -407,6 +416,7 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
         secret: served_secret(args.secret_file.as_deref(), "meta")?,
         id: args.id,
         members: args.members,
+        join: args.join,
     };
     crate::meta::run(&config, stop_on_signals()?)?;
     Ok(())

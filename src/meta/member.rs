@@ -21,12 +21,17 @@
 //!   has answered it within `LEADER_LEASE_MS` by its own clock (raft's check-quorum
 //!   counts ticks, which stop while the process is paused); ARCHITECTURE.md gives the
 //!   timing argument.
+//! - Membership changes are raft's own (`ConfChange`, one voter added or removed at a
+//!   time, its address in the entry's context): `Op::Members` asks the leader. A member
+//!   starts from the group its log begins with (`raft_log::Boot`) and the changes its
+//!   committed entries hold; a leader asked to remove itself hands leadership over first.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole, Storage as _};
 use serde::{Deserialize, Serialize};
@@ -34,10 +39,10 @@ use serde::{Deserialize, Serialize};
 use crate::hash::HashMap;
 use crate::log::{Disk, LogError};
 use crate::map::ClusterMap;
-use crate::proto::{decode_exact, encode, Frame, Kind, Op, Status};
+use crate::proto::{decode_exact, encode, Frame, Kind, MemberList, MemberRequest, Op, Status};
 
 use super::authority::{Actions, Authority, AuthorityConfig, Join};
-use super::raft_log::{RaftLog, RaftLogError};
+use super::raft_log::{Boot, RaftLog, RaftLogError};
 use super::session::Session;
 
 /// How often the shell ticks a member: raft's logical clock.
@@ -58,8 +63,13 @@ pub const ELECTION_TICKS: usize = 8;
 #[derive(Clone, Debug)]
 pub struct MemberConfig {
     pub id: u64,
-    /// Every member's raft id and address, this one's included (a fixed membership).
+    /// The group its raft log begins from: every member's raft id and address (for a
+    /// group started together, this one's included). A log that recorded its own
+    /// (`raft_log::Boot`) overrides it.
     pub members: Vec<(u64, SocketAddr)>,
+    /// Other members' addresses known beyond those (a joining member's: the group as
+    /// the leader answered it).
+    pub known: Vec<(u64, SocketAddr)>,
     pub authority: AuthorityConfig,
 }
 
@@ -113,6 +123,10 @@ pub struct Output {
     pub published: bool,
     /// This leader proposed a change (its append messages are in `messages`).
     pub proposed: bool,
+    /// The group's members changed (committed): the shell's senders follow `peers`.
+    pub members_changed: bool,
+    /// This member was removed from the group: it stops.
+    pub removed: bool,
 }
 
 /// When a reply may leave: once entry `index` of `term` is committed (0: at once).
@@ -152,6 +166,12 @@ struct Leading {
 
 pub struct Member<D: Disk> {
     config: MemberConfig,
+    /// Where each member serves (voters, and those a joining member was told of).
+    addrs: BTreeMap<u64, SocketAddr>,
+    /// Ids that left the group: never given out again (raft keys its state by id).
+    retired: BTreeSet<u64>,
+    /// The group the log begins from (what a joining member is told).
+    boot: Vec<(u64, SocketAddr)>,
     node: RawNode<MemStorage>,
     mem: MemStorage,
     log: RaftLog<D>,
@@ -195,11 +215,37 @@ impl<D: Disk> Member<D> {
     /// committed none (one an authority of an earlier version left in its directory);
     /// the first leader proposes it.
     pub fn open(config: MemberConfig, mut disk: D, dir: &Path, seed: u64, initial: Option<ClusterMap>) -> Result<Member<D>, RaftLogError> {
-        assert!(config.members.iter().any(|(id, _)| *id == config.id), "member {} is not in its own membership", config.id);
         let mem = MemStorage::new();
-        let (log, _held) = RaftLog::open(&mut disk, dir, &mem)?;
-        mem.wl().set_conf_state(raft::eraftpb::ConfState::from((config.members.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![])));
-        let applied = 0;
+        let (mut log, boot) = RaftLog::open(&mut disk, dir, &mem)?;
+        let boot = match boot {
+            Some(boot) => boot,
+            None => {
+                let boot = Boot { voters: config.members.clone(), known: config.known.clone() };
+                log.write_boot(&boot)?;
+                boot
+            }
+        };
+        // The group and the state as of the last committed entry: raft starts from that
+        // configuration (a member must never campaign in one its log has left behind).
+        let hs = mem.initial_state().map_err(|e| RaftLogError::Replay { index: 0, what: e.to_string() })?.hard_state;
+        let mut members = Membership::new(&boot);
+        let mut state = Replicated::default();
+        let committed = if hs.commit == 0 { Vec::new() } else {
+            mem.entries(1, hs.commit + 1, None, raft::GetEntriesContext::empty(false)).map_err(|e| RaftLogError::Replay { index: hs.commit, what: e.to_string() })?
+        };
+        for entry in &committed {
+            let bad = |what: String| RaftLogError::Replay { index: entry.index, what };
+            match entry.get_entry_type() {
+                EntryType::EntryConfChange => members.change(&ConfChange::parse_from_bytes(&entry.data).map_err(|e| bad(e.to_string()))?),
+                EntryType::EntryNormal if !entry.data.is_empty() => state = Replicated::decode(&entry.data).map_err(bad)?,
+                _ => {}
+            }
+        }
+        if !(members.voters.contains(&config.id) || !boot.known.is_empty() || members.retired.contains(&config.id)) {
+            return Err(RaftLogError::Foreign { id: config.id, voters: members.voters.iter().copied().collect() });
+        }
+        mem.wl().set_conf_state(ConfState::from((members.voters.iter().copied().collect::<Vec<_>>(), vec![])));
+        let applied = hs.commit;
         let raft_config = Config {
             id: config.id,
             heartbeat_tick: HEARTBEAT_TICKS,
@@ -216,12 +262,20 @@ impl<D: Disk> Member<D> {
             ..Config::default()
         };
         let node = RawNode::new(&raft_config, mem.clone(), &logger()).expect("a valid raft configuration");
+        let lone = members.voters.len() == 1 && members.voters.contains(&config.id);
+        let mut stash = Output { published: state.map.is_some(), members_changed: true, ..Output::default() };
+        if !members.voters.contains(&config.id) {
+            stash.notes.push(format!("member {}: not a voter of the group its log holds yet (joining, or removed)", config.id));
+        }
         let mut member = Member {
             config,
+            addrs: members.addrs,
+            retired: members.retired,
+            boot: boot.voters,
             node,
             mem,
             log,
-            state: Replicated::default(),
+            state,
             leading: None,
             known_leader: (0, 0),
             rng: splitmix64(seed),
@@ -232,13 +286,12 @@ impl<D: Disk> Member<D> {
             stash: Output::default(),
             authority_tick_ms: 0,
         };
-        if member.config.members.len() == 1 {
+        if lone {
             // A group of one need not wait out an election timeout to lead.
             member.node.campaign().expect("a lone voter campaigns");
-            let mut stash = Output::default();
             member.ready(0, &mut stash)?;
-            member.stash = stash;
         }
+        member.stash = stash;
         Ok(member)
     }
 
@@ -271,7 +324,21 @@ impl<D: Disk> Member<D> {
 
     /// The address of member `id`.
     pub fn addr_of(&self, id: u64) -> Option<SocketAddr> {
-        self.config.members.iter().find(|(m, _)| *m == id).map(|(_, a)| *a)
+        self.addrs.get(&id).copied()
+    }
+
+    /// The other members this one sends to, with their addresses.
+    pub fn peers(&self) -> Vec<(u64, SocketAddr)> {
+        self.addrs.iter().filter(|(id, _)| **id != self.config.id).map(|(id, a)| (*id, *a)).collect()
+    }
+
+    /// The group's voters as this member has them committed, with their addresses.
+    pub fn members(&self) -> MemberList {
+        let voters = self.node.raft.prs().conf().voters().ids();
+        let mut members: Vec<(u64, SocketAddr)> = voters.iter().filter_map(|id| self.addrs.get(&id).map(|a| (id, *a))).collect();
+        members.sort_unstable();
+        let most = self.addrs.keys().chain(self.retired.iter()).chain(self.boot.iter().map(|(id, _)| id)).max().copied().unwrap_or(0);
+        MemberList { members, boot: self.boot.clone(), next_id: most.max(self.config.id) + 1 }
     }
 
     /// The running authority, while this member leads.
@@ -331,7 +398,7 @@ impl<D: Disk> Member<D> {
     /// closes that connection).
     fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<Output, MemberError> {
         let msg = Message::parse_from_bytes(bytes).map_err(|e| MemberError::BadMessage(e.to_string()))?;
-        if !self.config.members.iter().any(|(id, _)| *id == msg.from) || msg.to != self.config.id {
+        if !self.addrs.contains_key(&msg.from) || msg.to != self.config.id {
             return Err(MemberError::BadMessage(format!("from {} to {}: not of this group", msg.from, msg.to)));
         }
         let (from, term) = (msg.from, msg.term);
@@ -358,6 +425,13 @@ impl<D: Disk> Member<D> {
                 let value = serde_json::to_vec(&status).expect("serialises");
                 encode(reply, &Frame { kind: Kind::Reply(Op::Stats, Status::Ok), request_id, epoch: 0, key: &[], value: &value });
                 return Ok((Ticket::NOW, std::mem::take(&mut self.stash)));
+            }
+            Ok(Frame { kind: Kind::Request(Op::Members), request_id, value, .. }) => {
+                let request: MemberRequest = serde_json::from_slice(value).map_err(|e| MemberError::Frame(format!("bad membership request: {e}")))?;
+                let mut out = std::mem::take(&mut self.stash);
+                let (ticket, status, value) = self.on_members(request, now_ms, &mut out)?;
+                encode(reply, &Frame { kind: Kind::Reply(Op::Members, status), request_id, epoch: 0, key: &[], value: &value });
+                return Ok((ticket, out));
             }
             _ => {}
         }
@@ -394,12 +468,90 @@ impl<D: Disk> Member<D> {
         Ok(out)
     }
 
-    /// Whether a majority of the group (this member included) was heard from in the
-    /// current term within `LEADER_LEASE_MS` of `now_ms`.
+    /// A membership request: the list from anyone; a change from the leader only,
+    /// one at a time, answered once committed.
+    fn on_members(&mut self, request: MemberRequest, now_ms: u64, out: &mut Output) -> Result<(Ticket, Status, Vec<u8>), LogError> {
+        let list = |m: &Member<D>, change: Option<&MemberRequest>| {
+            let mut list = m.members();
+            match change {
+                Some(MemberRequest::Add { id, addr }) if !list.members.iter().any(|(m, _)| m == id) => list.members.push((*id, *addr)),
+                Some(MemberRequest::Remove { id }) => list.members.retain(|(m, _)| m != id),
+                _ => {}
+            }
+            list.members.sort_unstable();
+            serde_json::to_vec(&list).expect("serialises")
+        };
+        let refuse = |status: Status, why: String| Ok((Ticket::NOW, status, why.into_bytes()));
+        if request == MemberRequest::List {
+            return Ok((Ticket::NOW, Status::Ok, list(self, None)));
+        }
+        if !self.is_leader() || !self.leases(now_ms) {
+            let leader = self.addr_of(self.leader()).filter(|_| self.leader() != self.config.id);
+            return refuse(Status::NotLeader, leader.map(|a| a.to_string()).unwrap_or_default());
+        }
+        let voters: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+        let change = match request {
+            MemberRequest::List => unreachable!("answered above"),
+            MemberRequest::Add { id, addr } => {
+                if self.retired.contains(&id) || id == 0 {
+                    return refuse(Status::Conflict, format!("member id {id} cannot be given out (ids start at 1 and are never reused); ask for the list's next_id"));
+                }
+                match self.addrs.get(&id) {
+                    Some(a) if voters.contains(&id) && *a == addr => return Ok((Ticket::NOW, Status::Ok, list(self, None))),
+                    Some(a) if voters.contains(&id) => return refuse(Status::Conflict, format!("member id {id} is in use at {a}")),
+                    _ => {}
+                }
+                ConfChange { change_type: ConfChangeType::AddNode, node_id: id, context: addr.to_string().into_bytes().into(), ..ConfChange::default() }
+            }
+            MemberRequest::Remove { id } => {
+                if !voters.contains(&id) {
+                    return Ok((Ticket::NOW, Status::Ok, list(self, None)));
+                }
+                if voters.len() == 1 {
+                    return refuse(Status::Conflict, format!("member {id} is the group's last: it cannot leave"));
+                }
+                if id == self.config.id {
+                    // A leader that removed itself would go on sending heartbeats that
+                    // hold off its successor's election: it hands over first.
+                    let to = self.node.raft.prs().iter().filter(|(m, _)| **m != id && voters.contains(m)).max_by_key(|(_, p)| p.matched).map(|(m, _)| *m);
+                    if let Some(to) = to {
+                        out.notes.push(format!("member {id}: asked to leave the group; handing leadership to member {to}"));
+                        self.node.transfer_leader(to);
+                        self.ready(now_ms, out)?;
+                    }
+                    return refuse(Status::NotLeader, String::new());
+                }
+                ConfChange { change_type: ConfChangeType::RemoveNode, node_id: id, ..ConfChange::default() }
+            }
+        };
+        if self.node.raft.has_pending_conf() {
+            return refuse(Status::Unavailable, "a membership change is under way: ask again once it is committed".into());
+        }
+        let asked = match change.change_type {
+            ConfChangeType::AddNode => MemberRequest::Add { id: change.node_id, addr: String::from_utf8_lossy(&change.context).parse().expect("formatted above") },
+            _ => MemberRequest::Remove { id: change.node_id },
+        };
+        if let Err(e) = self.node.propose_conf_change(Vec::new(), change) {
+            return refuse(Status::Unavailable, format!("the leader cannot propose it now ({e}): ask again"));
+        }
+        let index = self.node.raft.raft_log.last_index();
+        out.notes.push(format!("member {}: proposed {asked:?} at index {index}", self.config.id));
+        self.ready(now_ms, out)?;
+        Ok((Ticket { index, term: self.node.raft.term }, Status::Ok, list(self, Some(&asked))))
+    }
+
+    /// Whether a majority of the group's voters (this member among them) was heard
+    /// from in the current term within `LEADER_LEASE_MS` of `now_ms`.
     fn leases(&self, now_ms: u64) -> bool {
         let term = self.node.raft.term;
-        let fresh = self.heard.iter().filter(|(id, (t, at))| **id != self.config.id && *t == term && now_ms.saturating_sub(*at) <= LEADER_LEASE_MS).count();
-        (fresh + 1) * 2 > self.config.members.len()
+        let voters = self.node.raft.prs().conf().voters().ids();
+        // A leader handing over stops at once: its successor is elected without waiting
+        // out an election timeout.
+        if !voters.contains(self.config.id) || self.node.raft.lead_transferee.is_some() {
+            return false;
+        }
+        let fresh = voters.iter().filter(|id| *id != self.config.id && self.heard.get(id).is_some_and(|(t, at)| *t == term && now_ms.saturating_sub(*at) <= LEADER_LEASE_MS)).count();
+        (fresh + 1) * 2 > voters.len()
     }
 
     /// Whether a reply held by `ticket` may leave.
@@ -509,9 +661,16 @@ impl<D: Disk> Member<D> {
         }
     }
 
-    /// Applies committed entries: each non-empty one is the whole new state.
+    /// Applies committed entries: each non-empty one is the whole new state, or a
+    /// membership change.
     fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) {
         for entry in entries {
+            if entry.get_entry_type() == EntryType::EntryConfChange {
+                // Written by a leader of this group and committed: unreadable is a bug.
+                let cc = ConfChange::parse_from_bytes(&entry.data).unwrap_or_else(|e| panic!("member {}: committed conf change {} unreadable: {e}", self.config.id, entry.index));
+                self.apply_conf_change(entry.index, &cc, out);
+                continue;
+            }
             if entry.data.is_empty() {
                 continue;
             }
@@ -528,6 +687,32 @@ impl<D: Disk> Member<D> {
             assert!(next.next_fresh >= self.state.next_fresh || planted, "member {}: entry {} gives ids out again", self.config.id, entry.index);
             out.published |= !same_map;
             self.state = next;
+        }
+    }
+
+    /// A committed membership change: raft's configuration, the addresses, the senders.
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChange, out: &mut Output) {
+        let id = self.config.id;
+        match self.node.apply_conf_change(cc) {
+            Ok(cs) => {
+                self.mem.wl().set_conf_state(cs);
+                let mut members = Membership { voters: BTreeSet::new(), addrs: std::mem::take(&mut self.addrs), retired: std::mem::take(&mut self.retired) };
+                members.change(cc);
+                (self.addrs, self.retired) = (members.addrs, members.retired);
+                let now: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+                let what = match cc.get_change_type() {
+                    ConfChangeType::RemoveNode => format!("member {} removed", cc.node_id),
+                    _ => format!("member {} added at {}", cc.node_id, String::from_utf8_lossy(&cc.context)),
+                };
+                out.notes.push(format!("member {id}: {what} (entry {index}); the group is now {now:?}"));
+                out.members_changed = true;
+                if cc.get_change_type() == ConfChangeType::RemoveNode && cc.node_id == id {
+                    out.removed = true;
+                    self.leading = None;
+                }
+            }
+            // Refused alike by every member (it holds the same configuration).
+            Err(e) => out.notes.push(format!("member {id}: membership change at entry {index} refused by raft: {e}")),
         }
     }
 
@@ -574,6 +759,40 @@ impl<D: Disk> Member<D> {
             if let Some(map) = &seeded {
                 out.notes.push(format!("member {}: the map of epoch {} an earlier authority left seeds the raft log", self.config.id, map.epoch()));
                 self.take_actions(Actions { map_changed: true, ..Actions::default() }, out);
+            }
+        }
+    }
+}
+
+/// The group as the committed entries change it, one voter at a time (raft's simple
+/// changes: a voter added or removed).
+struct Membership {
+    voters: BTreeSet<u64>,
+    addrs: BTreeMap<u64, SocketAddr>,
+    retired: BTreeSet<u64>,
+}
+
+impl Membership {
+    fn new(boot: &Boot) -> Membership {
+        let addrs = boot.voters.iter().chain(&boot.known).copied().collect();
+        Membership { voters: boot.voters.iter().map(|(id, _)| *id).collect(), addrs, retired: BTreeSet::new() }
+    }
+
+    /// As raft's `Changer::simple` takes it (the last voter is never removed: the leader
+    /// refuses to propose that).
+    fn change(&mut self, cc: &ConfChange) {
+        match cc.get_change_type() {
+            ConfChangeType::RemoveNode if self.voters.len() == 1 && self.voters.contains(&cc.node_id) => {}
+            ConfChangeType::RemoveNode => {
+                self.voters.remove(&cc.node_id);
+                self.addrs.remove(&cc.node_id);
+                self.retired.insert(cc.node_id);
+            }
+            _ => {
+                self.voters.insert(cc.node_id);
+                if let Ok(addr) = String::from_utf8_lossy(&cc.context).parse() {
+                    self.addrs.insert(cc.node_id, addr);
+                }
             }
         }
     }

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::meta::authority::AuthorityConfig;
-use crate::meta::member::{Member, MemberConfig, Output, Settled, TICK_MS};
+use crate::meta::member::{Member, MemberConfig, MemberError, Output, Settled, TICK_MS};
 use crate::meta::session::Session;
 use crate::log::mem_disk::MemDisk;
 use crate::map::{BrickAddr, ClusterMap};
-use crate::proto::{decode_exact, encode, Frame, Kind, Op, Registration, Status};
+use crate::proto::{decode_exact, encode, Frame, Kind, MemberList, MemberRequest, Op, Registration, Status};
 
 struct Group {
     members: Vec<Option<Member<MemDisk>>>,
@@ -21,6 +21,8 @@ struct Group {
     now_ms: u64,
     /// Every map a member published: (member, epoch, map).
     published: Vec<(u64, u64, ClusterMap)>,
+    /// Members that joined later: what the leader told them of the group.
+    joined: Vec<(u64, Vec<(u64, SocketAddr)>)>,
 }
 
 const DIR: &str = "/meta";
@@ -32,7 +34,7 @@ fn authority_config() -> AuthorityConfig {
 impl Group {
     fn new(n: u64) -> Group {
         let config: Vec<(u64, SocketAddr)> = (1..=n).map(|id| (id, SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16)))).collect();
-        let mut g = Group { members: Vec::new(), disks: (0..n).map(|_| MemDisk::default()).collect(), config, wire: Vec::new(), now_ms: 0, published: Vec::new() };
+        let mut g = Group { members: Vec::new(), disks: (0..n).map(|_| MemDisk::default()).collect(), config, wire: Vec::new(), now_ms: 0, published: Vec::new(), joined: Vec::new() };
         for i in 0..n as usize {
             let m = g.open(i);
             g.members.push(Some(m));
@@ -41,7 +43,9 @@ impl Group {
     }
 
     fn open(&self, i: usize) -> Member<MemDisk> {
-        let config = MemberConfig { id: i as u64 + 1, members: self.config.clone(), authority: authority_config() };
+        let id = i as u64 + 1;
+        let known = self.joined.iter().find(|(j, _)| *j == id).map(|(_, k)| k.clone()).unwrap_or_default();
+        let config = MemberConfig { id, members: self.config.clone(), known, authority: authority_config() };
         Member::open(config, self.disks[i].clone(), Path::new(DIR), 7 * i as u64 + 3, None).expect("opens")
     }
 
@@ -63,10 +67,16 @@ impl Group {
             }
             for (to, bytes) in wire {
                 let now = self.now_ms;
-                let Some(m) = self.members[to as usize - 1].as_mut() else { continue };
+                // A member not started yet (joining) or down misses it.
+                let Some(m) = self.members.get_mut(to as usize - 1).and_then(|m| m.as_mut()) else { continue };
                 // An `Op::Raft` frame, as the shells hand every frame to `on_frame`.
                 let mut reply = Vec::new();
-                let (_, out) = m.on_frame(&mut Session::new("peer".into()), now, &bytes, &mut reply).expect("a good message");
+                let out = match m.on_frame(&mut Session::new("peer".into()), now, &bytes, &mut reply) {
+                    Ok((_, out)) => out,
+                    // From a member that left the group: its connection would close.
+                    Err(MemberError::BadMessage(why)) if why.contains("not of this group") => continue,
+                    Err(e) => panic!("a bad message: {e}"),
+                };
                 assert!(reply.is_empty(), "a raft message gets no reply");
                 self.take(to, out);
             }
@@ -128,6 +138,27 @@ impl Group {
     fn register(&mut self, id: u64, session: &mut Session, brick: u16) -> Option<(Status, Vec<u8>)> {
         let reg = Registration { id: None, addr: BrickAddr::tcp(vec![SocketAddr::from(([127, 0, 0, 1], 7000 + brick))]) };
         self.ask(id, session, Op::Register, 0, &serde_json::to_vec(&reg).expect("serialises"))
+    }
+
+    /// Asks member `id` for a membership change; the answer once it settles.
+    fn members(&mut self, id: u64, request: &MemberRequest) -> Option<(Status, Vec<u8>)> {
+        self.ask(id, &mut Session::new("cli".into()), Op::Members, 0, &serde_json::to_vec(request).expect("serialises"))
+    }
+
+    /// Member `id` joins at a new address through the leader, as `dds meta --join`
+    /// does: asked first, then started on an empty disk with what the answer says.
+    fn join(&mut self, leader: u64, id: u64) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + id as u16));
+        let (status, list) = self.members(leader, &MemberRequest::Add { id, addr }).expect("answered");
+        assert_eq!(status, Status::Ok, "{}", String::from_utf8_lossy(&list));
+        let list: MemberList = serde_json::from_slice(&list).unwrap();
+        assert_eq!(list.boot, self.config);
+        assert!(list.members.contains(&(id, addr)));
+        self.joined.push((id, list.members));
+        assert_eq!(self.members.len() as u64 + 1, id, "ids in order");
+        self.disks.push(MemDisk::default());
+        let m = self.open(id as usize - 1);
+        self.members.push(Some(m));
     }
 
     /// Every published epoch names one map, on every member.
@@ -244,7 +275,7 @@ fn without_a_majority_nothing_changes_and_service_resumes_when_one_returns() {
 
 #[test]
 fn a_group_of_one_starts_from_the_map_an_earlier_authority_left() {
-    let config = MemberConfig { id: 1, members: vec![(1, SocketAddr::from(([127, 0, 0, 1], 9001)))], authority: authority_config() };
+    let config = MemberConfig { id: 1, members: vec![(1, SocketAddr::from(([127, 0, 0, 1], 9001)))], known: Vec::new(), authority: authority_config() };
     let bricks = [(crate::map::BrickId(0), BrickAddr::tcp(vec!["127.0.0.1:1".parse().unwrap()])), (crate::map::BrickId(1), BrickAddr::tcp(vec!["127.0.0.1:2".parse().unwrap()]))];
     let map = ClusterMap::initial(2, bricks.into_iter().collect(), 2).expect("map");
     let disk = MemDisk::default();
@@ -289,4 +320,90 @@ fn a_leader_that_resumes_from_a_pause_grants_no_lease() {
     let (ticket, _) = m.on_frame(&mut sessions[0], now, &frame, &mut reply).unwrap();
     let f = decode_exact(&reply).unwrap();
     assert!(matches!(f.kind, Kind::Reply(Op::Heartbeat, Status::NotLeader)) || m.settle(ticket) != Settled::Send, "a deposed leader renewed a lease: {:?}", f.kind);
+}
+
+#[test]
+fn members_join_and_leave_through_raft_and_a_restart_keeps_the_new_group() {
+    let mut g = Group::new(3);
+    let (leader, _) = g.elect();
+    for b in 0..2 {
+        g.register(leader, &mut Session::new(format!("b{b}")), b).expect("answered");
+    }
+    // A follower sends a change to the leader.
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    let (status, _) = g.members(follower, &MemberRequest::Remove { id: leader }).expect("answered");
+    assert_eq!(status, Status::NotLeader);
+    // Member 4 joins: it catches up from the log and holds the committed map.
+    g.join(leader, 4);
+    for _ in 0..10 {
+        g.tick();
+    }
+    let epoch = g.members[leader as usize - 1].as_ref().unwrap().published().unwrap().epoch();
+    assert_eq!(g.members[3].as_ref().unwrap().published().map(|m| m.epoch()), Some(epoch));
+    // A follower leaves; it learns so, and stops.
+    let gone = (1..=3).find(|&i| i != leader && i != follower).unwrap();
+    let (status, list) = g.members(leader, &MemberRequest::Remove { id: gone }).expect("answered");
+    assert_eq!(status, Status::Ok, "{}", String::from_utf8_lossy(&list));
+    let list: MemberList = serde_json::from_slice(&list).unwrap();
+    assert_eq!(list.members.iter().map(|(id, _)| *id).collect::<Vec<_>>(), { let mut v = vec![leader, follower, 4]; v.sort(); v });
+    assert!(list.next_id >= 5);
+    g.members[gone as usize - 1] = None;
+    // Its id is never given out again.
+    let (status, _) = g.members(leader, &MemberRequest::Add { id: gone, addr: "127.0.0.1:9100".parse().unwrap() }).expect("answered");
+    assert_eq!(status, Status::Conflict);
+    // The group is {leader, follower, 4}: with the follower down too, the leader and
+    // member 4 are a majority, and a brick still registers.
+    g.members[follower as usize - 1] = None;
+    for _ in 0..40 {
+        g.tick();
+    }
+    let (now, _) = g.elect();
+    let (status, _) = g.register(now, &mut Session::new("b2".into()), 2).expect("answered");
+    assert_eq!(status, Status::Ok);
+    // Restarted from their logs, with the old group as their flags would give it, the
+    // members keep the new one: the old majority (two of 1, 2, 3) elects nobody alone.
+    let ids: Vec<u64> = (1..=4).filter(|&i| i != gone && i != follower).collect();
+    for &i in &ids {
+        g.members[i as usize - 1] = Some(g.open(i as usize - 1));
+    }
+    let (again, _) = g.elect();
+    assert!(ids.contains(&again));
+    for &i in &ids {
+        let m = g.members[i as usize - 1].as_ref().unwrap();
+        let voters: Vec<u64> = m.members().members.iter().map(|(id, _)| *id).collect();
+        assert_eq!(voters, { let mut v = vec![leader, follower, 4]; v.sort(); v }, "member {i}");
+    }
+    g.one_map_per_epoch();
+}
+
+#[test]
+fn a_leader_asked_to_leave_hands_over_first() {
+    let mut g = Group::new(3);
+    let (leader, _) = g.elect();
+    for b in 0..2 {
+        g.register(leader, &mut Session::new(format!("b{b}")), b).expect("answered");
+    }
+    let (status, _) = g.members(leader, &MemberRequest::Remove { id: leader }).expect("answered");
+    assert_eq!(status, Status::NotLeader, "the leader hands over rather than remove itself");
+    let mut next = None;
+    for _ in 0..40 {
+        g.tick();
+        if let [one] = g.leaders()[..] {
+            if one != leader {
+                next = Some(one);
+                break;
+            }
+        }
+    }
+    let next = next.expect("leadership moved within 40 ticks");
+    let (status, _) = g.members(next, &MemberRequest::Remove { id: leader }).expect("answered");
+    assert_eq!(status, Status::Ok);
+    // Left running (raft may never tell it the change is committed: `cluster meta
+    // remove` stops it), the old member never leads again, and the two others serve.
+    for _ in 0..40 {
+        g.tick();
+        assert!(!g.leaders().contains(&leader), "a removed member leads");
+    }
+    let (status, _) = g.register(next, &mut Session::new("b2".into()), 2).expect("answered");
+    assert_eq!(status, Status::Ok);
 }

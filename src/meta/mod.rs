@@ -80,8 +80,12 @@ pub struct MetaConfig {
     /// This member's raft id, among `members`.
     pub id: u64,
     /// Every member of the authority group, this one included (its address must be
-    /// `listen`'s). Empty: a group of one.
+    /// `listen`'s). Empty: a group of one (or, with `join`, none given). Used only when
+    /// the raft log is new: a log holds its own.
     pub members: Vec<(u64, SocketAddr)>,
+    /// Members of a running group to join (`dds meta --join`): the leader adds this one
+    /// (`id`, at its address) before it starts, if its raft log is new.
+    pub join: Vec<SocketAddr>,
 }
 
 struct State {
@@ -103,6 +107,11 @@ struct State {
     partitions_copied: u64,
     /// A copy thread is running.
     copying: bool,
+    /// Raft messages to each other member go through a sender thread of its own; these
+    /// end them.
+    stop: Arc<AtomicBool>,
+    /// This member was removed from the group: `run` returns.
+    removed: bool,
 }
 
 impl State {
@@ -143,6 +152,14 @@ fn carry_out(shared: &Arc<Shared>, state: &mut State, step: Result<Output, impl 
             return;
         }
     };
+    if out.members_changed {
+        sync_peers(state);
+    }
+    if out.removed {
+        crate::log!("meta", "member {} was removed from the group; stopping", state.member.id());
+        state.halted = true;
+        state.removed = true;
+    }
     for (to, frame) in out.messages {
         if let Some((_, tx)) = state.peers.iter().find(|(id, _)| *id == to) {
             let _ = tx.try_send(frame);
@@ -181,10 +198,35 @@ impl From<MemberError> for MetaError {
     }
 }
 
+/// A sender thread for every other member of the group, and none for one that left.
+fn sync_peers(state: &mut State) {
+    let now = state.member.peers();
+    state.peers.retain(|(id, _)| now.iter().any(|(m, _)| m == id));
+    for (peer, peer_addr) in now {
+        if state.peers.iter().any(|(id, _)| *id == peer) {
+            continue;
+        }
+        let (tx, rx) = sync_channel(PEER_QUEUE_MAX);
+        let (stop, secret) = (Arc::clone(&state.stop), state.secret.clone());
+        let spawned = std::thread::Builder::new().name(format!("dds-meta-peer-{peer}")).spawn(move || send_to_peer(peer_addr, rx, &stop, secret.as_deref()));
+        match spawned {
+            Ok(_) => state.peers.push((peer, tx)),
+            // Raft sends again: the next membership change, or restart, tries anew.
+            Err(e) => crate::log!(warn: "meta", "cannot start a sender thread for member {peer}: {e}; its messages are dropped"),
+        }
+    }
+}
+
+/// How long `dds meta --join` keeps asking the group to add it.
+const JOIN_MAX: Duration = Duration::from_secs(30);
+
 /// The members of the group this process belongs to, this one's id first checked.
 fn membership(config: &MetaConfig, addr: SocketAddr) -> Result<(u64, Vec<(u64, SocketAddr)>), MetaError> {
+    if !config.join.is_empty() {
+        return Ok((config.id, config.members.clone()));
+    }
     if config.members.is_empty() {
-        return Ok((1, vec![(1, addr)]));
+        return Ok((config.id, vec![(config.id, addr)]));
     }
     if !config.members.iter().any(|(id, _)| *id == config.id) {
         return Err(MetaError::Members(format!("member {} is not among --member {:?}", config.id, config.members)));
@@ -198,8 +240,17 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     let listener = TcpListener::bind(config.listen).map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| MetaError::Listen { addr: config.listen, source })?;
     listener.set_nonblocking(true).map_err(|source| MetaError::Listen { addr, source })?;
-    let (id, members) = membership(config, addr)?;
-    let member_config = MemberConfig { id, members: members.clone(), authority: config.authority.clone() };
+    let (id, mut members) = membership(config, addr)?;
+    let mut known = Vec::new();
+    let log_is_new = std::fs::metadata(config.dir.join(raft_log::RAFT_LOG_FILE)).map_or(true, |m| m.len() == 0);
+    if !config.join.is_empty() && log_is_new {
+        crate::log!("meta", "member {id} at {addr}: asking {:?} to add it to the group", config.join);
+        let request = crate::proto::MemberRequest::Add { id, addr };
+        let list = crate::rpc::ask_members(&config.join, &request, config.secret.as_deref(), JOIN_MAX).map_err(|e| MetaError::Members(format!("joining as member {id} at {addr}: {e}")))?;
+        crate::log!("meta", "member {id} added: the group is now {:?}", list.members);
+        (members, known) = (list.boot, list.members);
+    }
+    let member_config = MemberConfig { id, members, known, authority: config.authority.clone() };
     // A directory an authority of an earlier version left: its map seeds the group if
     // the raft log holds none (the member says so when it does).
     let map_path = config.dir.join(MAP_FILE);
@@ -214,16 +265,7 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     }
     let started = Instant::now();
     let replicas_asked = config.authority.replicas;
-    let mut peers = Vec::new();
-    for &(peer, peer_addr) in members.iter().filter(|(m, _)| *m != id) {
-        let (tx, rx) = sync_channel(PEER_QUEUE_MAX);
-        let (stop, secret) = (Arc::clone(&stop), config.secret.clone());
-        std::thread::Builder::new()
-            .name(format!("dds-meta-peer-{peer}"))
-            .spawn(move || send_to_peer(peer_addr, rx, &stop, secret.as_deref()))
-            .map_err(|source| MetaError::File { op: "start a sender thread for", path: config.dir.clone(), source })?;
-        peers.push((peer, tx));
-    }
+    let group_size = member.members().members.len();
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             member,
@@ -232,12 +274,14 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
             started,
             halted: false,
             failure: None,
-            peers,
+            peers: Vec::new(),
             maps_published: 0,
             copies_done: 0,
             copies_failed: 0,
             partitions_copied: 0,
             copying: false,
+            stop: Arc::clone(&stop),
+            removed: false,
         }),
         settled: Condvar::new(),
     });
@@ -254,7 +298,8 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
             .map_err(|source| MetaError::File { op: "start the metrics thread for", path: config.dir.clone(), source })?;
     }
     write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr, metrics: metrics_addr }).expect("serialises"))?;
-    match members.len() {
+    sync_peers(&mut shared.state.lock());
+    match group_size {
         1 => crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks),
         n => crate::log!("meta", "map authority member {id} of {n} on {addr}, waiting for {} brick(s)", config.authority.bricks),
     }
@@ -263,8 +308,15 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
     }
     let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if let Some(e) = shared.state.lock().failure.take() {
-            return Err(e);
+        {
+            let mut state = shared.state.lock();
+            if let Some(e) = state.failure.take() {
+                return Err(e);
+            }
+            if state.removed {
+                stop.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
         }
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -460,7 +512,11 @@ fn samples(state: &State, replicas: usize) -> Vec<crate::metrics::Sample> {
             m.groups().values().filter(|g| g.len() < replicas).count(),
         )
     });
+    let member = &state.member;
     vec![
+        Sample { name: "meta_raft_term", help: "This member's raft term", value: gauge(member.term() as usize) },
+        Sample { name: "meta_leader", help: "1 while this member leads the authority group (sum over members: 1 when healthy)", value: gauge(usize::from(member.is_leader())) },
+        Sample { name: "meta_members", help: "Voters of the authority group, as this member has them committed", value: gauge(member.members().members.len()) },
         Sample { name: "meta_map_epoch", help: "Epoch of the newest map published (0: none yet)", value: gauge(epoch) },
         Sample { name: "meta_bricks", help: "Bricks in the map", value: gauge(bricks) },
         Sample { name: "meta_partitions", help: "Partitions in the map", value: gauge(partitions) },

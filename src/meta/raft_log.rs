@@ -5,7 +5,8 @@
 //! valid record after it is corruption (start-up stops with the offset).
 //!
 //! Each record is a `Put` whose key says what it holds: `e` one raft entry (protobuf),
-//! `h` the hard state (protobuf). Replaying them in order into a `MemStorage` rebuilds
+//! `h` the hard state (protobuf), `b` the group as this member's log begins from it
+//! (`Boot`, JSON; written once, first): where membership changes in the entries start. Replaying them in order into a `MemStorage` rebuilds
 //! what raft had persisted: an entry at an index already held replaces it and
 //! everything after it, as raft's own append does. Every `persist` ends with one
 //! fdatasync before raft may send what depends on it.
@@ -27,6 +28,18 @@ pub const RAFT_LOG_FILE: &str = "raft.log";
 
 const ENTRY_KEY: &[u8] = b"e";
 const HARD_STATE_KEY: &[u8] = b"h";
+const BOOT_KEY: &[u8] = b"b";
+
+/// The group a member's raft log begins from: the voters before the log's first entry
+/// (every member of one group has the same), and other members' addresses it knew when
+/// it joined (a joining member learns them from the leader). Written once, so later
+/// starts need no `--member` or `--join`: what the log says wins.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Boot {
+    pub voters: Vec<(u64, std::net::SocketAddr)>,
+    #[serde(default)]
+    pub known: Vec<(u64, std::net::SocketAddr)>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RaftLogError {
@@ -34,6 +47,10 @@ pub enum RaftLogError {
     Log(#[from] LogError),
     #[error("raft log {path}: record {lsn}: {what}; refusing to start (the log is left as it is)")]
     Bad { path: PathBuf, lsn: u64, what: String },
+    #[error("raft log: committed entry {index}: {what}; refusing to start (the log is left as it is)")]
+    Replay { index: u64, what: String },
+    #[error("member {id} is not in the group its raft log holds (voters {voters:?}): a wrong --id, or another member's --dir?")]
+    Foreign { id: u64, voters: Vec<u64> },
 }
 
 pub struct RaftLog<D: Disk> {
@@ -45,8 +62,9 @@ pub struct RaftLog<D: Disk> {
 
 impl<D: Disk> RaftLog<D> {
     /// Opens (creating) `dir/raft.log` and replays it into `mem`. Returns the log and
-    /// whether it held anything (a member that never ran has an empty one).
-    pub fn open(disk: &mut D, dir: &Path, mem: &MemStorage) -> Result<(RaftLog<D>, bool), RaftLogError> {
+    /// the group it begins from, if it says (a member that never ran, or one of a
+    /// version before membership changes, has none).
+    pub fn open(disk: &mut D, dir: &Path, mem: &MemStorage) -> Result<(RaftLog<D>, Option<Boot>), RaftLogError> {
         let path = dir.join(RAFT_LOG_FILE);
         let (file, contents) = LogFile::open_on(disk, &path)?;
         let mut file = file.with_failpoints("raft-log-write", "raft-log-fsync");
@@ -54,6 +72,7 @@ impl<D: Disk> RaftLog<D> {
         let end = record::scan(&contents, |r| records.push(r)).map_err(|error| LogError::Corrupt { path: path.clone(), offset: error.offset(), error })?;
         let bad = |lsn: u64, what: String| RaftLogError::Bad { path: path.clone(), lsn, what };
         let mut next_lsn = 1;
+        let mut boot = None;
         for r in &records {
             let Mutation::Put { key, value } = r.mutation else { return Err(bad(r.lsn, "not a raft record".into())) };
             match key {
@@ -66,6 +85,7 @@ impl<D: Disk> RaftLog<D> {
                     }
                     mem.wl().append(&[entry]).map_err(|e| bad(r.lsn, e.to_string()))?;
                 }
+                BOOT_KEY => boot = Some(serde_json::from_slice::<Boot>(value).map_err(|e| bad(r.lsn, format!("boot: {e}")))?),
                 HARD_STATE_KEY => mem.wl().set_hardstate(HardState::parse_from_bytes(value).map_err(|e| bad(r.lsn, format!("hard state: {e}")))?),
                 _ => return Err(bad(r.lsn, "unknown key".into())),
             }
@@ -75,7 +95,16 @@ impl<D: Disk> RaftLog<D> {
             crate::log!(warn: "meta", "{}: dropped a torn tail at offset {offset} ({error})", path.display());
             file.truncate_to(offset)?;
         }
-        Ok((RaftLog { file, next_lsn, scratch: Vec::new() }, !records.is_empty()))
+        Ok((RaftLog { file, next_lsn, scratch: Vec::new() }, boot))
+    }
+
+    /// Records (and syncs) the group this log begins from.
+    pub fn write_boot(&mut self, boot: &Boot) -> Result<(), LogError> {
+        self.scratch.clear();
+        let value = serde_json::to_vec(boot).expect("serialises");
+        record::encode(&mut self.scratch, self.next_lsn, &Mutation::Put { key: BOOT_KEY, value: &value });
+        self.next_lsn += 1;
+        self.file.append(&self.scratch, true)
     }
 
     /// Appends `entries` and `hard_state` (either may be empty) and syncs them, and
@@ -137,8 +166,10 @@ mod tests {
     fn entries_and_hard_state_come_back_and_a_rewritten_suffix_replaces_the_old() {
         let mut disk = MemDisk::default();
         let mem = MemStorage::new();
-        let (mut log, held) = RaftLog::open(&mut disk, Path::new("/m"), &mem).unwrap();
-        assert!(!held);
+        let (mut log, boot) = RaftLog::open(&mut disk, Path::new("/m"), &mem).unwrap();
+        assert!(boot.is_none());
+        let said = Boot { voters: vec![(1, "127.0.0.1:1".parse().unwrap())], known: vec![] };
+        log.write_boot(&said).unwrap();
         log.persist(&mem, &[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], None).unwrap();
         let hs = HardState { term: 2, vote: 3, ..HardState::default() };
         log.persist(&mem, &[entry(3, 2, b"C")], Some(&hs)).unwrap();
@@ -149,6 +180,7 @@ mod tests {
         assert_eq!(got.iter().map(|e| (e.term, e.data.to_vec())).collect::<Vec<_>>(), vec![(1, b"a".to_vec()), (1, b"b".to_vec()), (2, b"C".to_vec())]);
         let state = back.initial_state().unwrap().hard_state;
         assert_eq!((state.term, state.vote, state.commit), (2, 3, 2));
+        assert_eq!(RaftLog::open(&mut disk, Path::new("/m"), &MemStorage::new()).unwrap().1, Some(said));
     }
 
     #[test]

@@ -41,3 +41,26 @@ pub struct MemberStatus {
     /// The epoch of the map it holds committed.
     pub epoch: u64,
 }
+
+/// A request about the authority group's membership (`Op::Members`). Changes go to the
+/// leader (others answer `NotLeader`), one at a time, as raft configuration changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRequest {
+    /// The members as this one knows them.
+    List,
+    /// Member `id` serves at `addr` and joins the group (ids are never reused).
+    Add { id: u64, addr: std::net::SocketAddr },
+    /// Member `id` leaves the group.
+    Remove { id: u64 },
+}
+
+/// The answer to a `MemberRequest`: the group's voters (after the change, for one that
+/// changes it) with their addresses, the group as it started (where a joining member's
+/// raft log begins), and the lowest id never given out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberList {
+    pub members: Vec<(u64, std::net::SocketAddr)>,
+    pub boot: Vec<(u64, std::net::SocketAddr)>,
+    pub next_id: u64,
+}

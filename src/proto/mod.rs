@@ -26,7 +26,7 @@ mod info;
 mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
-pub use control::{MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
+pub use control::{MemberList, MemberRequest, MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 pub use info::{BrickInfo, CoreStats, Histogram, InfoError, HISTOGRAM_BUCKETS};
 pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 
@@ -78,10 +78,13 @@ pub enum Op {
     Heartbeat = 0x22,
     /// One map authority member to another: a raft message (protobuf). No reply.
     Raft = 0x23,
+    /// The authority group's membership: list it, or add or remove a member (JSON
+    /// `MemberRequest`); the reply is a `MemberList`.
+    Members = 0x24,
 }
 
 impl Op {
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 16] = [
         Op::Get,
         Op::Put,
         Op::Remove,
@@ -97,6 +100,7 @@ impl Op {
         Op::Register,
         Op::Heartbeat,
         Op::Raft,
+        Op::Members,
     ];
 
     pub fn from_u8(byte: u8) -> Option<Op> {
@@ -117,7 +121,7 @@ impl Op {
     pub fn request_has_value(self) -> bool {
         matches!(
             self,
-            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register | Op::Raft
+            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register | Op::Raft | Op::Members
         )
     }
 
@@ -138,6 +142,7 @@ impl Op {
             Op::Register => "register",
             Op::Heartbeat => "heartbeat",
             Op::Raft => "raft",
+            Op::Members => "members",
         }
     }
 }

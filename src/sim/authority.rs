@@ -82,7 +82,7 @@ impl World {
     /// Starts member `m` from its disk.
     pub(crate) fn start_member(&mut self, m: usize, config: AuthorityConfig) {
         let seed = self.seed ^ ((m as u64 + 1) << 40) ^ (self.members[m].life << 48);
-        let member_config = MemberConfig { id: m as u64 + 1, members: self.membership(), authority: config };
+        let member_config = MemberConfig { id: m as u64 + 1, members: self.membership(), known: Vec::new(), authority: config };
         // A restarted member replays its log: its epochs grow again from its first.
         self.member_epochs.remove(&m);
         let sm = &mut self.members[m];
