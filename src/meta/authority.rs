@@ -277,8 +277,13 @@ impl Authority {
             (None, Some(_)) => false,
         };
         let waited = self.last_removal_ms.is_none_or(|r| now_ms.saturating_sub(r) >= REREPLICATE_AFTER_MS);
+        // After a start (a new leader of the group, a restart) the map's bricks register
+        // again: planned before they have, a copy would see a joining brick register and
+        // take it for a restart, and redo its copies. Each registers or is removed
+        // within `BRICK_TIMEOUT_MS`.
+        let all_registered = self.seen.values().all(|s| s.session != 0);
         self.drop_when_seen(&mut actions);
-        if self.copying.is_empty() && self.pending_drop.is_none() && (joined_since || waited) {
+        if self.copying.is_empty() && self.pending_drop.is_none() && all_registered && (joined_since || waited) {
             self.plan(&mut actions);
         }
         actions
