@@ -1,6 +1,7 @@
 //! The map authority as a raft group, on the real binary: its leader killed again and
 //! again under clients that write and read, a majority of its members lost and
-//! regained. Histories are checked by the project's linearizability checker.
+//! regained, a brick killed with the leader (the next leader removes it and copies its
+//! partitions). Histories are checked by the project's linearizability checker.
 
 mod common;
 
@@ -167,5 +168,184 @@ fn without_a_majority_bricks_fence_and_service_resumes_when_a_member_returns() {
     let resumed = back.elapsed();
     println!("reads and writes resumed {} ms after the members came back", resumed.as_millis());
     assert!(resumed <= Duration::from_secs(2), "resumed only after {resumed:?}");
+    cluster.down();
+}
+
+/// Reads `key` from `brick`'s core that stores it, at `map`'s epoch (not through a
+/// client's routing), asking again for up to 2 s while the brick has not seen `map`.
+/// (As in `tests/replication.rs`.)
+fn get_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
+    let hash = dds::map::key_hash(key);
+    let cores = &map.bricks()[&brick].cores;
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
+        if reply.0 != dds::proto::Status::Behind || Instant::now() > deadline {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The map as the member at `addr` serves it (`None`: it does not answer).
+fn map_of(cluster: &TestCluster, addr: std::net::SocketAddr) -> Option<dds::map::ClusterMap> {
+    dds::rpc::fetch_map(&[addr], Duration::from_millis(500), cluster.file().secret.as_deref()).ok()
+}
+
+#[test]
+fn a_brick_killed_with_the_authority_leader_is_removed_and_re_replicated_by_the_next_leader_losing_no_write() {
+    use common::{check_all, key, value, write_all};
+    const BEFORE: usize = 300;
+    /// The writer's bounds: this many writes at most, for this long at most.
+    const DURING_MAX: usize = 2_000;
+    const WRITING_MAX: Duration = Duration::from_secs(25);
+    let mut cluster = TestCluster::up_with(3, 1, &["--replicas", "2"]);
+    let dir = cluster.dir_arg();
+    let file = cluster.file();
+    assert_eq!((file.metas.len(), file.bricks.len()), (3, 3));
+    let mut client = cluster.client();
+    write_all(&mut client, "before", BEFORE);
+
+    let victim = &file.bricks[1];
+    let start_map = cluster.authority_map();
+    let dead = *start_map.bricks().iter().find(|(_, a)| a.cores[0] == victim.addr).expect("the victim is in the map").0;
+    assert!(start_map.groups().values().all(|g| g.len() == 2));
+    assert!(start_map.partitions_of(dead).count() > 0, "the victim holds replicas");
+
+    // A writer through the whole failure and recovery, on keys of its own (one write
+    // each): a failed write may or may not have landed, an acknowledged one must stay.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, file) = (Arc::clone(&stop), file.clone());
+        std::thread::spawn(move || {
+            let config = dds::ClientConfig { op_timeout: Duration::from_secs(4), ..file.client_config() };
+            let mut client = dds::Client::connect(&file.addrs(), config).expect("connect");
+            let began = Instant::now();
+            let (mut acked, mut failed) = (Vec::new(), Vec::new());
+            for i in 0..DURING_MAX {
+                if stop.load(Ordering::Relaxed) || began.elapsed() > WRITING_MAX {
+                    break;
+                }
+                let at = began.elapsed();
+                match client.put(&key("during", i), &value("during", i)) {
+                    Ok(()) => acked.push((i, at, began.elapsed())),
+                    Err(e) => failed.push((i, e.to_string())),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (began, acked, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Brick first, then the leader, back to back. This is the harder order: the leader
+    // sees the brick's session close at once and would remove it 550 ms later
+    // (CLOSED_REMOVAL_MS), but it dies first, so the one member that knew of the death
+    // takes that knowledge with it (nothing of it is in the replicated state). The next
+    // leader must find the brick dead from its silence alone, starting from a full
+    // timeout of its own, while the writes of the partitions the brick held wait on a
+    // participant that no one is about to remove. (Leader first, the brick dies while
+    // no one leads and simply never registers with the next leader: the next leader's
+    // ordinary path.)
+    let old = leader(&cluster);
+    let killed = Instant::now();
+    kill(Pid::from_raw(victim.pid as i32), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(file.metas[old].pid as i32), Signal::SIGKILL).unwrap();
+    let gap = killed.elapsed();
+
+    let next = leader(&cluster);
+    let elected = killed.elapsed();
+    assert_ne!(next, old, "the killed member still leads");
+    let leader_addr = file.metas[next].addr;
+    // The dead brick leaves the map, then every partition is back to 2 readable replicas.
+    let deadline = killed + Duration::from_secs(25);
+    let mut removed = None;
+    let settled = loop {
+        let map = map_of(&cluster, leader_addr);
+        if let Some(map) = &map {
+            if removed.is_none() && !map.bricks().contains_key(&dead) {
+                removed = Some((killed.elapsed(), map.epoch()));
+            }
+            let full = map.groups().values().all(|g| g.len() == 2) && map.joining().is_empty() && map.leaving().is_empty();
+            if removed.is_some() && full {
+                break map.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "25 s after the kill: dead brick {dead} {}; map: {map:?}\nauthority logs:\n{}",
+            if removed.is_some() { "removed" } else { "still in the map" },
+            cluster.meta_logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rereplicated = killed.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (began, acked, failed) = writer.join().expect("the writer");
+    let (removed, removal_epoch) = removed.expect("removed");
+    assert!(settled.is_retired(dead) && settled.partitions_of(dead).count() == 0, "{settled:?}");
+    let kill_at = killed - began;
+    let (before_kill, after) = (acked.iter().filter(|a| a.2 < kill_at).count(), acked.iter().filter(|a| a.1 > kill_at + removed).count());
+    // The longest time without an acknowledged write, from the kill on.
+    let mut stall = Duration::ZERO;
+    let mut last = kill_at;
+    for &(_, _, done) in acked.iter().filter(|a| a.2 > kill_at) {
+        stall = stall.max(done - last);
+        last = done;
+    }
+    let log = cluster.meta_logs();
+    let removal_line = log.lines().find(|l| l.contains(&format!("{dead} removed"))).unwrap_or("(no removal line)").to_string();
+    println!("{dead} and leader member {} killed {} µs apart", file.metas[old].id, gap.as_micros());
+    println!("new leader (member {}) elected {} ms after the kill", file.metas[next].id, elected.as_millis());
+    println!("{dead} removed (epoch {removal_epoch}) {} ms after the kill: {removal_line}", removed.as_millis());
+    println!("every partition back to 2 replicas (epoch {}) {} ms after the kill", settled.epoch(), rereplicated.as_millis());
+    println!(
+        "writer: {} acknowledged ({before_kill} before the kill, {after} begun after the removal), {} failed; longest stall after the kill {} ms",
+        acked.len(),
+        failed.len(),
+        stall.as_millis()
+    );
+    for (i, why) in failed.iter().take(5) {
+        println!("  write {i} failed: {why}");
+    }
+    assert!(acked.len() > 100 && after > 0, "too few acknowledged writes to mean anything");
+    assert!(removed < Duration::from_secs(5), "removed only {removed:?} after the kill");
+    // The old leader died long before it would have removed the brick: the new one did,
+    // from the brick's silence (a full BRICK_TIMEOUT_MS from its election).
+    assert!(removal_line.contains("silent past the timeout"), "{removal_line}");
+    assert!(log.contains("start copying") && log.contains("copied partition(s) now serve reads"), "{log}");
+
+    // Every acknowledged write, through a client, then on each replica of its partition.
+    let mut client = cluster.client();
+    check_all(&mut client, "before", BEFORE);
+    for &(i, _, _) in &acked {
+        assert_eq!(client.get(&key("during", i)).unwrap(), Some(value("during", i)), "acknowledged write {i} lost");
+    }
+    let secret = file.secret.as_deref();
+    let all = (0..BEFORE).map(|i| (key("before", i), value("before", i))).chain(acked.iter().map(|&(i, _, _)| (key("during", i), value("during", i))));
+    let mut replica_reads = 0;
+    for (k, v) in all {
+        let (_, group) = settled.route(dds::map::key_hash(&k));
+        assert_eq!(group.len(), 2);
+        for &b in group {
+            assert_eq!(get_on(&settled, secret, b, &k), (dds::proto::Status::Ok, v.clone()), "{} on replica {b}", String::from_utf8_lossy(&k));
+            replica_reads += 1;
+        }
+    }
+    println!("{} acknowledged writes read back through a client and on both replicas ({replica_reads} replica reads)", BEFORE + acked.len());
+
+    // The dead member comes back and follows.
+    run_ok(&["cluster", "restart", "--dir", &dir, "--meta"]);
+    let back = Instant::now();
+    loop {
+        let all = statuses(&cluster);
+        let leaders: Vec<Option<u64>> = all.iter().map(|s| s.map(|s| s.leader)).collect();
+        if leaders[0].is_some_and(|l| l != 0) && leaders.iter().all(|l| *l == leaders[0]) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(10), "the restarted member does not follow: {all:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     cluster.down();
 }
