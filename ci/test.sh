@@ -53,7 +53,7 @@ for mutation in read-uncommitted skip-sync lost-commit early-replies read-past-p
 done
 bash ci/sim.sh --seeds 5000 --raw-network --expect-failure 2>&1 | tail -n 4
 
-step "multi-host: bricks, authority and client in separate network namespaces (hw/netns-cluster.sh)"
+step "multi-host: the authority's members, bricks and client in separate network namespaces, its leader killed (hw/netns-cluster.sh)"
 bash hw/netns-cluster.sh 2>&1 | tee -a "$LOG"
 
 step "metrics: a real Prometheus scrapes a 3-brick cluster under load (ci/prometheus.sh)"
