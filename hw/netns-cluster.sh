@@ -13,8 +13,11 @@
 # the bricks were fenced are printed), check the new leader is another member, write and
 # read everything back, restart the killed member in its namespace with the same flags
 # and directory, wait for it to follow the new leader (its log's "follows member" line
-# for the leader's term), and read everything once more. Every wait is bounded in tries
-# and time, and fails with the tails of the logs. Needs root and iproute2; cleans up
+# for the leader's term), and read everything once more. Then its membership: a fourth
+# member joins from a namespace of its own (m4, on .8: `dds meta --join`), the member that
+# was killed leaves (`dds members --remove`, through the new one) and is stopped, every
+# member lists the same group of three, and the cluster serves on. Every wait is bounded
+# in tries and time, and fails with the tails of the logs. Needs root and iproute2; cleans up
 # after itself.
 #   hw/netns-cluster.sh [--keys N]
 set -euo pipefail
@@ -30,7 +33,7 @@ command -v ip >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive
 cargo build --release --locked
 dds="$PWD/target/release/dds"
 tag="dds$$"
-hosts=(m1 m2 m3 b0 b1 b2 client)
+hosts=(m1 m2 m3 b0 b1 b2 client m4)
 work="$(mktemp -d -t dds-netns-XXXXXX)"
 pids=()
 cleanup() {
@@ -58,8 +61,9 @@ for i in "${!hosts[@]}"; do
   ns "$h" ip addr add "10.211.0.$((i + 1))/24" dev eth0
   ns "$h" ip link set eth0 up
 done
-# Member m (1-3) on 10.211.0.m, brick i (0-2) on 10.211.0.(4+i), the client on .7.
-member_addr() { echo "10.211.0.$1:7100"; }
+# Member m (1-3) on 10.211.0.m, brick i (0-2) on 10.211.0.(4+i), the client on .7, the
+# member that joins later (4) on .8.
+member_addr() { if [ "$1" = 4 ]; then echo "10.211.0.8:7100"; else echo "10.211.0.$1:7100"; fi; }
 brick_addr() { echo "10.211.0.$(( $1 + 4 )):7000"; }
 members=(1 2 3)
 member_flags=()
@@ -236,4 +240,32 @@ echo "netns: member $lead1 restarted; follows member $lead3 in term $term3"
 bad=$(( $(check_range 1 "$keys" k) + $(check_range 1 200 d) + $(check_range 1 "$w" w) + $(check_range 1 100 e) ))
 [ "$bad" = 0 ] || fail "$bad keys wrong after the member's restart" $(all_logs)
 echo "netns: all $total keys read back after the leader's kill and its restart"
+
+# Membership: member 4 joins through any member, from its own namespace.
+ip netns exec "$tag-m4" "$dds" meta --id 4 --join "$(member_addr 1)" --join "$(member_addr 2)" --join "$(member_addr 3)" \
+  --dir "$work/m4" --listen "$(member_addr 4)" --bricks 3 --replicas 2 --secret-file "$work/secret" >>"$work/m4.log" 2>&1 &
+member_pid[4]=$!
+pids+=($!)
+disown $!
+member_logs+=("$work/m4.log")
+joined() { grep -q "member 4 follows member\|member 4 elected leader" "$work/m4.log"; }
+retry 300 30 0.1 joined || fail "member 4 did not join the group" "${member_logs[@]}"
+# The ids `dds members` lists through member M, on one line.
+group_of() { ns client timeout 20 "$dds" members --meta "$(member_addr "$1")" --secret-file "$work/secret" | sed -n 's/^member \([0-9]*\) at .*/\1/p' | tr '\n' ' '; }
+echo "netns: member 4 joined from 10.211.0.8; the group is now $(group_of 4)"
+# The member killed above leaves, asked through the new one; then its process stops.
+ns client timeout 30 "$dds" members --meta "$(member_addr 4)" --remove "$lead1" --secret-file "$work/secret" >/dev/null \
+  || fail "member $lead1 could not be removed" "${member_logs[@]}"
+kill "${member_pid[$lead1]}"
+for m in 1 2 3 4; do
+  [ "$m" = "$lead1" ] && continue
+  got="$(group_of "$m")"
+  want="$(for x in 1 2 3 4; do [ "$x" = "$lead1" ] || printf '%s ' "$x"; done)"
+  [ "$got" = "$want" ] || fail "member $m lists the group as '$got', not '$want'" "${member_logs[@]}"
+done
+echo "netns: member $lead1 removed; every member lists the group as $want"
+for k in $(seq 1 50); do client put "f$k" "value-$k" >/dev/null || fail "put f$k refused after the membership changes" $(all_logs); done
+bad=$(( $(check_range 1 "$keys" k) + $(check_range 1 200 d) + $(check_range 1 "$w" w) + $(check_range 1 100 e) + $(check_range 1 50 f) ))
+[ "$bad" = 0 ] || fail "$bad keys wrong after the membership changes" $(all_logs)
+echo "netns: all $(( total + 50 )) keys read back after a member joined and another left"
 echo "netns: 1 passed, 0 failed"

@@ -87,6 +87,25 @@ enum Command {
     /// Make a new cluster secret (mode 0600) for processes started by hand, which take
     /// it as --secret-file (`cluster up` makes its own).
     Secret(SecretArgs),
+    /// List the map authority group's members, or take one out (`--remove`), through
+    /// any member: for members started by hand (`cluster meta` serves a local cluster;
+    /// `dds meta --join` adds one).
+    Members(MembersArgs),
+}
+
+#[derive(Args)]
+struct MembersArgs {
+    /// A member's address (repeat for more: any one that answers will do; followers
+    /// name the leader).
+    #[arg(long = "meta", required = true)]
+    meta: Vec<SocketAddr>,
+    /// Take member ID out of the group, once raft has committed that (its process is
+    /// left running: stop it yourself; a leader hands over first).
+    #[arg(long)]
+    remove: Option<u64>,
+    /// The cluster's secret, as the members were given it.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -296,6 +315,29 @@ pub fn main() -> anyhow::Result<()> {
         Command::Del(args) => kv::del(args),
         Command::Bench(args) => bench::bench(args),
         Command::Suite(args) => suite::suite(args),
+        Command::Members(args) => {
+            let secret = load_secret(args.secret_file.as_deref())?;
+            let request = match args.remove {
+                Some(id) => crate::proto::MemberRequest::Remove { id },
+                None => crate::proto::MemberRequest::List,
+            };
+            let list = crate::rpc::ask_members(&args.meta, &request, secret.as_deref(), std::time::Duration::from_secs(15)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(id) = args.remove {
+                out!("member {id} removed from the group (stop its process)");
+            }
+            for (id, addr) in &list.members {
+                let said = crate::rpc::member_status(*addr, std::time::Duration::from_millis(500), secret.as_deref());
+                let role = match said {
+                    Ok(s) if s.leader == s.id => format!("leader, term {}", s.term),
+                    Ok(s) if s.leader != 0 => format!("follower of member {}, term {}", s.leader, s.term),
+                    Ok(s) => format!("no leader known, term {}", s.term),
+                    Err(e) => format!("not answering: {e}"),
+                };
+                out!("member {id} at {addr}: {role}");
+            }
+            out!("{} member(s); the next to join takes id {} or above", list.members.len(), list.next_id);
+            Ok(())
+        }
         Command::Secret(args) if args.metrics_token => {
             out!("{}", Secret::load(&args.path)?.metrics_token());
             Ok(())
