@@ -610,8 +610,18 @@ fn meta_add(dir: &Path) -> anyhow::Result<(ClusterMeta, crate::proto::MemberList
     let m = ClusterMeta { id, pid: file.pid, addr: file.addr, dir: mdir, metrics: file.metrics };
     cluster.metas.push(m.clone());
     cluster.store(dir)?;
-    let list = crate::rpc::ask_members(&[m.addr], &crate::proto::MemberRequest::List, secret.as_deref(), MEMBER_CHANGE_MAX).map_err(|e| anyhow::anyhow!("member {id} joined but does not answer: {e}"))?;
-    Ok((m, list))
+    // Done once the new member holds its own addition (it catches up from the log).
+    let deadline = Instant::now() + MEMBER_CHANGE_MAX;
+    loop {
+        let list = crate::rpc::ask_members(&[m.addr], &crate::proto::MemberRequest::List, secret.as_deref(), MEMBER_CHANGE_MAX).map_err(|e| anyhow::anyhow!("member {id} joined but does not answer: {e}"))?;
+        if list.members.iter().any(|(i, _)| *i == id) {
+            return Ok((m, list));
+        }
+        if Instant::now() > deadline {
+            bail!("member {id} was added but has not caught up with the group's log within {MEMBER_CHANGE_MAX:?}; see {}", m.dir.join("meta.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Takes member `id` out of the authority group, then stops it and forgets it in
