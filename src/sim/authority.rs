@@ -2,9 +2,11 @@
 //! each on its own simulated disk, driven as `meta::run` drives one: ticks, frames on
 //! links (bricks' sessions, clients' map fetches, other members' raft messages as
 //! `Op::Raft` frames), held replies released when they settle, the leader's copy
-//! driver. Members crash (their raft log on disk survives), restart and pause. After
-//! every step: one map per epoch across the group, epochs only grow on each member, one
-//! leader per term.
+//! driver. Members crash (their raft log on disk survives), restart and pause, and are
+//! replaced: one removed through the leader (raft's configuration change, as `dds
+//! members --remove` asks it), then a new one added and started on a new disk, as `dds
+//! meta --join` does. After every step: one map per epoch across the group, epochs only
+//! grow on each member, one leader per term.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,6 +18,7 @@ use crate::log::mem_disk::MemDisk;
 use crate::map::ClusterMap;
 use crate::meta::authority::AuthorityConfig;
 use crate::meta::member::{Member, MemberConfig, MemberError, Output, Settled, Ticket, TICK_MS};
+use crate::proto::{decode_exact, encode, Frame, Kind, MemberRequest, Op, Status};
 use crate::meta::session::Session;
 
 use super::copy::SimCopy;
@@ -39,7 +42,30 @@ pub(crate) struct SimMember {
     pub copy: Option<SimCopy>,
     /// Down until then: no restart comes earlier.
     pub down_until: Micros,
+    /// Removed from the group and stopped for good (`replace_member`).
+    pub retired: bool,
 }
+
+/// A membership change the simulator asked of the leader (as `dds members` and `dds
+/// meta --join` do), its reply held until it settles.
+pub(crate) struct Change {
+    /// The member asked, the reply's ticket and frame.
+    at: usize,
+    ticket: Ticket,
+    reply: Vec<u8>,
+    what: ChangeStep,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ChangeStep {
+    /// Member (index) leaves; then a new one is added.
+    Remove(usize),
+    /// Member (index) joins, started once the leader answers.
+    Add(usize),
+}
+
+/// Members replaced in one run, at most.
+const REPLACEMENTS_MAX: usize = 2;
 
 /// Where member `m` (index) listens.
 pub(crate) fn member_addr(m: usize) -> SocketAddr {
@@ -55,7 +81,7 @@ pub(crate) fn member_of(addr: SocketAddr) -> Option<usize> {
 
 impl SimMember {
     pub fn new(members: usize) -> SimMember {
-        SimMember { member: None, disk: MemDisk::default(), life: 0, paused_until: 0, sessions: Default::default(), held: Vec::new(), peers: vec![None; members], copy: None, down_until: 0 }
+        SimMember { member: None, disk: MemDisk::default(), life: 0, paused_until: 0, sessions: Default::default(), held: Vec::new(), peers: vec![None; members], copy: None, down_until: 0, retired: false }
     }
 
     pub fn is_up(&self) -> bool {
@@ -79,10 +105,15 @@ impl World {
         self.members.iter().position(|m| m.member.as_ref().is_some_and(|x| x.is_leader()))
     }
 
-    /// Starts member `m` from its disk.
+    /// Starts member `m` from its disk (a member that joined later: with the group its
+    /// log begins from and the members the leader named, as `dds meta --join` does).
     pub(crate) fn start_member(&mut self, m: usize, config: AuthorityConfig) {
         let seed = self.seed ^ ((m as u64 + 1) << 40) ^ (self.members[m].life << 48);
-        let member_config = MemberConfig { id: m as u64 + 1, members: self.membership(), known: Vec::new(), authority: config };
+        let (members, known) = match self.joined.iter().find(|(j, _, _)| *j == m) {
+            Some((_, boot, known)) => (boot.clone(), known.clone()),
+            None => (self.membership(), Vec::new()),
+        };
+        let member_config = MemberConfig { id: m as u64 + 1, members, known, authority: config };
         // A restarted member replays its log: its epochs grow again from its first.
         self.member_epochs.remove(&m);
         let sm = &mut self.members[m];
@@ -116,7 +147,7 @@ impl World {
 
     pub(crate) fn restart_member(&mut self, m: usize) {
         let sm = &self.members[m];
-        if sm.is_up() || self.now < sm.down_until {
+        if sm.is_up() || sm.retired || self.now < sm.down_until {
             return;
         }
         let config = self.authority_config();
@@ -236,6 +267,7 @@ impl World {
             self.members[m].copy = Some(SimCopy::new(plan, self.now_ms(), lives));
             self.after(0, Event::CopyStep { member: m });
         }
+        self.change_step(m);
         let held = std::mem::take(&mut self.members[m].held);
         for (link, ticket, reply) in held {
             match self.members[m].member.as_ref().expect("up").settle(ticket) {
@@ -279,13 +311,94 @@ impl World {
         self.send(link, Endpoint::Member(m), frame);
     }
 
+    /// Asks member `at` (the leader, or it says who is) for a membership change, as
+    /// the CLI does over a connection of its own.
+    fn ask_change(&mut self, at: usize, what: ChangeStep) {
+        let request = match what {
+            ChangeStep::Remove(m) => MemberRequest::Remove { id: m as u64 + 1 },
+            ChangeStep::Add(m) => MemberRequest::Add { id: m as u64 + 1, addr: member_addr(m) },
+        };
+        let mut frame = Vec::new();
+        encode(&mut frame, &Frame { kind: Kind::Request(Op::Members), request_id: 1, epoch: 0, key: &[], value: &serde_json::to_vec(&request).expect("serialises") });
+        let now_ms = self.now_ms();
+        let mut reply = Vec::new();
+        if !self.members[at].is_up() {
+            return;
+        }
+        self.note(format!("member {at} asked: {request:?}"));
+        let member = self.members[at].member.as_mut().expect("up");
+        match member.on_frame(&mut Session::new("admin".into()), now_ms, &frame, &mut reply) {
+            Ok((ticket, step)) => {
+                self.change = Some(Change { at, ticket, reply, what });
+                self.member_apply(at, Ok(step));
+            }
+            Err(MemberError::Log(e)) => self.member_apply(at, Err(e.to_string())),
+            Err(why) => self.fail(format!("member {at} refused a well-formed membership request: {why}")),
+        }
+    }
+
+    /// The membership change asked of member `m`, once its reply may leave: a removal
+    /// answered stops the removed member for good and asks for a new one; an addition
+    /// answered (or lost: it may still commit) starts the new member.
+    fn change_step(&mut self, m: usize) {
+        let Some(change) = self.change.as_ref().filter(|c| c.at == m) else { return };
+        let settled = match self.members[m].member.as_ref() {
+            Some(member) => member.settle(change.ticket),
+            None => Settled::Lost,
+        };
+        let status = match settled {
+            Settled::Wait => return,
+            Settled::Lost => None,
+            Settled::Send => match decode_exact(&change.reply) {
+                Ok(Frame { kind: Kind::Reply(Op::Members, status), .. }) => Some(status),
+                other => return self.fail(format!("member {m} answered a membership request with {other:?}")),
+            },
+        };
+        let what = self.change.take().expect("checked").what;
+        self.note(format!("membership change {what:?} asked of member {m}: {}", status.map_or("no answer", |s| s.name())));
+        match (what, status) {
+            (ChangeStep::Remove(gone), Some(Status::Ok)) => {
+                self.members[gone].retired = true;
+                self.crash_member(gone, 0);
+                let new = self.members.len();
+                for sm in &mut self.members {
+                    sm.peers.push(None);
+                }
+                self.members.push(SimMember::new(new + 1));
+                self.members[new].retired = true;
+                let Some(leader) = self.leader() else { return };
+                self.ask_change(leader, ChangeStep::Add(new));
+            }
+            (ChangeStep::Add(new), Some(Status::Ok) | None) => {
+                let list = self.members[m].member.as_ref().map(|x| x.members());
+                let Some(list) = list else { return };
+                let mut known = list.members.clone();
+                known.retain(|(id, _)| *id != new as u64 + 1);
+                known.push((new as u64 + 1, member_addr(new)));
+                self.joined.push((new, list.boot.clone(), known));
+                self.members[new].retired = false;
+                let config = self.authority_config();
+                self.start_member(new, config);
+            }
+            _ => {}
+        }
+    }
+
     /// One member fault (only in groups of three or five): a crash, a restart of one
-    /// that is down, or a pause. Drawn from the members' own generator, so seeds of
+    /// that is down, a replacement, or a pause. Drawn from the members' own generator, so seeds of
     /// groups of one run as they did before the group existed.
     pub(crate) fn member_fault(&mut self) {
         let m = self.member_rng.random_range(0..self.members.len());
         if !self.members[m].is_up() {
             return self.restart_member(m);
+        }
+        let replaced = self.members.len() - self.shape.members;
+        if self.change.is_none() && replaced < REPLACEMENTS_MAX && self.member_rng.random_bool(0.1) {
+            // Replace member `m`: the leader removes it (a leader asked to remove
+            // itself hands over instead, and the change ends there).
+            if let Some(leader) = self.leader() {
+                return self.ask_change(leader, ChangeStep::Remove(m));
+            }
         }
         if self.member_rng.random_bool(0.6) {
             let down_ms = self.member_rng.random_range(50..=3000);

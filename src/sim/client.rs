@@ -44,6 +44,8 @@ pub(crate) struct SimClient {
     final_phase: bool,
     wake_at: Option<Micros>,
     map_asked: Option<Micros>,
+    /// A map fetch was lost with its link: ask again at the next wake.
+    map_lost: bool,
     /// Think time: the next operation starts no earlier than this.
     next_issue: Micros,
     /// Operations that succeeded, ended `Unknown`, or failed (timed out, refused).
@@ -93,6 +95,7 @@ impl World {
             final_phase: false,
             wake_at: None,
             map_asked: None,
+            map_lost: false,
             next_issue: 0,
             outcomes: [0; 3],
             paused_until: 0,
@@ -148,6 +151,16 @@ impl World {
     }
 
     pub(crate) fn client_link_down(&mut self, c: usize, link: LinkId) {
+        if link == self.clients[c].authority && self.clients[c].map_call.take().is_some() {
+            // The map fetch failed (its member died, or was removed for good): ask the
+            // next member a moment later, as `rpc::fetch_map` goes on to its next seed.
+            self.clients[c].map_lost = true;
+            let at = self.now + 50 * MS;
+            if self.clients[c].wake_at.is_none_or(|t| t > at || t <= self.now) {
+                self.clients[c].wake_at = Some(at);
+                self.schedule(at, Event::ClientWake { client: c });
+            }
+        }
         let now = self.instant();
         let client = &mut self.clients[c];
         if let Some(addr) = client.addrs.remove(&link) {
@@ -162,6 +175,10 @@ impl World {
     pub(crate) fn client_wake(&mut self, c: usize) {
         if self.clients[c].wake_at.is_some_and(|t| t == self.now) {
             self.clients[c].wake_at = None;
+        }
+        if std::mem::take(&mut self.clients[c].map_lost) && self.clients[c].started {
+            let epoch = self.clients[c].core.map().epoch();
+            self.ask_map(c, epoch);
         }
         if !self.clients[c].started {
             if self.clients[c].map_asked.is_none_or(|t| self.now >= t + 50 * MS) {

@@ -251,6 +251,11 @@ pub(crate) struct World {
     members: Vec<SimMember>,
     /// Draws the members' faults (and their number), apart from `rng`.
     member_rng: SmallRng,
+    /// The membership change under way (`authority.rs`), and the members that joined
+    /// later: (index, the group their log begins from, the members the leader named).
+    change: Option<authority::Change>,
+    #[allow(clippy::type_complexity)]
+    joined: Vec<(usize, Vec<(u64, std::net::SocketAddr)>, Vec<(u64, std::net::SocketAddr)>)>,
     seed: u64,
     /// Every map the group published, in epoch order.
     maps: Vec<ClusterMap>,
@@ -442,7 +447,7 @@ impl World {
         self.net.reset_p = 0.0;
         self.note("faults stop; every brick restarts".into());
         for m in 0..self.members.len() {
-            if !self.members[m].is_up() {
+            if !self.members[m].is_up() && !self.members[m].retired {
                 self.members[m].down_until = 0;
                 self.restart_member(m);
             }
@@ -468,7 +473,7 @@ impl World {
         let want = self.shape.replicas.min(up.len());
         // Past every pause, and what a resumed thread does first (`deferred`).
         let resumed = self.bricks.iter().all(|b| b.paused_until + 200 * MS <= self.now);
-        self.members.iter().all(|m| m.is_up() && m.copy.is_none() && m.paused_until <= self.now)
+        self.members.iter().filter(|m| !m.retired).all(|m| m.is_up() && m.copy.is_none() && m.paused_until <= self.now)
             && resumed
             && up.len() == self.bricks.len()
             && up.iter().all(|b| map.bricks().contains_key(b))
@@ -572,6 +577,8 @@ pub fn run(seed: u64, options: &Options) -> Report {
         rng,
         options: options.clone(),
         members: (0..shape.members).map(|_| SimMember::new(shape.members)).collect(),
+        change: None,
+        joined: Vec::new(),
         member_rng,
         seed,
         maps: Vec::new(),
