@@ -12,8 +12,9 @@
 #                                       (crashes are then process crashes, not power losses)
 #   ci/sim.sh --seeds N --mutation read-uncommitted|skip-sync|lost-commit|early-replies|stale-lease|skip-probe|read-past-prepared|checkpoint-forgets-decisions|missed-restart|uncommitted-map --expect-failure
 #                                       a planted bug the checkers must catch
-#   ci/sim.sh --seeds N --partitions    also network partitions (beyond the design's
-#                                       assumptions; see ARCHITECTURE.md)
+#   ci/sim.sh --seeds N --partitions    also network partitions, and the authority's
+#                                       leader cut off from the other members (beyond
+#                                       the design's assumptions; see ARCHITECTURE.md)
 #   ci/sim.sh --seeds N --raw-network   frames duplicated or reordered within a connection
 #                                       (beyond TCP; the checkers must catch what breaks)
 # Builds `dds-sim` (cargo feature `sim`, which the `dds` binary never has) first.

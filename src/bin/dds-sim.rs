@@ -95,8 +95,11 @@ fn main() -> Result<()> {
         eprintln!("seed {seed}: {}", report.shape);
         let [ok, unknown, failed] = report.outcomes;
         println!(
-            "seed {seed}: {} operations checked ({ok} ok, {unknown} unknown, {failed} refused or timed out), {} events, digest {:016x}, {:.2} s",
+            "seed {seed}: {} operations checked ({ok} ok, {unknown} unknown, {failed} refused or timed out), {} windows of the liveness check ({} begun by a member's fault), slowest recovery {} ms, {} events, digest {:016x}, {:.2} s",
             report.ops,
+            report.recoveries[0],
+            report.recoveries[1],
+            report.slowest_recovery_ms,
             report.events,
             report.digest,
             started.elapsed().as_secs_f64()
@@ -137,6 +140,9 @@ fn main() -> Result<()> {
     let failed = AtomicU64::new(0);
     let ops = AtomicU64::new(0);
     let outcomes: [AtomicU64; 3] = Default::default();
+    let recoveries: [AtomicU64; 2] = Default::default();
+    // The slowest recovery (`sim::checks::RECOVERY_BOUND_MS`) and its seed.
+    let slowest: Mutex<Option<(u64, u64)>> = Mutex::new(None);
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -159,6 +165,15 @@ fn main() -> Result<()> {
                 for (total, n) in outcomes.iter().zip(report.outcomes) {
                     total.fetch_add(n, Ordering::Relaxed);
                 }
+                for (total, n) in recoveries.iter().zip(report.recoveries) {
+                    total.fetch_add(n, Ordering::Relaxed);
+                }
+                {
+                    let mut slowest = slowest.lock().expect("not poisoned");
+                    if slowest.is_none_or(|(ms, _)| report.slowest_recovery_ms > ms) {
+                        *slowest = Some((report.slowest_recovery_ms, seed));
+                    }
+                }
                 match failure {
                     None => {
                         passed.fetch_add(1, Ordering::Relaxed);
@@ -179,8 +194,10 @@ fn main() -> Result<()> {
     });
     let (passed, failed) = (passed.into_inner(), failed.into_inner());
     let [ok, unknown, failed_ops] = outcomes.map(AtomicU64::into_inner);
+    let (slowest_ms, slowest_seed) = slowest.into_inner().expect("not poisoned").unwrap_or_default();
+    let [windows, member_windows] = recoveries.map(AtomicU64::into_inner);
     eprintln!(
-        "dds-sim: {} operations in the checked histories; client operations: {ok} ok, {unknown} unknown, {failed_ops} refused or timed out; {:.1} s",
+        "dds-sim: {} operations in the checked histories; client operations: {ok} ok, {unknown} unknown, {failed_ops} refused or timed out; {windows} windows of the liveness check ({member_windows} begun by a member's fault), slowest recovery {slowest_ms} ms (seed {slowest_seed}); {:.1} s",
         ops.into_inner(),
         started.elapsed().as_secs_f64()
     );

@@ -322,6 +322,12 @@ impl<D: Disk> Member<D> {
         self.leading.as_ref().is_some_and(|l| l.authority.is_some())
     }
 
+    /// Leading, and answering for the group (granting leases): a majority answered it
+    /// within `LEADER_LEASE_MS` of `now_ms`.
+    pub fn answers(&self, now_ms: u64) -> bool {
+        self.is_leader() && self.leases(now_ms)
+    }
+
     /// The address of member `id`.
     pub fn addr_of(&self, id: u64) -> Option<SocketAddr> {
         self.addrs.get(&id).copied()

@@ -22,7 +22,7 @@ use crate::proto::{decode_exact, encode, Frame, Kind, MemberRequest, Op, Status}
 use crate::meta::session::Session;
 
 use super::copy::SimCopy;
-use super::net::{Endpoint, LinkId, Msg};
+use super::net::{Endpoint, Isolation, LinkId, Msg};
 use super::{Event, Micros, World, MS};
 
 pub(crate) struct SimMember {
@@ -385,9 +385,15 @@ impl World {
     }
 
     /// One member fault (only in groups of three or five): a crash, a restart of one
-    /// that is down, a replacement, or a pause. Drawn from the members' own generator, so seeds of
-    /// groups of one run as they did before the group existed.
+    /// that is down, a replacement, a pause, or (with `--partitions`) the leader's
+    /// isolation. Drawn from the members' own generator, so seeds of groups of one run
+    /// as they did before the group existed.
     pub(crate) fn member_fault(&mut self) {
+        if self.options.partitions && self.member_rng.random_bool(0.3) && self.net.isolation.is_none() {
+            if let Some(leader) = self.leader() {
+                return self.isolate(leader);
+            }
+        }
         let m = self.member_rng.random_range(0..self.members.len());
         if !self.members[m].is_up() {
             return self.restart_member(m);
@@ -407,5 +413,29 @@ impl World {
             let ms = self.member_rng.random_range(10..=1500);
             self.pause_member(m, ms * MS);
         }
+    }
+
+    /// Cuts the leader off from the other members for a drawn time. Each brick still
+    /// reaches both sides, or only the leader, or only the rest: a brick that reaches
+    /// only the leader keeps asking it for leases while the new leader, which the
+    /// others follow, removes it and serves the writes to its partitions elsewhere,
+    /// the case the leader's lease (`member::LEADER_LEASE_MS`) is for. Sometimes the
+    /// leader is cut off from everyone.
+    fn isolate(&mut self, leader: usize) {
+        let alone = self.member_rng.random_bool(0.25);
+        let (mut only_it, mut not_it) = (Vec::new(), Vec::new());
+        for b in 0..self.bricks.len() {
+            match self.member_rng.random_range(0..3) {
+                _ if alone => not_it.push(b),
+                0 => only_it.push(b),
+                1 => not_it.push(b),
+                _ => {}
+            }
+        }
+        let heal_ms = self.member_rng.random_range(100..=4000);
+        let whom = if alone { "everyone".to_string() } else { format!("the other members (bricks {only_it:?} reach only it, {not_it:?} only them)") };
+        self.note(format!("member {leader}, the leader, cut off from {whom} for {heal_ms} ms"));
+        self.set_isolation(Isolation { member: leader, only_it, not_it, clients: alone }, self.now + heal_ms * MS);
+        self.after(heal_ms * MS, Event::HealIsolation);
     }
 }

@@ -154,6 +154,16 @@ impl SimBrick {
         self.state == State::Up && !self.lease.fenced()
     }
 
+    /// Up with a lease that has not run out by `now_ms` (what its cores check).
+    pub fn leased(&self, now_ms: u64) -> bool {
+        self.serving() && !lease_expired(self.lease.lease_from_ms(), now_ms, LEASE_MS)
+    }
+
+    /// The member its control thread asks for leases.
+    pub fn asks(&self) -> Option<usize> {
+        member_of(self.meta.current())
+    }
+
     pub fn state_name(&self) -> String {
         format!("{:?}{}", self.state, if self.lease.fenced() { ", fenced" } else { "" })
     }

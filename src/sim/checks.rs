@@ -6,9 +6,32 @@ use crate::check::{self, Event as Seen};
 use crate::map::key_hash;
 
 use super::client::key_name;
+use super::{Event, Micros, World, MS};
 
 type Entries = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
-use super::World;
+
+/// How long after a window begins (`World::recovery_step`) the cluster must serve
+/// (`World::serves`). A follower that hears no leader campaigns after 8 to 16 ticks
+/// (`ELECTION_TICKS` of `TICK_MS`: at most 400 ms) and wins within a few round trips; a
+/// brick whose leader went silent asks it until its beat times out (`LEASE_MS`, 500 ms),
+/// registers with it once more until that times out too (500 ms), and is then sent on
+/// to the new leader: about 1.5 s. The rest is margin for split votes (up to 400 ms
+/// each). Longer than `LEASE_MS`, so a lease a brick holds at the deadline was granted
+/// in the window.
+pub(crate) const RECOVERY_BOUND_MS: u64 = 2500;
+
+/// A window of the liveness check: since when; the member whose fault began it (if
+/// one did) and the member out now; the bricks that were down, paused or cut off at
+/// some moment in it (the check leaves them out); when the cluster first served in it;
+/// whether its deadline has passed.
+pub(crate) struct Window {
+    began: Option<usize>,
+    faulty: Option<usize>,
+    since: Micros,
+    bricks_out: Vec<bool>,
+    served: Option<Micros>,
+    checked: bool,
+}
 
 impl World {
     /// Between rounds, on every key no up replica holds a prepared write for, the
@@ -42,6 +65,109 @@ impl World {
                     Some(_) => {}
                 }
             }
+        }
+    }
+
+    /// The liveness check's condition: the member out (down, paused or cut off from
+    /// the other members), if one is, while at most one is out in a group of three or
+    /// five, the rest are up, running and connected to each other, and no partition is
+    /// on (`None` otherwise). Faults of bricks (crashes, pauses, being cut off from the
+    /// members with an isolated leader) only take those bricks out of the check; link
+    /// resets and client pauses go on (neither keeps a leader from being elected or a
+    /// brick from its lease).
+    fn members_clean(&self) -> Option<Option<usize>> {
+        if self.net.partitioned(self.now) {
+            return None;
+        }
+        let isolated = self.net.isolation.as_ref().map(|i| i.member);
+        let mut out = (0..self.members.len()).filter(|&m| !self.members[m].is_up() || self.members[m].paused_until > self.now || isolated == Some(m));
+        let first = out.next();
+        (out.next().is_none() && (first.is_none() || self.members.len() >= 3)).then_some(first)
+    }
+
+    /// Whether the cluster serves: a member other than `faulty` leads and answers for
+    /// the group (a majority answered it within `LEADER_LEASE_MS`), and every brick not
+    /// in `out` holds a lease and asks a member other than `faulty`; or why not.
+    fn serves(&self, faulty: Option<usize>, out: &[bool]) -> Result<(), String> {
+        let now_ms = self.now_ms();
+        let leads = (0..self.members.len()).any(|m| Some(m) != faulty && self.members[m].member.as_ref().is_some_and(|x| x.answers(now_ms)));
+        let unleased: Vec<String> = (0..self.bricks.len())
+            .filter(|&b| !out[b] && (!self.bricks[b].leased(now_ms) || self.bricks[b].asks() == faulty))
+            .map(|b| format!("brick {b} ({}, asks member {:?})", self.bricks[b].state_name(), self.bricks[b].asks()))
+            .collect();
+        if !leads {
+            let roles: Vec<String> = self.members.iter().enumerate().map(|(m, sm)| match &sm.member {
+                Some(x) => format!("member {m}: term {}, leader id {}{}", x.term(), x.leader(), if x.is_leader() { ", leading without a majority's answer" } else { "" }),
+                None => format!("member {m}: down"),
+            }).collect();
+            return Err(format!("no member answers for the group ({}); bricks without a lease: {unleased:?}", roles.join("; ")));
+        }
+        match unleased.is_empty() {
+            true => Ok(()),
+            false => Err(format!("a member answers for the group, but these bricks hold no lease or ask the member out: {}", unleased.join(", "))),
+        }
+    }
+
+    /// The liveness check, after every event. A window begins when the run becomes
+    /// clean (`members_clean`: at most one member out, no partition) or, while it is, a
+    /// member goes out; it goes on when that member comes back, and ends at anything
+    /// that makes the run unclean. If it is still on `RECOVERY_BOUND_MS` after it began
+    /// (`recovery_deadline`), the cluster must serve then (`serves`): a member other
+    /// than the one out leads and answers for the group, and every brick that was up,
+    /// running and not cut off throughout the window holds a lease and asks a member
+    /// other than the one out. Until then, this notes when it first served (how long
+    /// recovery took).
+    pub(crate) fn recovery_step(&mut self) {
+        let Some(faulty) = self.members_clean() else {
+            self.recovery = None;
+            return;
+        };
+        if self.recovery.as_ref().is_none_or(|w| faulty.is_some() && w.faulty != faulty) {
+            // Before the first map, which waits for every brick to register, one brick
+            // out keeps the rest from serving: bricks are checked in windows that begin
+            // with a map.
+            let bricks_out = vec![self.published().is_none(); self.bricks.len()];
+            self.recovery = Some(Window { began: faulty, faulty, since: self.now, bricks_out, served: None, checked: false });
+            self.after(RECOVERY_BOUND_MS * MS, Event::RecoveryDeadline { since: self.now });
+        }
+        let cut_off = self.net.isolation.as_ref().map_or(&[][..], |i| &i.only_it[..]);
+        let mut out = std::mem::take(&mut self.recovery.as_mut().expect("just set").bricks_out);
+        for (b, brick) in self.bricks.iter().enumerate() {
+            out[b] |= !brick.is_up() || brick.paused_until > self.now || cut_off.contains(&b);
+        }
+        let first = self.recovery.as_ref().is_some_and(|w| w.served.is_none()) && self.serves(faulty, &out).is_ok();
+        let w = self.recovery.as_mut().expect("just set");
+        w.faulty = faulty;
+        w.bricks_out = out;
+        if first {
+            w.served = Some(self.now);
+        }
+    }
+
+    /// The window that began at `since`, if it is still on, must serve now.
+    pub(crate) fn recovery_deadline(&mut self, since: Micros) {
+        let Some(w) = self.recovery.as_mut().filter(|w| w.since == since && !w.checked) else { return };
+        w.checked = true;
+        let (began, faulty, served, out) = (w.began, w.faulty, w.served, w.bricks_out.clone());
+        if let Err(why) = self.serves(faulty, &out) {
+            let fault = match began {
+                Some(m) => format!("member {m} out, and no other member"),
+                None => "no member out".to_string(),
+            };
+            let out: Vec<usize> = (0..out.len()).filter(|&b| out[b]).collect();
+            return self.fail(format!(
+                "seed {}: the cluster does not serve {RECOVERY_BOUND_MS} ms into a clean window ({fault}, no partition, from {:.3} ms to now, {:.3} ms; bricks left out: {out:?}): {why}",
+                self.seed,
+                since as f64 / 1000.0,
+                self.now as f64 / 1000.0
+            ));
+        }
+        let took = served.unwrap_or(self.now) - since;
+        self.recoveries.0[0] += 1;
+        self.recoveries.0[1] += began.is_some() as u64;
+        self.recoveries.1 = self.recoveries.1.max(took);
+        if let Some(m) = began {
+            self.note(format!("served {} ms into a window that member {m}'s fault began", took / MS));
         }
     }
 

@@ -10,7 +10,9 @@
 //! stop the faults, restart every brick, wait until the cluster is quiet (full strength,
 //! nothing copying, nothing prepared), read every key, and check. After every core
 //! round, replicas agree on every key nobody holds a prepared write for
-//! (`check_replicas`); at the end:
+//! (`check_replicas`); after every event, a cluster with at most one authority member
+//! out and no other fault of the members serves again within a bound
+//! (`recovery_step`); at the end:
 //! - every key's history is linearizable (`crate::check`);
 //! - every live replica of a partition holds the same entries, and they are what the
 //!   final reads returned (so every acknowledged write that the history says survived
@@ -86,6 +88,10 @@ pub struct Report {
     /// Client operations that succeeded, ended `Unknown`, or failed: what the faults
     /// cost in availability (the checks are about safety).
     pub outcomes: [u64; 3],
+    /// How many windows the liveness check checked, and how many of them a member's
+    /// fault began; the longest any took to serve (`checks::RECOVERY_BOUND_MS` bounds it).
+    pub recoveries: [u64; 2],
+    pub slowest_recovery_ms: u64,
 }
 
 /// The cluster's shape and fault rates, drawn per seed (swarm testing: each seed turns
@@ -226,6 +232,10 @@ enum Event {
     ClientWake { client: usize },
     Fault,
     HealPartition,
+    /// A member's isolation ends (`World::isolate`).
+    HealIsolation,
+    /// A clean window that began at `since` is `RECOVERY_BOUND_MS` old (`checks.rs`).
+    RecoveryDeadline { since: Micros },
     EndFaults,
     QuietCheck,
 }
@@ -271,6 +281,10 @@ pub(crate) struct World {
     last_written: Option<Vec<u8>>,
     /// Set when a check fails during the run.
     failure: Option<String>,
+    /// The liveness check's window (`checks.rs`); how many windows it checked (and how
+    /// many of them a member's fault began), and the longest any took to serve.
+    recovery: Option<checks::Window>,
+    recoveries: ([u64; 2], Micros),
     trace: Vec<String>,
     events: u64,
     next_client_id: u64,
@@ -359,6 +373,12 @@ impl World {
                 self.net.heal();
                 self.note("network partition healed".into());
             }
+            Event::HealIsolation => {
+                if let Some(i) = self.net.isolation.take() {
+                    self.note(format!("member {}'s isolation healed", i.member));
+                }
+            }
+            Event::RecoveryDeadline { since } => self.recovery_deadline(since),
             Event::EndFaults => self.end_faults(),
             Event::QuietCheck => self.quiet_check(),
         }
@@ -444,6 +464,7 @@ impl World {
     fn end_faults(&mut self) {
         self.faults_on = false;
         self.net.heal();
+        self.net.isolation = None;
         self.net.reset_p = 0.0;
         self.note("faults stop; every brick restarts".into());
         for m in 0..self.members.len() {
@@ -541,6 +562,7 @@ impl World {
                 return;
             }
             self.dispatch(event);
+            self.recovery_step();
             // Done once the final reads are in and the cluster is quiet again (a move
             // the authority planned meanwhile has finished), so replicas can be compared.
             if self.clients.iter().all(|c| c.finished_final()) {
@@ -590,6 +612,8 @@ pub fn run(seed: u64, options: &Options) -> Report {
         outage_armed: false,
         last_written: None,
         failure: None,
+        recovery: None,
+        recoveries: ([0, 0], 0),
         trace: Vec::new(),
         events: 0,
         next_client_id: 1,
@@ -624,7 +648,8 @@ pub fn run(seed: u64, options: &Options) -> Report {
             *total += n;
         }
     }
-    Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take(), outcomes }
+    let (recoveries, slowest_recovery_ms) = (world.recoveries.0, world.recoveries.1 / MS);
+    Report { seed, ops, events: world.events, digest: world.digest(), shape: world.shape.line(), failure: world.failure.take(), outcomes, recoveries, slowest_recovery_ms }
 }
 
 /// The core address of `brick` for `core`, on the ports of its `life`-th incarnation

@@ -4,7 +4,8 @@
 //! ends are told, as a reset connection tells both sides); a process that dies closes
 //! its links (the peers are told), a machine that loses power goes silent (they are
 //! not). A partition, when enabled, holds messages between the two sides until it
-//! heals, as TCP's retransmissions would.
+//! heals, as TCP's retransmissions would; so does a member's isolation (`Isolation`),
+//! which need not split the nodes in two.
 //!
 //! Duplicated and reordered frames within one connection are outside what TCP (and RC
 //! verbs) allow, and the protocol relies on that: a one-phase put delivered twice, the
@@ -73,11 +74,39 @@ pub(crate) struct Net {
     /// The map authority is on the cut-off side.
     authority_cut: bool,
     heal_at: Micros,
+    /// A member cut off alone, if one is, and when that heals.
+    pub isolation: Option<Isolation>,
+    isolation_heal_at: Micros,
+}
+
+/// A member (the leader, when it is drawn) cut off from the other members. Bricks in
+/// `only_it` reach only it of the group: they keep asking it for leases while the rest
+/// elect a new leader, which may remove them. It does not reach the bricks in `not_it`
+/// (nor the clients, if `clients`). Bricks and clients reach each other throughout.
+#[derive(Clone, Debug)]
+pub(crate) struct Isolation {
+    pub member: usize,
+    pub only_it: Vec<usize>,
+    pub not_it: Vec<usize>,
+    pub clients: bool,
+}
+
+impl Isolation {
+    fn apart(&self, x: Endpoint, y: Endpoint) -> bool {
+        let one_way = |x: Endpoint, y: Endpoint| match (x, y) {
+            (Endpoint::Member(m), Endpoint::Member(n)) => m == self.member && n != self.member,
+            (Endpoint::Member(m), Endpoint::Brick(b)) if m == self.member => self.not_it.contains(&b),
+            (Endpoint::Member(m), Endpoint::Client(_)) => m == self.member && self.clients,
+            (Endpoint::Member(_), Endpoint::Brick(b)) => self.only_it.contains(&b),
+            _ => false,
+        };
+        one_way(x, y) || one_way(y, x)
+    }
 }
 
 impl Net {
     pub fn new(delay_us: Micros, jitter_us: Micros, reset_p: f64) -> Net {
-        Net { links: BTreeMap::new(), next: 1, delay_us, jitter_us, reset_p, cut: Vec::new(), authority_cut: false, heal_at: 0 }
+        Net { links: BTreeMap::new(), next: 1, delay_us, jitter_us, reset_p, cut: Vec::new(), authority_cut: false, heal_at: 0, isolation: None, isolation_heal_at: 0 }
     }
 
     pub fn alive(&self, link: LinkId) -> bool {
@@ -102,6 +131,14 @@ impl Net {
     pub fn heal(&mut self) {
         self.cut.clear();
         self.authority_cut = false;
+    }
+
+    /// Whether bricks (or the whole authority) are cut off (`partition`), or messages a
+    /// partition or an isolation held are still on their way: healed before its time
+    /// (when the faults stop, or by an earlier partition's heal), it held them until
+    /// then, and what follows on their links waits behind them.
+    pub fn partitioned(&self, now: Micros) -> bool {
+        !self.cut.is_empty() || self.authority_cut || now < self.heal_at || (self.isolation.is_none() && now < self.isolation_heal_at)
     }
 
     fn apart(&self, x: Endpoint, y: Endpoint) -> bool {
@@ -139,6 +176,9 @@ impl World {
         let mut at = self.now + self.net.delay_us + jitter;
         if self.net.apart(from, to) {
             at = at.max(self.net.heal_at_or_later(self.now));
+        }
+        if self.net.isolation.as_ref().is_some_and(|i| i.apart(from, to)) {
+            at = at.max(self.net.isolation_heal_at);
         }
         if self.options.raw_network {
             // Beyond TCP: this frame may overtake others on its link, or come twice.
@@ -208,6 +248,11 @@ impl World {
     pub(crate) fn set_partition(&mut self, side: &[usize], authority: bool, heal_at: Micros) {
         self.net.partition(side, authority);
         self.net.heal_at = heal_at;
+    }
+
+    pub(crate) fn set_isolation(&mut self, isolation: Isolation, heal_at: Micros) {
+        self.net.isolation = Some(isolation);
+        self.net.isolation_heal_at = heal_at;
     }
 }
 
