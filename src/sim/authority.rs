@@ -42,7 +42,7 @@ pub(crate) struct SimMember {
     pub copy: Option<SimCopy>,
     /// Down until then: no restart comes earlier.
     pub down_until: Micros,
-    /// Removed from the group and stopped for good (`replace_member`).
+    /// Removed from the group and stopped for good (`World::change_step`).
     pub retired: bool,
 }
 
@@ -56,12 +56,13 @@ pub(crate) struct Change {
     what: ChangeStep,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum ChangeStep {
     /// Member (index) leaves; then a new one is added.
     Remove(usize),
-    /// Member (index) joins, started once the leader answers.
-    Add(usize),
+    /// Member (index) joins, started once the leader answers, with the group its log
+    /// begins from and the members the leader named when asked.
+    Add(usize, Vec<(u64, SocketAddr)>, Vec<(u64, SocketAddr)>),
 }
 
 /// Members replaced in one run, at most.
@@ -314,9 +315,9 @@ impl World {
     /// Asks member `at` (the leader, or it says who is) for a membership change, as
     /// the CLI does over a connection of its own.
     fn ask_change(&mut self, at: usize, what: ChangeStep) {
-        let request = match what {
-            ChangeStep::Remove(m) => MemberRequest::Remove { id: m as u64 + 1 },
-            ChangeStep::Add(m) => MemberRequest::Add { id: m as u64 + 1, addr: member_addr(m) },
+        let request = match &what {
+            ChangeStep::Remove(m) => MemberRequest::Remove { id: *m as u64 + 1 },
+            ChangeStep::Add(m, ..) => MemberRequest::Add { id: *m as u64 + 1, addr: member_addr(*m) },
         };
         let mut frame = Vec::new();
         encode(&mut frame, &Frame { kind: Kind::Request(Op::Members), request_id: 1, epoch: 0, key: &[], value: &serde_json::to_vec(&request).expect("serialises") });
@@ -367,15 +368,15 @@ impl World {
                 self.members.push(SimMember::new(new + 1));
                 self.members[new].retired = true;
                 let Some(leader) = self.leader() else { return };
-                self.ask_change(leader, ChangeStep::Add(new));
-            }
-            (ChangeStep::Add(new), Some(Status::Ok) | None) => {
-                let list = self.members[m].member.as_ref().map(|x| x.members());
-                let Some(list) = list else { return };
-                let mut known = list.members.clone();
-                known.retain(|(id, _)| *id != new as u64 + 1);
+                let list = self.members[leader].member.as_ref().expect("leads").members();
+                let mut known = list.members;
                 known.push((new as u64 + 1, member_addr(new)));
-                self.joined.push((new, list.boot.clone(), known));
+                self.ask_change(leader, ChangeStep::Add(new, list.boot, known));
+            }
+            // Without an answer the addition may yet commit: the new member starts
+            // either way, as `dds meta --join` would be run again.
+            (ChangeStep::Add(new, boot, known), Some(Status::Ok) | None) => {
+                self.joined.push((new, boot, known));
                 self.members[new].retired = false;
                 let config = self.authority_config();
                 self.start_member(new, config);

@@ -70,7 +70,7 @@ impl World {
 
     /// The liveness check's condition: the member out (down, paused or cut off from
     /// the other members), if one is, while at most one is out in a group of three or
-    /// five, the rest are up, running and connected to each other, and no partition is
+    /// five (the voters any member up counts), the rest are up, running and connected to each other, and no partition is
     /// on (`None` otherwise). Faults of bricks (crashes, pauses, being cut off from the
     /// members with an isolated leader) only take those bricks out of the check; link
     /// resets and client pauses go on (neither keeps a leader from being elected or a
@@ -80,9 +80,14 @@ impl World {
             return None;
         }
         let isolated = self.net.isolation.as_ref().map(|i| i.member);
-        let mut out = (0..self.members.len()).filter(|&m| !self.members[m].is_up() || self.members[m].paused_until > self.now || isolated == Some(m));
+        // The group is the voters its members have committed (members come and go:
+        // `World::change_step`): every one that any member up still counts.
+        let mut voters: Vec<usize> = self.members.iter().filter_map(|sm| sm.member.as_ref()).flat_map(|x| x.members().members).map(|(id, _)| id as usize - 1).collect();
+        voters.sort_unstable();
+        voters.dedup();
+        let mut out = voters.iter().copied().filter(|&m| !self.members[m].is_up() || self.members[m].paused_until > self.now || isolated == Some(m));
         let first = out.next();
-        (out.next().is_none() && (first.is_none() || self.members.len() >= 3)).then_some(first)
+        (out.next().is_none() && (first.is_none() || voters.len() >= 3)).then_some(first)
     }
 
     /// Whether the cluster serves: a member other than `faulty` leads and answers for
