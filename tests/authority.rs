@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{recorded_op, run_ok, TestCluster};
+use common::{get_on, recorded_op, run_ok, TestCluster};
 use dds::check::{check, Event, Operation};
 use dds::proto::MemberStatus;
 use nix::sys::signal::{kill, Signal};
@@ -171,22 +171,6 @@ fn without_a_majority_bricks_fence_and_service_resumes_when_a_member_returns() {
     cluster.down();
 }
 
-/// Reads `key` from `brick`'s core that stores it, at `map`'s epoch (not through a
-/// client's routing), asking again for up to 2 s while the brick has not seen `map`.
-/// (As in `tests/replication.rs`.)
-fn get_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
-    let hash = dds::map::key_hash(key);
-    let cores = &map.bricks()[&brick].cores;
-    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
-        if reply.0 != dds::proto::Status::Behind || Instant::now() > deadline {
-            return reply;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// The map as the member at `addr` serves it (`None`: it does not answer).
 fn map_of(cluster: &TestCluster, addr: std::net::SocketAddr) -> Option<dds::map::ClusterMap> {

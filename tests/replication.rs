@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{check_all, key, run_ok, text, value, write_all, TestCluster};
+use common::{check_all, get_on, key, run_ok, text, value, write_all, TestCluster};
 use dds::Client;
 
 /// The id the authority gave the brick in `<dir>/brick-<index>`.
@@ -234,21 +234,6 @@ fn replicas_decide_a_transaction_whose_coordinator_vanished() {
     cluster.down();
 }
 
-/// Reads `key` from `brick`'s core that stores it (not through a client's routing),
-/// asking again for up to 2 s while the brick has not seen `map` yet.
-fn get_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
-    let hash = dds::map::key_hash(key);
-    let cores = &map.bricks()[&brick].cores;
-    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
-        if reply.0 != dds::proto::Status::Behind || Instant::now() > deadline {
-            return reply;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_replica() {

@@ -232,3 +232,19 @@ pub fn wait_exit(pid: u32, within: Duration, poll: Duration) -> bool {
     }
     true
 }
+
+/// Reads `key` from `brick`'s core that stores it, at `map`'s epoch (not through a
+/// client's routing), asking again for up to 2 s while the brick has not seen `map`.
+pub fn get_on(map: &dds::map::ClusterMap, secret: Option<&dds::Secret>, brick: dds::map::BrickId, key: &[u8]) -> (dds::proto::Status, Vec<u8>) {
+    let hash = dds::map::key_hash(key);
+    let cores = &map.bricks()[&brick].cores;
+    let mut rpc = dds::rpc::Rpc::connect(cores[map.core_of(hash, cores.len())], Duration::from_secs(1), secret).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let reply = rpc.call(dds::proto::Op::Get, map.epoch(), key, &[], Duration::from_secs(1)).unwrap();
+        if reply.0 != dds::proto::Status::Behind || Instant::now() > deadline {
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
