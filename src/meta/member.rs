@@ -162,6 +162,8 @@ struct Leading {
     proposed_state: Option<Replicated>,
     /// A copy to start once entry `.0` is committed.
     copy_after: Option<(u64, Vec<Join>)>,
+    /// A copy's report that came during a handover (`copied`).
+    deferred_copied: Option<Vec<Join>>,
 }
 
 pub struct Member<D: Disk> {
@@ -220,11 +222,15 @@ impl<D: Disk> Member<D> {
         let boot = match boot {
             Some(boot) => boot,
             None => {
-                let boot = Boot { voters: config.members.clone(), known: config.known.clone() };
+                let boot = Boot { id: config.id, voters: config.members.clone(), known: config.known.clone() };
                 log.write_boot(&boot)?;
                 boot
             }
         };
+        // A log written as another member's (a wrong --id or --dir) would vote twice.
+        if boot.id != 0 && boot.id != config.id {
+            return Err(RaftLogError::NotMine { id: config.id, owner: boot.id });
+        }
         // The group and the state as of the last committed entry: raft starts from that
         // configuration (a member must never campaign in one its log has left behind).
         let hs = mem.initial_state().map_err(|e| RaftLogError::Replay { index: 0, what: e.to_string() })?.hard_state;
@@ -241,7 +247,10 @@ impl<D: Disk> Member<D> {
                 _ => {}
             }
         }
-        if !(members.voters.contains(&config.id) || !boot.known.is_empty() || members.retired.contains(&config.id)) {
+        if members.retired.contains(&config.id) {
+            return Err(RaftLogError::Removed { id: config.id });
+        }
+        if !(members.voters.contains(&config.id) || !boot.known.is_empty()) {
             return Err(RaftLogError::Foreign { id: config.id, voters: members.voters.iter().copied().collect() });
         }
         mem.wl().set_conf_state(ConfState::from((members.voters.iter().copied().collect::<Vec<_>>(), vec![])));
@@ -392,7 +401,16 @@ impl<D: Disk> Member<D> {
         if authority_due {
             self.authority_tick_ms = now_ms;
         }
-        if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()).filter(|_| authority_due) {
+        // Raft drops proposals while leadership is handed over: the authority waits (a
+        // copy's report with it) until the handover ends, here or elsewhere.
+        let handing_over = self.node.raft.lead_transferee.is_some();
+        if let Some(leading) = self.leading.as_mut().filter(|_| !handing_over) {
+            if let (Some(authority), Some(done)) = (leading.authority.as_mut(), leading.deferred_copied.take()) {
+                let actions = Self::copy_report(authority, &done);
+                self.take_actions(actions, &mut out);
+            }
+        }
+        if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()).filter(|_| authority_due && !handing_over) {
             let actions = authority.tick(now_ms);
             self.take_actions(actions, &mut out);
         }
@@ -404,7 +422,10 @@ impl<D: Disk> Member<D> {
     /// closes that connection).
     fn on_message(&mut self, bytes: &[u8], now_ms: u64) -> Result<Output, MemberError> {
         let msg = Message::parse_from_bytes(bytes).map_err(|e| MemberError::BadMessage(e.to_string()))?;
-        if !self.addrs.contains_key(&msg.from) || msg.to != self.config.id {
+        // From a member this one does not know yet (one added by an entry it has not
+        // applied: it learns the address then) raft's message is taken; from one that
+        // left the group, never.
+        if self.retired.contains(&msg.from) || msg.from == 0 || msg.to != self.config.id {
             return Err(MemberError::BadMessage(format!("from {} to {}: not of this group", msg.from, msg.to)));
         }
         let (from, term) = (msg.from, msg.term);
@@ -466,7 +487,10 @@ impl<D: Disk> Member<D> {
     /// `session`'s connection closed.
     pub fn on_close(&mut self, session: &Session, now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
-        if let Some(l) = self.leading.as_mut().filter(|l| session.registered_in(l.term)) {
+        // During a handover the authority is left alone (raft drops proposals): a brick
+        // that is gone is removed by its silence instead.
+        let handing_over = self.node.raft.lead_transferee.is_some();
+        if let Some(l) = self.leading.as_mut().filter(|l| session.registered_in(l.term) && !handing_over) {
             let actions = session.on_close(l.authority.as_mut().expect("a session registers with a running authority"), now_ms);
             self.take_actions(actions, &mut out);
         }
@@ -519,9 +543,14 @@ impl<D: Disk> Member<D> {
                 if id == self.config.id {
                     // A leader that removed itself would go on sending heartbeats that
                     // hold off its successor's election: it hands over first.
-                    let to = self.node.raft.prs().iter().filter(|(m, _)| **m != id && voters.contains(m)).max_by_key(|(_, p)| p.matched).map(|(m, _)| *m);
+                    // To the most up to date of those that answered lately (not a dead one).
+                    let term = self.node.raft.term;
+                    let lately = |m: &u64| self.heard.get(m).is_some_and(|(t, at)| *t == term && now_ms.saturating_sub(*at) <= LEADER_LEASE_MS);
+                    let to = self.node.raft.prs().iter().filter(|(m, _)| **m != id && voters.contains(m) && lately(m)).max_by_key(|(_, p)| p.matched).map(|(m, _)| *m);
                     if let Some(to) = to {
                         out.notes.push(format!("member {id}: asked to leave the group; handing leadership to member {to}"));
+                        // No lease from here on counts an answer from before the handover.
+                        self.heard.clear();
                         self.node.transfer_leader(to);
                         self.ready(now_ms, out)?;
                     }
@@ -582,17 +611,27 @@ impl<D: Disk> Member<D> {
     /// its own copies.
     pub fn copied(&mut self, term: u64, done: &[Join], now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
-        if let Some(authority) = self.leading.as_mut().filter(|l| l.term == term).and_then(|l| l.authority.as_mut()) {
-            let actions = if done.is_empty() {
-                authority.copy_failed();
-                Actions::default()
+        let handing_over = self.node.raft.lead_transferee.is_some();
+        if let Some(leading) = self.leading.as_mut().filter(|l| l.term == term && l.authority.is_some()) {
+            if handing_over {
+                // Taken at the first tick after the handover ends.
+                leading.deferred_copied = Some(done.to_vec());
             } else {
-                authority.copied(done)
-            };
-            self.take_actions(actions, &mut out);
+                let actions = Self::copy_report(leading.authority.as_mut().expect("checked"), done);
+                self.take_actions(actions, &mut out);
+            }
         }
         self.ready(now_ms, &mut out)?;
         Ok(out)
+    }
+
+    /// The authority takes a copy's report: `done` copied (none: it failed).
+    fn copy_report(authority: &mut Authority, done: &[Join]) -> Actions {
+        if done.is_empty() {
+            authority.copy_failed();
+            return Actions::default();
+        }
+        authority.copied(done)
     }
 
     /// Proposes what the authority changed, if anything, and remembers a copy to start.
@@ -752,7 +791,7 @@ impl<D: Disk> Member<D> {
         }
         if self.leading.as_ref().is_none_or(|l| l.term != term) {
             let start_index = raft.raft_log.last_index();
-            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, proposed_state: None, copy_after: None });
+            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, proposed_state: None, copy_after: None, deferred_copied: None });
         }
         let applied = raft.raft_log.applied;
         let leading = self.leading.as_mut().expect("just set");

@@ -415,3 +415,28 @@ fn a_leader_asked_to_leave_hands_over_first() {
     let (status, _) = g.register(next, &mut Session::new("b2".into()), 2).expect("answered");
     assert_eq!(status, Status::Ok);
 }
+
+#[test]
+fn a_member_behind_takes_messages_from_one_it_has_not_learnt_of_and_another_members_log_is_refused() {
+    let mut g = Group::new(3);
+    let (leader, _) = g.elect();
+    let behind = (1..=3).find(|&i| i != leader).unwrap();
+    g.members[behind as usize - 1] = None;
+    g.join(leader, 4);
+    for _ in 0..5 {
+        g.tick();
+    }
+    // Back from its disk, it has not applied member 4's addition: a message from 4 (a
+    // leader, say) is still raft's to judge, not refused as from a stranger.
+    let mut m = g.open(behind as usize - 1);
+    let msg = raft::eraftpb::Message { from: 4, to: behind, term: m.term(), msg_type: raft::eraftpb::MessageType::MsgHeartbeat, ..Default::default() };
+    let mut frame = Vec::new();
+    encode(&mut frame, &Frame { kind: Kind::Request(Op::Raft), request_id: 0, epoch: 0, key: &[], value: &protobuf::Message::write_to_bytes(&msg).unwrap() });
+    assert!(m.on_frame(&mut Session::new("peer".into()), g.now_ms, &frame, &mut Vec::new()).is_ok());
+    g.members[behind as usize - 1] = Some(m);
+    // Another member's log is refused under this id.
+    let other = (1..=3).find(|&i| i != leader && i != behind).unwrap();
+    let config = MemberConfig { id: leader, members: g.config.clone(), known: Vec::new(), authority: authority_config() };
+    let err = Member::open(config, g.disks[other as usize - 1].clone(), Path::new(DIR), 1, None).err().expect("a foreign log is refused");
+    assert!(err.to_string().contains("not member"), "{err}");
+}

@@ -36,6 +36,9 @@ const BOOT_KEY: &[u8] = b"b";
 /// starts need no `--member` or `--join`: what the log says wins.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Boot {
+    /// The member whose log this is (0: written before the id was recorded).
+    #[serde(default)]
+    pub id: u64,
     pub voters: Vec<(u64, std::net::SocketAddr)>,
     #[serde(default)]
     pub known: Vec<(u64, std::net::SocketAddr)>,
@@ -51,6 +54,10 @@ pub enum RaftLogError {
     Replay { index: u64, what: String },
     #[error("member {id} is not in the group its raft log holds (voters {voters:?}): a wrong --id, or another member's --dir?")]
     Foreign { id: u64, voters: Vec<u64> },
+    #[error("this raft log is member {owner}'s, not member {id}'s: a wrong --id, or another member's --dir?")]
+    NotMine { id: u64, owner: u64 },
+    #[error("member {id} was removed from the authority group (its raft log says so): it does not start again; add a member with a new id (`dds cluster meta add`, `dds meta --join`)")]
+    Removed { id: u64 },
 }
 
 pub struct RaftLog<D: Disk> {
@@ -168,7 +175,7 @@ mod tests {
         let mem = MemStorage::new();
         let (mut log, boot) = RaftLog::open(&mut disk, Path::new("/m"), &mem).unwrap();
         assert!(boot.is_none());
-        let said = Boot { voters: vec![(1, "127.0.0.1:1".parse().unwrap())], known: vec![] };
+        let said = Boot { id: 1, voters: vec![(1, "127.0.0.1:1".parse().unwrap())], known: vec![] };
         log.write_boot(&said).unwrap();
         log.persist(&mem, &[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], None).unwrap();
         let hs = HardState { term: 2, vote: 3, ..HardState::default() };

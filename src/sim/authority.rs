@@ -18,6 +18,7 @@ use crate::log::mem_disk::MemDisk;
 use crate::map::ClusterMap;
 use crate::meta::authority::AuthorityConfig;
 use crate::meta::member::{Member, MemberConfig, MemberError, Output, Settled, Ticket, TICK_MS};
+use crate::meta::raft_log::RaftLogError;
 use crate::proto::{decode_exact, encode, Frame, Kind, MemberRequest, Op, Status};
 use crate::meta::session::Session;
 
@@ -121,6 +122,12 @@ impl World {
         sm.life += 1;
         match Member::open(member_config, sm.disk.clone(), Path::new("/meta"), seed, None) {
             Ok(member) => sm.member = Some(member),
+            // Its removal committed though its asker never heard (`change_step`): it
+            // refuses to start again, as `dds meta` does.
+            Err(e @ RaftLogError::Removed { .. }) => {
+                sm.retired = true;
+                return self.note(format!("member {m}: {e}"));
+            }
             Err(e) => return self.fail(format!("member {m} cannot open its raft log: {e}")),
         }
         let life = sm.life;
