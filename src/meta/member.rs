@@ -250,7 +250,7 @@ impl<D: Disk> Member<D> {
         if members.retired.contains(&config.id) {
             return Err(RaftLogError::Removed { id: config.id });
         }
-        if !(members.voters.contains(&config.id) || !boot.known.is_empty()) {
+        if !members.voters.contains(&config.id) && boot.known.is_empty() {
             return Err(RaftLogError::Foreign { id: config.id, voters: members.voters.iter().copied().collect() });
         }
         mem.wl().set_conf_state(ConfState::from((members.voters.iter().copied().collect::<Vec<_>>(), vec![])));
