@@ -1107,9 +1107,7 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     for m in &cluster.metas {
         let alive = if meta_alive(m) { "up" } else { "down" };
         let role = match crate::rpc::member_status(m.addr, Duration::from_millis(500), cluster.secret.as_deref()) {
-            Ok(s) if s.leader == s.id => format!("leader, term {}", s.term),
-            Ok(s) if s.leader == 0 => format!("no leader known, term {}", s.term),
-            Ok(s) => format!("follower of member {}, term {}", s.leader, s.term),
+            Ok(s) => s.role(),
             Err(_) => "not answering".to_string(),
         };
         out!("  map authority member {} at {} (pid {}, {alive}): {role}", m.id, m.addr, m.pid);

@@ -328,9 +328,7 @@ pub fn main() -> anyhow::Result<()> {
             for (id, addr) in &list.members {
                 let said = crate::rpc::member_status(*addr, std::time::Duration::from_millis(500), secret.as_deref());
                 let role = match said {
-                    Ok(s) if s.leader == s.id => format!("leader, term {}", s.term),
-                    Ok(s) if s.leader != 0 => format!("follower of member {}, term {}", s.leader, s.term),
-                    Ok(s) => format!("no leader known, term {}", s.term),
+                    Ok(s) => s.role(),
                     Err(e) => format!("not answering: {e}"),
                 };
                 out!("member {id} at {addr}: {role}");

@@ -272,7 +272,7 @@ impl<D: Disk> Member<D> {
         };
         let node = RawNode::new(&raft_config, mem.clone(), &logger()).expect("a valid raft configuration");
         let lone = members.voters.len() == 1 && members.voters.contains(&config.id);
-        let mut stash = Output { published: state.map.is_some(), members_changed: true, ..Output::default() };
+        let mut stash = Output { published: state.map.is_some(), ..Output::default() };
         if !members.voters.contains(&config.id) {
             stash.notes.push(format!("member {}: not a voter of the group its log holds yet (joining, or removed)", config.id));
         }

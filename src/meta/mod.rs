@@ -298,6 +298,7 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
             .map_err(|source| MetaError::File { op: "start the metrics thread for", path: config.dir.clone(), source })?;
     }
     write_atomic(&config.dir, META_FILE, &serde_json::to_string(&MetaFile { pid: std::process::id(), addr, metrics: metrics_addr }).expect("serialises"))?;
+    // Senders for the group the log holds; later changes come as `members_changed`.
     sync_peers(&mut shared.state.lock());
     match group_size {
         1 => crate::log!("meta", "map authority on {addr}, waiting for {} brick(s)", config.authority.bricks),

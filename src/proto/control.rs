@@ -42,6 +42,17 @@ pub struct MemberStatus {
     pub epoch: u64,
 }
 
+impl MemberStatus {
+    /// Its role as `cluster status` and `dds members` print it.
+    pub fn role(&self) -> String {
+        match self.leader {
+            l if l == self.id => format!("leader, term {}", self.term),
+            0 => format!("no leader known, term {}", self.term),
+            l => format!("follower of member {l}, term {}", self.term),
+        }
+    }
+}
+
 /// A request about the authority group's membership (`Op::Members`). Changes go to the
 /// leader (others answer `NotLeader`), one at a time, as raft configuration changes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
