@@ -2,6 +2,8 @@
 # The durable write path against its floors, measured in one run (issue 14's rows):
 #   - 2 bricks x 2 replicas, sync, 1 client x depth 1, 64 B puts: p50 against the floor
 #     fio (4 KiB write + fdatasync) p50 + the transport's echo round trip p50;
+#     and, beside it, against two fio jobs syncing at once on the same disk (a local
+#     cluster's two replicas share this machine's one disk) + the echo;
 #   - 1 brick x 1 replica, sync, depth 1: put p50 against fio's p50;
 #   - the paper's write shape (2 clients x 100 in flight, 150 B, 2 bricks x 2 replicas,
 #     sync): ops/s and p99, against the same shape on `--against <commit>` if given
@@ -55,6 +57,10 @@ for rep in $(seq "$reps"); do
     --fdatasync=1 --ioengine=sync --runtime="$seconds" --time_based --output-format=json >"$work/fio.json" 2>/dev/null
   rm -f "$work/fio.dat"
   python3 -c "import json,sys; j=json.load(open(sys.argv[1]))['jobs'][0]['sync']['lat_ns']['percentile']; print('fio', j['50.000000']/1000)" "$work/fio.json" >>"$work/results"
+  fio --name=fdatasync2 --directory="$work" --rw=write --bs=4k --size=64m --numjobs=2 --group_reporting \
+    --fdatasync=1 --ioengine=sync --runtime="$seconds" --time_based --output-format=json >"$work/fio.json" 2>/dev/null
+  rm -f "$work"/fdatasync2.*
+  python3 -c "import json,sys; j=json.load(open(sys.argv[1]))['jobs'][0]['sync']['lat_ns']['percentile']; print('fio2', j['50.000000']/1000)" "$work/fio.json" >>"$work/results"
   echo "echo $(bench "${bins[new]}" bench --target echo --clients 1 --depth 1 | cut -d' ' -f2)" >>"$work/results"
   for v in "${!bins[@]}"; do
     dds="${bins[$v]}"
@@ -71,16 +77,19 @@ done
 col() { awk -v k="$1" -v c="$2" '$1 == k {print $c}' "$work/results"; }
 fio_p50=$(col fio 2 | value); echo_p50=$(col echo 2 | value)
 floor=$(echo "$fio_p50 + $echo_p50" | bc -l)
+floor2=$(echo "$(col fio2 2 | value) + $echo_p50" | bc -l)
 echo
 echo "| what | p50 us | ops/s | p99 us | floor p50 us | ratio to floor |"
 echo "|---|---|---|---|---|---|"
 echo "| fio 4 KiB write + fdatasync | $(col fio 2 | median) | | | | |"
+echo "| fio, two jobs at once on the same disk | $(col fio2 2 | median) | | | | |"
 echo "| dds echo (same transport), 1 x 1 | $(col echo 2 | median) | | | | |"
 for v in new old; do
   [ -n "${bins[$v]:-}" ] || continue
   label=$([ "$v" = new ] && echo "this build" || echo "$against")
   p=$(col "$v-22-d1" 3 | value)
   printf '| put 2 bricks x 2 replicas, 1 x 1, 64 B (%s) | %s | %s | %s | %.1f | %.2f |\n' "$label" "$(col "$v-22-d1" 3 | median)" "$(col "$v-22-d1" 2 | median)" "$(col "$v-22-d1" 4 | median)" "$floor" "$(echo "$p / $floor" | bc -l)"
+  printf '| the same, against two fio jobs at once + echo (%s) | | | | %.1f | %.2f |\n' "$label" "$floor2" "$(echo "$p / $floor2" | bc -l)"
   p=$(col "$v-11-d1" 3 | value)
   printf '| put 1 brick x 1 replica, 1 x 1, 64 B (%s) | %s | %s | %s | %.1f | %.2f |\n' "$label" "$(col "$v-11-d1" 3 | median)" "$(col "$v-11-d1" 2 | median)" "$(col "$v-11-d1" 4 | median)" "$fio_p50" "$(echo "$p / $fio_p50" | bc -l)"
   printf '| paper write: 2 x 100, 150 B, 2 x 2 (%s) | %s | %s | %s | | |\n' "$label" "$(col "$v-paper" 3 | median)" "$(col "$v-paper" 2 | median)" "$(col "$v-paper" 4 | median)"

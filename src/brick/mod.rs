@@ -83,6 +83,8 @@ pub struct BrickConfig {
     /// a machine the brick shares (see ARCHITECTURE.md, "Placement").
     pub cpus: Option<Vec<usize>>,
     pub durability: Durability,
+    /// How each core's log reaches the disk.
+    pub log_io: crate::log::LogIo,
     /// One port per core, overriding `listen`'s port (a restart keeps its ports).
     pub ports: Option<Vec<u16>>,
     /// A core's active log segment past this size starts a checkpoint.
@@ -359,7 +361,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         let (storage, next_lsn) =
-                            match storage::recover(crate::log::FsDisk, core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
+                            match storage::recover(crate::log::FsDisk::new(config.log_io), core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);

@@ -373,6 +373,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         transport: TransportKind::Tcp,
         busy_poll: false,
         placement: cluster::Placement::Kernel,
+        log_io: crate::log::LogIo::default(),
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::brick::{BrickFile, Durability, BRICK_FILE};
 use crate::client::{Client, ClientConfig};
 use crate::map::{BrickId, ClusterMap, DEFAULT_PARTITION_BITS};
+use crate::log::LogIo;
 use crate::meta::{MetaFile, META_FILE};
 use crate::proto::CoreStats;
 
@@ -156,6 +157,9 @@ pub struct UpArgs {
     /// Where brick cores run: left to the kernel, or pinned and spread over the CPUs.
     #[arg(long, value_enum, default_value_t = Placement::Kernel)]
     pub placement: Placement,
+    /// How brick logs reach the disk: syscalls on each core's thread, or io_uring.
+    #[arg(long, value_enum, default_value_t = LogIo::Syscalls)]
+    pub log_io: LogIo,
     /// The map starts with 2^bits partitions (more split off as bricks join).
     #[arg(long, default_value_t = DEFAULT_PARTITION_BITS, value_parser = clap::value_parser!(u8).range(0..=16))]
     pub partition_bits: u8,
@@ -254,6 +258,8 @@ pub struct ClusterFile {
     pub busy_poll: bool,
     #[serde(default)]
     pub placement: Placement,
+    #[serde(default)]
+    pub log_io: LogIo,
     /// Bricks and the authority serve metrics (kept on through restarts).
     #[serde(default)]
     pub metrics: bool,
@@ -498,6 +504,7 @@ struct BrickShape {
     rdma: bool,
     busy_poll: bool,
     placement: Placement,
+    log_io: LogIo,
     metrics: bool,
     secret_file: Option<PathBuf>,
 }
@@ -684,6 +691,7 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
     if shape.busy_poll {
         cmd.arg("--busy-poll");
     }
+    cmd.args(["--log-io", shape.log_io.name()]);
     if shape.metrics {
         cmd.args(["--metrics", &format!("127.0.0.1:{metrics_port}")]);
     }
@@ -741,6 +749,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         rdma: cluster.transport != TransportKind::Tcp,
         busy_poll: cluster.busy_poll,
         placement: cluster.placement,
+        log_io: cluster.log_io,
         metrics: cluster.metrics,
         secret_file: cluster.secret_file.clone(),
     };
@@ -889,6 +898,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         rdma: transport != TransportKind::Tcp,
         busy_poll: args.busy_poll,
         placement: args.placement,
+        log_io: args.log_io,
         metrics: args.metrics,
         secret_file: Some(secret_file.clone()),
     };
@@ -915,6 +925,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             transport,
             busy_poll: args.busy_poll,
             placement: args.placement,
+            log_io: args.log_io,
             metrics: args.metrics,
             secret_file: Some(secret_file),
             bricks,

@@ -17,6 +17,7 @@ use dds_transport::auth::Secret;
 
 use crate::brick::{self, BrickConfig, Durability};
 use crate::map::DEFAULT_PARTITION_BITS;
+use crate::log::LogIo;
 
 /// Writes to stdout like `print!`/`println!`, but a reader that went away (`dds cluster
 /// status | head -1`) is no panic: the rest of the output is dropped and the command
@@ -161,6 +162,10 @@ struct BrickArgs {
     /// and handed to the kernel (memory).
     #[arg(long, value_enum, default_value_t = Durability::Sync)]
     durability: Durability,
+    /// How each core's log writes and fdatasyncs reach the kernel: syscalls on the core's
+    /// thread, or through an io_uring (its fsyncs run on a kernel worker).
+    #[arg(long, value_enum, default_value_t = LogIo::Syscalls)]
+    log_io: LogIo,
     /// One port per core, overriding --listen's port (used by `cluster restart`).
     #[arg(long, value_delimiter = ',')]
     ports: Option<Vec<u16>>,
@@ -473,6 +478,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         busy_poll: args.busy_poll,
         cpus: pinned_cpus(args.no_pin, args.cpus)?,
         durability: args.durability,
+        log_io: args.log_io,
         ports: args.ports,
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
         meta: args.meta,

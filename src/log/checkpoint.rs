@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::record::{self, Mutation, ScanEnd};
 use crate::proto::TxId;
-use super::disk::{Disk, DiskFile, UringFile};
+use super::disk::{Disk, DiskFile, FsFile};
 use super::{LogError, LogFile};
 
 const MAGIC: &[u8; 8] = b"DDSCKPT1";
@@ -95,7 +95,7 @@ fn shift(e: record::RecordError) -> record::RecordError {
 }
 
 /// A checkpoint being written, one chunk per loop round.
-pub struct Writer<F: DiskFile = UringFile> {
+pub struct Writer<F: DiskFile = FsFile> {
     file: LogFile<F>,
     tmp: PathBuf,
     path: PathBuf,
@@ -168,12 +168,12 @@ mod tests {
     fn written_checkpoints_load_back_and_defects_are_caught() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("core-0.ckpt");
-        let mut w = Writer::start(&mut crate::log::FsDisk, &path, 42).unwrap();
+        let mut w = Writer::start(&mut crate::log::FsDisk::default(), &path, 42).unwrap();
         let data: Vec<(Vec<u8>, Vec<u8>)> = (0..500u32).map(|i| (i.to_le_bytes().to_vec(), vec![i as u8; (i % 70) as usize])).collect();
         for chunk in data.chunks(64) {
             w.add(chunk.iter().map(|(k, v)| (&k[..], &v[..]))).unwrap();
         }
-        assert_eq!(w.finish(&mut crate::log::FsDisk).unwrap(), 42);
+        assert_eq!(w.finish(&mut crate::log::FsDisk::default()).unwrap(), 42);
         let bytes = std::fs::read(&path).unwrap();
         let mut got = Vec::new();
         assert_eq!(load(&bytes, |k, v| got.push((k.to_vec(), v.to_vec())), |_| {}), Ok(42));
@@ -181,9 +181,9 @@ mod tests {
         assert!(!path.with_extension("ckpt.tmp").exists());
         // Cut short at a record boundary: the count catches it.
         let mut two = Vec::new();
-        let mut w = Writer::start(&mut crate::log::FsDisk, &path, 1).unwrap();
+        let mut w = Writer::start(&mut crate::log::FsDisk::default(), &path, 1).unwrap();
         w.add([(&b"a"[..], &b"1"[..]), (&b"b"[..], &b"2"[..])].into_iter()).unwrap();
-        w.finish(&mut crate::log::FsDisk).unwrap();
+        w.finish(&mut crate::log::FsDisk::default()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         let first_end = HEADER_LEN + record::decode(&bytes[HEADER_LEN..], 0).unwrap().1;
         assert!(matches!(load(&bytes[..first_end], |k, _| two.push(k), |_| {}), Err(CheckpointError::Count { found: 1, expected: 2 })));

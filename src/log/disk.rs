@@ -1,15 +1,18 @@
 //! The doors between a core's durable state and the world: `Disk`, the directory its
 //! log segments and checkpoint live in, and `DiskFile`, one open file. The brick runs on
-//! `FsDisk` (the file system, writes and syncs through io_uring); the simulator runs
-//! the same `LogFile`, checkpoint writer and recovery on its simulated disk.
+//! `FsDisk` (the file system; writes and syncs as positioned syscalls on the calling
+//! thread, or through io_uring: `LogIo`); the simulator runs the same `LogFile`,
+//! checkpoint writer and recovery on its simulated disk.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
 use nix::errno::Errno;
+use serde::{Deserialize, Serialize};
 
 /// A directory of files that survive a crash once synced.
 pub trait Disk {
@@ -38,19 +41,54 @@ pub trait DiskFile {
     fn truncate(&mut self, len: u64) -> io::Result<()>;
 }
 
+/// How a log's writes and fdatasyncs reach the kernel. A core waits for each one
+/// either way (group commit: the round's replies wait for its sync).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogIo {
+    /// `pwritev` and `fdatasync` on the core's own thread. The default: waited for at
+    /// once, an io_uring fsync costs a hand-off to an io-wq worker and back, which on the
+    /// 2-CPU development VM made replicated puts 8-25% slower (PERF.md, "Log I/O").
+    #[default]
+    Syscalls,
+    /// One io_uring per file; every fsync runs on the ring's io-wq worker.
+    Uring,
+}
+
+impl LogIo {
+    /// Its name on the command line and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogIo::Syscalls => "syscalls",
+            LogIo::Uring => "uring",
+        }
+    }
+}
+
 /// The file system.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct FsDisk;
+pub struct FsDisk {
+    pub io: LogIo,
+}
+
+impl FsDisk {
+    pub fn new(io: LogIo) -> FsDisk {
+        FsDisk { io }
+    }
+}
 
 impl Disk for FsDisk {
-    type File = UringFile;
+    type File = FsFile;
 
-    fn open(&mut self, path: &Path) -> io::Result<(UringFile, Vec<u8>)> {
+    fn open(&mut self, path: &Path) -> io::Result<(FsFile, Vec<u8>)> {
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let mut contents = Vec::new();
         file.read_to_end(&mut contents)?;
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| io::Error::new(e.kind(), format!("io_uring setup: {e}")))?;
-        Ok((UringFile { ring, file, path: path.to_path_buf() }, contents))
+        let ring = match self.io {
+            LogIo::Syscalls => None,
+            LogIo::Uring => Some(IoUring::new(RING_ENTRIES).map_err(|e| io::Error::new(e.kind(), format!("io_uring setup: {e}")))?),
+        };
+        Ok((FsFile { ring, file, path: path.to_path_buf() }, contents))
     }
 
     fn read(&mut self, path: &Path) -> io::Result<Option<Vec<u8>>> {
@@ -90,21 +128,22 @@ impl Disk for FsDisk {
 /// Entries in the ring: one write or one sync is in flight at a time.
 const RING_ENTRIES: u32 = 8;
 
-/// A file written and synced through its own io_uring.
-pub struct UringFile {
-    ring: IoUring,
+/// A file on the file system, written and synced by syscalls or through its own
+/// io_uring (`ring`).
+pub struct FsFile {
+    ring: Option<IoUring>,
     file: File,
     path: PathBuf,
 }
 
-impl UringFile {
-    /// Runs one operation and returns its result (bytes for a write).
-    fn run(&mut self, entry: io_uring::squeue::Entry) -> io::Result<u32> {
+impl FsFile {
+    /// Runs one operation on the ring and returns its result (bytes for a write).
+    fn run(ring: &mut IoUring, path: &Path, entry: io_uring::squeue::Entry) -> io::Result<u32> {
         // SAFETY: `entry` points into buffers the caller keeps borrowed until this
         // function returns, and this function does not return before the kernel has
         // completed the operation: it returns once the completion is consumed, with an
         // error only while the entry is still unsubmitted, and otherwise ends the process.
-        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+        if unsafe { ring.submission().push(&entry) }.is_err() {
             return Err(io::Error::other("io_uring submission queue full"));
         }
         // `submit_and_wait` returns once the entry is submitted, even when the wait was
@@ -112,7 +151,7 @@ impl UringFile {
         // there only when the queue shows one. Bounded: each turn either consumes a
         // completion or blocks in the kernel until one can come.
         loop {
-            let completed = self.ring.completion().next().map(|cqe| cqe.result());
+            let completed = ring.completion().next().map(|cqe| cqe.result());
             if let Some(result) = completed {
                 if result < 0 {
                     return Err(io::Error::from_raw_os_error(-result));
@@ -120,36 +159,54 @@ impl UringFile {
                 return Ok(result as u32);
             }
             // Submits what is queued (nothing, after the first turn) and waits.
-            match self.ring.submit_and_wait(1) {
+            match ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if [Errno::EINTR, Errno::EAGAIN, Errno::EBUSY].iter().any(|n| e.raw_os_error() == Some(*n as i32)) => {}
                 // Not submitted: nothing of the buffer is in the kernel's hands.
-                Err(e) if !self.ring.submission().is_empty() => return Err(io::Error::new(e.kind(), format!("io_uring submit: {e}"))),
+                Err(e) if !ring.submission().is_empty() => return Err(io::Error::new(e.kind(), format!("io_uring submit: {e}"))),
                 // In flight and no way left to wait for it: returning would free a
                 // buffer the kernel may still read. Fail-stop (the panic hook aborts).
-                Err(e) => panic!("log {}: cannot wait for an io_uring completion: {e}", self.path.display()),
+                Err(e) => panic!("log {}: cannot wait for an io_uring completion: {e}", path.display()),
             }
         }
     }
 }
 
-impl DiskFile for UringFile {
+impl DiskFile for FsFile {
     fn write_at(&mut self, offset: u64, first: &[u8], second: &[u8]) -> io::Result<usize> {
         let fd = types::Fd(self.file.as_raw_fd());
-        if second.is_empty() || first.is_empty() {
-            let rest = if first.is_empty() { second } else { first };
-            let len = rest.len().min(1 << 30) as u32;
-            return self.run(opcode::Write::new(fd, rest.as_ptr(), len).offset(offset).build()).map(|n| n as usize);
-        }
+        let single = if first.is_empty() { Some(second) } else if second.is_empty() { Some(first) } else { None };
         let slices = [io::IoSlice::new(first), io::IoSlice::new(second)];
+        let Some(ring) = self.ring.as_mut() else {
+            // A signal (SIGSTOP and SIGCONT) may cut a write short or off: the caller
+            // continues a short one; one that wrote nothing is simply made again.
+            loop {
+                let written = match single {
+                    Some(bytes) => self.file.write_at(bytes, offset),
+                    None => nix::sys::uio::pwritev(&self.file, &slices, offset as i64).map_err(io::Error::from),
+                };
+                match written {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => return other,
+                }
+            }
+        };
+        if let Some(bytes) = single {
+            let len = bytes.len().min(1 << 30) as u32;
+            return FsFile::run(ring, &self.path, opcode::Write::new(fd, bytes.as_ptr(), len).offset(offset).build()).map(|n| n as usize);
+        }
         // `IoSlice` is ABI-compatible with `iovec` on Unix; `slices` and the buffers it
         // points into outlive the write (`run` returns only once it has completed).
-        self.run(opcode::Writev::new(fd, slices.as_ptr().cast(), 2).offset(offset).build()).map(|n| n as usize)
+        FsFile::run(ring, &self.path, opcode::Writev::new(fd, slices.as_ptr().cast(), 2).offset(offset).build()).map(|n| n as usize)
     }
 
     fn datasync(&mut self) -> io::Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
-        self.run(opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()).map(|_| ())
+        match self.ring.as_mut() {
+            // Not retried, not even after EINTR: a failed sync is final.
+            None => nix::unistd::fdatasync(self.file.as_raw_fd()).map_err(io::Error::from),
+            Some(ring) => FsFile::run(ring, &self.path, opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()).map(|_| ()),
+        }
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {

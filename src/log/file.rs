@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::disk::{Disk, DiskFile, FsDisk, UringFile};
+use super::disk::{Disk, DiskFile, FsDisk, FsFile};
 use super::record::{self, SYNC_POINT_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum LogError {
     Gap { path: PathBuf, found: u64, expected: u64 },
 }
 
-pub struct LogFile<F: DiskFile = UringFile> {
+pub struct LogFile<F: DiskFile = FsFile> {
     file: F,
     path: PathBuf,
     /// Where the next write goes: the length of the valid log.
@@ -52,12 +52,12 @@ pub const PREALLOC_BYTES: u64 = 1 << 20;
 impl LogFile {
     /// `open_on` the file system.
     pub fn open(path: &Path) -> Result<(LogFile, Vec<u8>), LogError> {
-        LogFile::open_on(&mut FsDisk, path)
+        LogFile::open_on(&mut FsDisk::default(), path)
     }
 
     /// `open_preallocated_on` the file system.
     pub fn open_preallocated(path: &Path, step_bytes: u64) -> Result<(LogFile, Vec<u8>), LogError> {
-        LogFile::open_preallocated_on(&mut FsDisk, path, step_bytes)
+        LogFile::open_preallocated_on(&mut FsDisk::default(), path, step_bytes)
     }
 }
 
@@ -209,12 +209,19 @@ impl<F: DiskFile> LogFile<F> {
 mod tests {
     use super::*;
     use crate::log::record::{encode, scan, Mutation, ScanEnd};
+    use crate::log::LogIo;
 
     #[test]
     fn appended_batches_read_back_after_reopen() {
+        for io in [LogIo::Syscalls, LogIo::Uring] {
+            appended_batches_read_back_after_reopen_on(FsDisk::new(io));
+        }
+    }
+
+    fn appended_batches_read_back_after_reopen_on(mut disk: FsDisk) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("core-0.log");
-        let (mut log, contents) = LogFile::open(&path).unwrap();
+        let (mut log, contents) = LogFile::open_on(&mut disk, &path).unwrap();
         assert!(contents.is_empty());
         let mut batch = Vec::new();
         for lsn in 1..=100u64 {
@@ -225,7 +232,7 @@ mod tests {
             }
         }
         drop(log);
-        let (_, contents) = LogFile::open(&path).unwrap();
+        let (_, contents) = LogFile::open_on(&mut disk, &path).unwrap();
         let mut lsns = Vec::new();
         assert_eq!(scan(&contents, |r| lsns.push(r.lsn)), Ok(ScanEnd::Clean));
         assert_eq!(lsns, (1..=100).collect::<Vec<_>>());

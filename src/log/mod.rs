@@ -15,7 +15,7 @@ pub mod record;
 
 use std::path::{Path, PathBuf};
 
-pub use disk::{Disk, DiskFile, FsDisk};
+pub use disk::{Disk, DiskFile, FsDisk, LogIo};
 pub use file::{LogError, LogFile};
 
 pub fn segment_path(dir: &Path, core: usize, first_lsn: u64) -> PathBuf {

@@ -259,7 +259,7 @@ pub fn run(config: &MetaConfig, stop: Arc<AtomicBool>) -> Result<(), MetaError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => return Err(MetaError::File { op: "read", path: map_path, source }),
     };
-    let member = Member::open(member_config, FsDisk, &config.dir, crate::hash::random_u64(), initial).map_err(|e| MetaError::RaftLog(e.to_string()))?;
+    let member = Member::open(member_config, FsDisk::default(), &config.dir, crate::hash::random_u64(), initial).map_err(|e| MetaError::RaftLog(e.to_string()))?;
     if let Some(map) = member.published() {
         crate::log!("meta", "member {id}: raft log replayed, map epoch {} ({} bricks)", map.epoch(), map.bricks().len());
     }
