@@ -21,5 +21,12 @@ pub use client::{Client, ClientConfig, ClientError, Completion, Outcome, Request
 /// The cluster's secret (`Secret::load` reads the file `dds cluster up` writes).
 pub use dds_transport::auth::{self, Secret};
 pub mod cli;
+
+/// The README's Rust code, compiled (not run: it needs a cluster) as a doctest, so the
+/// snippet a user pastes keeps compiling.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(feature = "sim")]
 pub mod sim;

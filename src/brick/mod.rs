@@ -78,8 +78,8 @@ pub struct BrickConfig {
     pub spin_us: u64,
     /// Never park: for dedicated hardware.
     pub busy_poll: bool,
-    /// The CPUs the brick is given: core `i` is pinned to `cpus[i % len]`, and its
-    /// io_uring workers follow it. `None` leaves placement to the kernel, which wins on
+    /// The CPUs the brick is given: core `i` is pinned to `cpus[i % len]` (and with
+    /// `LogIo::Uring` its log's io_uring workers follow it). `None` leaves placement to the kernel, which wins on
     /// a machine the brick shares (see ARCHITECTURE.md, "Placement").
     pub cpus: Option<Vec<usize>>,
     pub durability: Durability,
@@ -417,13 +417,14 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             if stored.is_ok() {
                 crate::log!(
                     "brick",
-                    "serving on {} core(s): {}{} (pid {}, {}, durability {})",
+                    "serving on {} core(s): {}{} (pid {}, {}, durability {}, log I/O {})",
                     config.cores,
                     addr_list(&addrs),
                     if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {}", addr_list(&rdma_addrs)) },
                     file.pid,
                     placement_line(cpus.as_deref()),
-                    config.durability.name()
+                    config.durability.name(),
+                    config.log_io.name()
                 );
                 if let Some(addr) = metrics_addr {
                     crate::log!("brick", "metrics on http://{addr}/metrics");
