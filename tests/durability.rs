@@ -132,6 +132,10 @@ fn survive_sigkill(extra: &[&str], rounds: usize) {
         }
     }
     assert!(cluster.brick_log(0).contains("checkpoint at lsn"), "no checkpoint ran during the crash test");
+    // Every restart kept the log I/O the cluster was made with.
+    let log_io = if extra.contains(&"uring") { "log I/O uring" } else { "log I/O syscalls" };
+    let starts = cluster.brick_log(0).matches("serving on").count();
+    assert_eq!(cluster.brick_log(0).matches(log_io).count(), starts, "a restart changed the log I/O: {}", cluster.brick_log(0));
     println!("crash test ({extra:?}): {rounds} rounds of SIGKILL, {acked_total} acknowledged writes, {checked_total} key checks against the last acknowledged value");
     assert!(acked_total > 50 * rounds as u64, "too few writes were acknowledged to mean anything: {acked_total}");
 }

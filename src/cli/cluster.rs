@@ -243,6 +243,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ClusterMeta
     })
 }
 
+fn log_io_before_the_option() -> LogIo {
+    LogIo::Uring
+}
+
 /// `<dir>/cluster.json`: what a client needs to find the bricks, and what `down` stops.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
@@ -258,7 +262,8 @@ pub struct ClusterFile {
     pub busy_poll: bool,
     #[serde(default)]
     pub placement: Placement,
-    #[serde(default)]
+    /// Absent in a `cluster.json` from before the option: its bricks ran on io_uring.
+    #[serde(default = "log_io_before_the_option")]
     pub log_io: LogIo,
     /// Bricks and the authority serve metrics (kept on through restarts).
     #[serde(default)]

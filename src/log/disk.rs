@@ -46,9 +46,10 @@ pub trait DiskFile {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogIo {
-    /// `pwritev` and `fdatasync` on the core's own thread. The default: waited for at
-    /// once, an io_uring fsync costs a hand-off to an io-wq worker and back, which on the
-    /// 2-CPU development VM made replicated puts 8-25% slower (PERF.md, "Log I/O").
+    /// `pwritev` and `fdatasync` on the calling thread. The default: waited for at
+    /// once, an io_uring fsync costs a hand-off to an io-wq worker and back; on the
+    /// 2-CPU development VM syscalls gave replicated puts 8-27% more throughput (PERF.md,
+    /// "Log I/O"). An authority member's raft log always uses this.
     #[default]
     Syscalls,
     /// One io_uring per file; every fsync runs on the ring's io-wq worker.

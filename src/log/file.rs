@@ -1,4 +1,5 @@
-//! One core's log file, written through io_uring: a group commit is one write of the
+//! One core's log file, on a `Disk` (`FsDisk`: syscalls or io_uring, `LogIo`): a
+//! group commit is one write of the
 //! whole batch (resubmitted from where a short write stopped) and, only once every
 //! byte of it has completed, one fdatasync. Any error stops the caller for good: a
 //! failed fsync is never retried (the kernel may have dropped the dirty pages).

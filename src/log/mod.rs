@@ -1,5 +1,5 @@
 //! The redo log of a brick core: record format and scanning (`record`), the file
-//! written through io_uring with group commit (`file`), checkpoints (`checkpoint`), and
+//! written with group commit (`file`) through the `Disk` doors (`disk`), checkpoints (`checkpoint`), and
 //! the names of a core's files.
 //!
 //! A core's log is a series of segments `core-<i>-<first lsn>.log`; a checkpoint
