@@ -334,6 +334,13 @@ impl World {
             return;
         }
         self.note(format!("member {at} asked: {request:?}"));
+        if matches!(what, ChangeStep::Remove(m) if m == at) {
+            // A leader asked to remove itself hands over first and answers for the group
+            // no more: its going out begins a window of the liveness check, as a
+            // member's fault does (a handover whose message is lost lasts until raft
+            // gives it up, an election timeout).
+            self.recovery = None;
+        }
         let member = self.members[at].member.as_mut().expect("up");
         match member.on_frame(&mut Session::new("admin".into()), now_ms, &frame, &mut reply) {
             Ok((ticket, step)) => {

@@ -46,6 +46,10 @@ pub(crate) struct SimClient {
     map_asked: Option<Micros>,
     /// A map fetch was lost with its link: ask again at the next wake.
     map_lost: bool,
+    /// The last fetch brought nothing newer than the client's map (its member may be
+    /// behind the group): the next one asks the next member, as `rpc::fetch_map` goes
+    /// on to its next seed.
+    next_member: bool,
     /// Think time: the next operation starts no earlier than this.
     next_issue: Micros,
     /// Operations that succeeded, ended `Unknown`, or failed (timed out, refused).
@@ -96,6 +100,7 @@ impl World {
             wake_at: None,
             map_asked: None,
             map_lost: false,
+            next_member: false,
             next_issue: 0,
             outcomes: [0; 3],
             paused_until: 0,
@@ -106,7 +111,7 @@ impl World {
     /// Asks the authority for a map newer than `epoch`, on a new connection if the
     /// last one broke (`rpc::fetch_map` connects per fetch).
     fn ask_map(&mut self, c: usize, epoch: u64) {
-        if !self.net.alive(self.clients[c].authority) {
+        if std::mem::take(&mut self.clients[c].next_member) || !self.net.alive(self.clients[c].authority) {
             // Any member serves the map it holds committed: the next one.
             let member = (c + self.clients[c].map_calls as usize) % self.members.len();
             self.clients[c].authority = self.open_link(Endpoint::Client(c), Endpoint::Member(member), None);
@@ -125,7 +130,9 @@ impl World {
             let client = &mut self.clients[c];
             client.map_call = None;
             client.map_asked = None;
-            match parse_map(&value).ok().flatten().filter(|_| status == Status::Ok) {
+            let fetched = parse_map(&value).ok().flatten().filter(|_| status == Status::Ok);
+            client.next_member = fetched.as_ref().is_none_or(|m| m.epoch() <= client.core.map().epoch());
+            match fetched {
                 Some(map) if client.started => client.core.install_fetched(map),
                 Some(map) => {
                     client.core.install(map);
