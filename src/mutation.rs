@@ -32,10 +32,13 @@ pub enum Mutation {
     /// The authority group's leader serves a map it has proposed before raft has
     /// committed it: a leader that dies first leaves a map its successor never made.
     UncommittedMap = 10,
+    /// A brick that leaves a partition's group keeps its keys there (memory and disk are
+    /// never given back).
+    KeepLeftData = 11,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 10] = [
+    pub const ALL: [Mutation; 11] = [
         Mutation::ReadUncommitted,
         Mutation::SkipSync,
         Mutation::LostCommit,
@@ -46,6 +49,7 @@ impl Mutation {
         Mutation::CheckpointForgetsDecisions,
         Mutation::MissedRestart,
         Mutation::UncommittedMap,
+        Mutation::KeepLeftData,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Mutation {
             Mutation::CheckpointForgetsDecisions => "checkpoint-forgets-decisions",
             Mutation::MissedRestart => "missed-restart",
             Mutation::UncommittedMap => "uncommitted-map",
+            Mutation::KeepLeftData => "keep-left-data",
         }
     }
 

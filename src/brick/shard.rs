@@ -240,6 +240,9 @@ pub struct Shard {
     /// The epoch of the map this core started with: copies planned before it are
     /// refused (this incarnation dropped what they had brought).
     boot_epoch: u64,
+    /// Whether a map has been installed since the start (the first sweeps every
+    /// partition this brick is not in, whatever the log brought back).
+    swept: bool,
 }
 
 fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: Status, value: &[u8]) {
@@ -270,6 +273,7 @@ impl Shard {
             now_ms: 0,
             fenced: false,
             boot_epoch,
+            swept: false,
         }
     }
 
@@ -322,6 +326,12 @@ impl Shard {
         if let Mutation::SyncPoint { .. } = mutation {
             return; // Not a change of state.
         }
+        if let Mutation::Forget { partition } = *mutation {
+            let p = PartitionId(partition);
+            assert!(self.tables[base_partition(p, self.partition_bits) as usize].is_some(), "core {} log forgets partition {p} it does not own", self.core);
+            self.forget(p);
+            return;
+        }
         let partition = self.base_of(mutation.key());
         assert!(self.tables[partition as usize].is_some(), "core {} log holds partition {partition} it does not own", self.core);
         match *mutation {
@@ -341,7 +351,7 @@ impl Shard {
                 // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
                 self.prepared.insert(key.into(), Prepared::new(&body, 0, 0));
             }
-            Mutation::SyncPoint { .. } => {}
+            Mutation::SyncPoint { .. } | Mutation::Forget { .. } => {}
             Mutation::Decide { key, txid, commit } => {
                 if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
                     let p = self.prepared.remove(key).expect("present");
@@ -397,6 +407,19 @@ impl Shard {
     pub fn install_map(&mut self, map: Arc<ClusterMap>, fx: &mut Effects) {
         assert!(map.epoch() >= self.map.epoch(), "maps only move forward");
         let me = self.me;
+        // Partitions this brick has left for good (a move's last map, or a group it was
+        // never in while its log held them): forget what it held there, in memory now
+        // and in its files at the next checkpoint.
+        if map.bricks().contains_key(&me) && !crate::mutation::active(crate::mutation::Mutation::KeepLeftData) {
+            for p in self.left_partitions(&map) {
+                let dropped = self.forget(p);
+                if dropped > 0 {
+                    fx.log(&Mutation::Forget { partition: p.0 }, true);
+                    crate::log!(format_args!("core {}", self.core), "left partition {p}: dropped {dropped} keys");
+                }
+            }
+            self.swept = true;
+        }
         let mut cleared = Vec::new();
         for (&p, joining) in map.joining() {
             if joining.contains(&me) && !self.joining.contains_key(&p) && self.owns_partition(&map, p) {
@@ -404,18 +427,11 @@ impl Shard {
             }
         }
         for p in cleared {
-            let base = base_partition(p, self.partition_bits);
-            let keys: Vec<Box<[u8]>> = self.tables[base as usize]
-                .as_ref()
-                .expect("owned")
-                .keys()
-                .filter(|k| p.contains(key_hash(k)))
-                .cloned()
-                .collect();
-            for key in &keys {
-                self.mutate(key, None);
-                fx.log(&Mutation::Remove { key }, true);
-            }
+            // Logged even when nothing is dropped from memory: the log may still hold
+            // keys of an earlier stay that only memory forgot, and a replay must not
+            // bring them back under this join.
+            let dropped = self.forget(p);
+            fx.log(&Mutation::Forget { partition: p.0 }, true);
             // Writes prepared here before the partition left: this replica voted, so
             // they stay undecided (and answer `Prepared` when asked) until decided, and
             // a commit is applied and counted as a write since the join, like any other
@@ -431,12 +447,47 @@ impl Shard {
                     fx.deferred.push((conn, out));
                 }
             }
-            crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {} stale keys", keys.len());
+            crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {dropped} stale keys");
             self.joining.insert(p, HashSet::default());
         }
         self.joining.retain(|p, _| map.is_joining(*p, me));
         self.map_json = map.to_json().into_bytes().into();
         self.map = map;
+    }
+
+    /// DP leaves of `map` stored on this core whose group this brick is not in but whose
+    /// keys it may hold: it was in the group of an overlapping leaf of the map before, or
+    /// this is the first map since the start (a replayed log may hold any partition).
+    fn left_partitions(&self, map: &ClusterMap) -> Vec<PartitionId> {
+        let held_before: Vec<PartitionId> = self.map.partitions_of(self.me).collect();
+        map.groups()
+            .iter()
+            .filter(|(p, group)| !group.contains(&self.me) && self.owns_partition(map, **p))
+            .filter(|(p, _)| !self.swept || held_before.iter().any(|q| q.overlaps(**p)))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Drops every key of DP leaf `p` from memory; returns how many there were.
+    fn forget(&mut self, p: PartitionId) -> usize {
+        let base = base_partition(p, self.partition_bits);
+        let table = self.tables[base as usize].as_mut().expect("forget on an owned partition");
+        let (before, mut bytes) = (table.len(), 0u64);
+        table.retain(|k, v| {
+            let gone = p.contains(key_hash(k));
+            if gone {
+                bytes += (k.len() + v.len()) as u64;
+            }
+            !gone
+        });
+        let dropped = before - table.len();
+        if table.len() < table.capacity() / 4 {
+            table.shrink_to_fit();
+        }
+        self.stats.keys -= dropped as u64;
+        self.stats.bytes -= bytes;
+        self.snapshots.remove(&p.0);
+        dropped
     }
 
     /// Whether partition `p` (a DP leaf) is stored on this core.
@@ -674,7 +725,10 @@ impl Shard {
         let p = self.prepared.remove(key).expect("present");
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
-        if commit && !lose {
+        // A write decided after this brick left its partition is not kept: the data it
+        // would join is gone, and a join drops everything first.
+        let member = self.map.route(key_hash(key)).1.contains(&self.me);
+        if commit && !lose && member {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);
         }
@@ -1033,6 +1087,73 @@ mod tests {
         assert!(matches!(refused, Err((Status::Conflict, _))), "{refused:?}");
         assert_eq!(shard.lookup(b"k").0, None);
         assert_eq!(shard.install(joining.epoch() + 1, &chunk, &mut fx), Ok(1));
+    }
+
+    #[test]
+    fn a_partition_left_and_joined_again_keeps_nothing_of_its_first_stay_across_a_replay() {
+        // Brick 0 holds partition p with brick 1, then moves it to brick 2 (its keys are
+        // dropped from memory), learns of a write prepared before the move only after it
+        // (not kept), joins p again, takes a copy that no longer has that key, and
+        // restarts: the replay of its log must not bring the key back.
+        let bricks: BTreeMap<_, _> = (0..3).map(|i| (BrickId(i), BrickAddr::tcp(vec![]))).collect();
+        let two = ClusterMap::initial(0, bricks.iter().take(2).map(|(b, a)| (*b, a.clone())).collect(), 2).unwrap();
+        let p = *two.groups().keys().next().unwrap();
+        let three = two.add_brick(BrickId(2), bricks[&BrickId(2)].clone()).unwrap();
+        let moving = three.begin_join(&[(p, BrickId(2))]).unwrap();
+        let leaving = moving.finish_join(&[(p, BrickId(2))], &[(p, BrickId(0))]).unwrap();
+        let left = Arc::new(leaving.drop_leaving(&[(p, BrickId(0))]).unwrap());
+        let back = Arc::new(left.begin_join(&[(p, BrickId(0))]).unwrap());
+        let readable = Arc::new(back.finish_join(&[(p, BrickId(0))], &[]).unwrap());
+
+        let mut shard = Shard::new(0, 1, 0, BrickId(0), Arc::new(two.clone()));
+        let (mut log, mut next_lsn) = (Vec::new(), 1);
+        let mut step = |shard: &mut Shard, f: &mut dyn FnMut(&mut Shard, &mut Effects)| {
+            let mut fx = Effects::new(next_lsn);
+            f(shard, &mut fx);
+            log.extend_from_slice(&fx.batch);
+            next_lsn = fx.next_lsn;
+        };
+        let prepare = |s: &mut Shard, fx: &mut Effects, key: &[u8], txid: TxId, value: &[u8]| {
+            let mut body = Vec::new();
+            PrepareBody::encode(txid, WriteKind::Put, &[0, 1], value, &mut body);
+            let info = BrickInfo { partition_bits: 0, core: 0, ports: vec![1] };
+            let mut out = Vec::new();
+            s.execute(CONN, &Frame { kind: Kind::Request(Op::Prepare), request_id: 1, epoch: s.epoch(), key, value: &body }, &info, &mut out, fx);
+            assert_eq!(decode(&out).unwrap().unwrap().0.kind, Kind::Reply(Op::Prepare, Status::Ok));
+        };
+        let (t1, t2) = (TxId { client: 1, seq: 1 }, TxId { client: 1, seq: 2 });
+        step(&mut shard, &mut |s, fx| s.install_map(Arc::new(two.clone()), fx));
+        step(&mut shard, &mut |s, fx| prepare(s, fx, b"kept", t1, b"v1"));
+        step(&mut shard, &mut |s, fx| assert!(s.decide(b"kept", t1, true, fx)));
+        step(&mut shard, &mut |s, fx| prepare(s, fx, b"late", t2, b"v2"));
+        for m in [Arc::new(three), Arc::new(moving), Arc::new(leaving), Arc::clone(&left)] {
+            step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&m), fx));
+        }
+        assert_eq!((shard.stats.keys, shard.lookup(b"kept").0), (0, None), "a left partition's keys are dropped");
+        step(&mut shard, &mut |s, fx| assert!(s.decide(b"late", t2, true, fx)));
+        assert_eq!(shard.lookup(b"late").0, None, "a write decided after the leave is not kept");
+        step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&back), fx));
+        let mut chunk = Vec::new();
+        Chunk::start(&mut chunk, p.0, 0, true);
+        Chunk::push_entry(&mut chunk, b"kept", b"v3");
+        step(&mut shard, &mut |s, fx| assert_eq!(s.install(back.epoch(), &chunk, fx), Ok(1)));
+        step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&readable), fx));
+        let live: BTreeMap<Vec<u8>, Vec<u8>> = shard.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+
+        // The restart: replay every logged record, then the map the brick starts with.
+        let mut again = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&readable));
+        let mut lsn = 0;
+        crate::log::record::scan(&log, |r| {
+            lsn += 1;
+            again.replay(&r.mutation);
+        })
+        .unwrap();
+        assert!(lsn > 0);
+        again.install_map(Arc::clone(&readable), &mut Effects::new(1));
+        let replayed: BTreeMap<Vec<u8>, Vec<u8>> = again.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(replayed, live);
+        assert_eq!(replayed, BTreeMap::from([(b"kept".to_vec(), b"v3".to_vec())]));
+        assert_eq!(again.stats.keys, 1);
     }
 
     #[test]

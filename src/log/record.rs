@@ -3,7 +3,8 @@
 //! Payload: `kind: u8 | key_len: u16 | value_len: u32 | key | value`. Kinds: 1 put,
 //! 2 remove (the state itself), 3 prepare (value: the wire `PrepareBody`), 4 commit and
 //! 5 abort (value: the `TxId`) for two-phase commit, 6 sync point (lsn field 0, no key,
-//! value: a `u64` byte length; see below).
+//! value: a `u64` byte length; see below), 7 forget a partition (no key, value: the DP
+//! leaf's raw `u32` id).
 //!
 //! Reading distinguishes a torn tail (the last write of a crash that never synced, to be
 //! dropped) from corruption (a bad record in bytes that had been durable, to stop on).
@@ -22,6 +23,7 @@ use crate::proto::{PrepareBody, TxId, KEY_LEN_MAX, VALUE_LEN_MAX};
 pub const RECORD_HEADER_LEN: usize = 16;
 const PAYLOAD_HEADER_LEN: usize = 7;
 const SYNC_POINT_KIND: u8 = 6;
+const FORGET_KIND: u8 = 7;
 /// The length of a sync point record.
 pub const SYNC_POINT_LEN: usize = RECORD_HEADER_LEN + PAYLOAD_HEADER_LEN + 8;
 
@@ -62,13 +64,18 @@ pub enum Mutation<'a> {
     /// `durable_len` bytes of the file were durable. Not a change of state; its lsn
     /// field is 0 and takes no place in the sequence.
     SyncPoint { durable_len: u64 },
+    /// Every key of DP leaf `partition` (its raw id) held at this point is gone: the
+    /// brick left the partition's group, or is joining it again and what it held is
+    /// stale. One record stands for every key, so a replay after a later rejoin cannot
+    /// bring back keys that were only ever dropped from memory.
+    Forget { partition: u32 },
 }
 
 impl Mutation<'_> {
     pub fn key(&self) -> &[u8] {
         match self {
             Mutation::Put { key, .. } | Mutation::Remove { key } | Mutation::Prepare { key, .. } | Mutation::Decide { key, .. } => key,
-            Mutation::SyncPoint { .. } => &[],
+            Mutation::SyncPoint { .. } | Mutation::Forget { .. } => &[],
         }
     }
 }
@@ -124,6 +131,10 @@ pub fn encode(out: &mut Vec<u8>, lsn: u64, mutation: &Mutation<'_>) {
             assert_eq!(lsn, 0, "a sync point takes no lsn");
             scratch.extend_from_slice(&durable_len.to_le_bytes());
             (SYNC_POINT_KIND, &[][..], &scratch[..])
+        }
+        Mutation::Forget { partition } => {
+            scratch.extend_from_slice(&partition.to_le_bytes());
+            (FORGET_KIND, &[][..], &scratch[..])
         }
     };
     let start = out.len();
@@ -186,6 +197,8 @@ pub fn decode(buf: &[u8], offset: u64) -> Result<(Record<'_>, usize), RecordErro
             Mutation::SyncPoint { durable_len: u64::from_le_bytes(value.try_into().expect("8 bytes")) }
         }
         SYNC_POINT_KIND => return Err(bad("malformed sync point")),
+        FORGET_KIND if key_len == 0 && value_len == 4 => Mutation::Forget { partition: u32::from_le_bytes(value.try_into().expect("4 bytes")) },
+        FORGET_KIND => return Err(bad("malformed forget")),
         _ => return Err(bad("unknown kind")),
     };
     Ok((Record { lsn, mutation }, total))
@@ -258,11 +271,30 @@ mod tests {
         for lsn in 1..=n {
             let key = format!("key{lsn}");
             let value = vec![lsn as u8; (lsn as usize * 37) % 300];
-            let m = if lsn % 5 == 0 { Mutation::Remove { key: key.as_bytes() } } else { Mutation::Put { key: key.as_bytes(), value: &value } };
+            let m = if lsn % 7 == 0 {
+                Mutation::Forget { partition: lsn as u32 }
+            } else if lsn % 5 == 0 {
+                Mutation::Remove { key: key.as_bytes() }
+            } else {
+                Mutation::Put { key: key.as_bytes(), value: &value }
+            };
             encode(&mut log, lsn, &m);
             ends.push(log.len());
         }
         (log, ends)
+    }
+
+    #[test]
+    fn a_forget_record_reads_back_and_a_malformed_one_is_refused() {
+        let mut log = Vec::new();
+        encode(&mut log, 3, &Mutation::Forget { partition: 0x0102_0304 });
+        assert_eq!(decode(&log, 0), Ok((Record { lsn: 3, mutation: Mutation::Forget { partition: 0x0102_0304 } }, log.len())));
+        let mut bad = Vec::new();
+        encode(&mut bad, 3, &Mutation::Put { key: b"", value: &[1, 2, 3] });
+        bad[RECORD_HEADER_LEN] = FORGET_KIND;
+        let crc = crc32c::crc32c(&bad[8..]);
+        bad[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&bad, 0), Err(RecordError::Payload { what: "malformed forget", .. })));
     }
 
     #[test]

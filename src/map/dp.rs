@@ -34,6 +34,12 @@ impl PartitionId {
         hash & ((1u64 << self.depth()) - 1) == self.prefix() as u64
     }
 
+    /// Whether the two share a hash: one is the other or lies inside it.
+    pub fn overlaps(self, other: PartitionId) -> bool {
+        let mask = (1u32 << self.depth().min(other.depth())) - 1;
+        self.prefix() & mask == other.prefix() & mask
+    }
+
     /// The two halves a split makes: the next hash bit 0, then 1.
     pub fn children(self) -> (PartitionId, PartitionId) {
         let d = self.depth();

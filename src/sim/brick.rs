@@ -202,6 +202,30 @@ impl SimBrick {
         self.cores.get(map.core_of(key_hash(key), self.cores.len().max(1))).map(|c| c.round.shard().lookup(key))
     }
 
+    /// Keys a core holds of partitions whose group, in that core's own map, does not
+    /// include this brick (a partition it left whose data stayed): how many, and one of
+    /// those partitions. A core whose map no longer has the brick is skipped: the brick
+    /// is stopping.
+    pub fn stray_keys(&self) -> Option<(BrickId, usize, PartitionId)> {
+        let me = self.id?;
+        let (mut n, mut some) = (0, None);
+        for c in &self.cores {
+            let shard = c.round.shard();
+            let map = shard.map();
+            if !map.bricks().contains_key(&me) {
+                continue;
+            }
+            for (k, _) in shard.entries() {
+                let (p, group) = map.route(key_hash(k));
+                if !group.contains(&me) {
+                    n += 1;
+                    some = Some(p);
+                }
+            }
+        }
+        some.map(|p| (me, n, p))
+    }
+
     /// Digest input: every entry, in key order.
     pub fn all_entries(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
         self.cores.iter().flat_map(|c| c.round.shard().entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()

@@ -220,6 +220,13 @@ impl World {
                 }
             }
         }
+        // Space is given back: once quiet, a brick holds keys only of partitions it is a
+        // replica of, so the keys over all bricks are keys x replicas.
+        for brick in self.bricks.iter().filter(|b| b.serving()) {
+            if let Some((me, n, p)) = brick.stray_keys() {
+                return Err(format!("{me} still holds {n} keys of partitions it left (partition {p} among them)"));
+            }
+        }
         for (&p, group) in map.groups() {
             let mut first: Option<(crate::map::BrickId, Entries)> = None;
             for brick_id in group {

@@ -121,13 +121,18 @@ pub fn value(prefix: &str, i: usize) -> Vec<u8> {
 
 /// Writes `n` keys, 32 in flight; every write must succeed.
 pub fn write_all(client: &mut Client, prefix: &str, n: usize) {
+    write_all_with(client, prefix, n, |i| value(prefix, i));
+}
+
+/// `write_all` with the values `value_of` gives.
+pub fn write_all_with(client: &mut Client, prefix: &str, n: usize, value_of: impl Fn(usize) -> Vec<u8>) {
     let mut done: Vec<Completion> = Vec::new();
     let mut next = 0;
     let mut finished = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while finished < n {
         while next < n && client.in_flight() < 32 {
-            client.submit(Request::Put(&key(prefix, next), &value(prefix, next))).unwrap();
+            client.submit(Request::Put(&key(prefix, next), &value_of(next))).unwrap();
             next += 1;
         }
         done.clear();
@@ -142,6 +147,11 @@ pub fn write_all(client: &mut Client, prefix: &str, n: usize) {
 
 /// Reads `n` keys back, 32 in flight, and checks each byte for byte.
 pub fn check_all(client: &mut Client, prefix: &str, n: usize) {
+    check_all_with(client, prefix, n, |i| value(prefix, i));
+}
+
+/// `check_all` against the values `value_of` gives.
+pub fn check_all_with(client: &mut Client, prefix: &str, n: usize, value_of: impl Fn(usize) -> Vec<u8>) {
     let mut tokens = std::collections::HashMap::new();
     let mut done: Vec<Completion> = Vec::new();
     let mut next = 0;
@@ -156,7 +166,7 @@ pub fn check_all(client: &mut Client, prefix: &str, n: usize) {
         for c in done.drain(..) {
             let i = tokens.remove(&c.token).expect("our token");
             match c.result {
-                Ok(Outcome::Value(v)) => assert_eq!(v, value(prefix, i), "{prefix} {i}: wrong value"),
+                Ok(Outcome::Value(v)) => assert_eq!(v, value_of(i), "{prefix} {i}: wrong value"),
                 other => panic!("{prefix} {i}: {other:?}"),
             }
         }
