@@ -83,7 +83,7 @@ fail() {
   for f in "$@"; do
     [ -f "$f" ] || continue
     echo "--- tail of $(basename "$f")" >&2
-    grep -v "copied partition [01]\|joining partition [01]" "$f" | tail -n 25 >&2
+    grep -v "copied partition [01]\|caught up partition [01]\|joining partition [01]" "$f" | tail -n 25 >&2
   done
   echo "netns: 0 passed, 1 failed" >&2
   exit 1

@@ -26,15 +26,15 @@ pub enum Mutation {
     ReadPastPrepared = 7,
     /// A checkpoint keeps values but not the decided transactions its core remembers.
     CheckpointForgetsDecisions = 8,
-    /// The authority takes a joining brick that registers again with its old addresses
-    /// for one that never stopped, so its copy goes on after it dropped what it had.
-    MissedRestart = 9,
     /// The authority group's leader serves a map it has proposed before raft has
     /// committed it: a leader that dies first leaves a map its successor never made.
     UncommittedMap = 10,
     /// A brick that leaves a partition's group keeps its keys there (memory and disk are
     /// never given back).
     KeepLeftData = 11,
+    /// A catch-up's repair writes the source's entries of each differing bucket but
+    /// keeps the keys the source no longer holds (removals are not carried).
+    RepairKeepsRemoved = 12,
 }
 
 impl Mutation {
@@ -47,9 +47,9 @@ impl Mutation {
         Mutation::SkipProbe,
         Mutation::ReadPastPrepared,
         Mutation::CheckpointForgetsDecisions,
-        Mutation::MissedRestart,
         Mutation::UncommittedMap,
         Mutation::KeepLeftData,
+        Mutation::RepairKeepsRemoved,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,9 +62,9 @@ impl Mutation {
             Mutation::SkipProbe => "skip-probe",
             Mutation::ReadPastPrepared => "read-past-prepared",
             Mutation::CheckpointForgetsDecisions => "checkpoint-forgets-decisions",
-            Mutation::MissedRestart => "missed-restart",
             Mutation::UncommittedMap => "uncommitted-map",
             Mutation::KeepLeftData => "keep-left-data",
+            Mutation::RepairKeepsRemoved => "repair-keeps-removed",
         }
     }
 

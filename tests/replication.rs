@@ -326,7 +326,7 @@ fn a_joining_brick_restarted_mid_copy_on_its_ports_ends_with_every_key_on_every_
     // Killed once the new brick (id 2) holds a copied partition and restarted at once,
     // on the same ports, before the authority would remove it: it keeps its id.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !cluster.meta_logs().contains("to brick 2:") {
+    while !cluster.meta_logs().contains("to brick 2 from") {
         assert!(Instant::now() < deadline, "no partition was copied to the new brick");
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -162,7 +162,9 @@ fn client_thread<T: Target>(
 ) -> Result<ThreadResult, TargetError> {
     let mut rng = SmallRng::seed_from_u64(config.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let gen = OpGen::new(config.workload, config.keys);
-    let value: Vec<u8> = (0..config.value_size).map(|i| (i % 251) as u8).collect();
+    // Written values follow the seed (the preload's are seed 0's), so a run with
+    // another seed changes every key it writes.
+    let value: Vec<u8> = (0..config.value_size).map(|i| ((i as u64).wrapping_add(config.seed) % 251) as u8).collect();
     let mut key = Vec::with_capacity(32);
     let mut in_flight: Vec<(u64, OpKind, Instant)> = Vec::with_capacity(config.depth);
     let mut done = Vec::with_capacity(config.depth);

@@ -19,7 +19,8 @@ use crate::hash::{HashMap, HashSet};
 
 use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
-use crate::proto::{encode, BrickInfo, Chunk, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
+use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest};
+use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
 /// A request refused: the status and its message (or map) for the reply.
@@ -243,6 +244,12 @@ pub struct Shard {
     /// Whether a map has been installed since the start (the first sweeps every
     /// partition this brick is not in, whatever the log brought back).
     swept: bool,
+    /// Partitions whose group this brick is not in but whose data it keeps: the group
+    /// was short at the last map (`keeps`).
+    dormant: Vec<PartitionId>,
+    /// During a replay, writes prepared under an earlier id of this directory whose
+    /// decision has not come yet; dropped at the first map.
+    foreign: HashMap<Box<[u8]>, Prepared>,
 }
 
 fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: Status, value: &[u8]) {
@@ -274,6 +281,8 @@ impl Shard {
             fenced: false,
             boot_epoch,
             swept: false,
+            dormant: Vec::new(),
+            foreign: HashMap::default(),
         }
     }
 
@@ -346,6 +355,9 @@ impl Shard {
                     // Prepared under an earlier id of this directory (the brick was
                     // removed and came back as a new brick): not this brick's to decide.
                     // Resolving it here would apply a write no other replica shares.
+                    // Its decision, if the log holds one, is applied (a committed write
+                    // is data to catch up from); undecided, it is dropped at the start.
+                    self.foreign.insert(key.into(), Prepared::new(&body, 0, 0));
                     return;
                 }
                 // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
@@ -353,8 +365,10 @@ impl Shard {
             }
             Mutation::SyncPoint { .. } | Mutation::Forget { .. } => {}
             Mutation::Decide { key, txid, commit } => {
-                if self.prepared.get(key).is_some_and(|p| p.txid == txid) {
-                    let p = self.prepared.remove(key).expect("present");
+                let mine = self.prepared.get(key).is_some_and(|p| p.txid == txid);
+                let earlier_id = !mine && self.foreign.get(key).is_some_and(|p| p.txid == txid);
+                if mine || earlier_id {
+                    let p = if mine { self.prepared.remove(key) } else { self.foreign.remove(key) }.expect("present");
                     if commit {
                         self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
                     }
@@ -407,47 +421,46 @@ impl Shard {
     pub fn install_map(&mut self, map: Arc<ClusterMap>, fx: &mut Effects) {
         assert!(map.epoch() >= self.map.epoch(), "maps only move forward");
         let me = self.me;
-        // Partitions this brick has left for good (a move's last map, or a group it was
-        // never in while its log held them): forget what it held there, in memory now
-        // and in its files at the next checkpoint.
+        // Partitions this brick has left (a move's last map, or a group it is not in
+        // while its log held them, on its first map): forget what it held there, in
+        // memory now and in its files at the next checkpoint; unless the group is short
+        // of replicas, when the brick keeps it (dormant) to catch up from if it joins
+        // again.
         if map.bricks().contains_key(&me) && !crate::mutation::active(crate::mutation::Mutation::KeepLeftData) {
+            let mut dormant = Vec::new();
             for p in self.left_partitions(&map) {
+                if map.is_short(p) {
+                    dormant.push(p);
+                    continue;
+                }
                 let dropped = self.forget(p);
+                self.refuse_parked_reads(p, map.epoch(), "it left the partition's group", fx);
                 if dropped > 0 {
                     fx.log(&Mutation::Forget { partition: p.0 }, true);
                     crate::log!(format_args!("core {}", self.core), "left partition {p}: dropped {dropped} keys");
                 }
             }
+            self.dormant = dormant;
             self.swept = true;
+            self.foreign = HashMap::default();
         }
-        let mut cleared = Vec::new();
+        let mut joined = Vec::new();
         for (&p, joining) in map.joining() {
             if joining.contains(&me) && !self.joining.contains_key(&p) && self.owns_partition(&map, p) {
-                cleared.push(p);
+                joined.push(p);
             }
         }
-        for p in cleared {
-            // Logged even when nothing is dropped from memory: the log may still hold
-            // keys of an earlier stay that only memory forgot, and a replay must not
-            // bring them back under this join.
-            let dropped = self.forget(p);
-            fx.log(&Mutation::Forget { partition: p.0 }, true);
+        for p in joined {
+            // What this brick holds there stays: it is from an earlier stay, stale but
+            // all of it committed, and the copy makes it equal to a readable replica's
+            // (a catch-up: only buckets that differ move) before it serves a read.
             // Writes prepared here before the partition left: this replica voted, so
             // they stay undecided (and answer `Prepared` when asked) until decided, and
             // a commit is applied and counted as a write since the join, like any other
-            // (the copy must not overwrite it). Reads waiting on them were admitted when
-            // this replica served the partition, and its data is gone now: they are
-            // refused, to go elsewhere.
-            let epoch = map.epoch();
-            for (_, prepared) in self.prepared.iter_mut().filter(|(k, _)| p.contains(key_hash(k))) {
-                for (conn, id) in prepared.waiters.drain(..) {
-                    let mut out = Vec::new();
-                    let why = format!("{} no longer serves reads of partition {p}: it left and is joining again", self.me);
-                    reply_frame(&mut out, Op::Get, id, epoch, Status::Unavailable, why.as_bytes());
-                    fx.deferred.push((conn, out));
-                }
-            }
-            crate::log!(format_args!("core {}", self.core), "joining partition {p}: dropped {dropped} stale keys");
+            // (the copy must not overwrite it).
+            self.refuse_parked_reads(p, map.epoch(), "it left and is joining again", fx);
+            let held = self.count_keys(p);
+            crate::log!(format_args!("core {}", self.core), "joining partition {p}: holds {held} keys from an earlier stay");
             self.joining.insert(p, HashSet::default());
         }
         self.joining.retain(|p, _| map.is_joining(*p, me));
@@ -459,13 +472,66 @@ impl Shard {
     /// keys it may hold: it was in the group of an overlapping leaf of the map before, or
     /// this is the first map since the start (a replayed log may hold any partition).
     fn left_partitions(&self, map: &ClusterMap) -> Vec<PartitionId> {
-        let held_before: Vec<PartitionId> = self.map.partitions_of(self.me).collect();
+        let held_before: Vec<PartitionId> = self.map.partitions_of(self.me).chain(self.dormant.iter().copied()).collect();
         map.groups()
             .iter()
             .filter(|(p, group)| !group.contains(&self.me) && self.owns_partition(map, **p))
             .filter(|(p, _)| !self.swept || held_before.iter().any(|q| q.overlaps(**p)))
             .map(|(p, _)| *p)
             .collect()
+    }
+
+    /// Whether this brick keeps what it holds of partition `p` under `map`: it is in
+    /// the group, or the group is short and this brick may be asked to join it again
+    /// and catch up from its data.
+    fn keeps(&self, map: &ClusterMap, p: PartitionId) -> bool {
+        map.groups().get(&p).is_some_and(|g| g.contains(&self.me)) || map.is_short(p)
+    }
+
+    /// Refuses the reads parked on writes prepared in partition `p`: they were admitted
+    /// while this replica served `p`, and the data they would read is gone now. They go
+    /// elsewhere; the writes stay prepared until decided.
+    fn refuse_parked_reads(&mut self, p: PartitionId, epoch: u64, why: &str, fx: &mut Effects) {
+        for (_, prepared) in self.prepared.iter_mut().filter(|(k, _)| p.contains(key_hash(k))) {
+            for (conn, id) in prepared.waiters.drain(..) {
+                let mut out = Vec::new();
+                let why = format!("{} no longer serves reads of partition {p}: {why}", self.me);
+                reply_frame(&mut out, Op::Get, id, epoch, Status::Unavailable, why.as_bytes());
+                fx.deferred.push((conn, out));
+            }
+        }
+    }
+
+    /// Keys written since this brick joined partition `p` (0 when not joining it).
+    pub fn joined_writes(&self, p: PartitionId) -> usize {
+        self.joining.get(&p).map_or(0, |keys| keys.len())
+    }
+
+    /// Keys of DP leaf `p` held here.
+    fn count_keys(&self, p: PartitionId) -> usize {
+        let base = base_partition(p, self.partition_bits);
+        self.tables[base as usize].as_ref().map_or(0, |t| t.keys().filter(|k| p.contains(key_hash(k))).count())
+    }
+
+    /// The keys of DP leaf `p` held here, and the digests of its buckets `from..from +
+    /// count` among `2^log2` (`proto::catchup`).
+    fn bucket_digests(&self, p: PartitionId, log2: u8, from: u32, count: u32) -> (u64, Vec<u64>) {
+        let base = base_partition(p, self.partition_bits);
+        let table = self.tables[base as usize].as_ref().expect("digests of an owned partition");
+        let mut digests = vec![0u64; count as usize];
+        let mut keys = 0;
+        for (k, v) in table.iter() {
+            let hash = key_hash(k);
+            if !p.contains(hash) {
+                continue;
+            }
+            keys += 1;
+            let at = bucket_of(hash, log2).wrapping_sub(from);
+            if at < count {
+                digests[at as usize] = digests[at as usize].wrapping_add(entry_digest(hash, v));
+            }
+        }
+        (keys, digests)
     }
 
     /// Drops every key of DP leaf `p` from memory; returns how many there were.
@@ -640,6 +706,21 @@ impl Shard {
                 Ok(n) => reply(Status::Ok, &(n as u64).to_le_bytes()),
                 Err((status, msg)) => reply(status, msg.as_bytes()),
             },
+            Op::Repair => match self.repair(request.epoch, request.value, fx) {
+                Ok(n) => reply(Status::Ok, &(n as u64).to_le_bytes()),
+                Err((status, msg)) => reply(status, msg.as_bytes()),
+            },
+            Op::Digests | Op::Diff => {
+                let mut value = Vec::new();
+                let answered = match op {
+                    Op::Digests => self.digests(request.epoch, request.value, &mut value, fx),
+                    _ => self.diff(request.epoch, request.value, &mut value, fx),
+                };
+                match answered {
+                    Ok(()) => reply(Status::Ok, &value),
+                    Err((status, msg)) => reply(status, msg.as_bytes()),
+                }
+            }
             Op::GetMap => {
                 if request.epoch < self.map.epoch() {
                     reply(Status::Ok, &self.map_json)
@@ -725,14 +806,17 @@ impl Shard {
         let p = self.prepared.remove(key).expect("present");
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
-        // A write decided after this brick left its partition is not kept: the data it
-        // would join is gone, and a join drops everything first.
-        let member = self.map.route(key_hash(key)).1.contains(&self.me);
-        if commit && !lose && member {
+        if commit && !lose {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
             self.note_joining_write(key);
         }
         fx.log(&Mutation::Decide { key, txid, commit }, true);
+        // Decided after this brick left the partition: the write is let go again at once,
+        // by a record of its own, so that memory stays what a replay of the log gives.
+        let (partition, _) = self.map.route(key_hash(key));
+        if commit && !self.keeps(&self.map, partition) && self.map.bricks().contains_key(&self.me) && self.forget(partition) > 0 {
+            fx.log(&Mutation::Forget { partition: partition.0 }, true);
+        }
         self.outcomes.record(txid, commit, key);
         self.answer_waiters(key, p.waiters, fx);
         true
@@ -910,19 +994,7 @@ impl Shard {
     fn install(&mut self, epoch: u64, body: &[u8], fx: &mut Effects) -> Result<usize, (Status, String)> {
         let chunk = Chunk::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
         let p = PartitionId(chunk.partition);
-        if epoch > self.map.epoch() {
-            fx.behind = true;
-            return Err((Status::Behind, "brick has not seen that epoch yet".into()));
-        }
-        if !self.joining.contains_key(&p) {
-            return Err((Status::WrongShard, format!("{} core {} is not joining partition {p}", self.me, self.core)));
-        }
-        if epoch < self.boot_epoch {
-            // Read from its source before this brick restarted: it may be older than a
-            // write this brick took since the join and no longer tracks as one (the
-            // simulator found a removed key brought back).
-            return Err((Status::Conflict, format!("{} restarted after this copy was planned (epoch {epoch}, started at {}): copy again", self.me, self.boot_epoch)));
-        }
+        self.check_joining(p, epoch, fx)?;
         let mut stored = 0;
         for (key, value) in chunk.entries() {
             if !p.contains(key_hash(key)) {
@@ -936,6 +1008,130 @@ impl Shard {
             stored += 1;
         }
         Ok(stored)
+    }
+
+    /// Checks a copy's or a catch-up's request at a joining replica of `p`: the epoch,
+    /// the join, and that the copy was planned in this incarnation.
+    fn check_joining(&self, p: PartitionId, epoch: u64, fx: &mut Effects) -> Result<(), (Status, String)> {
+        if epoch > self.map.epoch() {
+            fx.behind = true;
+            return Err((Status::Behind, "brick has not seen that epoch yet".into()));
+        }
+        if !self.joining.contains_key(&p) {
+            return Err((Status::WrongShard, format!("{} core {} is not joining partition {p}", self.me, self.core)));
+        }
+        if epoch < self.boot_epoch {
+            // Read from its source before this brick restarted: it may be older than a
+            // write this brick took since the join and no longer tracks as one (the
+            // simulator found a removed key brought back).
+            return Err((Status::Conflict, format!("{} restarted after this copy was planned (epoch {epoch}, started at {}): copy again", self.me, self.boot_epoch)));
+        }
+        Ok(())
+    }
+
+    /// A joining replica's key count in a partition and its bucket digests.
+    fn digests(&mut self, epoch: u64, body: &[u8], out: &mut Vec<u8>, fx: &mut Effects) -> Result<(), (Status, String)> {
+        let req = DigestRequest::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
+        let p = PartitionId(req.partition);
+        self.check_joining(p, epoch, fx)?;
+        let (keys, digests) = self.bucket_digests(p, req.log2, req.from, req.count);
+        encode_digest_reply(out, keys, &digests);
+        Ok(())
+    }
+
+    /// A readable replica's entries of the buckets whose digests differ from a joining
+    /// replica's, whole buckets in order until about `CHUNK_BYTES_MAX`. Refused while a
+    /// write prepared under an older epoch is pending on the partition (as a snapshot).
+    fn diff(&mut self, epoch: u64, body: &[u8], out: &mut Vec<u8>, fx: &mut Effects) -> Result<(), (Status, String)> {
+        let req = DiffRequest::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
+        let p = PartitionId(req.partition);
+        if epoch > self.map.epoch() {
+            fx.behind = true;
+            return Err((Status::Behind, "brick has not seen that epoch yet".into()));
+        }
+        if !self.map.dp().is_leaf(p) || !self.map.readable(p).any(|b| b == self.me) || !self.owns_partition(&self.map, p) {
+            return Err((Status::WrongShard, format!("{} core {} serves no copy of partition {p}", self.me, self.core)));
+        }
+        if self.pending_older(p, epoch) {
+            return Err((Status::Behind, "writes from an older epoch are still pending on this partition".into()));
+        }
+        let (from, count) = (req.from, req.digests.len() as u32);
+        let (_, mine) = self.bucket_digests(p, req.log2, from, count);
+        let differ: Vec<bool> = mine.iter().zip(&req.digests).map(|(a, b)| a != b).collect();
+        let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("owned");
+        let mut found: Vec<(u32, &[u8], &[u8])> = table
+            .iter()
+            .filter_map(|(k, v)| {
+                let hash = key_hash(k);
+                let at = bucket_of(hash, req.log2).wrapping_sub(from);
+                (p.contains(hash) && at < count && differ[at as usize]).then_some((at + from, &k[..], &v[..]))
+            })
+            .collect();
+        found.sort_unstable_by_key(|e| e.0);
+        let (mut buckets, mut entries, mut next, mut i) = (Vec::new(), Vec::new(), from + count, 0);
+        for bucket in (from..from + count).filter(|b| differ[(b - from) as usize]) {
+            if entries.len() >= CHUNK_BYTES_MAX {
+                next = bucket;
+                break;
+            }
+            buckets.push(bucket);
+            while let Some(&(b, key, value)) = found.get(i).filter(|e| e.0 == bucket) {
+                debug_assert_eq!(b, bucket);
+                Chunk::push_entry(&mut entries, key, value);
+                i += 1;
+            }
+        }
+        Buckets::encode(out, p.0, req.log2, next, &buckets, &entries);
+        Ok(())
+    }
+
+    /// Makes the listed buckets of a partition this brick is joining equal to the
+    /// entries a readable replica gave for them: keys here it does not hold are removed,
+    /// the others written; keys written since the join are newer and stay. Returns how
+    /// many keys changed.
+    fn repair(&mut self, epoch: u64, body: &[u8], fx: &mut Effects) -> Result<usize, (Status, String)> {
+        let msg = Buckets::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
+        let p = PartitionId(msg.partition);
+        self.check_joining(p, epoch, fx)?;
+        let listed: HashSet<u32> = msg.buckets().collect();
+        let mut given: HashSet<&[u8]> = HashSet::default();
+        for (key, _) in msg.entries() {
+            let hash = key_hash(key);
+            if !p.contains(hash) || !listed.contains(&bucket_of(hash, msg.log2)) {
+                return Err((Status::Conflict, format!("repair entry outside partition {p}'s listed buckets")));
+            }
+            given.insert(key);
+        }
+        let since_join = &self.joining[&p];
+        let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("joining an owned partition");
+        let stale: Vec<Box<[u8]>> = if crate::mutation::active(crate::mutation::Mutation::RepairKeepsRemoved) {
+            Vec::new()
+        } else {
+            table
+                .keys()
+                .filter(|k| {
+                    let hash = key_hash(k);
+                    p.contains(hash) && listed.contains(&bucket_of(hash, msg.log2)) && !given.contains(&k[..]) && !since_join.contains(&k[..])
+                })
+                .cloned()
+                .collect()
+        };
+        let mut changed = 0;
+        for key in &stale {
+            self.mutate(key, None);
+            fx.log(&Mutation::Remove { key }, true);
+            changed += 1;
+        }
+        for (key, value) in msg.entries() {
+            let same = self.lookup(key).0 == Some(value);
+            if same || self.joining[&p].contains(key) {
+                continue;
+            }
+            self.mutate(key, Some(value));
+            fx.log(&Mutation::Put { key, value }, true);
+            changed += 1;
+        }
+        Ok(changed)
     }
 }
 
@@ -1126,9 +1322,21 @@ mod tests {
         step(&mut shard, &mut |s, fx| prepare(s, fx, b"kept", t1, b"v1"));
         step(&mut shard, &mut |s, fx| assert!(s.decide(b"kept", t1, true, fx)));
         step(&mut shard, &mut |s, fx| prepare(s, fx, b"late", t2, b"v2"));
+        // A read parked on the prepared write while this replica served the partition.
+        let info = BrickInfo { partition_bits: 0, core: 0, ports: vec![1] };
+        let mut out = Vec::new();
+        shard.execute(CONN, &Frame { kind: Kind::Request(Op::Get), request_id: 7, epoch: shard.epoch(), key: b"late", value: b"" }, &info, &mut out, &mut Effects::new(1));
+        assert!(out.is_empty(), "a read of a prepared key waits");
+        let mut refused = Vec::new();
         for m in [Arc::new(three), Arc::new(moving), Arc::new(leaving), Arc::clone(&left)] {
-            step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&m), fx));
+            step(&mut shard, &mut |s, fx| {
+                s.install_map(Arc::clone(&m), fx);
+                refused.append(&mut fx.deferred);
+            });
         }
+        assert_eq!(refused.len(), 1, "the parked read is answered at the leave");
+        let (frame, _) = decode(&refused[0].1).unwrap().unwrap();
+        assert_eq!((frame.kind, frame.request_id), (Kind::Reply(Op::Get, Status::Unavailable), 7), "refused, never answered from data that is gone");
         assert_eq!((shard.stats.keys, shard.lookup(b"kept").0), (0, None), "a left partition's keys are dropped");
         step(&mut shard, &mut |s, fx| assert!(s.decide(b"late", t2, true, fx)));
         assert_eq!(shard.lookup(b"late").0, None, "a write decided after the leave is not kept");
@@ -1154,6 +1362,66 @@ mod tests {
         assert_eq!(replayed, live);
         assert_eq!(replayed, BTreeMap::from([(b"kept".to_vec(), b"v3".to_vec())]));
         assert_eq!(again.stats.keys, 1);
+    }
+
+    #[test]
+    fn a_catch_up_moves_only_differing_buckets_and_carries_removals() {
+        // Brick 1 held partition p with brick 0, left, and joins again with its old data:
+        // 200 keys, of which the source has since changed 10, removed 5 and added 5.
+        let bricks: BTreeMap<_, _> = (0..2).map(|i| (BrickId(i), BrickAddr::tcp(vec![]))).collect();
+        let one = ClusterMap::initial(0, bricks.iter().take(1).map(|(b, a)| (*b, a.clone())).collect(), 1).unwrap();
+        let two = one.add_brick(BrickId(1), bricks[&BrickId(1)].clone()).unwrap();
+        let p = *two.groups().keys().next().unwrap();
+        let joining = Arc::new(two.begin_join(&[(p, BrickId(1))]).unwrap());
+        let key = |i: usize| format!("key {i}").into_bytes();
+        let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&joining));
+        let mut target = Shard::new(0, 1, 0, BrickId(1), Arc::new(two.clone()));
+        for i in 0..200 {
+            source.mutate(&key(i), Some(b"old"));
+            target.mutate(&key(i), Some(b"old"));
+        }
+        for i in 0..10 {
+            source.mutate(&key(i), Some(b"new"));
+        }
+        for i in 10..15 {
+            source.mutate(&key(i), None);
+        }
+        for i in 200..205 {
+            source.mutate(&key(i), Some(b"added"));
+        }
+        let mut fx = Effects::new(1);
+        target.install_map(Arc::clone(&joining), &mut fx);
+        assert_eq!(target.stats.keys, 200, "a joining brick keeps its earlier data");
+        // A write since the join: the repair must leave it, even where the source differs.
+        target.mutate(&key(0), Some(b"since the join"));
+        target.note_joining_write(&key(0));
+        let epoch = joining.epoch();
+        let mut out = Vec::new();
+        target.digests(epoch, &DigestRequest { partition: p.0, log2: 0, from: 0, count: 0 }.to_bytes(), &mut out, &mut fx).unwrap();
+        let (held, _) = crate::proto::catchup::decode_digest_reply(&out).unwrap();
+        let log2 = crate::proto::catchup::buckets_log2_for(held);
+        let (mut from, mut sent_keys, mut changed) = (0u32, 0usize, 0usize);
+        while u64::from(from) < 1u64 << log2 {
+            let count = ((1u64 << log2) - u64::from(from)).min(8192) as u32;
+            let mut out = Vec::new();
+            target.digests(epoch, &DigestRequest { partition: p.0, log2, from, count }.to_bytes(), &mut out, &mut fx).unwrap();
+            let (_, digests) = crate::proto::catchup::decode_digest_reply(&out).unwrap();
+            let mut msg = Vec::new();
+            source.diff(epoch, &DiffRequest { partition: p.0, log2, from, digests }.to_bytes(), &mut msg, &mut fx).unwrap();
+            let b = Buckets::decode(&msg).unwrap();
+            assert_eq!(b.next, from + count, "one reply holds the whole range");
+            sent_keys += b.entries().count();
+            changed += target.repair(epoch, &msg, &mut fx).unwrap();
+            from += count;
+        }
+        let want: BTreeMap<Vec<u8>, Vec<u8>> =
+            source.entries().map(|(k, v)| (k.to_vec(), if k == &key(0)[..] { b"since the join".to_vec() } else { v.to_vec() })).collect();
+        let got: BTreeMap<Vec<u8>, Vec<u8>> = target.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(got, want);
+        // 19 keys differ (key 0 among them, kept); with about one key a bucket, the
+        // buckets that differ bring about as many others again.
+        assert_eq!(changed, 9 + 5 + 5);
+        assert!(sent_keys < 3 * 20, "{sent_keys} keys sent for 20 that differ");
     }
 
     #[test]

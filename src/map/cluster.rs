@@ -96,6 +96,11 @@ pub struct ClusterMap {
     /// remember about it (votes, in-doubt answers) can never be confused with a newcomer.
     #[serde(default)]
     next_brick_id: u32,
+    /// Replicas per partition the cluster keeps. A group with fewer is short: a brick
+    /// outside it that holds its data from an earlier stay keeps it, to catch up from
+    /// it if asked to join again. 0 in a map from before the field: none is short.
+    #[serde(default)]
+    replicas: usize,
 }
 
 impl ClusterMap {
@@ -126,6 +131,16 @@ impl ClusterMap {
 
     pub fn bricks(&self) -> &BTreeMap<BrickId, BrickAddr> {
         &self.bricks
+    }
+
+    /// Replicas per partition the cluster keeps (0: not recorded, an older map).
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// Whether partition `p`'s group has fewer members than the cluster keeps.
+    pub fn is_short(&self, p: PartitionId) -> bool {
+        self.groups.get(&p).is_some_and(|g| g.len() < self.replicas)
     }
 
     pub fn next_brick_id(&self) -> u32 {
@@ -162,7 +177,7 @@ impl ClusterMap {
             .map(|(i, &p)| (p, (0..replicas).map(|k| ids[(i + k) % ids.len()]).collect()))
             .collect();
         let next_brick_id = bricks.keys().map(|b| b.0 + 1).max().unwrap_or(0);
-        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), leaving: BTreeMap::new(), bricks, next_brick_id };
+        let map = ClusterMap { epoch: 1, base_bits: bits, dp, groups, joining: BTreeMap::new(), leaving: BTreeMap::new(), bricks, next_brick_id, replicas };
         map.validate().map_err(MapError::Invalid)?;
         Ok(map)
     }

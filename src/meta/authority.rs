@@ -159,7 +159,6 @@ impl Authority {
         let at_ms = self.seen.get(&id).map_or(now_ms, |s| s.at_ms);
         self.seen.insert(id, Seen { at_ms, session, epoch: 0, closed: false });
         let joining = self.map.as_ref().is_some_and(|m| m.joining().values().any(|j| j.contains(&id)));
-        let missed = crate::mutation::active(crate::mutation::Mutation::MissedRestart);
         match &self.map {
             None => {
                 self.gathering.insert(id, addr);
@@ -169,13 +168,14 @@ impl Authority {
                     self.set_map(map, format!("first map: {n} bricks, {} replicas", self.config.replicas), &mut actions);
                 }
             }
-            Some(map) if map.bricks().get(&id) == Some(&addr) && (!joining || missed) => {}
+            Some(map) if map.bricks().get(&id) == Some(&addr) && !joining => {}
             Some(map) if map.bricks().contains_key(&id) => {
                 // Same brick, new addresses (it restarted before anyone noticed, with its
                 // state intact: it replayed its log), or a joining brick registering
-                // again. A joining brick that restarted dropped what its copies had
-                // brought (`Shard::install_map`): its copies start over, and the new map
-                // is newer than every copy planned before, whose chunks it refuses.
+                // again. A joining brick that restarted keeps what its copies brought,
+                // but no longer knows which keys it took writes for since the join: its
+                // copies start over, and the new map is newer than every copy planned
+                // before, whose chunks it refuses (`Shard::install`).
                 if joining {
                     self.restarted.insert(id);
                 }

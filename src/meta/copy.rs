@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 use crate::map::{BrickId, ClusterMap, PartitionId};
 use crate::mutation::{self, Mutation};
-use crate::proto::{Chunk, Op, SnapshotRequest, Status};
+use crate::proto::catchup::{buckets_log2_for, decode_digest_reply, DIGESTS_PER_CALL};
+use crate::proto::{Buckets, Chunk, DiffRequest, DigestRequest, Op, SnapshotRequest, Status};
 
 use super::authority::Join;
 
@@ -74,6 +75,16 @@ enum Phase {
     Read { source: BrickId, cursor: u32 },
     /// Installing the chunk read; then `next` (or done if `last`).
     Install { source: BrickId, chunk: Vec<u8>, next: u32, last: bool },
+    /// Asking the joining replica how many keys of the partition it holds from an
+    /// earlier stay: none, a full copy (`Read`); some, a catch-up (`Digest`).
+    Count { source: BrickId },
+    /// Catch-up: asking the joining replica for its digests of buckets `from..`.
+    Digest { source: BrickId, log2: u8, from: u32 },
+    /// Catch-up: asking the source for the buckets of `from..` whose digests differ.
+    Diff { source: BrickId, log2: u8, from: u32, digests: Vec<u64> },
+    /// Catch-up: repairing the joining replica with the source's buckets; then the
+    /// range's rest from `next` (its digests `rest`), or the next range at `end`.
+    Repair { source: BrickId, log2: u8, msg: Vec<u8>, next: u32, end: u32, rest: Vec<u64> },
     Finished,
 }
 
@@ -96,6 +107,14 @@ pub struct CopyDriver {
     drain_max_ms: u64,
     keys: u64,
     keys_total: u64,
+    /// Chunk bytes installed (keys, values and their framing), this partition and all.
+    bytes: u64,
+    bytes_total: u64,
+    /// Catch-up digests read from joining replicas, this partition and all.
+    digest_bytes: u64,
+    digest_bytes_total: u64,
+    /// Partitions caught up (the others were copied whole).
+    caught_up: usize,
 }
 
 impl CopyDriver {
@@ -116,6 +135,11 @@ impl CopyDriver {
             drain_max_ms: 0,
             keys: 0,
             keys_total: 0,
+            bytes: 0,
+            bytes_total: 0,
+            digest_bytes: 0,
+            digest_bytes_total: 0,
+            caught_up: 0,
         }
     }
 
@@ -157,12 +181,16 @@ impl CopyDriver {
                 Phase::Finished => return Step::Finished(self.done.clone()),
                 Phase::Next => {
                     if self.at >= self.joins.len() {
+                        let ms = now_ms - self.started_ms;
                         self.out.push_back(Step::Note(format!(
-                            "recovery: {}/{} partition(s) copied, {} keys, {} ms; longest wait for older writes {} ms",
+                            "recovery: {}/{} partition(s) copied ({} caught up from the joining replica's own data), {} keys, {} in {ms} ms ({}), {} of digests; longest wait for older writes {} ms",
                             self.done.len(),
                             self.joins.len(),
+                            self.caught_up,
                             self.keys_total,
-                            now_ms - self.started_ms,
+                            mib(self.bytes_total),
+                            rate(self.bytes_total, ms),
+                            mib(self.digest_bytes_total),
                             self.drain_max_ms
                         )));
                         self.phase = Phase::Finished;
@@ -171,6 +199,8 @@ impl CopyDriver {
                     self.partition_started_ms = now_ms;
                     self.deadline_ms = now_ms + COPY_DEADLINE_MS;
                     self.keys = 0;
+                    self.bytes = 0;
+                    self.digest_bytes = 0;
                     self.phase = Phase::Attempt;
                 }
                 Phase::Attempt => {
@@ -205,7 +235,7 @@ impl CopyDriver {
                 Phase::Probe { source, members, at } => {
                     let Some(&member) = members.get(at) else {
                         self.drain_ms = now_ms - self.attempt_started_ms;
-                        self.phase = Phase::Read { source, cursor: 0 };
+                        self.phase = Phase::Count { source };
                         continue;
                     };
                     if now_ms > self.deadline_ms {
@@ -228,15 +258,77 @@ impl CopyDriver {
                     return self.call(Line::Source, addr, Op::SnapshotChunk, SnapshotRequest { partition: p.0, cursor }.to_bytes().to_vec());
                 }
                 Phase::Install { chunk, .. } => {
-                    let (p, target) = self.join();
-                    let Some(addr) = map.and_then(|m| core_addr(m, target, p)) else {
-                        self.give_up(format!("{target} is not in the map"));
+                    let Some(addr) = self.target_addr(map) else { continue };
+                    return self.call(Line::Target, addr, Op::Install, chunk);
+                }
+                Phase::Count { .. } => {
+                    let Some(addr) = self.target_addr(map) else { continue };
+                    let (p, _) = self.join();
+                    return self.call(Line::Target, addr, Op::Digests, DigestRequest { partition: p.0, log2: 0, from: 0, count: 0 }.to_bytes());
+                }
+                Phase::Digest { source, log2, from } => {
+                    let buckets = 1u64 << log2;
+                    if u64::from(from) >= buckets {
+                        self.partition_done(source, now_ms);
+                        continue;
+                    }
+                    let Some(addr) = self.target_addr(map) else { continue };
+                    let (p, _) = self.join();
+                    let count = (buckets - u64::from(from)).min(u64::from(DIGESTS_PER_CALL)) as u32;
+                    return self.call(Line::Target, addr, Op::Digests, DigestRequest { partition: p.0, log2, from, count }.to_bytes());
+                }
+                Phase::Diff { source, log2, from, digests } => {
+                    let (p, _) = self.join();
+                    let Some(addr) = map.and_then(|m| core_addr(m, source, p)) else {
+                        self.retry(format!("{source} is not in the map"));
                         continue;
                     };
-                    return self.call(Line::Target, addr, Op::Install, chunk);
+                    return self.call(Line::Source, addr, Op::Diff, DiffRequest { partition: p.0, log2, from, digests }.to_bytes());
+                }
+                Phase::Repair { msg, .. } => {
+                    let Some(addr) = self.target_addr(map) else { continue };
+                    return self.call(Line::Target, addr, Op::Repair, msg);
                 }
             }
         }
+    }
+
+    /// The joining replica's address for the current join; `None` (the join given up)
+    /// if it is no longer in the map.
+    fn target_addr(&mut self, map: Option<&ClusterMap>) -> Option<SocketAddr> {
+        let (p, target) = self.join();
+        let addr = map.and_then(|m| core_addr(m, target, p));
+        if addr.is_none() {
+            self.give_up(format!("{target} is not in the map"));
+        }
+        addr
+    }
+
+    /// The current join is complete: note it and go on with the next.
+    fn partition_done(&mut self, source: BrickId, now_ms: u64) {
+        let (p, target) = self.join();
+        self.keys_total += self.keys;
+        self.bytes_total += self.bytes;
+        self.digest_bytes_total += self.digest_bytes;
+        self.drain_max_ms = self.drain_max_ms.max(self.drain_ms);
+        let ms = now_ms - self.partition_started_ms;
+        let how = match self.digest_bytes {
+            0 => format!("copied partition {p} to {target} from {source}: {} keys", self.keys),
+            d => {
+                self.caught_up += 1;
+                format!("caught up partition {p} on {target} from {source}: {} keys changed, {} of digests", self.keys, mib(d))
+            }
+        };
+        self.out.push_back(Step::Note(format!(
+            "{how}, {} in {ms} ms ({}); writes never blocked, copy start waited {} ms for older writes",
+            mib(self.bytes),
+            rate(self.bytes, ms),
+            self.drain_ms
+        )));
+        self.done.push((p, target));
+        self.hang_up();
+        self.at += 1;
+        self.phase = Phase::Next;
     }
 
     fn call(&mut self, line: Line, addr: SocketAddr, op: Op, value: Vec<u8>) -> Step {
@@ -285,31 +377,98 @@ impl CopyDriver {
                 Answer::Reply(status, why) => self.retry(format!("{source}: {}: {}", status.name(), String::from_utf8_lossy(&why))),
                 Answer::Lost(why) => self.retry(format!("{source}: {why}")),
             },
-            (Phase::Install { source, next, last, .. }, answer) => match answer {
+            (Phase::Install { source, next, last, chunk }, answer) => match answer {
                 Answer::Reply(Status::Ok, n) if n.len() == 8 => {
                     self.keys += u64::from_le_bytes(n[..8].try_into().expect("8 bytes"));
+                    self.bytes += chunk.len() as u64;
                     if !last {
                         self.phase = Phase::Read { source, cursor: next };
                         return;
                     }
-                    self.keys_total += self.keys;
-                    self.drain_max_ms = self.drain_max_ms.max(self.drain_ms);
-                    self.out.push_back(Step::Note(format!(
-                        "copied partition {p} to {target}: {} keys in {} ms; writes never blocked, copy start waited {} ms for older writes",
-                        self.keys,
-                        now_ms - self.partition_started_ms,
-                        self.drain_ms
-                    )));
-                    self.done.push((p, target));
-                    self.hang_up();
-                    self.at += 1;
-                    self.phase = Phase::Next;
+                    self.partition_done(source, now_ms);
                 }
-                Answer::Reply(Status::Behind, _) if now_ms < self.deadline_ms => behind_wait(self),
-                Answer::Reply(status, why) => self.give_up(format!("{target} refused the copy: {}: {}", status.name(), String::from_utf8_lossy(&why))),
-                Answer::Lost(why) => self.give_up(format!("{target}: {why}")),
+                answer => self.target_failed(answer, now_ms),
+            },
+            (Phase::Count { source }, answer) => match answer {
+                Answer::Reply(Status::Ok, reply) => match decode_digest_reply(&reply) {
+                    Ok((0, _)) => self.phase = Phase::Read { source, cursor: 0 },
+                    Ok((keys, _)) => self.phase = Phase::Digest { source, log2: buckets_log2_for(keys), from: 0 },
+                    Err(e) => self.give_up(format!("bad digests from {target}: {e}")),
+                },
+                answer => self.target_failed(answer, now_ms),
+            },
+            (Phase::Digest { source, log2, from }, answer) => match answer {
+                Answer::Reply(Status::Ok, reply) => {
+                    let asked = ((1u64 << log2) - u64::from(from)).min(u64::from(DIGESTS_PER_CALL)) as usize;
+                    match decode_digest_reply(&reply) {
+                        Ok((_, digests)) if digests.len() == asked => {
+                            self.digest_bytes += reply.len() as u64;
+                            self.phase = Phase::Diff { source, log2, from, digests };
+                        }
+                        Ok((_, digests)) => self.give_up(format!("{target} sent {} digests for {asked} buckets", digests.len())),
+                        Err(e) => self.give_up(format!("bad digests from {target}: {e}")),
+                    }
+                }
+                answer => self.target_failed(answer, now_ms),
+            },
+            (Phase::Diff { source, log2, from, digests }, answer) => match answer {
+                Answer::Reply(Status::Ok, msg) => {
+                    let end = from + digests.len() as u32;
+                    match Buckets::decode(&msg) {
+                        Ok(b) if b.partition == p.0 && b.log2 == log2 && b.next > from && b.next <= end && b.buckets().all(|x| x >= from && x < b.next) => {
+                            let (next, rest) = (b.next, digests[(b.next - from) as usize..].to_vec());
+                            self.phase = Phase::Repair { source, log2, msg, next, end, rest };
+                        }
+                        Ok(_) => self.give_up(format!("{source} answered a diff of partition {p} outside what was asked")),
+                        Err(e) => self.give_up(format!("bad diff from {source}: {e}")),
+                    }
+                }
+                Answer::Reply(Status::Behind | Status::Unavailable, _) if now_ms < self.deadline_ms => behind_wait(self),
+                Answer::Reply(status, why) => self.retry(format!("{source}: {}: {}", status.name(), String::from_utf8_lossy(&why))),
+                Answer::Lost(why) => self.retry(format!("{source}: {why}")),
+            },
+            (Phase::Repair { source, log2, msg, next, end, rest }, answer) => match answer {
+                Answer::Reply(Status::Ok, n) if n.len() == 8 => {
+                    self.keys += u64::from_le_bytes(n[..8].try_into().expect("8 bytes"));
+                    self.bytes += msg.len() as u64;
+                    self.phase = match next < end {
+                        true => Phase::Diff { source, log2, from: next, digests: rest },
+                        false => Phase::Digest { source, log2, from: end },
+                    };
+                }
+                answer => self.target_failed(answer, now_ms),
             },
             (phase, _) => unreachable!("an answer in phase {phase:?}"),
+        }
+    }
+}
+
+/// A byte count for people: B, KiB or MiB.
+fn mib(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1048576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64),
+    }
+}
+
+/// Bytes over milliseconds as MiB/s (`-` for a copy too short to time).
+fn rate(bytes: u64, ms: u64) -> String {
+    match ms {
+        0 => "- MiB/s".into(),
+        _ => format!("{:.1} MiB/s", bytes as f64 / (1u64 << 20) as f64 / (ms as f64 / 1000.0)),
+    }
+}
+
+impl CopyDriver {
+    /// The joining replica did not do what was asked: wait if it is behind, else give up
+    /// the join (the authority plans it again).
+    fn target_failed(&mut self, answer: Answer, now_ms: u64) {
+        let (_, target) = self.join();
+        match answer {
+            Answer::Reply(Status::Behind, _) if now_ms < self.deadline_ms => self.out.push_back(Step::Wait { ms: BEHIND_WAIT_MS }),
+            Answer::Reply(status, why) => self.give_up(format!("{target} refused the copy: {}: {}", status.name(), String::from_utf8_lossy(&why))),
+            Answer::Lost(why) => self.give_up(format!("{target}: {why}")),
         }
     }
 }
@@ -357,6 +516,11 @@ mod tests {
                     driver.answer(Answer::Reply(Status::Ok, chunk), 1);
                 }
                 Step::Call { line: Line::Target, op: Op::Install, .. } => driver.answer(Answer::Reply(Status::Ok, 0u64.to_le_bytes().to_vec()), 1),
+                // The joining replica holds nothing of the partition: a full copy.
+                Step::Call { line: Line::Target, op: Op::Digests, value, .. } => {
+                    assert_eq!(DigestRequest::decode(&value).expect("request").count, 0);
+                    driver.answer(Answer::Reply(Status::Ok, 0u64.to_le_bytes().to_vec()), 1);
+                }
                 Step::Finished(done) => {
                     assert_eq!(done, vec![(p, target)]);
                     break;

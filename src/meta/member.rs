@@ -162,8 +162,9 @@ struct Leading {
     proposed_state: Option<Replicated>,
     /// A copy to start once entry `.0` is committed.
     copy_after: Option<(u64, Vec<Join>)>,
-    /// A copy's report that came during a handover (`copied`).
-    deferred_copied: Option<Vec<Join>>,
+    /// Copy reports that came during a handover (`copied`), in order: a copy planned
+    /// again (its brick restarted) runs beside the one it replaces, so two can.
+    deferred_copied: Vec<Vec<Join>>,
 }
 
 pub struct Member<D: Disk> {
@@ -403,12 +404,11 @@ impl<D: Disk> Member<D> {
         }
         // Raft drops proposals while leadership is handed over: the authority waits (a
         // copy's report with it) until the handover ends, here or elsewhere.
-        let handing_over = self.node.raft.lead_transferee.is_some();
-        if let Some(leading) = self.leading.as_mut().filter(|_| !handing_over) {
-            if let (Some(authority), Some(done)) = (leading.authority.as_mut(), leading.deferred_copied.take()) {
-                let actions = Self::copy_report(authority, &done);
-                self.take_actions(actions, &mut out);
-            }
+        let handing_over = self.handing_over();
+        while let Some(leading) = self.leading.as_mut().filter(|l| !handing_over && l.authority.is_some() && !l.deferred_copied.is_empty()) {
+            let done = leading.deferred_copied.remove(0);
+            let actions = Self::copy_report(leading.authority.as_mut().expect("checked"), &done);
+            self.take_actions(actions, &mut out);
         }
         if let Some(authority) = self.leading.as_mut().and_then(|l| l.authority.as_mut()).filter(|_| authority_due && !handing_over) {
             let actions = authority.tick(now_ms);
@@ -489,7 +489,7 @@ impl<D: Disk> Member<D> {
         let mut out = std::mem::take(&mut self.stash);
         // During a handover the authority is left alone (raft drops proposals): a brick
         // that is gone is removed by its silence instead.
-        let handing_over = self.node.raft.lead_transferee.is_some();
+        let handing_over = self.handing_over();
         if let Some(l) = self.leading.as_mut().filter(|l| session.registered_in(l.term) && !handing_over) {
             let actions = session.on_close(l.authority.as_mut().expect("a session registers with a running authority"), now_ms);
             self.take_actions(actions, &mut out);
@@ -582,7 +582,7 @@ impl<D: Disk> Member<D> {
         let voters = self.node.raft.prs().conf().voters().ids();
         // A leader handing over stops at once: its successor is elected without waiting
         // out an election timeout.
-        if !voters.contains(self.config.id) || self.node.raft.lead_transferee.is_some() {
+        if !voters.contains(self.config.id) || self.handing_over() {
             return false;
         }
         let fresh = voters.iter().filter(|id| *id != self.config.id && self.heard.get(id).is_some_and(|(t, at)| *t == term && now_ms.saturating_sub(*at) <= LEADER_LEASE_MS)).count();
@@ -606,16 +606,27 @@ impl<D: Disk> Member<D> {
         }
     }
 
+    /// Whether this member leads in `term`: a copy planned in another term is abandoned
+    /// (its report would be dropped, and its map may be long stale).
+    pub fn leads_in(&self, term: u64) -> bool {
+        self.leading.as_ref().is_some_and(|l| l.term == term)
+    }
+
+    /// Whether this leader is handing leadership over (raft drops proposals meanwhile).
+    fn handing_over(&self) -> bool {
+        self.node.raft.lead_transferee.is_some()
+    }
+
     /// The copy this leader planned in `term` finished: `done` were copied (none: it
     /// failed). A report from an earlier term is dropped: that leader's successor plans
     /// its own copies.
     pub fn copied(&mut self, term: u64, done: &[Join], now_ms: u64) -> Result<Output, LogError> {
         let mut out = std::mem::take(&mut self.stash);
-        let handing_over = self.node.raft.lead_transferee.is_some();
+        let handing_over = self.handing_over();
         if let Some(leading) = self.leading.as_mut().filter(|l| l.term == term && l.authority.is_some()) {
             if handing_over {
                 // Taken at the first tick after the handover ends.
-                leading.deferred_copied = Some(done.to_vec());
+                leading.deferred_copied.push(done.to_vec());
             } else {
                 let actions = Self::copy_report(leading.authority.as_mut().expect("checked"), done);
                 self.take_actions(actions, &mut out);
@@ -791,7 +802,7 @@ impl<D: Disk> Member<D> {
         }
         if self.leading.as_ref().is_none_or(|l| l.term != term) {
             let start_index = raft.raft_log.last_index();
-            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, proposed_state: None, copy_after: None, deferred_copied: None });
+            self.leading = Some(Leading { term, start_index, authority: None, proposed: 0, proposed_state: None, copy_after: None, deferred_copied: Vec::new() });
         }
         let applied = raft.raft_log.applied;
         let leading = self.leading.as_mut().expect("just set");

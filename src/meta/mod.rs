@@ -447,8 +447,8 @@ fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 /// The copy thread: drives a `copy::CopyDriver` over blocking rpcs, one connection
-/// per line, by the committed map, then reports what finished to the member (which
-/// drops the report if it no longer leads in the plan's term).
+/// per line, by the committed map, then reports what finished to the member. It stops
+/// at once when the member no longer leads in the plan's term.
 fn copy_driver(shared: Arc<Shared>, plan: CopyPlan) {
     let now_ms = || shared.state.lock().now_ms();
     let mut driver = CopyDriver::new(plan.joins, plan.epoch, now_ms());
@@ -456,7 +456,15 @@ fn copy_driver(shared: Arc<Shared>, plan: CopyPlan) {
     let mut lines: [Option<Rpc>; copy::LINES.len()] = Default::default();
     let secret = shared.state.lock().secret.clone();
     loop {
-        let map = shared.state.lock().member.published().cloned();
+        let map = {
+            let mut state = shared.state.lock();
+            if !state.member.leads_in(plan.term) {
+                crate::log!("meta", "copy planned in term {} abandoned: this member no longer leads in it", plan.term);
+                state.copying = false;
+                return;
+            }
+            state.member.published().cloned()
+        };
         match driver.poll(map.as_ref(), now_ms()) {
             Step::Call { line, addr, op, epoch, value } => {
                 let rpc = &mut lines[line as usize];

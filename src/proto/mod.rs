@@ -20,6 +20,7 @@
 //! buffers its body. Ops `0x10..=0x1f` are two-phase commit and copying between bricks,
 //! `0x20..=0x2f` map messages between bricks, clients and the map authority.
 
+pub mod catchup;
 mod codec;
 mod control;
 mod info;
@@ -28,6 +29,7 @@ mod tx;
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
 pub use control::{MemberList, MemberRequest, MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 pub use info::{BrickInfo, CoreStats, Histogram, InfoError, HISTOGRAM_BUCKETS};
+pub use catchup::{Buckets, DiffRequest, DigestRequest};
 pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
 
 pub const MAGIC: u16 = 0xDD5A;
@@ -69,6 +71,15 @@ pub enum Op {
     /// Recovery: entries for a replica that is joining a partition's group. Value: a
     /// `Chunk`; entries written since the join are newer and are kept.
     Install = 0x15,
+    /// Catch-up: a joining replica's key count and bucket digests of a partition. Value:
+    /// a `DigestRequest`; the reply's value is the count and the digests.
+    Digests = 0x16,
+    /// Catch-up: a readable replica's entries of the buckets whose digests differ from
+    /// the joining replica's. Value: a `DiffRequest`; the reply's value is `Buckets`.
+    Diff = 0x17,
+    /// Catch-up: a joining replica makes the listed buckets equal to the entries given.
+    /// Value: `Buckets`; entries written since the join are newer and are kept.
+    Repair = 0x18,
     /// The current cluster map (JSON) if the request's epoch is older, else empty.
     GetMap = 0x20,
     /// A brick to the map authority: here I am (JSON `Registration`); the reply names the
@@ -84,7 +95,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 19] = [
         Op::Get,
         Op::Put,
         Op::Remove,
@@ -96,6 +107,9 @@ impl Op {
         Op::Resolve,
         Op::SnapshotChunk,
         Op::Install,
+        Op::Digests,
+        Op::Diff,
+        Op::Repair,
         Op::GetMap,
         Op::Register,
         Op::Heartbeat,
@@ -121,7 +135,19 @@ impl Op {
     pub fn request_has_value(self) -> bool {
         matches!(
             self,
-            Op::Put | Op::Prepare | Op::Commit | Op::Abort | Op::Resolve | Op::SnapshotChunk | Op::Install | Op::Register | Op::Raft | Op::Members
+            Op::Put
+                | Op::Prepare
+                | Op::Commit
+                | Op::Abort
+                | Op::Resolve
+                | Op::SnapshotChunk
+                | Op::Install
+                | Op::Digests
+                | Op::Diff
+                | Op::Repair
+                | Op::Register
+                | Op::Raft
+                | Op::Members
         )
     }
 
@@ -138,6 +164,9 @@ impl Op {
             Op::Resolve => "resolve",
             Op::SnapshotChunk => "snapshot-chunk",
             Op::Install => "install",
+            Op::Digests => "digests",
+            Op::Diff => "diff",
+            Op::Repair => "repair",
             Op::GetMap => "get-map",
             Op::Register => "register",
             Op::Heartbeat => "heartbeat",

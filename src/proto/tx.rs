@@ -189,20 +189,7 @@ impl<'a> Chunk<'a> {
             _ => return Err(PayloadError::Invalid { what, why: "done flag not 0 or 1" }),
         };
         let entries = &buf[CHUNK_HEADER_LEN..];
-        let mut at = 0;
-        while at < entries.len() {
-            let Some(h) = entries.get(at..at + 6) else {
-                return Err(PayloadError::Invalid { what, why: "entry header cut short" });
-            };
-            let (k, v) = (u16::from_le_bytes([h[0], h[1]]) as usize, u32_at(h, 2) as usize);
-            if k > KEY_LEN_MAX || v > VALUE_LEN_MAX {
-                return Err(PayloadError::Invalid { what, why: "entry longer than the limits" });
-            }
-            at += 6 + k + v;
-            if at > entries.len() {
-                return Err(PayloadError::Invalid { what, why: "entry runs past the end" });
-            }
-        }
+        check_entries(what, entries)?;
         Ok(Chunk { partition: u32_at(buf, 0), cursor: u32_at(buf, 4), done, entries })
     }
 
@@ -211,9 +198,36 @@ impl<'a> Chunk<'a> {
     }
 }
 
+/// Checks every entry's lengths (`key_len u16 | value_len u32 | key | value` each), so
+/// that iterating them cannot fail.
+pub(crate) fn check_entries(what: &'static str, entries: &[u8]) -> Result<(), PayloadError> {
+    let mut at = 0;
+    while at < entries.len() {
+        let Some(h) = entries.get(at..at + 6) else {
+            return Err(PayloadError::Invalid { what, why: "entry header cut short" });
+        };
+        let (k, v) = (u16::from_le_bytes([h[0], h[1]]) as usize, u32_at(h, 2) as usize);
+        if k > KEY_LEN_MAX || v > VALUE_LEN_MAX {
+            return Err(PayloadError::Invalid { what, why: "entry longer than the limits" });
+        }
+        at += 6 + k + v;
+        if at > entries.len() {
+            return Err(PayloadError::Invalid { what, why: "entry runs past the end" });
+        }
+    }
+    Ok(())
+}
+
 /// The entries of a checked chunk.
 pub struct ChunkEntries<'a> {
     rest: &'a [u8],
+}
+
+impl<'a> ChunkEntries<'a> {
+    /// Over entries `check_entries` accepted.
+    pub(crate) fn new(rest: &'a [u8]) -> ChunkEntries<'a> {
+        ChunkEntries { rest }
+    }
 }
 
 impl<'a> Iterator for ChunkEntries<'a> {

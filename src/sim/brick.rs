@@ -21,7 +21,7 @@ use crate::hash::HashMap;
 use crate::log::mem_disk::MemDisk;
 use crate::log::LogError;
 use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
-use crate::proto::{decode_exact, BrickInfo, Chunk, Kind, Op, SnapshotRequest, Status};
+use crate::proto::{decode_exact, BrickInfo, Buckets, Chunk, Kind, Op, SnapshotRequest, Status};
 
 use super::authority::{member_addr, member_of};
 use super::net::{Call, Endpoint, LinkId, Msg};
@@ -203,8 +203,8 @@ impl SimBrick {
     }
 
     /// Keys a core holds of partitions whose group, in that core's own map, does not
-    /// include this brick (a partition it left whose data stayed): how many, and one of
-    /// those partitions. A core whose map no longer has the brick is skipped: the brick
+    /// include this brick and is not short (a partition it left whose data stayed): how
+    /// many, and one of those partitions. A core whose map no longer has the brick is skipped: the brick
     /// is stopping.
     pub fn stray_keys(&self) -> Option<(BrickId, usize, PartitionId)> {
         let me = self.id?;
@@ -217,7 +217,8 @@ impl SimBrick {
             }
             for (k, _) in shard.entries() {
                 let (p, group) = map.route(key_hash(k));
-                if !group.contains(&me) {
+                // A short group's data is kept to catch up from (`Shard::keeps`).
+                if !group.contains(&me) && !map.is_short(p) {
                     n += 1;
                     some = Some(p);
                 }
@@ -585,6 +586,7 @@ impl World {
         let mut taken: HashMap<LinkId, usize> = HashMap::default();
         let mut later = VecDeque::new();
         let mut served = Vec::new();
+        let mut installed = Vec::new();
         let per_link_max = frames_per_link_max();
         while let Some((link, bytes)) = core.inbox.pop_front() {
             let n = taken.entry(link).or_insert(0);
@@ -601,6 +603,9 @@ impl World {
             }
             if let Some(copied) = snapshot_done(&bytes, core.round.last_reply()) {
                 served.push(copied);
+            }
+            if let Some(p) = chunk_taken(&bytes, core.round.last_reply()) {
+                installed.push(p);
             }
             if let Some(w) = watch.as_deref() {
                 if let Ok(frame) = decode_exact(&bytes) {
@@ -630,6 +635,9 @@ impl World {
         self.ask_peers(b, c, queries);
         for (p, epoch) in served {
             self.source_served(b, p, epoch);
+        }
+        for p in installed {
+            self.target_installed(b, p);
         }
         if behind {
             // A request from a newer epoch: ask the authority now.
@@ -778,6 +786,29 @@ impl World {
         self.after(down_ms * MS, Event::Restart { brick: b });
     }
 
+    /// A joining brick just took a chunk of a copy (or a catch-up's repair) of a
+    /// partition it has also taken writes for since the join. Now is the worst moment to
+    /// die and come back at once, before the authority would remove it: the copy's next
+    /// chunk was read before the restart, which no longer knows those writes were newer.
+    fn target_installed(&mut self, b: usize, p: PartitionId) {
+        let wrote = self.bricks[b].cores.iter().any(|c| c.round.shard().joined_writes(p) > 0);
+        if !self.faults_on || !wrote || !self.rng.random_bool(0.3) {
+            return;
+        }
+        let life = self.bricks[b].life;
+        self.note(format!("brick {b} took a chunk of partition {p}'s copy after writes since its join"));
+        self.after(MS, Event::CrashBack { brick: b, life });
+    }
+
+    pub(crate) fn crash_back(&mut self, b: usize, life: u64) {
+        if self.bricks[b].life != life {
+            return;
+        }
+        self.crash(b, "process crash (a joining brick mid-copy, at the worst moment)", false);
+        let down_ms = self.rng.random_range(20..=300);
+        self.after(down_ms * MS, Event::Restart { brick: b });
+    }
+
     /// Which incarnation's ports brick `b` listens on (`core_addr`): 0 for all of them
     /// when restarts keep their ports.
     fn ports_life(&self, b: usize) -> u64 {
@@ -803,9 +834,31 @@ impl World {
 }
 
 /// The partition and epoch of a copy's read (not a probe) whose reply ends the snapshot.
+/// The partition of a copy's chunk (`Install`) or a catch-up's repair (`Repair`) that a
+/// joining brick took.
+fn chunk_taken(request: &[u8], reply: &[u8]) -> Option<PartitionId> {
+    let frame = decode_exact(request).ok()?;
+    decode_exact(reply).ok().filter(|r| matches!(r.kind, Kind::Reply(_, Status::Ok)))?;
+    match frame.kind {
+        Kind::Request(Op::Install) => Chunk::decode(frame.value).ok().map(|c| PartitionId(c.partition)),
+        Kind::Request(Op::Repair) => Buckets::decode(frame.value).ok().map(|b| PartitionId(b.partition)),
+        _ => None,
+    }
+}
+
 fn snapshot_done(request: &[u8], reply: &[u8]) -> Option<(PartitionId, u64)> {
-    let frame = decode_exact(request).ok().filter(|f| f.kind == Kind::Request(Op::SnapshotChunk))?;
-    let req = SnapshotRequest::decode(frame.value).ok().filter(|r| !r.is_probe())?;
+    let frame = decode_exact(request).ok()?;
     let reply = decode_exact(reply).ok().filter(|r| matches!(r.kind, Kind::Reply(_, Status::Ok)))?;
-    Chunk::decode(reply.value).ok().filter(|c| c.done).map(|_| (PartitionId(req.partition), frame.epoch))
+    match frame.kind {
+        Kind::Request(Op::SnapshotChunk) => {
+            let req = SnapshotRequest::decode(frame.value).ok().filter(|r| !r.is_probe())?;
+            Chunk::decode(reply.value).ok().filter(|c| c.done).map(|_| (PartitionId(req.partition), frame.epoch))
+        }
+        // A catch-up's last diff: every bucket compared.
+        Kind::Request(Op::Diff) => {
+            let b = Buckets::decode(reply.value).ok()?;
+            (u64::from(b.next) == 1u64 << b.log2).then_some((PartitionId(b.partition), frame.epoch))
+        }
+        _ => None,
+    }
 }

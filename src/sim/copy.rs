@@ -51,6 +51,17 @@ impl World {
             if self.now < job.wake_at {
                 return;
             }
+            // As the authority's copy thread: a plan of a term this member no longer
+            // leads in is abandoned.
+            let term = job.term;
+            if !self.members[m].member.as_ref().is_some_and(|x| x.leads_in(term)) {
+                let job = self.members[m].copy.take().expect("present");
+                for link in job.lines.into_iter().flatten() {
+                    self.break_link(link, false);
+                }
+                self.note(format!("copy: planned in term {term}, abandoned: member {m} no longer leads in it"));
+                return;
+            }
             let map = self.members[m].member.as_ref().and_then(|x| x.published()).cloned();
             let job = self.members[m].copy.as_mut().expect("present");
             match job.driver.poll(map.as_ref(), now_ms) {

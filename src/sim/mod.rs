@@ -229,6 +229,8 @@ enum Event {
     Restart { brick: usize },
     /// A brick's process dies (`crash_later`).
     Crash { brick: usize, life: u64 },
+    /// A crash of incarnation `life` that comes back at once (a joining brick mid-copy).
+    CrashBack { brick: usize, life: u64 },
     ClientWake { client: usize },
     Fault,
     HealPartition,
@@ -364,6 +366,7 @@ impl World {
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
             Event::Restart { brick } => self.restart(brick),
             Event::Crash { brick, life } => self.crash_later(brick, life),
+            Event::CrashBack { brick, life } => self.crash_back(brick, life),
             Event::ClientWake { client } => match self.client_paused(client) {
                 Some(at) => self.schedule(at, Event::ClientWake { client }),
                 None => self.client_wake(client),
