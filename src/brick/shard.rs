@@ -19,8 +19,9 @@ use crate::hash::{HashMap, HashSet};
 
 use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
-use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest};
-use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
+use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest, BUCKETS_HEADER_LEN};
+use crate::proto::tx::{CHUNK_HEADER_LEN, ENTRY_HEADER_LEN};
+use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, VALUE_LEN_MAX, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
 /// A request refused: the status and its message (or map) for the reply.
@@ -231,15 +232,15 @@ pub struct Shard {
     outcomes: Outcomes,
     /// Key lists of partitions being copied out, by partition id.
     snapshots: HashMap<u32, Vec<Box<[u8]>>>,
-    /// Partitions this brick is joining: keys written since the join, which a copied
-    /// entry must not overwrite.
-    joining: HashMap<PartitionId, HashSet<Box<[u8]>>>,
+    /// Partitions this brick is joining: the epoch of the join and the keys written
+    /// since, which a copied entry must not overwrite.
+    joining: HashMap<PartitionId, Joined>,
     now_ms: u64,
     /// No word from the map authority within the lease: serve nothing, the brick may
     /// have been removed.
     pub fenced: bool,
     /// The epoch of the map this core started with: copies planned before it are
-    /// refused (this incarnation dropped what they had brought).
+    /// refused (this incarnation no longer knows which keys it wrote since the join).
     boot_epoch: u64,
     /// Whether a map has been installed since the start (the first sweeps every
     /// partition this brick is not in, whatever the log brought back).
@@ -250,6 +251,17 @@ pub struct Shard {
     /// During a replay, writes prepared under an earlier id of this directory whose
     /// decision has not come yet; dropped at the first map.
     foreign: HashMap<Box<[u8]>, Prepared>,
+}
+
+/// A partition this core is joining.
+#[derive(Default)]
+struct Joined {
+    /// The epoch of the map that made this brick join (or of its start, for a join
+    /// it restarted into).
+    epoch: u64,
+    /// Keys written since the join, by writes prepared at `epoch` or later: newer than
+    /// any copied entry.
+    written: HashSet<Box<[u8]>>,
 }
 
 fn reply_frame(out: &mut Vec<u8>, op: Op, request_id: u64, epoch: u64, status: Status, value: &[u8]) {
@@ -429,12 +441,12 @@ impl Shard {
         if map.bricks().contains_key(&me) && !crate::mutation::active(crate::mutation::Mutation::KeepLeftData) {
             let mut dormant = Vec::new();
             for p in self.left_partitions(&map) {
+                self.refuse_parked_reads(p, map.epoch(), "it left the partition's group", fx);
                 if map.is_short(p) {
                     dormant.push(p);
                     continue;
                 }
                 let dropped = self.forget(p);
-                self.refuse_parked_reads(p, map.epoch(), "it left the partition's group", fx);
                 if dropped > 0 {
                     fx.log(&Mutation::Forget { partition: p.0 }, true);
                     crate::log!(format_args!("core {}", self.core), "left partition {p}: dropped {dropped} keys");
@@ -455,13 +467,13 @@ impl Shard {
             // all of it committed, and the copy makes it equal to a readable replica's
             // (a catch-up: only buckets that differ move) before it serves a read.
             // Writes prepared here before the partition left: this replica voted, so
-            // they stay undecided (and answer `Prepared` when asked) until decided, and
-            // a commit is applied and counted as a write since the join, like any other
-            // (the copy must not overwrite it).
+            // they stay undecided (and answer `Prepared` when asked) until decided; a
+            // commit is applied but is older than the join (`note_joining_write`), and
+            // the copy starts only once none is pending (the driver's probe).
             self.refuse_parked_reads(p, map.epoch(), "it left and is joining again", fx);
             let held = self.count_keys(p);
             crate::log!(format_args!("core {}", self.core), "joining partition {p}: holds {held} keys from an earlier stay");
-            self.joining.insert(p, HashSet::default());
+            self.joining.insert(p, Joined { epoch: map.epoch(), written: HashSet::default() });
         }
         self.joining.retain(|p, _| map.is_joining(*p, me));
         self.map_json = map.to_json().into_bytes().into();
@@ -504,7 +516,7 @@ impl Shard {
 
     /// Keys written since this brick joined partition `p` (0 when not joining it).
     pub fn joined_writes(&self, p: PartitionId) -> usize {
-        self.joining.get(&p).map_or(0, |keys| keys.len())
+        self.joining.get(&p).map_or(0, |j| j.written.len())
     }
 
     /// Keys of DP leaf `p` held here.
@@ -745,7 +757,7 @@ impl Shard {
     /// A one-phase write; logged before its reply may leave.
     fn write(&mut self, key: &[u8], put: bool, value: &[u8], fx: &mut Effects) -> Status {
         let changed = self.mutate(key, put.then_some(value));
-        self.note_joining_write(key);
+        self.note_joining_write(key, self.map.epoch());
         if put {
             fx.log(&Mutation::Put { key, value }, true);
             Status::Ok
@@ -757,14 +769,28 @@ impl Shard {
         }
     }
 
-    fn note_joining_write(&mut self, key: &[u8]) {
+    /// A write to `key`, prepared (or, one-phase, made) at `epoch`, was applied. If this
+    /// brick is joining the key's partition and the write is of the join or later, no
+    /// copied entry may overwrite it. One prepared before the join is not marked: it may
+    /// be older than what the copy brings (the copy starts once no such write is
+    /// pending here, `pending_older`).
+    fn note_joining_write(&mut self, key: &[u8], epoch: u64) {
         if self.joining.is_empty() {
             return;
         }
         let hash = key_hash(key);
-        if let Some(written) = self.joining.iter_mut().find(|(p, _)| p.contains(hash)).map(|(_, w)| w) {
-            written.insert(key.into());
+        if let Some(joined) = self.joining.iter_mut().find(|(p, _)| p.contains(hash)).map(|(_, j)| j) {
+            if epoch >= joined.epoch {
+                joined.written.insert(key.into());
+            }
         }
+    }
+
+    /// Whether `key` is in a partition this brick is joining and was not written since
+    /// the join: what this brick holds for it is not yet its source's.
+    fn unverified(&self, key: &[u8]) -> bool {
+        let hash = key_hash(key);
+        self.joining.iter().any(|(p, j)| p.contains(hash) && !j.written.contains(key))
     }
 
     /// Phase one; `Ok` says whether the key exists now (a remove reports it).
@@ -773,7 +799,9 @@ impl Shard {
         if body.participants().all(|b| b != self.me.0) {
             return Err(format!("{} is not among the transaction's participants", self.me));
         }
-        let existed = self.tables[self.base_of(key) as usize].as_ref().is_some_and(|t| t.contains_key(key));
+        // A joining replica's data is not yet its source's: its word on whether the key
+        // exists does not count (a readable member's does; the client takes any "yes").
+        let existed = !self.unverified(key) && self.tables[self.base_of(key) as usize].as_ref().is_some_and(|t| t.contains_key(key));
         match self.outcomes.get(body.txid) {
             Some(true) => return Ok(existed),
             Some(false) => return Err(format!("{} was already aborted here", body.txid)),
@@ -808,7 +836,7 @@ impl Shard {
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
         if commit && !lose {
             self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
-            self.note_joining_write(key);
+            self.note_joining_write(key, p.epoch);
         }
         fx.log(&Mutation::Decide { key, txid, commit }, true);
         // Decided after this brick left the partition: the write is let go again at once,
@@ -976,6 +1004,15 @@ impl Shard {
         let mut at = cursor as usize;
         while at < keys.len() && entries.len() < CHUNK_BYTES_MAX {
             if let Some(v) = table.get(&keys[at]) {
+                // A reply is one frame: an entry that would not fit waits for the next.
+                let size = ENTRY_HEADER_LEN + keys[at].len() + v.len();
+                if entries.len() + size > VALUE_LEN_MAX - CHUNK_HEADER_LEN {
+                    if entries.is_empty() {
+                        out.extend_from_slice(format!("an entry of {size} bytes in partition {p} does not fit one frame: it cannot be copied").as_bytes());
+                        return Status::Conflict;
+                    }
+                    break;
+                }
                 Chunk::push_entry(&mut entries, &keys[at], v);
             }
             at += 1;
@@ -1000,7 +1037,7 @@ impl Shard {
             if !p.contains(key_hash(key)) {
                 return Err((Status::Conflict, format!("copied key outside partition {p}")));
             }
-            if self.joining[&p].contains(key) {
+            if self.joining[&p].written.contains(key) {
                 continue;
             }
             self.mutate(key, Some(value));
@@ -1034,8 +1071,13 @@ impl Shard {
         let req = DigestRequest::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
         let p = PartitionId(req.partition);
         self.check_joining(p, epoch, fx)?;
-        let (keys, digests) = self.bucket_digests(p, req.log2, req.from, req.count);
-        encode_digest_reply(out, keys, &digests);
+        let (_, digests) = self.bucket_digests(p, req.log2, req.from, req.count);
+        // The keys it holds from an earlier stay (not those written since the join): none
+        // asks for a full copy.
+        let earlier = self.tables[base_partition(p, self.partition_bits) as usize]
+            .as_ref()
+            .map_or(0, |t| t.keys().filter(|k| p.contains(key_hash(k)) && !self.joining[&p].written.contains(&k[..])).count());
+        encode_digest_reply(out, earlier as u64, &digests);
         Ok(())
     }
 
@@ -1068,18 +1110,24 @@ impl Shard {
             })
             .collect();
         found.sort_unstable_by_key(|e| e.0);
+        // A reply is one frame, and a bucket goes whole or not at all.
+        let budget = VALUE_LEN_MAX - BUCKETS_HEADER_LEN - 4 * count as usize;
         let (mut buckets, mut entries, mut next, mut i) = (Vec::new(), Vec::new(), from + count, 0);
         for bucket in (from..from + count).filter(|b| differ[(b - from) as usize]) {
-            if entries.len() >= CHUNK_BYTES_MAX {
+            let end = i + found[i..].iter().take_while(|e| e.0 == bucket).count();
+            let size: usize = found[i..end].iter().map(|(_, k, v)| ENTRY_HEADER_LEN + k.len() + v.len()).sum();
+            if entries.len() >= CHUNK_BYTES_MAX || entries.len() + size > budget {
+                if buckets.is_empty() {
+                    return Err((Status::Conflict, format!("bucket {bucket} of partition {p} holds {size} bytes, more than a frame: compare with more buckets")));
+                }
                 next = bucket;
                 break;
             }
             buckets.push(bucket);
-            while let Some(&(b, key, value)) = found.get(i).filter(|e| e.0 == bucket) {
-                debug_assert_eq!(b, bucket);
+            for &(_, key, value) in &found[i..end] {
                 Chunk::push_entry(&mut entries, key, value);
-                i += 1;
             }
+            i = end;
         }
         Buckets::encode(out, p.0, req.log2, next, &buckets, &entries);
         Ok(())
@@ -1102,7 +1150,7 @@ impl Shard {
             }
             given.insert(key);
         }
-        let since_join = &self.joining[&p];
+        let since_join = &self.joining[&p].written;
         let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("joining an owned partition");
         let stale: Vec<Box<[u8]>> = if crate::mutation::active(crate::mutation::Mutation::RepairKeepsRemoved) {
             Vec::new()
@@ -1124,7 +1172,7 @@ impl Shard {
         }
         for (key, value) in msg.entries() {
             let same = self.lookup(key).0 == Some(value);
-            if same || self.joining[&p].contains(key) {
+            if same || self.joining[&p].written.contains(key) {
                 continue;
             }
             self.mutate(key, Some(value));
@@ -1393,8 +1441,9 @@ mod tests {
         target.install_map(Arc::clone(&joining), &mut fx);
         assert_eq!(target.stats.keys, 200, "a joining brick keeps its earlier data");
         // A write since the join: the repair must leave it, even where the source differs.
+        let epoch_of_join = joining.epoch();
         target.mutate(&key(0), Some(b"since the join"));
-        target.note_joining_write(&key(0));
+        target.note_joining_write(&key(0), epoch_of_join);
         let epoch = joining.epoch();
         let mut out = Vec::new();
         target.digests(epoch, &DigestRequest { partition: p.0, log2: 0, from: 0, count: 0 }.to_bytes(), &mut out, &mut fx).unwrap();
@@ -1422,6 +1471,33 @@ mod tests {
         // buckets that differ bring about as many others again.
         assert_eq!(changed, 9 + 5 + 5);
         assert!(sent_keys < 3 * 20, "{sent_keys} keys sent for 20 that differ");
+    }
+
+    #[test]
+    fn a_diff_reply_fits_one_frame_or_asks_for_more_buckets() {
+        let map = solo_map(0);
+        let p = *map.groups().keys().next().unwrap();
+        let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&map));
+        for i in 0..3u8 {
+            source.mutate(&[b'k', i], Some(&vec![i; 3 << 20]));
+        }
+        let mut fx = Effects::new(1);
+        let whole = DiffRequest { partition: p.0, log2: 0, from: 0, digests: vec![0] };
+        let refused = source.diff(map.epoch(), &whole.to_bytes(), &mut Vec::new(), &mut fx);
+        assert!(matches!(&refused, Err((Status::Conflict, why)) if why.contains("more than a frame")), "{refused:?}");
+        // With 16 buckets every reply fits a frame, and following `next` brings all.
+        let (mut from, mut got) = (0u32, 0);
+        while from < 16 {
+            let req = DiffRequest { partition: p.0, log2: 4, from, digests: vec![0; (16 - from) as usize] };
+            let mut out = Vec::new();
+            source.diff(map.epoch(), &req.to_bytes(), &mut out, &mut fx).unwrap();
+            assert!(out.len() <= VALUE_LEN_MAX);
+            let b = Buckets::decode(&out).unwrap();
+            got += b.entries().count();
+            assert!(b.next > from);
+            from = b.next;
+        }
+        assert_eq!(got, 3);
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub struct Authority {
     last_removal_ms: Option<u64>,
     last_join_ms: Option<u64>,
     /// Bricks that restarted (same id, new addresses) while joining partitions in the
-    /// running copy: a restarted brick drops what it held of partitions it is joining,
-    /// so their copies, even finished ones, must be done again.
+    /// running copy: a restarted brick no longer knows which keys of the partitions it
+    /// is joining it wrote since the join, so their copies, even finished ones, are done
+    /// again (a catch-up, from what they brought).
     restarted: std::collections::BTreeSet<BrickId>,
     /// Ids below this were given out by this authority (the map keeps the same mark
     /// once it exists; before the first map, only this does): never given again.

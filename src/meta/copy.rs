@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use crate::map::{BrickId, ClusterMap, PartitionId};
 use crate::mutation::{self, Mutation};
-use crate::proto::catchup::{buckets_log2_for, decode_digest_reply, DIGESTS_PER_CALL};
+use crate::proto::catchup::{buckets_log2_for, decode_digest_reply, BUCKETS_LOG2_MAX, DIGESTS_PER_CALL};
 use crate::proto::{Buckets, Chunk, DiffRequest, DigestRequest, Op, SnapshotRequest, Status};
 
 use super::authority::Join;
@@ -221,13 +221,15 @@ impl CopyDriver {
                         self.give_up("no readable replica".into());
                         continue;
                     };
-                    // Every other member first (not only the source): a write prepared
-                    // under an older epoch on any of them must be decided before the
-                    // copy starts, or it commits where the copy never sees it.
+                    // Every member first (not only the source): a write prepared under
+                    // an older epoch on any of them must be decided before the copy
+                    // starts, or it commits where the copy never sees it; on the
+                    // joining brick itself (from an earlier stay), or it lands after the
+                    // copy passed its key and stays, older than the source's.
                     let members = if mutation::active(Mutation::SkipProbe) {
                         Vec::new()
                     } else {
-                        map.groups().get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| *b != target && map.bricks().contains_key(b)).collect())
+                        map.groups().get(&p).map_or(Vec::new(), |g| g.iter().copied().filter(|b| map.bricks().contains_key(b)).collect())
                     };
                     self.attempt_started_ms = now_ms;
                     self.phase = Phase::Probe { source, members, at: 0 };
@@ -424,6 +426,12 @@ impl CopyDriver {
                     }
                 }
                 Answer::Reply(Status::Behind | Status::Unavailable, _) if now_ms < self.deadline_ms => behind_wait(self),
+                // A bucket of the source's holds more than a frame: compare again, from
+                // the start, with twice the buckets.
+                Answer::Reply(Status::Conflict, why) if log2 < BUCKETS_LOG2_MAX => {
+                    self.out.push_back(Step::Note(format!("catch-up of {p}: {}; {} buckets now", String::from_utf8_lossy(&why), 1u64 << (log2 + 1))));
+                    self.phase = Phase::Digest { source, log2: log2 + 1, from: 0 };
+                }
                 Answer::Reply(status, why) => self.retry(format!("{source}: {}: {}", status.name(), String::from_utf8_lossy(&why))),
                 Answer::Lost(why) => self.retry(format!("{source}: {why}")),
             },
@@ -509,7 +517,8 @@ mod tests {
                     driver.answer(Answer::Reply(status, Vec::new()), 1);
                 }
                 Step::Call { line: Line::Source, value, .. } => {
-                    assert_eq!(probed.len(), group.len() + 1, "the source was read before every member said nothing older is pending");
+                    // Every member and the joining brick, one of them twice.
+                    assert_eq!(probed.len(), group.len() + 2, "the source was read before every member said nothing older is pending");
                     let req = SnapshotRequest::decode(&value).expect("request");
                     let mut chunk = Vec::new();
                     Chunk::start(&mut chunk, req.partition, 0, true);

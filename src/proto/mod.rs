@@ -24,7 +24,7 @@ pub mod catchup;
 mod codec;
 mod control;
 mod info;
-mod tx;
+pub mod tx;
 
 pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Header, Kind};
 pub use control::{MemberList, MemberRequest, MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};

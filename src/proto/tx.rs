@@ -161,6 +161,8 @@ pub struct Chunk<'a> {
 }
 
 pub const CHUNK_HEADER_LEN: usize = 9;
+/// An entry's lengths before its key and value.
+pub const ENTRY_HEADER_LEN: usize = 6;
 
 impl<'a> Chunk<'a> {
     /// Writes the header; entries follow with `push_entry`.
