@@ -1106,7 +1106,7 @@ impl Shard {
             .filter_map(|(k, v)| {
                 let hash = key_hash(k);
                 let at = bucket_of(hash, req.log2).wrapping_sub(from);
-                (p.contains(hash) && at < count && differ[at as usize]).then_some((at + from, &k[..], &v[..]))
+                (p.contains(hash) && at < count && differ[at as usize]).then(|| (at + from, &k[..], &v[..]))
             })
             .collect();
         found.sort_unstable_by_key(|e| e.0);
