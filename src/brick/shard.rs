@@ -841,9 +841,17 @@ impl Shard {
         fx.log(&Mutation::Decide { key, txid, commit }, true);
         // Decided after this brick left the partition: the write is let go again at once,
         // by a record of its own, so that memory stays what a replay of the log gives.
-        let (partition, _) = self.map.route(key_hash(key));
-        if commit && !self.keeps(&self.map, partition) && self.map.bricks().contains_key(&self.me) && self.forget(partition) > 0 {
-            fx.log(&Mutation::Forget { partition: partition.0 }, true);
+        // Kept (the group is short), the partition is dormant now, to be dropped once
+        // the group is full like any other.
+        let (partition, group) = self.map.route(key_hash(key));
+        if commit && !group.contains(&self.me) && self.map.bricks().contains_key(&self.me) {
+            if self.keeps(&self.map, partition) {
+                if !self.dormant.contains(&partition) {
+                    self.dormant.push(partition);
+                }
+            } else if self.forget(partition) > 0 {
+                fx.log(&Mutation::Forget { partition: partition.0 }, true);
+            }
         }
         self.outcomes.record(txid, commit, key);
         self.answer_waiters(key, p.waiters, fx);
