@@ -521,29 +521,32 @@ impl Shard {
 
     /// Keys of DP leaf `p` held here.
     fn count_keys(&self, p: PartitionId) -> usize {
-        let base = base_partition(p, self.partition_bits);
-        self.tables[base as usize].as_ref().map_or(0, |t| t.keys().filter(|k| p.contains(key_hash(k))).count())
+        self.keys_of(p).count()
     }
 
-    /// The keys of DP leaf `p` held here, and the digests of its buckets `from..from +
-    /// count` among `2^log2` (`proto::catchup`).
-    fn bucket_digests(&self, p: PartitionId, log2: u8, from: u32, count: u32) -> (u64, Vec<u64>) {
+    /// The keys of DP leaf `p` held here (none for a partition this core does not own).
+    fn keys_of(&self, p: PartitionId) -> impl Iterator<Item = &[u8]> {
+        let base = base_partition(p, self.partition_bits);
+        self.tables[base as usize].iter().flat_map(|t| t.keys()).map(|k| &k[..]).filter(move |k| p.contains(key_hash(k)))
+    }
+
+    /// The digests of DP leaf `p`'s buckets `from..from + count` among `2^log2`
+    /// (`proto::catchup`).
+    fn bucket_digests(&self, p: PartitionId, log2: u8, from: u32, count: u32) -> Vec<u64> {
         let base = base_partition(p, self.partition_bits);
         let table = self.tables[base as usize].as_ref().expect("digests of an owned partition");
         let mut digests = vec![0u64; count as usize];
-        let mut keys = 0;
         for (k, v) in table.iter() {
             let hash = key_hash(k);
             if !p.contains(hash) {
                 continue;
             }
-            keys += 1;
             let at = bucket_of(hash, log2).wrapping_sub(from);
             if at < count {
                 digests[at as usize] = digests[at as usize].wrapping_add(entry_digest(hash, v));
             }
         }
-        (keys, digests)
+        digests
     }
 
     /// Drops every key of DP leaf `p` from memory; returns how many there were.
@@ -1079,12 +1082,11 @@ impl Shard {
         let req = DigestRequest::decode(body).map_err(|e| (Status::Conflict, e.to_string()))?;
         let p = PartitionId(req.partition);
         self.check_joining(p, epoch, fx)?;
-        let (_, digests) = self.bucket_digests(p, req.log2, req.from, req.count);
+        let digests = self.bucket_digests(p, req.log2, req.from, req.count);
         // The keys it holds from an earlier stay (not those written since the join): none
         // asks for a full copy.
-        let earlier = self.tables[base_partition(p, self.partition_bits) as usize]
-            .as_ref()
-            .map_or(0, |t| t.keys().filter(|k| p.contains(key_hash(k)) && !self.joining[&p].written.contains(&k[..])).count());
+        let written = &self.joining[&p].written;
+        let earlier = self.keys_of(p).filter(|k| !written.contains(*k)).count();
         encode_digest_reply(out, earlier as u64, &digests);
         Ok(())
     }
@@ -1106,7 +1108,7 @@ impl Shard {
             return Err((Status::Behind, "writes from an older epoch are still pending on this partition".into()));
         }
         let (from, count) = (req.from, req.digests.len() as u32);
-        let (_, mine) = self.bucket_digests(p, req.log2, from, count);
+        let mine = self.bucket_digests(p, req.log2, from, count);
         let differ: Vec<bool> = mine.iter().zip(&req.digests).map(|(a, b)| a != b).collect();
         let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("owned");
         let mut found: Vec<(u32, &[u8], &[u8])> = table
@@ -1159,17 +1161,12 @@ impl Shard {
             given.insert(key);
         }
         let since_join = &self.joining[&p].written;
-        let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("joining an owned partition");
         let stale: Vec<Box<[u8]>> = if crate::mutation::active(crate::mutation::Mutation::RepairKeepsRemoved) {
             Vec::new()
         } else {
-            table
-                .keys()
-                .filter(|k| {
-                    let hash = key_hash(k);
-                    p.contains(hash) && listed.contains(&bucket_of(hash, msg.log2)) && !given.contains(&k[..]) && !since_join.contains(&k[..])
-                })
-                .cloned()
+            self.keys_of(p)
+                .filter(|k| listed.contains(&bucket_of(key_hash(k), msg.log2)) && !given.contains(k) && !since_join.contains(*k))
+                .map(Box::from)
                 .collect()
         };
         let mut changed = 0;
