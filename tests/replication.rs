@@ -111,9 +111,7 @@ fn requests_from_a_wrong_epoch_get_the_map_or_a_retry_never_a_wrong_answer() {
     assert_eq!(status, Status::Conflict);
     assert_eq!(client.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
     // A partition that is not a leaf of the map: refused, nothing copied out.
-    let mut bogus = Vec::new();
-    bogus.extend_from_slice(&u32::MAX.to_le_bytes());
-    bogus.extend_from_slice(&0u32.to_le_bytes());
+    let bogus = dds::proto::SnapshotRequest::read(u32::MAX, 0, 0).to_bytes();
     let (status, _) = rpc.call(Op::SnapshotChunk, epoch, b"", &bogus, Duration::from_secs(1)).unwrap();
     assert_eq!(status, Status::WrongShard);
     // Without the map authority a brick fences itself within its lease: it answers

@@ -1,10 +1,10 @@
 //! Any bytes into the frame decoder (and the payload decoders: hello, stats, txid,
-//! prepare, chunk, and a catch-up's digests, diff and buckets): no panic, and whatever decodes re-encodes to the very bytes it came
+//! prepare, chunk, snapshot request, and a catch-up's digests, diff and buckets): no panic, and whatever decodes re-encodes to the very bytes it came
 //! from.
 #![no_main]
 
 use dds::proto::catchup::decode_digest_reply;
-use dds::proto::{decode, encode, frame_len, BrickInfo, Buckets, Chunk, CoreStats, DiffRequest, DigestRequest, PrepareBody, TxId};
+use dds::proto::{decode, encode, frame_len, BrickInfo, Buckets, Chunk, CoreStats, DiffRequest, DigestRequest, PrepareBody, SnapshotRequest, TxId};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
             }
             if let Ok(chunk) = Chunk::decode(frame.value) {
                 let _ = chunk.entries().count();
+            }
+            if let Ok(req) = SnapshotRequest::decode(frame.value) {
+                assert_eq!(&req.to_bytes()[..], frame.value);
             }
             if let Ok(req) = DigestRequest::decode(frame.value) {
                 assert_eq!(&req.to_bytes()[..], frame.value);

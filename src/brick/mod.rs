@@ -7,6 +7,7 @@ pub mod lease;
 #[cfg(test)]
 mod model_tests;
 pub mod round;
+mod scan;
 mod shard;
 mod storage;
 

@@ -21,6 +21,7 @@ use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
 use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest, BUCKETS_HEADER_LEN};
 use crate::proto::tx::{CHUNK_HEADER_LEN, ENTRY_HEADER_LEN};
+use super::scan::{CopyWindow, TooLarge, WINDOW_KEY_BYTES_MAX};
 use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, VALUE_LEN_MAX, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
 type Table = HashMap<Box<[u8]>, Box<[u8]>>;
@@ -41,6 +42,8 @@ const WINDOW_SEQS: usize = 1 << 18;
 const WINDOW_CLIENTS_MAX: usize = 256;
 /// Entry bytes in one snapshot chunk.
 pub const CHUNK_BYTES_MAX: usize = 256 << 10;
+/// Partitions a core copies out at once with a window each (`scan`).
+const COPY_WINDOWS_MAX: usize = 4;
 
 /// A write locked by phase one, waiting for its decision.
 struct Prepared {
@@ -230,8 +233,11 @@ pub struct Shard {
     map_json: Arc<[u8]>,
     prepared: HashMap<Box<[u8]>, Prepared>,
     outcomes: Outcomes,
-    /// Key lists of partitions being copied out, by partition id.
-    snapshots: HashMap<u32, Vec<Box<[u8]>>>,
+    /// The windows of copies out (of a partition each, by raw id), by token (at most
+    /// `COPY_WINDOWS_MAX`: two copies of one partition to two joining replicas keep a
+    /// window each), and the passes made (the last window's token).
+    copy_windows: HashMap<u64, (u32, CopyWindow)>,
+    passes: u64,
     /// Partitions this brick is joining: the epoch of the join and the keys written
     /// since, which a copied entry must not overwrite.
     joining: HashMap<PartitionId, Joined>,
@@ -287,7 +293,8 @@ impl Shard {
             map_json,
             prepared: HashMap::default(),
             outcomes: Outcomes::default(),
-            snapshots: HashMap::default(),
+            copy_windows: HashMap::default(),
+            passes: 0,
             joining: HashMap::default(),
             now_ms: 0,
             fenced: false,
@@ -525,7 +532,7 @@ impl Shard {
     }
 
     /// The keys of DP leaf `p` held here (none for a partition this core does not own).
-    fn keys_of(&self, p: PartitionId) -> impl Iterator<Item = &[u8]> {
+    fn keys_of(&self, p: PartitionId) -> impl Iterator<Item = &[u8]> + Clone {
         let base = base_partition(p, self.partition_bits);
         self.tables[base as usize].iter().flat_map(|t| t.keys()).map(|k| &k[..]).filter(move |k| p.contains(key_hash(k)))
     }
@@ -567,7 +574,7 @@ impl Shard {
         }
         self.stats.keys -= dropped as u64;
         self.stats.bytes -= bytes;
-        self.snapshots.remove(&p.0);
+        self.copy_windows.retain(|_, (partition, _)| *partition != p.0);
         dropped
     }
 
@@ -969,8 +976,7 @@ impl Shard {
                 return Status::Conflict;
             }
         };
-        let (pid, cursor) = (req.partition, req.cursor);
-        let p = PartitionId(pid);
+        let p = PartitionId(req.partition);
         if epoch > self.map.epoch() {
             fx.behind = true;
             out.extend_from_slice(b"brick has not seen that epoch yet");
@@ -996,45 +1002,42 @@ impl Shard {
             out.extend_from_slice(format!("{} core {} serves no copy of partition {p}", self.me, self.core).as_bytes());
             return Status::WrongShard;
         }
-        if cursor == 0 {
-            if self.pending_older(p, epoch) {
-                out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
-                return Status::Behind;
-            }
-            let base = base_partition(p, self.partition_bits);
-            let keys = self.tables[base as usize].as_ref().expect("owned").keys().filter(|k| p.contains(key_hash(k))).cloned().collect();
-            self.snapshots.insert(pid, keys);
+        if req.token == 0 && self.pending_older(p, epoch) {
+            out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
+            return Status::Behind;
         }
-        let Some(keys) = self.snapshots.get(&pid) else {
-            out.extend_from_slice(b"no snapshot in progress: start at cursor 0");
-            return Status::Conflict;
-        };
-        let base = base_partition(p, self.partition_bits);
-        let table = self.tables[base as usize].as_ref().expect("owned");
+        // A copy's first read (token 0), its window spent, or gone: a new pass (`scan`).
+        let mut token = req.token;
+        if !self.copy_windows.get(&token).is_some_and(|(partition, w)| *partition == req.partition && w.serves(req.from, token)) {
+            self.copy_windows.remove(&token);
+            self.passes += 1;
+            token = self.passes;
+            let window = CopyWindow::scan(self.keys_of(p).map(|k| (key_hash(k), k)), req.from, token, WINDOW_KEY_BYTES_MAX);
+            if self.copy_windows.len() >= COPY_WINDOWS_MAX {
+                // The oldest window belongs to a copy that has likely been abandoned; if
+                // not, its next read makes a new pass.
+                let oldest = *self.copy_windows.keys().min().expect("windows is full");
+                self.copy_windows.remove(&oldest);
+            }
+            self.copy_windows.insert(token, (req.partition, window));
+        }
+        let (_, window) = &self.copy_windows[&token];
+        let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("owned");
         let mut entries = Vec::new();
-        let mut at = cursor as usize;
-        while at < keys.len() && entries.len() < CHUNK_BYTES_MAX {
-            if let Some(v) = table.get(&keys[at]) {
-                // A reply is one frame: an entry that would not fit waits for the next.
-                let size = ENTRY_HEADER_LEN + keys[at].len() + v.len();
-                if entries.len() + size > VALUE_LEN_MAX - CHUNK_HEADER_LEN {
-                    if entries.is_empty() {
-                        out.extend_from_slice(format!("an entry of {size} bytes in partition {p} does not fit one frame: it cannot be copied").as_bytes());
-                        return Status::Conflict;
-                    }
-                    break;
+        match window.fill(req.from, |k| table.get(k).map(|v| &v[..]), &mut entries, CHUNK_BYTES_MAX, VALUE_LEN_MAX - CHUNK_HEADER_LEN) {
+            Ok((next, done)) => {
+                Chunk::start(out, req.partition, next, window.token(), done);
+                out.extend_from_slice(&entries);
+                if done {
+                    self.copy_windows.remove(&token);
                 }
-                Chunk::push_entry(&mut entries, &keys[at], v);
+                Status::Ok
             }
-            at += 1;
+            Err(TooLarge(size)) => {
+                out.extend_from_slice(format!("entries of {size} bytes in partition {p} (one entry, or keys of one hash) do not fit one frame: they cannot be copied").as_bytes());
+                Status::Conflict
+            }
         }
-        let done = at >= keys.len();
-        Chunk::start(out, pid, at as u32, done);
-        out.extend_from_slice(&entries);
-        if done {
-            self.snapshots.remove(&pid);
-        }
-        Status::Ok
     }
 
     /// Copied entries for a partition this brick is joining; keys written since the
@@ -1214,7 +1217,7 @@ mod tests {
     use super::*;
     use crate::map::{BrickAddr, ClusterMap};
     use crate::proto::decode;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     pub fn solo_map(bits: u8) -> Arc<ClusterMap> {
         let bricks = BTreeMap::from([(BrickId(0), BrickAddr::tcp(vec![]))]);
@@ -1329,7 +1332,7 @@ mod tests {
         let mut fx = Effects::new(1);
         shard.install_map(rebooted, &mut fx);
         let mut chunk = Vec::new();
-        Chunk::start(&mut chunk, p.0, 0, true);
+        Chunk::start(&mut chunk, p.0, 0, 0, true);
         Chunk::push_entry(&mut chunk, b"k", b"old");
         let mut fx = Effects::new(1);
         let refused = shard.install(joining.epoch(), &chunk, &mut fx);
@@ -1395,7 +1398,7 @@ mod tests {
         assert_eq!(shard.lookup(b"late").0, None, "a write decided after the leave is not kept");
         step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&back), fx));
         let mut chunk = Vec::new();
-        Chunk::start(&mut chunk, p.0, 0, true);
+        Chunk::start(&mut chunk, p.0, 0, 0, true);
         Chunk::push_entry(&mut chunk, b"kept", b"v3");
         step(&mut shard, &mut |s, fx| assert_eq!(s.install(back.epoch(), &chunk, fx), Ok(1)));
         step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&readable), fx));
@@ -1415,6 +1418,60 @@ mod tests {
         assert_eq!(replayed, live);
         assert_eq!(replayed, BTreeMap::from([(b"kept".to_vec(), b"v3".to_vec())]));
         assert_eq!(again.stats.keys, 1);
+    }
+
+    #[test]
+    fn two_copies_of_one_partition_interleave_and_each_gets_every_key_once() {
+        // Partition p on brick 0, joining bricks 1 and 2 at once (two lanes of the copy
+        // driver): their reads interleave on one core, each by its own window.
+        let bricks: BTreeMap<_, _> = (0..3).map(|i| (BrickId(i), BrickAddr::tcp(vec![]))).collect();
+        let one = ClusterMap::initial(0, bricks.iter().take(1).map(|(b, a)| (*b, a.clone())).collect(), 1).unwrap();
+        let three = one.add_brick(BrickId(1), bricks[&BrickId(1)].clone()).unwrap().add_brick(BrickId(2), bricks[&BrickId(2)].clone()).unwrap();
+        let p = *three.groups().keys().next().unwrap();
+        let joining = Arc::new(three.begin_join(&[(p, BrickId(1)), (p, BrickId(2))]).unwrap());
+        let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&joining));
+        let key = |i: usize| format!("key {i}").into_bytes();
+        for i in 0..600 {
+            source.mutate(&key(i), Some(&[7u8; 1024]));
+        }
+        // Removed during the copies, before either reached it: sent to neither.
+        let last = (0..600).max_by_key(|&i| key_hash(&key(i))).unwrap();
+        let (epoch, mut fx) = (joining.epoch(), Effects::new(1));
+        let mut read = |source: &mut Shard, from: u64, token: u64| {
+            let mut out = Vec::new();
+            let status = source.snapshot_chunk(epoch, &SnapshotRequest::read(p.0, from, token).to_bytes(), &mut out, &mut fx);
+            assert_eq!(status, Status::Ok, "{}", String::from_utf8_lossy(&out));
+            let c = Chunk::decode(&out).unwrap();
+            (c.entries().map(|(k, _)| k.to_vec()).collect::<Vec<_>>(), c.next, c.token, c.done)
+        };
+        let (mut got, mut at, mut done) = ([Vec::new(), Vec::new()], [(0u64, 0u64); 2], [false; 2]);
+        let mut chunks = 0;
+        while !(done[0] && done[1]) {
+            for c in 0..2 {
+                if done[c] {
+                    continue;
+                }
+                let (keys, next, token, last_chunk) = read(&mut source, at[c].0, at[c].1);
+                got[c].extend(keys);
+                at[c] = (next, token);
+                done[c] = last_chunk;
+                chunks += 1;
+            }
+            if chunks == 2 {
+                source.mutate(&key(last), None);
+            }
+            assert!(chunks < 100, "the copies never finished");
+        }
+        assert!(chunks >= 6, "600 KiB in chunks of at most 256 KiB, twice: {chunks} chunks");
+        for keys in &mut got {
+            let mut sorted = keys.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), keys.len(), "a key sent twice");
+            let want: BTreeSet<Vec<u8>> = (0..600).filter(|&i| i != last).map(key).collect();
+            assert_eq!(sorted.into_iter().collect::<BTreeSet<_>>(), want);
+        }
+        assert!(source.copy_windows.is_empty(), "finished copies leave no window behind");
     }
 
     #[test]

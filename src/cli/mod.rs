@@ -456,6 +456,7 @@ fn run_meta(args: MetaArgs) -> anyhow::Result<()> {
             bricks: args.bricks,
             replicas: args.replicas,
             base_bits: args.partition_bits,
+            rereplicate_after_ms: crate::meta::authority::REREPLICATE_AFTER_MS,
         },
         metrics: args.metrics,
         secret: served_secret(args.secret_file.as_deref(), "meta")?,

@@ -21,6 +21,10 @@ pub struct AuthorityConfig {
     pub bricks: usize,
     pub replicas: usize,
     pub base_bits: u8,
+    /// How long after a removal the authority waits for the brick to return before it
+    /// copies the partitions left short elsewhere (`REREPLICATE_AFTER_MS`; the
+    /// simulator shortens it, so that bricks come back after their partitions moved).
+    pub rereplicate_after_ms: u64,
 }
 
 /// Copy `partition` to `brick` (a joining replica) at or after `epoch`.
@@ -277,7 +281,7 @@ impl Authority {
             (_, None) => true,
             (None, Some(_)) => false,
         };
-        let waited = self.last_removal_ms.is_none_or(|r| now_ms.saturating_sub(r) >= REREPLICATE_AFTER_MS);
+        let waited = self.last_removal_ms.is_none_or(|r| now_ms.saturating_sub(r) >= self.config.rereplicate_after_ms);
         // After a start (a new leader of the group, a restart) the map's bricks register
         // again: planned before they have, a copy would see a joining brick register and
         // take it for a restart, and redo its copies. Each registers or is removed
@@ -493,7 +497,7 @@ mod tests {
 
     #[test]
     fn gathers_then_removes_dead_bricks_and_restores_replicas() {
-        let mut a = Authority::new(AuthorityConfig { bricks: 3, replicas: 2, base_bits: 6 }, None, 0);
+        let mut a = Authority::new(AuthorityConfig { bricks: 3, replicas: 2, base_bits: 6, rereplicate_after_ms: REREPLICATE_AFTER_MS }, None, 0);
         let mut sessions = Vec::new();
         for i in 0..3 {
             let (id, s, actions) = a.register(Some(i), addr(i as u16), 0).unwrap();
@@ -543,7 +547,7 @@ mod tests {
 
     #[test]
     fn a_brick_whose_registration_answer_was_lost_keeps_its_id() {
-        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 1, base_bits: 2 }, None, 0);
+        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 1, base_bits: 2, rereplicate_after_ms: REREPLICATE_AFTER_MS }, None, 0);
         let (first, _, _) = a.register(None, addr(0), 0).unwrap();
         let (again, _, _) = a.register(None, addr(0), 10).unwrap();
         assert_eq!(first, again, "same addresses, same brick");
@@ -561,7 +565,7 @@ mod tests {
 
     #[test]
     fn too_few_partitions_split_until_every_brick_can_hold_its_share() {
-        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 2, base_bits: 2 }, None, 0);
+        let mut a = Authority::new(AuthorityConfig { bricks: 2, replicas: 2, base_bits: 2, rereplicate_after_ms: REREPLICATE_AFTER_MS }, None, 0);
         for i in 0..2 {
             a.register(Some(i), addr(i as u16), 0).unwrap();
         }

@@ -28,7 +28,7 @@ struct Group {
 const DIR: &str = "/meta";
 
 fn authority_config() -> AuthorityConfig {
-    AuthorityConfig { bricks: 2, replicas: 2, base_bits: 2 }
+    AuthorityConfig { bricks: 2, replicas: 2, base_bits: 2, rereplicate_after_ms: crate::meta::authority::REREPLICATE_AFTER_MS }
 }
 
 impl Group {

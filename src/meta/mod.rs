@@ -446,28 +446,87 @@ fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-/// The copy thread: drives a `copy::CopyDriver` over blocking rpcs, one connection
-/// per line, by the committed map, then reports what finished to the member. It stops
-/// at once when the member no longer leads in the plan's term.
+/// The copy thread: drives a `copy::CopyDriver` by the committed map, a worker thread
+/// per lane making its blocking rpcs (`lane_worker`), then reports what finished to the
+/// member. It stops at once when the member no longer leads in the plan's term; the
+/// workers end with their current call.
 fn copy_driver(shared: Arc<Shared>, plan: CopyPlan) {
     let now_ms = || shared.state.lock().now_ms();
     let mut driver = CopyDriver::new(plan.joins, plan.epoch, now_ms());
-    let timeout = Duration::from_millis(copy::COPY_RPC_TIMEOUT_MS);
-    let mut lines: [Option<Rpc>; copy::LINES.len()] = Default::default();
     let secret = shared.state.lock().secret.clone();
+    let (answer_tx, answers) = std::sync::mpsc::channel::<(usize, Answer)>();
+    let mut lanes = Vec::with_capacity(copy::COPY_LANES);
+    for lane in 0..copy::COPY_LANES {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (answer_tx, secret) = (answer_tx.clone(), secret.clone());
+        match std::thread::Builder::new().name(format!("dds-meta-copy-{lane}")).spawn(move || lane_worker(lane, rx, answer_tx, secret)) {
+            Ok(_) => lanes.push(tx),
+            Err(e) => {
+                crate::log!(warn: "meta", "cannot start copy lane {lane}: {e}; copy failed, planned again at a later tick");
+                return copy_finished(&shared, plan.term, Vec::new());
+            }
+        }
+    }
+    // The committed map, cloned again only when its epoch changes.
+    let mut map: Option<ClusterMap> = None;
     loop {
-        let map = {
+        {
             let mut state = shared.state.lock();
             if !state.member.leads_in(plan.term) {
                 crate::log!("meta", "copy planned in term {} abandoned: this member no longer leads in it", plan.term);
                 state.copying = false;
                 return;
             }
-            state.member.published().cloned()
-        };
+            let newest = state.member.published();
+            if newest.map(ClusterMap::epoch) != map.as_ref().map(ClusterMap::epoch) {
+                map = newest.cloned();
+            }
+        }
         match driver.poll(map.as_ref(), now_ms()) {
-            Step::Call { line, addr, op, epoch, value } => {
-                let rpc = &mut lines[line as usize];
+            Step::Call { lane, line, addr, op, epoch, value } => {
+                if lanes[lane].send(LaneJob::Call { line, addr, op, epoch, value }).is_err() {
+                    driver.answer(lane, Answer::Lost("copy lane stopped".into()), now_ms());
+                }
+            }
+            Step::HangUp { lane, line } => {
+                let _ = lanes[lane].send(LaneJob::HangUp(line));
+            }
+            // Whichever comes first: an answer, the pause's end, or a look at whether
+            // this member still leads.
+            Step::Wait { ms } => {
+                let wait = ms.unwrap_or(COPY_LEADER_CHECK_MS).min(COPY_LEADER_CHECK_MS);
+                if let Ok((lane, answer)) = answers.recv_timeout(Duration::from_millis(wait)) {
+                    driver.answer(lane, answer, now_ms());
+                }
+            }
+            Step::Note(note) => crate::log!("meta", "{note}"),
+            Step::Finished(done) => return copy_finished(&shared, plan.term, done),
+        }
+    }
+}
+
+/// How often a copy waiting for answers checks that its member still leads.
+const COPY_LEADER_CHECK_MS: u64 = 100;
+
+/// What the copy thread asks of a lane's worker.
+enum LaneJob {
+    Call { line: copy::Line, addr: SocketAddr, op: crate::proto::Op, epoch: u64, value: Vec<u8> },
+    HangUp(copy::Line),
+}
+
+/// A copy lane's blocking rpcs, one connection per line (kept while calls go to the
+/// same address); ends when the copy thread drops its sender or its answers.
+fn lane_worker(lane: usize, jobs: std::sync::mpsc::Receiver<LaneJob>, answers: std::sync::mpsc::Sender<(usize, Answer)>, secret: Option<Arc<Secret>>) {
+    let timeout = Duration::from_millis(copy::COPY_RPC_TIMEOUT_MS);
+    let mut lines: [Option<Rpc>; copy::LINE_COUNT] = Default::default();
+    for job in jobs {
+        match job {
+            LaneJob::HangUp(line) => lines[line.index()] = None,
+            LaneJob::Call { line, addr, op, epoch, value } => {
+                let rpc = &mut lines[line.index()];
+                if rpc.as_ref().is_some_and(|r| r.addr() != addr) {
+                    *rpc = None;
+                }
                 let reply = match rpc {
                     Some(r) => Ok(r),
                     None => Rpc::connect(addr, timeout, secret.as_deref()).map(|r| rpc.insert(r)),
@@ -480,29 +539,30 @@ fn copy_driver(shared: Arc<Shared>, plan: CopyPlan) {
                         Answer::Lost(e.to_string())
                     }
                 };
-                driver.answer(answer, now_ms());
-            }
-            Step::HangUp(line) => lines[line as usize] = None,
-            Step::Wait { ms } => std::thread::sleep(Duration::from_millis(ms)),
-            Step::Note(note) => crate::log!("meta", "{note}"),
-            Step::Finished(done) => {
-                let mut state = shared.state.lock();
-                state.copying = false;
-                state.partitions_copied += done.len() as u64;
-                if done.is_empty() {
-                    state.copies_failed += 1;
-                } else {
-                    state.copies_done += 1;
-                }
-                if state.halted {
+                if answers.send((lane, answer)).is_err() {
                     return;
                 }
-                let now = state.now_ms();
-                let step = state.member.copied(plan.term, &done, now);
-                return carry_out(&shared, &mut state, step);
             }
         }
     }
+}
+
+/// A copy is over: counts it and hands what finished to the member.
+fn copy_finished(shared: &Arc<Shared>, term: u64, done: Vec<authority::Join>) {
+    let mut state = shared.state.lock();
+    state.copying = false;
+    state.partitions_copied += done.len() as u64;
+    if done.is_empty() {
+        state.copies_failed += 1;
+    } else {
+        state.copies_done += 1;
+    }
+    if state.halted {
+        return;
+    }
+    let now = state.now_ms();
+    let step = state.member.copied(term, &done, now);
+    carry_out(shared, &mut state, step)
 }
 
 /// What a scrape of the authority's metrics reports: its map and its copies.

@@ -30,7 +30,7 @@ pub use codec::{decode, decode_exact, encode, frame_len, DecodeError, Frame, Hea
 pub use control::{MemberList, MemberRequest, MemberStatus, Registered, Registration, BRICK_TIMEOUT_MS, HEARTBEAT_MS, LEASE_MS};
 pub use info::{BrickInfo, CoreStats, Histogram, InfoError, HISTOGRAM_BUCKETS};
 pub use catchup::{Buckets, DiffRequest, DigestRequest};
-pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind, PROBE_CURSOR};
+pub use tx::{Chunk, ChunkEntries, PayloadError, PrepareBody, SnapshotRequest, TxId, TxState, WriteKind};
 
 pub const MAGIC: u16 = 0xDD5A;
 pub const VERSION: u8 = 1;

@@ -149,26 +149,30 @@ impl TxState {
     }
 }
 
-/// A run of a partition's entries: `partition u32 | cursor u32 | done u8 | entries`,
-/// each entry `key_len u16 | value_len u32 | key | value`. In a `SnapshotChunk` reply
-/// `cursor` is where the next request starts; in an `Install` it is unused (0).
+/// A run of a partition's entries: `partition u32 | next u64 | token u64 | done u8 |
+/// entries`, each entry `key_len u16 | value_len u32 | key | value`. A full copy reads
+/// a partition in the order of its keys' hashes: in a `SnapshotChunk` reply `next` is
+/// the hash the next request starts from and `token` names the source's window that
+/// served it (the next request hands it back); in an `Install` both are unused (0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Chunk<'a> {
     pub partition: u32,
-    pub cursor: u32,
+    pub next: u64,
+    pub token: u64,
     pub done: bool,
     pub entries: &'a [u8],
 }
 
-pub const CHUNK_HEADER_LEN: usize = 9;
+pub const CHUNK_HEADER_LEN: usize = 21;
 /// An entry's lengths before its key and value.
 pub const ENTRY_HEADER_LEN: usize = 6;
 
 impl<'a> Chunk<'a> {
     /// Writes the header; entries follow with `push_entry`.
-    pub fn start(out: &mut Vec<u8>, partition: u32, cursor: u32, done: bool) {
+    pub fn start(out: &mut Vec<u8>, partition: u32, next: u64, token: u64, done: bool) {
         out.extend_from_slice(&partition.to_le_bytes());
-        out.extend_from_slice(&cursor.to_le_bytes());
+        out.extend_from_slice(&next.to_le_bytes());
+        out.extend_from_slice(&token.to_le_bytes());
         out.push(done as u8);
     }
 
@@ -185,14 +189,14 @@ impl<'a> Chunk<'a> {
         if buf.len() < CHUNK_HEADER_LEN {
             return Err(PayloadError::Short { what, len: buf.len(), needed: CHUNK_HEADER_LEN });
         }
-        let done = match buf[8] {
+        let done = match buf[20] {
             0 => false,
             1 => true,
             _ => return Err(PayloadError::Invalid { what, why: "done flag not 0 or 1" }),
         };
         let entries = &buf[CHUNK_HEADER_LEN..];
         check_entries(what, entries)?;
-        Ok(Chunk { partition: u32_at(buf, 0), cursor: u32_at(buf, 4), done, entries })
+        Ok(Chunk { partition: u32_at(buf, 0), next: u64_at(buf, 4), token: u64_at(buf, 12), done, entries })
     }
 
     pub fn entries(&self) -> ChunkEntries<'a> {
@@ -271,14 +275,14 @@ mod tests {
         }
 
         #[test]
-        fn chunk_round_trip(entries in prop::collection::vec((prop::collection::vec(any::<u8>(), 0..20), prop::collection::vec(any::<u8>(), 0..50)), 0..10), p in any::<u32>(), c in any::<u32>(), done in any::<bool>()) {
+        fn chunk_round_trip(entries in prop::collection::vec((prop::collection::vec(any::<u8>(), 0..20), prop::collection::vec(any::<u8>(), 0..50)), 0..10), p in any::<u32>(), next in any::<u64>(), token in any::<u64>(), done in any::<bool>()) {
             let mut buf = Vec::new();
-            Chunk::start(&mut buf, p, c, done);
+            Chunk::start(&mut buf, p, next, token, done);
             for (k, v) in &entries {
                 Chunk::push_entry(&mut buf, k, v);
             }
             let chunk = Chunk::decode(&buf).unwrap();
-            prop_assert_eq!((chunk.partition, chunk.cursor, chunk.done), (p, c, done));
+            prop_assert_eq!((chunk.partition, chunk.next, chunk.token, chunk.done), (p, next, token, done));
             let back: Vec<(Vec<u8>, Vec<u8>)> = chunk.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
             prop_assert_eq!(back, entries);
         }
@@ -290,43 +294,64 @@ mod tests {
                 let _ = c.entries().count();
             }
             let _ = TxId::decode(&buf);
+            let _ = SnapshotRequest::decode(&buf);
+        }
+
+        #[test]
+        fn snapshot_request_round_trip(p in any::<u32>(), from in any::<u64>(), token in any::<u64>(), probe in any::<bool>()) {
+            let req = if probe { SnapshotRequest::probe(p) } else { SnapshotRequest::read(p, from, token) };
+            prop_assert_eq!(SnapshotRequest::decode(&req.to_bytes()).unwrap(), req);
         }
     }
 }
 
-/// The cursor of a `SnapshotRequest` that only asks whether the partition has writes
-/// from older epochs pending (the copy driver probes every member before a copy starts).
-pub const PROBE_CURSOR: u32 = u32::MAX;
-
-/// A `SnapshotChunk` request: the partition (its raw id) and where to resume in it
-/// (`PROBE_CURSOR`: a probe, no entries).
+/// A `SnapshotChunk` request: `partition u32 | probe u8 | from u64 | token u64`. A
+/// probe only asks whether the partition has writes from older epochs pending (the copy
+/// driver probes every member before a copy starts). A read asks for the partition's
+/// entries whose key hashes are `from` or more, in hash order; `token` is the one the
+/// last reply of the same copy carried (0 at its start: the source makes a new window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotRequest {
     pub partition: u32,
-    pub cursor: u32,
+    pub probe: bool,
+    pub from: u64,
+    pub token: u64,
 }
 
-pub const SNAPSHOT_REQUEST_LEN: usize = 8;
+pub const SNAPSHOT_REQUEST_LEN: usize = 21;
 
 impl SnapshotRequest {
     pub fn probe(partition: u32) -> SnapshotRequest {
-        SnapshotRequest { partition, cursor: PROBE_CURSOR }
+        SnapshotRequest { partition, probe: true, from: 0, token: 0 }
+    }
+
+    pub fn read(partition: u32, from: u64, token: u64) -> SnapshotRequest {
+        SnapshotRequest { partition, probe: false, from, token }
     }
 
     pub fn is_probe(&self) -> bool {
-        self.cursor == PROBE_CURSOR
+        self.probe
     }
 
     pub fn to_bytes(self) -> [u8; SNAPSHOT_REQUEST_LEN] {
         let mut b = [0; SNAPSHOT_REQUEST_LEN];
         b[..4].copy_from_slice(&self.partition.to_le_bytes());
-        b[4..].copy_from_slice(&self.cursor.to_le_bytes());
+        b[4] = self.probe as u8;
+        b[5..13].copy_from_slice(&self.from.to_le_bytes());
+        b[13..].copy_from_slice(&self.token.to_le_bytes());
         b
     }
 
     pub fn decode(buf: &[u8]) -> Result<SnapshotRequest, PayloadError> {
-        let b: &[u8; SNAPSHOT_REQUEST_LEN] = buf.try_into().map_err(|_| PayloadError::Invalid { what: "snapshot request", why: "not 8 bytes" })?;
-        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Ok(SnapshotRequest { partition: word(0), cursor: word(4) })
+        let what = "snapshot request";
+        if buf.len() != SNAPSHOT_REQUEST_LEN {
+            return Err(PayloadError::Invalid { what, why: "not 21 bytes" });
+        }
+        let probe = match buf[4] {
+            0 => false,
+            1 => true,
+            _ => return Err(PayloadError::Invalid { what, why: "probe flag not 0 or 1" }),
+        };
+        Ok(SnapshotRequest { partition: u32_at(buf, 0), probe, from: u64_at(buf, 5), token: u64_at(buf, 13) })
     }
 }

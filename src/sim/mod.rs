@@ -150,6 +150,11 @@ pub struct Shape {
     /// Members of the map authority's raft group (1, 3 or 5), drawn from a generator of
     /// their own (`member_rng`).
     pub members: usize,
+    /// The authority's wait before it copies a removed brick's partitions elsewhere:
+    /// `REREPLICATE_AFTER_MS`, or (a seed in four) shorter than many crashes last, so
+    /// that bricks return after a very long absence, as it were (drawn from a generator
+    /// of its own, so that every other draw of a seed stays as it was).
+    pub rereplicate_after_ms: u64,
 }
 
 impl Shape {
@@ -192,17 +197,19 @@ impl Shape {
             checkpoint_log_bytes: pick(rng, &[4096.0, 32768.0, 1048576.0]) as u64,
             same_ports: rng.random_bool(0.5),
             members: 1,
+            rereplicate_after_ms: crate::meta::authority::REREPLICATE_AFTER_MS,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}; re-replication after {} ms",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
             self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.same_ports, self.partition_p,
             self.durability,
-            self.members
+            self.members,
+            self.rereplicate_after_ms
         )
     }
 }
@@ -328,7 +335,12 @@ impl World {
     }
 
     fn authority_config(&self) -> AuthorityConfig {
-        AuthorityConfig { bricks: self.shape.bricks, replicas: self.shape.replicas, base_bits: self.shape.base_bits }
+        AuthorityConfig {
+            bricks: self.shape.bricks,
+            replicas: self.shape.replicas,
+            base_bits: self.shape.base_bits,
+            rereplicate_after_ms: self.shape.rereplicate_after_ms,
+        }
     }
 
     fn dispatch(&mut self, event: Event) {
@@ -593,6 +605,10 @@ pub fn run(seed: u64, options: &Options) -> Report {
     let mut shape = shape;
     let mut member_rng = SmallRng::seed_from_u64(seed ^ 0x6d65_6d62_6572_7321);
     shape.members = [1, 1, 3, 3, 5][member_rng.random_range(0..5)];
+    let mut absence_rng = SmallRng::seed_from_u64(seed ^ 0x6162_7365_6e63_6521);
+    if absence_rng.random_bool(0.25) {
+        shape.rereplicate_after_ms = absence_rng.random_range(200..=2000);
+    }
     let mut world = World {
         now: 0,
         epoch_instant: Instant::now(),
