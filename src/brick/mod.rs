@@ -361,6 +361,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         }
                         let fail = |source: core_loop::CoreError| BrickError::Core { core, source };
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
+                        shard.set_token_base(crate::hash::random_u64() >> 1);
                         let (storage, next_lsn) =
                             match storage::recover(crate::log::FsDisk::new(config.log_io), core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
                             Ok(recovered) => recovered,

@@ -235,9 +235,11 @@ pub struct Shard {
     outcomes: Outcomes,
     /// The windows of copies out (of a partition each, by raw id), by token (at most
     /// `COPY_WINDOWS_MAX`: two copies of one partition to two joining replicas keep a
-    /// window each), and the passes made (the last window's token).
+    /// window each), and the passes made: this incarnation's tokens are
+    /// `token_base + 1..=token_base + passes`.
     copy_windows: HashMap<u64, (u32, CopyWindow)>,
     passes: u64,
+    token_base: u64,
     /// Partitions this brick is joining: the epoch of the join and the keys written
     /// since, which a copied entry must not overwrite.
     joining: HashMap<PartitionId, Joined>,
@@ -295,6 +297,7 @@ impl Shard {
             outcomes: Outcomes::default(),
             copy_windows: HashMap::default(),
             passes: 0,
+            token_base: 0,
             joining: HashMap::default(),
             now_ms: 0,
             fenced: false,
@@ -519,6 +522,16 @@ impl Shard {
                 fx.deferred.push((conn, out));
             }
         }
+    }
+
+    /// Where this incarnation's copy tokens start (below 2^63): a number no earlier
+    /// incarnation drew, so that a copy read from before a restart is refused, not
+    /// resumed (the restart may have left older-epoch writes in doubt that the copy's
+    /// probe never saw). The brick draws it at random, the simulator from the
+    /// incarnation.
+    pub fn set_token_base(&mut self, base: u64) {
+        assert!(base < 1 << 63, "a token base leaves room for the passes");
+        self.token_base = base;
     }
 
     /// Keys written since this brick joined partition `p` (0 when not joining it).
@@ -1006,12 +1019,17 @@ impl Shard {
             out.extend_from_slice(b"writes from an older epoch are still pending on this partition");
             return Status::Behind;
         }
+        // A token this incarnation never issued: the copy started before a restart.
+        if req.token != 0 && !(req.token > self.token_base && req.token <= self.token_base + self.passes) {
+            out.extend_from_slice(format!("{} restarted since this copy of partition {p} started: copy again", self.me).as_bytes());
+            return Status::Conflict;
+        }
         // A copy's first read (token 0), its window spent, or gone: a new pass (`scan`).
         let mut token = req.token;
         if !self.copy_windows.get(&token).is_some_and(|(partition, w)| *partition == req.partition && w.serves(req.from, token)) {
             self.copy_windows.remove(&token);
             self.passes += 1;
-            token = self.passes;
+            token = self.token_base + self.passes;
             let window = CopyWindow::scan(self.keys_of(p).map(|k| (key_hash(k), k)), req.from, token, WINDOW_KEY_BYTES_MAX);
             if self.copy_windows.len() >= COPY_WINDOWS_MAX {
                 // The oldest window belongs to a copy that has likely been abandoned; if
@@ -1472,6 +1490,13 @@ mod tests {
             assert_eq!(sorted.into_iter().collect::<BTreeSet<_>>(), want);
         }
         assert!(source.copy_windows.is_empty(), "finished copies leave no window behind");
+        // A copy that read from an earlier incarnation of the source is refused, not
+        // resumed: its probe saw what that incarnation had pending, not this one.
+        let mut restarted = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&joining));
+        restarted.set_token_base(1 << 40);
+        let mut out = Vec::new();
+        let status = restarted.snapshot_chunk(epoch, &SnapshotRequest::read(p.0, at[0].0 / 2, at[0].1).to_bytes(), &mut out, &mut Effects::new(1));
+        assert_eq!(status, Status::Conflict, "{}", String::from_utf8_lossy(&out));
     }
 
     #[test]

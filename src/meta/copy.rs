@@ -533,7 +533,10 @@ impl CopyDriver {
         match answer {
             Answer::Reply(Status::Behind, _) if now_ms < self.lanes[lane].deadline_ms => self.pause(lane, BEHIND_WAIT_MS, now_ms),
             Answer::Reply(status, why) => self.give_up(lane, format!("{target} refused the copy: {}: {}", status.name(), String::from_utf8_lossy(&why))),
-            Answer::Lost(why) => self.give_up(lane, format!("{target}: {why}")),
+            // A lost line (one kept from the lane's last partition may have closed while
+            // idle): a new attempt. A target that died is removed from the map, and the
+            // attempt then gives up; one that restarted refuses the copy.
+            Answer::Lost(why) => self.retry(lane, format!("{target}: {why}"), now_ms),
         }
     }
 }

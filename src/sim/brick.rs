@@ -359,6 +359,7 @@ impl World {
                 brick.disk.snapshot()
             });
             let mut shard = Shard::new(c, brick.cores_n, map.base_bits(), me, Arc::clone(&map));
+            shard.set_token_base(brick.life << 40);
             let recovered = recover(brick.disk.clone(), c, Path::new(BRICK_DIR), &mut shard, self.shape.checkpoint_log_bytes, preallocate);
             let misread = brick.disk.take_misread();
             match recovered {

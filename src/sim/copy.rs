@@ -43,6 +43,16 @@ impl SimCopy {
         }
     }
 
+    /// Records the partitions the driver finished since last asked (on an answer, or
+    /// within a poll: a catch-up ends when its last range compares equal).
+    fn record_done(&mut self) {
+        let new: Vec<_> = self.driver.done()[self.copied.len()..].to_vec();
+        for (p, target) in new {
+            let life = self.lives.iter().find(|(b, _)| *b == target).map_or(u64::MAX, |(_, life)| *life);
+            self.copied.push((p, target, life));
+        }
+    }
+
     fn links(&self) -> impl Iterator<Item = LinkId> + '_ {
         self.lines.iter().flatten().flatten().map(|(link, _)| *link)
     }
@@ -80,7 +90,9 @@ impl World {
             }
             let map = self.members[m].member.as_ref().and_then(|x| x.published()).cloned();
             let job = self.members[m].copy.as_mut().expect("present");
-            match job.driver.poll(map.as_ref(), now_ms) {
+            let step = job.driver.poll(map.as_ref(), now_ms);
+            job.record_done();
+            match step {
                 Step::Call { lane, line, addr, op, epoch, value } => {
                     // A held line that closed fails the call, as a closed socket does; one
                     // open to another address is closed first, as the worker does.
@@ -148,11 +160,7 @@ impl World {
             job.lines[lane].iter_mut().filter(|l| l.is_some_and(|(x, _)| x == link)).for_each(|l| *l = None);
         }
         job.driver.answer(lane, answer, now_ms);
-        let new: Vec<_> = job.driver.done()[job.copied.len()..].to_vec();
-        for (p, target) in new {
-            let life = job.lives.iter().find(|(b, _)| *b == target).map_or(u64::MAX, |(_, life)| *life);
-            job.copied.push((p, target, life));
-        }
+        job.record_done();
     }
 
     /// The lane whose call is waiting on `link`, and the call.
