@@ -4,7 +4,8 @@
 # (new values) while it is down, restarts it and prints what the copy driver sent it
 # (a catch-up from its own data); then kills it again, wipes its directory and restarts
 # it (a full copy of the same brick). Beside them, in the same run, fio's sequential
-# write rate on the same file system. Prints a markdown table for PERF.md.
+# write rate on the same file system, and the CPU each side of every copy used. Prints
+# markdown tables for PERF.md.
 #   ci/bench-catchup.sh [--keys N] [--writes N] [--reps N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,25 +52,45 @@ caught, k, sent, ms, digests = m.groups()
 print(caught, k, int(size(sent)), ms, int(size(digests)))
 '
 }
+# CPU ms (user + system) used so far by the cluster's processes whose directory is
+# `$work/c/$1*` (brick-0, brick-, meta-), from /proc; a brick restarted since counts from
+# its start.
+cpu_ms() {
+  local total=0 pid ticks
+  for pid in $(pgrep -f -- "--dir $work/c/$1" || true); do
+    ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + ticks))
+  done
+  echo $((total * 1000 / $(getconf CLK_TCK)))
+}
+# Runs `cluster restart` of brick 0 and prints the recovery's account and the CPU ms
+# its brick, the other bricks and the authority used meanwhile.
+restart_measured() {
+  local others0 meta0 line
+  others0=$(($(cpu_ms brick-) - $(cpu_ms brick-0)))
+  meta0=$(cpu_ms meta-)
+  line=$("$dds" cluster restart --dir "$work/c" --brick 0 | tee -a "$work/log" | recovery)
+  echo "$line $(cpu_ms brick-0) $(($(cpu_ms brick-) - $(cpu_ms brick-0) - others0)) $(($(cpu_ms meta-) - meta0))"
+}
 for rep in $(seq "$reps"); do
   echo "rep $rep/$reps" >&2
   "$dds" cluster kill --dir "$work/c" --brick 0 >/dev/null
   sleep 1
   "$dds" bench --cluster "$work/c" --workload paper-write --keys "$keys" --ops-max "$writes" --seconds 30 --warmup 0 \
     --clients 2 --no-preload --seed $((rep + 100)) >/dev/null
-  "$dds" cluster restart --dir "$work/c" --brick 0 | tee -a "$work/log" | recovery | sed "s/^/catchup /" >>"$work/results"
+  restart_measured | sed "s/^/catchup /" >>"$work/results"
   "$dds" cluster kill --dir "$work/c" --brick 0 >/dev/null
   sleep 1
   rm -rf "${work:?}/c/brick-0/"*
-  "$dds" cluster restart --dir "$work/c" --brick 0 | tee -a "$work/log" | recovery | sed "s/^/full /" >>"$work/results"
+  restart_measured | sed "s/^/full /" >>"$work/results"
 done
 python3 - "$work/results" "$keys" "$writes" "$fio_mbs" <<'PY'
 import statistics, sys
 path, keys, writes, fio = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 rows = {"catchup": [], "full": []}
 for line in open(path):
-    kind, caught, k, sent, ms, digests = line.split()
-    rows[kind].append((int(caught), int(k), int(sent), int(ms), int(digests)))
+    kind, caught, k, sent, ms, digests, cpu_joining, cpu_sources, cpu_meta = line.split()
+    rows[kind].append((int(caught), int(k), int(sent), int(ms), int(digests), int(cpu_joining), int(cpu_sources), int(cpu_meta)))
 def med(xs): return statistics.median(xs)
 def fmt(xs, d=0):
     m = med(xs)
@@ -87,4 +108,15 @@ for kind, name in (("catchup", "catch-up after a kill"), ("full", "full copy (wi
     rate = [s / (t / 1000) if t else 0 for s, t in zip(sent, ms)]
     ratio = f"{med(sent) * 1e6 / written:.2f}" if kind == "catchup" else ""
     print(f"| {name} | {fmt(caught)} | {fmt(k)} | {fmt(sent, 2)} | {ratio} | {fmt(dg, 2)} | {fmt(ms)} | {fmt(rate, 1)} | {med(rate) / fio:.3f} |")
+# CPU per MB sent is steadier than time on a small shared machine: what each side of the
+# copy costs, whatever else ran.
+print()
+print("| copy | CPU ms of the joining brick (from its start) | of the other bricks | of the authority | joining brick CPU ms per MB sent | all CPU ms per MB sent |")
+print("|---|---|---|---|---|---|")
+for kind, name in (("catchup", "catch-up after a kill"), ("full", "full copy (wiped directory)")):
+    r = rows[kind]
+    joining = [x[5] for x in r]; sources = [x[6] for x in r]; meta = [x[7] for x in r]
+    per_mb = [x[5] / (x[2] / 1e6) if x[2] else 0 for x in r]
+    all_per_mb = [(x[5] + x[6] + x[7]) / (x[2] / 1e6) if x[2] else 0 for x in r]
+    print(f"| {name} | {fmt(joining)} | {fmt(sources)} | {fmt(meta)} | {fmt(per_mb, 2)} | {fmt(all_per_mb, 2)} |")
 PY
