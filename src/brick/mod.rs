@@ -8,6 +8,7 @@ pub mod lease;
 mod model_tests;
 pub mod round;
 mod scan;
+mod table;
 mod shard;
 mod storage;
 

@@ -22,9 +22,9 @@ use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, Partition
 use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest, BUCKETS_HEADER_LEN};
 use crate::proto::tx::{CHUNK_HEADER_LEN, ENTRY_HEADER_LEN};
 use super::scan::{CopyWindow, TooLarge, WINDOW_KEY_BYTES_MAX};
+use super::table::{Put, Table};
 use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, VALUE_LEN_MAX, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
-type Table = HashMap<Box<[u8]>, Box<[u8]>>;
 /// A request refused: the status and its message (or map) for the reply.
 type Refusal = (Status, Vec<u8>);
 
@@ -326,14 +326,12 @@ impl Shard {
         let table = self.tables[partition as usize].as_mut().expect("mutate on an owned partition");
         match put {
             Some(value) => {
-                match table.get_mut(key) {
-                    Some(old) => {
-                        self.stats.bytes -= old.len() as u64;
+                match table.put(key, value) {
+                    Put::Replaced(old_len) => {
+                        self.stats.bytes -= old_len as u64;
                         self.stats.bytes += value.len() as u64;
-                        *old = value.into();
                     }
-                    None => {
-                        table.insert(key.into(), value.into());
+                    Put::Inserted => {
                         self.stats.keys += 1;
                         self.stats.bytes += (key.len() + value.len()) as u64;
                     }
@@ -341,9 +339,9 @@ impl Shard {
                 true
             }
             None => match table.remove(key) {
-                Some(value) => {
+                Some(value_len) => {
                     self.stats.keys -= 1;
-                    self.stats.bytes -= (key.len() + value.len()) as u64;
+                    self.stats.bytes -= (key.len() + value_len) as u64;
                     true
                 }
                 None => false,
@@ -411,18 +409,18 @@ impl Shard {
 
     /// `key`'s committed value here, and whether a write to it is prepared and undecided.
     pub fn lookup(&self, key: &[u8]) -> (Option<&[u8]>, bool) {
-        let value = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key)).map(|v| &v[..]);
+        let value = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key));
         (value, self.prepared.contains_key(key))
     }
 
     /// Keys and values of base partition `partition`, empty for one this core does not own.
     pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.tables[partition].iter().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
+        self.tables[partition].iter().flat_map(|t| t.iter())
     }
 
     /// Every key and value this core holds, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.tables.iter().flatten().flat_map(|t| t.iter().map(|(k, v)| (&k[..], &v[..])))
+        self.tables.iter().flatten().flat_map(|t| t.iter())
     }
 
     /// The decided transactions this core remembers, oldest first, as decision records
@@ -547,7 +545,7 @@ impl Shard {
     /// The keys of DP leaf `p` held here (none for a partition this core does not own).
     fn keys_of(&self, p: PartitionId) -> impl Iterator<Item = &[u8]> + Clone {
         let base = base_partition(p, self.partition_bits);
-        self.tables[base as usize].iter().flat_map(|t| t.keys()).map(|k| &k[..]).filter(move |k| p.contains(key_hash(k)))
+        self.tables[base as usize].iter().flat_map(|t| t.keys()).filter(move |k| p.contains(key_hash(k)))
     }
 
     /// The digests of DP leaf `p`'s buckets `from..from + count` among `2^log2`
@@ -573,18 +571,9 @@ impl Shard {
     fn forget(&mut self, p: PartitionId) -> usize {
         let base = base_partition(p, self.partition_bits);
         let table = self.tables[base as usize].as_mut().expect("forget on an owned partition");
-        let (before, mut bytes) = (table.len(), 0u64);
-        table.retain(|k, v| {
-            let gone = p.contains(key_hash(k));
-            if gone {
-                bytes += (k.len() + v.len()) as u64;
-            }
-            !gone
-        });
-        let dropped = before - table.len();
-        if table.len() < table.capacity() / 4 {
-            table.shrink_to_fit();
-        }
+        // The table rebuilds itself to what is left: the memory of the leaf goes back
+        // to the kernel now.
+        let (dropped, bytes) = table.retain(|k, _| !p.contains(key_hash(k)));
         self.stats.keys -= dropped as u64;
         self.stats.bytes -= bytes;
         self.copy_windows.retain(|_, (partition, _)| *partition != p.0);
@@ -1042,7 +1031,7 @@ impl Shard {
         let (_, window) = &self.copy_windows[&token];
         let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("owned");
         let mut entries = Vec::new();
-        match window.fill(req.from, |k| table.get(k).map(|v| &v[..]), &mut entries, CHUNK_BYTES_MAX, VALUE_LEN_MAX - CHUNK_HEADER_LEN) {
+        match window.fill(req.from, |k| table.get(k), &mut entries, CHUNK_BYTES_MAX, VALUE_LEN_MAX - CHUNK_HEADER_LEN) {
             Ok((next, done)) => {
                 Chunk::start(out, req.partition, next, window.token(), done);
                 out.extend_from_slice(&entries);
@@ -1137,7 +1126,7 @@ impl Shard {
             .filter_map(|(k, v)| {
                 let hash = key_hash(k);
                 let at = bucket_of(hash, req.log2).wrapping_sub(from);
-                (p.contains(hash) && at < count && differ[at as usize]).then(|| (at + from, &k[..], &v[..]))
+                (p.contains(hash) && at < count && differ[at as usize]).then(|| (at + from, k, v))
             })
             .collect();
         found.sort_unstable_by_key(|e| e.0);
