@@ -8,6 +8,7 @@
 #   ci/bench-memory.sh [--keys N] [--reps N] [--seconds S] [--against COMMIT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/against.sh
 keys=1000000; reps=3; seconds=3; against=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,15 +29,13 @@ work="$(mktemp -d -t dds-bench-memory-XXXXXX)"
 declare -A bins=([new]="$PWD/target/release/dds")
 if [ -n "$against" ]; then
   echo "ci/bench-memory.sh: building $against for comparison" >&2
-  git worktree add -q --detach "$work/old-src" "$against"
-  (cd "$work/old-src" && CARGO_TARGET_DIR="$work/old-target" cargo build --release --locked -q)
-  bins[old]="$work/old-target/release/dds"
+  bins[old]="$(build_against "$against" "$work")"
 fi
 redis_port=$((20000 + RANDOM % 10000))
 cleanup() {
   for v in "${!bins[@]}"; do "${bins[$v]}" cluster down --dir "$work/$v" >/dev/null 2>&1 || true; done
   [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true
-  [ -n "$against" ] && git worktree remove --force "$work/old-src" >/dev/null 2>&1 || true
+  against_cleanup "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -12,6 +12,7 @@
 #   ci/bench-write.sh [--reps N] [--seconds S] [--against COMMIT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/against.sh
 reps=3; seconds=3; against=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,13 +32,11 @@ work="$(mktemp -d -t dds-bench-write-XXXXXX)"
 declare -A bins=([new]="$PWD/target/release/dds")
 if [ -n "$against" ]; then
   echo "ci/bench-write.sh: building $against for comparison" >&2
-  git worktree add -q --detach "$work/old-src" "$against"
-  (cd "$work/old-src" && CARGO_TARGET_DIR="$work/old-target" cargo build --release --locked -q)
-  bins[old]="$work/old-target/release/dds"
+  bins[old]="$(build_against "$against" "$work")"
 fi
 cleanup() {
   for d in "$work"/*/c22 "$work"/*/c11; do [ -d "$d" ] && "${bins[new]}" cluster down --dir "$d" >/dev/null 2>&1 || true; done
-  [ -n "$against" ] && git worktree remove --force "$work/old-src" >/dev/null 2>&1 || true
+  against_cleanup "$work"
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -251,7 +251,9 @@ fn checkpoints_bound_the_log_and_recover_with_it() {
     let log_bytes = || -> u64 {
         std::fs::read_dir(&bdir).unwrap().map(|e| e.unwrap()).filter(|e| e.path().extension().is_some_and(|x| x == "log")).map(|e| e.metadata().unwrap().len()).sum()
     };
-    while log_bytes() > 400 << 10 {
+    // The log stays within the bound or the bytes the core holds (about 0.5 MiB here),
+    // whichever is more, plus a laid-out step.
+    while log_bytes() > 1 << 20 {
         assert!(Instant::now() < deadline, "log not trimmed: {} bytes", log_bytes());
         std::thread::sleep(Duration::from_millis(20));
     }

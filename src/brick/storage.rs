@@ -16,7 +16,8 @@ pub struct Storage<D: Disk = FsDisk> {
     core: usize,
     active: LogFile<D::File>,
     checkpoint: Option<checkpoint::Writer<D::File>>,
-    /// Active segment size that starts a checkpoint (and a new segment).
+    /// Active segment size that starts a checkpoint (and a new segment), unless the
+    /// core holds more bytes than this: then that many.
     checkpoint_log_bytes: u64,
     /// New segments are laid out ahead of their writes (`LogFile::open_preallocated`):
     /// for sync durability, where every round's fdatasync is on a reply's path.
@@ -186,7 +187,10 @@ impl<D: Disk> Storage<D> {
     /// Returns whether a checkpoint is still in progress.
     pub fn step(&mut self, shard: &Shard, next_lsn: &mut u64) -> Result<bool, LogError> {
         if self.checkpoint.is_none() {
-            if self.active.len() < self.checkpoint_log_bytes {
+            // A checkpoint writes all the core holds: waiting until the log is as large
+            // keeps its cost within one byte written per byte logged, however much is
+            // held (a fixed bound made a full copy into a large brick quadratic).
+            if self.active.len() < self.checkpoint_log_bytes.max(shard.stats.bytes) {
                 return Ok(false);
             }
             // A new segment from `next_lsn`: everything before it is in memory now and

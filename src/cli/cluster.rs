@@ -166,7 +166,8 @@ pub struct UpArgs {
     /// When a write is acknowledged: after fdatasync (sync) or once in memory (memory).
     #[arg(long, value_enum, default_value_t = Durability::Sync)]
     pub durability: Durability,
-    /// A core's log past this many MiB starts a checkpoint.
+    /// A core's log past this many MiB, or past the bytes the core holds if more,
+    /// starts a checkpoint.
     #[arg(long, default_value_t = 64.0)]
     pub checkpoint_log_mb: f64,
     /// Every brick and the map authority serve Prometheus metrics over HTTP, each on a

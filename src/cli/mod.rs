@@ -169,8 +169,8 @@ struct BrickArgs {
     /// One port per core, overriding --listen's port (used by `cluster restart`).
     #[arg(long, value_delimiter = ',')]
     ports: Option<Vec<u16>>,
-    /// A core's log past this many MiB starts a checkpoint, after which the log before
-    /// it is deleted.
+    /// A core's log past this many MiB, or past the bytes the core holds if more,
+    /// starts a checkpoint, after which the log before it is deleted.
     #[arg(long, default_value_t = 64.0)]
     checkpoint_log_mb: f64,
     /// Serve RDMA beside TCP (rdma, auto) when a verbs device opens; without one the
