@@ -66,11 +66,12 @@ cpu_ms() {
 # Runs `cluster restart` of brick 0 and prints the recovery's account and the CPU ms
 # its brick, the other bricks and the authority used meanwhile.
 restart_measured() {
-  local others0 meta0 line
+  local others0 meta0 line joining
   others0=$(($(cpu_ms brick-) - $(cpu_ms brick-0)))
   meta0=$(cpu_ms meta-)
   line=$("$dds" cluster restart --dir "$work/c" --brick 0 | tee -a "$work/log" | recovery)
-  echo "$line $(cpu_ms brick-0) $(($(cpu_ms brick-) - $(cpu_ms brick-0) - others0)) $(($(cpu_ms meta-) - meta0))"
+  joining=$(cpu_ms brick-0)
+  echo "$line $joining $(($(cpu_ms brick-) - joining - others0)) $(($(cpu_ms meta-) - meta0))"
 }
 for rep in $(seq "$reps"); do
   echo "rep $rep/$reps" >&2

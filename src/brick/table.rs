@@ -66,6 +66,11 @@ fn entry_at(arena: &[u8], at: usize) -> (&[u8], &[u8]) {
     (&arena[key_at..key_at + key_len], &arena[key_at + key_len..key_at + key_len + value_len])
 }
 
+/// Whether `slot` is the entry of `key`, whose hash is `hash`.
+fn holds(arena: &[u8], slot: &Slot, hash: u64, key: &[u8]) -> bool {
+    slot.hash == hash && entry_at(arena, slot.at).0 == key
+}
+
 fn write_entry(arena: &mut [u8], at: usize, key: &[u8], value: &[u8]) {
     let key_len = u16::try_from(key.len()).expect("keys are at most KEY_LEN_MAX bytes");
     let value_len = u32::try_from(value.len()).expect("values are at most VALUE_LEN_MAX bytes");
@@ -118,7 +123,7 @@ impl Table {
     fn find(&self, key: &[u8]) -> Option<Slot> {
         let hash = self.hasher.hash_one(key);
         let arena = self.arena();
-        self.index.find(hash, |s| s.hash == hash && entry_at(arena, s.at).0 == key).copied()
+        self.index.find(hash, |s| holds(arena, s, hash, key)).copied()
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
@@ -132,7 +137,7 @@ impl Table {
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Put {
         let hash = self.hasher.hash_one(key);
         let arena = self.arena.as_deref().unwrap_or(&[]);
-        let outcome = match self.index.find_entry(hash, |s| s.hash == hash && entry_at(arena, s.at).0 == key) {
+        let outcome = match self.index.find_entry(hash, |s| holds(arena, s, hash, key)) {
             Ok(entry) => {
                 let at = entry.get().at;
                 let old_len = entry_at(arena, at).1.len();
@@ -173,7 +178,7 @@ impl Table {
     pub fn remove(&mut self, key: &[u8]) -> Option<usize> {
         let hash = self.hasher.hash_one(key);
         let arena = self.arena.as_deref().unwrap_or(&[]);
-        let entry = self.index.find_entry(hash, |s| s.hash == hash && entry_at(arena, s.at).0 == key).ok()?;
+        let entry = self.index.find_entry(hash, |s| holds(arena, s, hash, key)).ok()?;
         let value_len = entry_at(arena, entry.get().at).1.len();
         entry.remove();
         self.live -= ENTRY_HEADER_LEN + key.len() + value_len;
