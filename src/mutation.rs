@@ -35,10 +35,13 @@ pub enum Mutation {
     /// A catch-up's repair writes the source's entries of each differing bucket but
     /// keeps the keys the source no longer holds (removals are not carried).
     RepairKeepsRemoved = 12,
+    /// With values in the log, a finished checkpoint deletes every segment before its
+    /// start, also those holding values that keys still point to.
+    TrimLiveSegments = 13,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 11] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::ReadUncommitted,
         Mutation::SkipSync,
         Mutation::LostCommit,
@@ -50,6 +53,7 @@ impl Mutation {
         Mutation::UncommittedMap,
         Mutation::KeepLeftData,
         Mutation::RepairKeepsRemoved,
+        Mutation::TrimLiveSegments,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Mutation {
             Mutation::UncommittedMap => "uncommitted-map",
             Mutation::KeepLeftData => "keep-left-data",
             Mutation::RepairKeepsRemoved => "repair-keeps-removed",
+            Mutation::TrimLiveSegments => "trim-live-segments",
         }
     }
 

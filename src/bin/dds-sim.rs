@@ -24,7 +24,8 @@ struct Args {
     #[arg(long)]
     seed: Option<u64>,
     /// Plant a protocol bug: read-uncommitted, skip-sync, lost-commit, stale-lease,
-    /// early-replies, skip-probe or read-past-prepared.
+    /// early-replies, skip-probe, read-past-prepared, checkpoint-forgets-decisions,
+    /// uncommitted-map, keep-left-data, repair-keeps-removed or trim-live-segments.
     #[arg(long)]
     mutation: Option<String>,
     /// Allow network partitions (outside the design's assumptions).

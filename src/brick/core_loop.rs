@@ -147,6 +147,7 @@ pub fn run(
     let started = Instant::now();
     let mut checkpointing = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        shell.round.set_log_at(storage.position());
         shell.round.begin(shared);
         // Adaptive polling: spin while requests keep coming, then sleep in the kernel
         // so bricks and clients sharing a small machine do not starve each other.
@@ -163,11 +164,15 @@ pub fn run(
         if shell.round.take_behind() {
             shared.refresh.store(true, Ordering::Relaxed);
         }
+        if let Some(e) = shell.round.take_failure() {
+            return Err(e.into());
+        }
         let records = shell.round.batch_records();
+        let at = shell.round.log_at();
         if let Some((batch, sync)) = shell.round.batch() {
             // Group commit. An error here ends the brick; nothing is retried.
             let (started, len) = (Instant::now(), batch.len() as u64);
-            storage.commit(batch, sync)?;
+            storage.commit_batch(batch, sync, at)?;
             let stats = shell.round.stats_mut();
             stats.log_writes += 1;
             stats.log_bytes += len;

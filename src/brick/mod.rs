@@ -11,6 +11,7 @@ mod scan;
 mod table;
 mod shard;
 mod storage;
+pub mod values;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crate::proto::{BrickInfo, DdsFraming};
 pub use round::{Control, CoreRound};
 pub use storage::{recover, Storage};
 pub use shard::{Effects, Query, Shard};
+pub use values::ValuesIn;
 
 /// When a write is acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -63,6 +65,9 @@ fn addr_list(addrs: &[std::net::SocketAddr]) -> String {
 pub struct Layout {
     pub cores: usize,
     pub partition_bits: u8,
+    /// Values are kept in the log (its checkpoints hold locations, not values).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub values_in_log: bool,
 }
 
 pub const LAYOUT_FILE: &str = "layout.json";
@@ -91,6 +96,8 @@ pub struct BrickConfig {
     pub ports: Option<Vec<u16>>,
     /// A core's active log segment past this size starts a checkpoint.
     pub checkpoint_log_bytes: u64,
+    /// Where values live: beside their keys in memory, or in the log with a cache.
+    pub values: ValuesIn,
     /// The map authority's members (any of them: the brick finds the leader); none runs
     /// the brick alone (one brick, one replica).
     pub meta: Vec<SocketAddr>,
@@ -171,6 +178,10 @@ pub enum BrickError {
          start it with --cores {found_cores} --partition-bits {found_bits} (a brick's logs cannot be re-partitioned)"
     )]
     LayoutMismatch { dir: PathBuf, found_cores: usize, found_bits: u8 },
+    #[error(
+        "brick: {dir} keeps its values {found}, not {wanted}: start it {hint} (a directory's checkpoints hold either values or their places in the log)"
+    )]
+    ValuesMismatch { dir: PathBuf, found: &'static str, wanted: &'static str, hint: &'static str },
     #[error("brick: {id} was removed from the cluster (declared dead) while it ran; it stopped. Start it again to rejoin as a new brick")]
     Removed { id: crate::map::BrickId },
     #[error("brick: --ports lists {given} port(s) for {cores} core(s)")]
@@ -220,11 +231,20 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, BrickError> 
 /// Checks the directory's layout against the configuration, recording it the first time.
 fn check_layout(config: &BrickConfig) -> Result<(), BrickError> {
     let path = config.dir.join(LAYOUT_FILE);
-    let want = Layout { cores: config.cores, partition_bits: config.partition_bits };
+    let values_in_log = matches!(config.values, ValuesIn::Log { .. });
+    let want = Layout { cores: config.cores, partition_bits: config.partition_bits, values_in_log };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let found: Layout = serde_json::from_str(&text)
                 .map_err(|e| BrickError::File { op: "parse", path: path.clone(), source: e.into() })?;
+            if found.values_in_log != want.values_in_log {
+                let (found, wanted, hint) = if found.values_in_log {
+                    ("in its log", "in memory", "with --cache-mb")
+                } else {
+                    ("in memory", "in its log", "without --cache-mb")
+                };
+                return Err(BrickError::ValuesMismatch { dir: config.dir.clone(), found, wanted, hint });
+            }
             if found != want {
                 return Err(BrickError::LayoutMismatch {
                     dir: config.dir.clone(),
@@ -364,7 +384,15 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         let mut shard = Shard::new(core, config.cores, config.partition_bits, shared.me, map);
                         shard.set_token_base(crate::hash::random_u64() >> 1);
                         let (storage, next_lsn) =
-                            match storage::recover(crate::log::FsDisk::new(config.log_io), core, &config.dir, &mut shard, config.checkpoint_log_bytes, config.durability == Durability::Sync) {
+                            match storage::recover(
+                                crate::log::FsDisk::new(config.log_io),
+                                core,
+                                &config.dir,
+                                &mut shard,
+                                config.checkpoint_log_bytes,
+                                config.durability == Durability::Sync,
+                                config.values,
+                            ) {
                             Ok(recovered) => recovered,
                             Err(e) => {
                                 stop.store(true, Ordering::SeqCst);
@@ -373,7 +401,7 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
                         };
                         let _ = ready.send(core);
                         drop(ready);
-                        let round = CoreRound::new(shard, info, config.durability, next_lsn);
+                        let round = CoreRound::new(shard, info, config.durability, next_lsn, storage.position());
                         let result = core_loop::run(transport, round, storage, loop_config, shared);
                         // One core stopping stops the brick: it serves all its partitions or none.
                         stop.store(true, Ordering::SeqCst);
@@ -420,14 +448,15 @@ pub fn run(config: &BrickConfig, stop: Arc<AtomicBool>) -> Result<(), BrickError
             if stored.is_ok() {
                 crate::log!(
                     "brick",
-                    "serving on {} core(s): {}{} (pid {}, {}, durability {}, log I/O {})",
+                    "serving on {} core(s): {}{} (pid {}, {}, durability {}, log I/O {}, values {})",
                     config.cores,
                     addr_list(&addrs),
                     if rdma_addrs.is_empty() { String::new() } else { format!(", RDMA {}", addr_list(&rdma_addrs)) },
                     file.pid,
                     placement_line(cpus.as_deref()),
                     config.durability.name(),
-                    config.log_io.name()
+                    config.log_io.name(),
+                    config.values.describe()
                 );
                 if let Some(addr) = metrics_addr {
                     crate::log!("brick", "metrics on http://{addr}/metrics");

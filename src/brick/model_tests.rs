@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::control::standalone_map;
 use super::storage::recover;
+use super::values::{LogAt, ValuesIn};
 use super::{Effects, Shard};
 use crate::log::mem_disk::MemDisk;
 use crate::map::{BrickAddr, BrickId};
@@ -25,10 +26,10 @@ fn new_shard() -> Shard {
     Shard::new(0, 1, 4, BrickId(0), Arc::new(standalone_map(4, &BrickAddr::tcp(Vec::new()))))
 }
 
-/// Executes one write; returns the log records it made.
-fn write(shard: &mut Shard, op: Op, key: &[u8], value: &[u8], next_lsn: &mut u64) -> Vec<u8> {
+/// Executes one write whose records will be written at `at`; returns them.
+fn write(shard: &mut Shard, op: Op, key: &[u8], value: &[u8], next_lsn: &mut u64, at: LogAt) -> Vec<u8> {
     let info = BrickInfo { partition_bits: 4, core: 0, ports: vec![1] };
-    let mut fx = Effects::new(*next_lsn);
+    let mut fx = Effects { log_at: at, ..Effects::new(*next_lsn) };
     let mut reply = Vec::new();
     shard.execute(CONN, &Frame { kind: Kind::Request(op), request_id: 1, epoch: 1, key, value }, &info, &mut reply, &mut fx);
     *next_lsn = fx.next_lsn;
@@ -69,7 +70,13 @@ fn apply(model: &mut Model, m: &Logged) {
 }
 
 fn contents(shard: &Shard) -> Model {
-    shard.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+    shard.entries().into_iter().collect()
+}
+
+/// Values in memory, or in the log with no cache or a small one (most reads go to the
+/// disk).
+fn values() -> impl Strategy<Value = ValuesIn> {
+    prop_oneof![Just(ValuesIn::Memory), Just(ValuesIn::Log { cache_bytes: 0 }), Just(ValuesIn::Log { cache_bytes: 256 })]
 }
 
 fn key(k: u8) -> Vec<u8> {
@@ -83,12 +90,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn recovery_keeps_every_synced_write_and_a_prefix_of_the_rest(steps in prop::collection::vec(step(), 1..150), preallocate in any::<bool>()) {
+    fn recovery_keeps_every_synced_write_and_a_prefix_of_the_rest(steps in prop::collection::vec(step(), 1..150), preallocate in any::<bool>(), values in values()) {
         crate::logging::set_quiet(true);
         let dir = Path::new("/core");
         let disk = MemDisk::default();
         let mut shard = new_shard();
-        let (mut storage, mut next_lsn) = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate).expect("an empty directory");
+        let (mut storage, mut next_lsn) = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate, values).expect("an empty directory");
         // Every mutation written to the log, in order, and how many of them were synced.
         let mut logged: Vec<Logged> = Vec::new();
         let mut synced = 0usize;
@@ -96,10 +103,12 @@ proptest! {
         let mut batch_mutations: Vec<Logged> = Vec::new();
         let mut live = Model::new();
         for step in steps {
+            let at = storage.position();
+            let at = LogAt { offset: at.offset + batch.len() as u64, ..at };
             match step {
                 Step::Put(k, value) => {
                     let key = key(k);
-                    let records = write(&mut shard, Op::Put, &key, &value, &mut next_lsn);
+                    let records = write(&mut shard, Op::Put, &key, &value, &mut next_lsn, at);
                     prop_assert!(!records.is_empty());
                     batch.extend_from_slice(&records);
                     batch_mutations.push((true, key.clone(), value.clone()));
@@ -107,7 +116,7 @@ proptest! {
                 }
                 Step::Remove(k) => {
                     let key = key(k);
-                    let records = write(&mut shard, Op::Remove, &key, &[], &mut next_lsn);
+                    let records = write(&mut shard, Op::Remove, &key, &[], &mut next_lsn, at);
                     prop_assert_eq!(!records.is_empty(), live.remove(&key).is_some());
                     if !records.is_empty() {
                         batch.extend_from_slice(&records);
@@ -115,7 +124,8 @@ proptest! {
                     }
                 }
                 Step::Commit { sync } => {
-                    storage.commit(&batch, sync).expect("a memory disk does not fail");
+                    storage.commit_batch(&batch, sync, storage.position()).expect("a memory disk does not fail");
+                    shard.trim_cache();
                     batch.clear();
                     logged.append(&mut batch_mutations);
                     if sync {
@@ -136,7 +146,7 @@ proptest! {
                         disk.lose_power(&mut rand::rngs::SmallRng::seed_from_u64(seed));
                     }
                     shard = new_shard();
-                    let recovered = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate);
+                    let recovered = recover(disk.clone(), 0, dir, &mut shard, CHECKPOINT_LOG_BYTES, preallocate, values);
                     let Ok((s, lsn)) = recovered else {
                         return Err(TestCaseError::fail(format!("a log only crashes touched was refused: {:?}", recovered.err())));
                     };
@@ -167,6 +177,7 @@ proptest! {
                 }
             }
             prop_assert_eq!(contents(&shard), live.clone());
+            prop_assert!(shard.take_failure().is_none(), "every value reads back");
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::mutation::{self, Mutation};
 use crate::proto::{decode_exact, encode, BrickInfo, Frame, Kind, Op, Status, TxId, TxState};
 
 use super::shard::{Effects, Query, Shard};
+use super::values::LogAt;
 use super::Durability;
 
 /// How often in-doubt prepares are looked at (a core's loop wakes at least this often).
@@ -72,13 +73,15 @@ pub struct CoreRound {
 }
 
 impl CoreRound {
-    pub fn new(shard: Shard, info: BrickInfo, durability: Durability, next_lsn: u64) -> CoreRound {
+    /// A core's rounds over `shard`, whose log goes on at lsn `next_lsn` and at `at`
+    /// (`Storage::position`).
+    pub fn new(shard: Shard, info: BrickInfo, durability: Durability, next_lsn: u64, at: LogAt) -> CoreRound {
         let mut round = CoreRound {
             core: info.core as usize,
             shard,
             info,
             durability,
-            fx: Effects::new(next_lsn),
+            fx: Effects { log_at: at, ..Effects::new(next_lsn) },
             held: Vec::new(),
             held_at: Vec::new(),
             scratch: Vec::new(),
@@ -105,10 +108,29 @@ impl CoreRound {
         (&self.shard, &mut self.fx.next_lsn)
     }
 
-    /// The top of a round: the fence first (the control plane unfences only after it
-    /// installed the map that came with the authority's answer, so an unfenced core
-    /// sees that map too), then the map.
+    /// Between rounds: where the next round's batch will be written
+    /// (`Storage::position`, which a checkpoint moves to a new segment).
+    pub fn set_log_at(&mut self, at: LogAt) {
+        assert!(self.fx.batch.is_empty(), "core {}: the log's place changed under a batch", self.core);
+        self.fx.log_at = at;
+    }
+
+    /// Where the round's batch goes, as its records were encoded for.
+    pub fn log_at(&self) -> LogAt {
+        self.fx.log_at
+    }
+
+    /// A value could not be read back from the log this round: the core must stop
+    /// (fail-stop; the requests it touched were answered `Unavailable`).
+    pub fn take_failure(&mut self) -> Option<crate::log::LogError> {
+        self.shard.take_failure()
+    }
+
+    /// The top of a round: the value cache back within its bound, the fence (the
+    /// control plane unfences only after it installed the map that came with the
+    /// authority's answer, so an unfenced core sees that map too), then the map.
     pub fn begin(&mut self, control: &impl Control) {
+        self.shard.trim_cache();
         self.fenced_at_begin = control.fenced();
         self.shard.fenced = self.fenced_at_begin;
         self.install_newer(control);

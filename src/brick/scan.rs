@@ -34,10 +34,15 @@ pub struct CopyWindow {
     keys: Vec<(u64, Box<[u8]>)>,
 }
 
-/// A chunk could not be filled: an entry, or a run of keys sharing one hash, that does
-/// not fit one frame (its size in bytes).
+/// Why a chunk could not be filled.
 #[derive(Debug, PartialEq, Eq)]
-pub struct TooLarge(pub usize);
+pub enum FillError {
+    /// An entry, or a run of keys sharing one hash, that does not fit one frame (its
+    /// size in bytes).
+    TooLarge(usize),
+    /// A value could not be read back from the log (the core is stopping).
+    Unreadable,
+}
 
 impl CopyWindow {
     /// One pass over a partition's keys (with their hashes): the smallest hashes from
@@ -99,29 +104,30 @@ impl CopyWindow {
     /// Appends the entries from hash `from` on (`from` in this window) while they fit:
     /// at least one, then up to `chunk_bytes_max`, never past `frame_bytes_max`, and a
     /// chunk ends between two hashes. `value` gives a key's value now (`None`: removed
-    /// since the pass, skipped). Returns where the next chunk starts and whether the
+    /// since the pass, skipped; `Some(None)`: unreadable). Returns where the next chunk starts and whether the
     /// partition is done.
     pub fn fill<'v>(
         &self,
         from: u64,
-        value: impl Fn(&[u8]) -> Option<&'v [u8]>,
+        value: impl Fn(&[u8]) -> Option<Option<std::borrow::Cow<'v, [u8]>>>,
         entries: &mut Vec<u8>,
         chunk_bytes_max: usize,
         frame_bytes_max: usize,
-    ) -> Result<(u64, bool), TooLarge> {
+    ) -> Result<(u64, bool), FillError> {
         let start = self.keys.partition_point(|(h, _)| *h < from);
         let mut last_hash = None;
         for (hash, key) in &self.keys[start..] {
             let Some(v) = value(key) else { continue };
+            let Some(v) = v else { return Err(FillError::Unreadable) };
             let size = ENTRY_HEADER_LEN + key.len() + v.len();
             let boundary = last_hash != Some(*hash);
             if boundary && last_hash.is_some() && (entries.len() >= chunk_bytes_max || entries.len() + size > frame_bytes_max) {
                 return Ok((*hash, false));
             }
             if entries.len() + size > frame_bytes_max {
-                return Err(TooLarge(entries.len() + size));
+                return Err(FillError::TooLarge(entries.len() + size));
             }
-            Chunk::push_entry(entries, key, v);
+            Chunk::push_entry(entries, key, &v);
             last_hash = Some(*hash);
         }
         Ok(match self.end {
@@ -157,7 +163,7 @@ mod tests {
             }
             let w = window.as_ref().unwrap();
             let mut entries = Vec::new();
-            let (next, done) = w.fill(from, |k| table.get(k).map(|(_, v)| &v[..]), &mut entries, chunk_bytes_max, 1 << 20).unwrap();
+            let (next, done) = w.fill(from, |k| table.get(k).map(|(_, v)| Some(std::borrow::Cow::Borrowed(&v[..]))), &mut entries, chunk_bytes_max, 1 << 20).unwrap();
             sent.extend(keys_in(&entries));
             if done {
                 return (sent, passes);
@@ -203,7 +209,7 @@ mod tests {
         let w = CopyWindow::scan(table.iter().map(|(k, (h, _))| (*h, &k[..])), 0, 5, 1 << 20);
         table.remove(&vec![3u8]);
         let mut entries = Vec::new();
-        let (_, done) = w.fill(0, |k| table.get(k).map(|(_, v)| &v[..]), &mut entries, 1 << 20, 1 << 20).unwrap();
+        let (_, done) = w.fill(0, |k| table.get(k).map(|(_, v)| Some(std::borrow::Cow::Borrowed(&v[..]))), &mut entries, 1 << 20, 1 << 20).unwrap();
         assert!(done);
         assert_eq!(keys_in(&entries).len(), 9, "every key but the one removed");
         assert!(w.serves(40, 5) && !w.serves(40, 6), "only the copy that made the window reads from it");
@@ -214,6 +220,6 @@ mod tests {
         let table: BTreeMap<Vec<u8>, (u64, Vec<u8>)> = [(vec![1u8], (1u64, vec![0u8; 100]))].into_iter().collect();
         let w = CopyWindow::scan(table.iter().map(|(k, (h, _))| (*h, &k[..])), 0, 1, 1 << 20);
         let mut entries = Vec::new();
-        assert_eq!(w.fill(0, |k| table.get(k).map(|(_, v)| &v[..]), &mut entries, 10, 50), Err(TooLarge(107)));
+        assert_eq!(w.fill(0, |k| table.get(k).map(|(_, v)| Some(std::borrow::Cow::Borrowed(&v[..]))), &mut entries, 10, 50), Err(FillError::TooLarge(107)));
     }
 }

@@ -11,7 +11,8 @@
 //! commit).
 //! Only the owning core's thread ever touches a shard: no locks.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use dds_transport::ConnId;
@@ -21,8 +22,9 @@ use crate::log::record::{self, Mutation};
 use crate::map::{core_of, key_hash, partition_of, BrickId, ClusterMap, PartitionId};
 use crate::proto::catchup::{bucket_of, encode_digest_reply, entry_digest, BUCKETS_HEADER_LEN};
 use crate::proto::tx::{CHUNK_HEADER_LEN, ENTRY_HEADER_LEN};
-use super::scan::{CopyWindow, TooLarge, WINDOW_KEY_BYTES_MAX};
+use super::scan::{CopyWindow, FillError, WINDOW_KEY_BYTES_MAX};
 use super::table::{Put, Table};
+use super::values::{value_hash, Loc, LogAt, LogValues, LOC_BYTES};
 use crate::proto::{encode, Buckets, BrickInfo, Chunk, DiffRequest, DigestRequest, VALUE_LEN_MAX, CoreStats, Frame, Kind, Op, PrepareBody, SnapshotRequest, Status, TxId, TxState, WriteKind};
 
 /// A request refused: the status and its message (or map) for the reply.
@@ -63,11 +65,15 @@ struct Prepared {
     answers: Vec<(u32, TxState)>,
     answers_epoch: u64,
     asked_ms: Option<u64>,
+    /// Where the prepare record put the value in this core's log (what a commit points
+    /// the key to when values are kept in the log).
+    at: LogAt,
 }
 
 impl Prepared {
-    fn new(body: &PrepareBody<'_>, epoch: u64, since_ms: u64) -> Prepared {
+    fn new(body: &PrepareBody<'_>, epoch: u64, since_ms: u64, at: LogAt) -> Prepared {
         Prepared {
+            at,
             txid: body.txid,
             kind: body.kind,
             value: body.value.into(),
@@ -113,6 +119,9 @@ pub struct Effects {
     pub queries: Vec<Query>,
     /// A request carried a newer epoch than this core knows.
     pub behind: bool,
+    /// Where `batch` will be written (`Storage::position`): each value's place in the
+    /// log is known as its record is encoded.
+    pub log_at: LogAt,
 }
 
 impl Effects {
@@ -120,13 +129,19 @@ impl Effects {
         Effects { next_lsn, ..Effects::default() }
     }
 
-    fn log(&mut self, mutation: &Mutation<'_>, durable_first: bool) {
+    /// Encodes `mutation` into the batch; returns where its value (a put's, a
+    /// prepare's) will be in the log.
+    fn log(&mut self, mutation: &Mutation<'_>, durable_first: bool) -> LogAt {
         record::encode(&mut self.batch, self.next_lsn, mutation);
+        // A record ends with its value.
+        let value_len = mutation.value().map_or(0, <[u8]>::len);
+        let at = LogAt { segment: self.log_at.segment, offset: self.log_at.offset + (self.batch.len() - value_len) as u64 };
         self.next_lsn += 1;
         self.records += 1;
         // The planted bug `skip-sync` (simulator builds only): replies go out before
         // the records they depend on are durable.
         self.must_sync |= durable_first && !crate::mutation::active(crate::mutation::Mutation::SkipSync);
+        at
     }
 }
 
@@ -259,6 +274,8 @@ pub struct Shard {
     /// During a replay, writes prepared under an earlier id of this directory whose
     /// decision has not come yet; dropped at the first map.
     foreign: HashMap<Box<[u8]>, Prepared>,
+    /// `Some` when values are kept in the log (`values`): the tables hold locations.
+    log_values: Option<LogValues>,
 }
 
 /// A partition this core is joining.
@@ -305,6 +322,93 @@ impl Shard {
             swept: false,
             dormant: Vec::new(),
             foreign: HashMap::default(),
+            log_values: None,
+        }
+    }
+
+    /// Values are kept in the log from now on: called before anything is stored.
+    pub fn keep_values_in_log(&mut self, values: LogValues) {
+        assert_eq!(self.stats.keys, 0, "values move to the log before anything is stored");
+        self.log_values = Some(values);
+    }
+
+    pub fn log_values(&self) -> Option<&LogValues> {
+        self.log_values.as_ref()
+    }
+
+    /// The first read of a value from the log that failed, if any: the core must stop.
+    pub fn take_failure(&mut self) -> Option<crate::log::LogError> {
+        self.log_values.as_mut()?.take_failure()
+    }
+
+    /// Between rounds: the value cache back within its bound.
+    pub fn trim_cache(&mut self) {
+        if let Some(lv) = self.log_values.as_mut() {
+            lv.trim();
+        }
+    }
+
+    /// What a table stores for a value written at `at`: the value, or its location.
+    fn location(&self, stored: &[u8]) -> Option<Loc> {
+        self.log_values.as_ref().map(|_| Loc::decode(stored).expect("a table entry holds a location"))
+    }
+
+    /// The value a table entry stores: itself, or read back through the cache (`None`:
+    /// the read failed and the core is stopping, `take_failure`).
+    fn value_of<'a>(&self, stored: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+        match self.location(stored) {
+            None => Some(Cow::Borrowed(stored)),
+            Some(loc) => self.log_values.as_ref().expect("log values").read(&loc),
+        }
+    }
+
+    /// The length of the value a table entry stores.
+    fn value_len(&self, stored: &[u8]) -> usize {
+        self.location(stored).map_or(stored.len(), |loc| loc.len as usize)
+    }
+
+    /// The hash of the value a table entry stores (catch-up digests).
+    fn stored_hash(&self, stored: &[u8]) -> u64 {
+        self.location(stored).map_or_else(|| value_hash(stored), |loc| loc.hash)
+    }
+
+    /// The log segments a value anyone may still read is in: those table entries point
+    /// into and those of undecided prepares. The others may go once a checkpoint covers
+    /// them.
+    pub fn segments_in_use(&self) -> BTreeSet<u64> {
+        let Some(lv) = self.log_values.as_ref() else { return BTreeSet::new() };
+        let prepared = self.prepared.values().chain(self.foreign.values()).filter(|p| p.kind == WriteKind::Put).map(|p| p.at.segment);
+        lv.live.keys().copied().chain(prepared).collect()
+    }
+
+    /// The bytes a checkpoint of this core writes: keys and values, or keys and
+    /// locations.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        match self.log_values.as_ref() {
+            None => self.stats.bytes,
+            Some(lv) => self.stats.bytes - lv.live_bytes() + self.stats.keys * LOC_BYTES as u64,
+        }
+    }
+
+    /// Loads one checkpoint entry: a key and what its table stored.
+    pub fn load_stored(&mut self, key: &[u8], stored: &[u8]) -> Result<(), &'static str> {
+        let partition = self.base_of(key);
+        let table = self.tables[partition as usize].as_mut().ok_or("an entry of a partition this core does not own")?;
+        let value_len = match self.log_values.as_mut() {
+            None => stored.len(),
+            Some(lv) => {
+                let loc = Loc::decode(stored).ok_or("an entry that is not a location")?;
+                lv.loaded(&loc);
+                loc.len as usize
+            }
+        };
+        match table.put(key, stored) {
+            Put::Inserted => {
+                self.stats.keys += 1;
+                self.stats.bytes += (key.len() + value_len) as u64;
+                Ok(())
+            }
+            Put::Replaced(_) => Err("a key twice"),
         }
     }
 
@@ -320,12 +424,40 @@ impl Shard {
         partition_of(key_hash(key), self.partition_bits)
     }
 
-    /// Applies a mutation to an owned partition; returns whether anything changed.
-    fn mutate(&mut self, key: &[u8], put: Option<&[u8]>) -> bool {
+    /// Applies a mutation to an owned partition: a put of a value written to the log at
+    /// `at`, or a remove. Returns whether anything changed.
+    fn mutate(&mut self, key: &[u8], put: Option<(&[u8], LogAt)>) -> bool {
         let partition = self.base_of(key);
         let table = self.tables[partition as usize].as_mut().expect("mutate on an owned partition");
+        if let Some(lv) = self.log_values.as_mut() {
+            let old = table.get(key).map(|stored| Loc::decode(stored).expect("a table entry holds a location"));
+            if let Some(old) = &old {
+                lv.dropped(old);
+                self.stats.bytes -= u64::from(old.len);
+            }
+            return match put {
+                Some((value, at)) => {
+                    let loc = Loc::of(at.segment, at.offset, value);
+                    table.put(key, &loc.encode());
+                    lv.stored(&loc, value);
+                    self.stats.bytes += value.len() as u64;
+                    if old.is_none() {
+                        self.stats.keys += 1;
+                        self.stats.bytes += key.len() as u64;
+                    }
+                    true
+                }
+                None if old.is_some() => {
+                    table.remove(key);
+                    self.stats.keys -= 1;
+                    self.stats.bytes -= key.len() as u64;
+                    true
+                }
+                None => false,
+            };
+        }
         match put {
-            Some(value) => {
+            Some((value, _)) => {
                 match table.put(key, value) {
                     Put::Replaced(old_len) => {
                         self.stats.bytes -= old_len as u64;
@@ -349,9 +481,9 @@ impl Shard {
         }
     }
 
-    /// Re-applies a logged record at start-up. It came from this core's own log, so its
-    /// partition must be one this core owns.
-    pub fn replay(&mut self, mutation: &Mutation<'_>) {
+    /// Re-applies a logged record at start-up, whose value (if any) is at `at` in the
+    /// log. It came from this core's own log, so its partition must be one this core owns.
+    pub fn replay(&mut self, mutation: &Mutation<'_>, at: LogAt) {
         if let Mutation::SyncPoint { .. } = mutation {
             return; // Not a change of state.
         }
@@ -365,7 +497,7 @@ impl Shard {
         assert!(self.tables[partition as usize].is_some(), "core {} log holds partition {partition} it does not own", self.core);
         match *mutation {
             Mutation::Put { key, value } => {
-                self.mutate(key, Some(value));
+                self.mutate(key, Some((value, at)));
             }
             Mutation::Remove { key } => {
                 self.mutate(key, None);
@@ -377,11 +509,11 @@ impl Shard {
                     // Resolving it here would apply a write no other replica shares.
                     // Its decision, if the log holds one, is applied (a committed write
                     // is data to catch up from); undecided, it is dropped at the start.
-                    self.foreign.insert(key.into(), Prepared::new(&body, 0, 0));
+                    self.foreign.insert(key.into(), Prepared::new(&body, 0, 0, at));
                     return;
                 }
                 // Epoch 0 and time 0: undecided after replay, it is in doubt at once.
-                self.prepared.insert(key.into(), Prepared::new(&body, 0, 0));
+                self.prepared.insert(key.into(), Prepared::new(&body, 0, 0, at));
             }
             Mutation::SyncPoint { .. } | Mutation::Forget { .. } => {}
             Mutation::Decide { key, txid, commit } => {
@@ -390,7 +522,7 @@ impl Shard {
                 if mine || earlier_id {
                     let p = if mine { self.prepared.remove(key) } else { self.foreign.remove(key) }.expect("present");
                     if commit {
-                        self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
+                        self.mutate(key, (p.kind == WriteKind::Put).then_some((&p.value[..], p.at)));
                     }
                 }
                 self.outcomes.record(txid, commit, key);
@@ -408,19 +540,31 @@ impl Shard {
     }
 
     /// `key`'s committed value here, and whether a write to it is prepared and undecided.
-    pub fn lookup(&self, key: &[u8]) -> (Option<&[u8]>, bool) {
-        let value = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key));
-        (value, self.prepared.contains_key(key))
+    /// (A value that cannot be read back is missing here; the core stops at the end of
+    /// the round.)
+    pub fn lookup(&self, key: &[u8]) -> (Option<Cow<'_, [u8]>>, bool) {
+        let stored = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key));
+        (stored.and_then(|s| self.value_of(s)), self.prepared.contains_key(key))
     }
 
-    /// Keys and values of base partition `partition`, empty for one this core does not own.
-    pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
+    /// Keys of base partition `partition` and what its table stores for each (values,
+    /// or their locations): what a checkpoint holds. Empty for one this core does not own.
+    pub fn partition_stored(&self, partition: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.tables[partition].iter().flat_map(|t| t.iter())
     }
 
-    /// Every key and value this core holds, in no particular order.
-    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.tables.iter().flatten().flat_map(|t| t.iter())
+    /// Every key this core holds, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.tables.iter().flatten().flat_map(|t| t.keys())
+    }
+
+    /// Every key and value this core holds, read back where they are in the log (tests
+    /// and the simulator's checks). A value that does not read back is left out, and
+    /// the failure is kept for `take_failure`.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let stored = self.tables.iter().flatten().flat_map(|t| t.iter());
+        stored.filter_map(|(k, s)| Some((k.to_vec(), self.value_of(s)?.into_owned()))).collect()
     }
 
     /// The decided transactions this core remembers, oldest first, as decision records
@@ -554,14 +698,14 @@ impl Shard {
         let base = base_partition(p, self.partition_bits);
         let table = self.tables[base as usize].as_ref().expect("digests of an owned partition");
         let mut digests = vec![0u64; count as usize];
-        for (k, v) in table.iter() {
+        for (k, stored) in table.iter() {
             let hash = key_hash(k);
             if !p.contains(hash) {
                 continue;
             }
             let at = bucket_of(hash, log2).wrapping_sub(from);
             if at < count {
-                digests[at as usize] = digests[at as usize].wrapping_add(entry_digest(hash, v));
+                digests[at as usize] = digests[at as usize].wrapping_add(entry_digest(hash, self.stored_hash(stored)));
             }
         }
         digests
@@ -573,7 +717,23 @@ impl Shard {
         let table = self.tables[base as usize].as_mut().expect("forget on an owned partition");
         // The table rebuilds itself to what is left: the memory of the leaf goes back
         // to the kernel now.
-        let (dropped, bytes) = table.retain(|k, _| !p.contains(key_hash(k)));
+        let mut log_values = self.log_values.as_mut();
+        let mut bytes = 0u64;
+        let (dropped, _) = table.retain(|k, stored| {
+            let keep = !p.contains(key_hash(k));
+            if !keep {
+                let value_len = match log_values.as_deref_mut() {
+                    None => stored.len(),
+                    Some(lv) => {
+                        let loc = Loc::decode(stored).expect("a table entry holds a location");
+                        lv.dropped(&loc);
+                        loc.len as usize
+                    }
+                };
+                bytes += (k.len() + value_len) as u64;
+            }
+            keep
+        });
         self.stats.keys -= dropped as u64;
         self.stats.bytes -= bytes;
         self.copy_windows.retain(|_, (partition, _)| *partition != p.0);
@@ -656,8 +816,9 @@ impl Shard {
                             return;
                         }
                         let table = self.tables[self.base_of(request.key) as usize].as_ref().expect("admitted");
-                        match table.get(request.key) {
-                            Some(value) => reply(Status::Ok, value),
+                        match table.get(request.key).map(|stored| self.value_of(stored)) {
+                            Some(Some(value)) => reply(Status::Ok, &value),
+                            Some(None) => reply(Status::Unavailable, b"the value could not be read from the log: the brick is stopping"),
                             None => reply(Status::NotFound, &[]),
                         }
                     }
@@ -768,12 +929,13 @@ impl Shard {
 
     /// A one-phase write; logged before its reply may leave.
     fn write(&mut self, key: &[u8], put: bool, value: &[u8], fx: &mut Effects) -> Status {
-        let changed = self.mutate(key, put.then_some(value));
         self.note_joining_write(key, self.map.epoch());
         if put {
-            fx.log(&Mutation::Put { key, value }, true);
-            Status::Ok
-        } else if changed {
+            let at = fx.log(&Mutation::Put { key, value }, true);
+            self.mutate(key, Some((value, at)));
+            return Status::Ok;
+        }
+        if self.mutate(key, None) {
             fx.log(&Mutation::Remove { key }, true);
             Status::Ok
         } else {
@@ -822,8 +984,8 @@ impl Shard {
         if let Some(p) = self.prepared.get(key) {
             return if p.txid == body.txid { Ok(existed) } else { Err(format!("key locked by {}", p.txid)) };
         }
-        fx.log(&Mutation::Prepare { key, body }, true);
-        self.prepared.insert(key.into(), Prepared::new(&body, epoch, self.now_ms));
+        let at = fx.log(&Mutation::Prepare { key, body }, true);
+        self.prepared.insert(key.into(), Prepared::new(&body, epoch, self.now_ms, at));
         Ok(existed)
     }
 
@@ -847,7 +1009,7 @@ impl Shard {
         // The planted bug of the `mutation-lost-commit` build (a test proves it is caught).
         let lose = (cfg!(feature = "mutation-lost-commit") || crate::mutation::active(crate::mutation::Mutation::LostCommit)) && self.me.0 % 2 == 1;
         if commit && !lose {
-            self.mutate(key, (p.kind == WriteKind::Put).then_some(&p.value[..]));
+            self.mutate(key, (p.kind == WriteKind::Put).then_some((&p.value[..], p.at)));
             self.note_joining_write(key, p.epoch);
         }
         fx.log(&Mutation::Decide { key, txid, commit }, true);
@@ -871,11 +1033,16 @@ impl Shard {
     }
 
     fn answer_waiters(&mut self, key: &[u8], waiters: Vec<(ConnId, u64)>, fx: &mut Effects) {
-        let value = self.tables[self.base_of(key) as usize].as_ref().and_then(|t| t.get(key));
+        if waiters.is_empty() {
+            return;
+        }
+        let stored = self.tables[self.base_of(key) as usize].as_ref().and_then(|t| t.get(key));
+        let value = stored.map(|s| self.value_of(s));
         for (conn, id) in waiters {
             let mut out = Vec::new();
-            match value {
-                Some(v) => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::Ok, v),
+            match &value {
+                Some(Some(v)) => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::Ok, v),
+                Some(None) => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::Unavailable, b"the value could not be read from the log: the brick is stopping"),
                 None => reply_frame(&mut out, Op::Get, id, self.map.epoch(), Status::NotFound, &[]),
             }
             fx.deferred.push((conn, out));
@@ -1031,7 +1198,8 @@ impl Shard {
         let (_, window) = &self.copy_windows[&token];
         let table = self.tables[base_partition(p, self.partition_bits) as usize].as_ref().expect("owned");
         let mut entries = Vec::new();
-        match window.fill(req.from, |k| table.get(k), &mut entries, CHUNK_BYTES_MAX, VALUE_LEN_MAX - CHUNK_HEADER_LEN) {
+        let value = |k: &[u8]| table.get(k).map(|stored| self.value_of(stored));
+        match window.fill(req.from, value, &mut entries, CHUNK_BYTES_MAX, VALUE_LEN_MAX - CHUNK_HEADER_LEN) {
             Ok((next, done)) => {
                 Chunk::start(out, req.partition, next, window.token(), done);
                 out.extend_from_slice(&entries);
@@ -1040,7 +1208,11 @@ impl Shard {
                 }
                 Status::Ok
             }
-            Err(TooLarge(size)) => {
+            Err(FillError::Unreadable) => {
+                out.extend_from_slice(b"a value could not be read from the log: the brick is stopping");
+                Status::Unavailable
+            }
+            Err(FillError::TooLarge(size)) => {
                 out.extend_from_slice(format!("entries of {size} bytes in partition {p} (one entry, or keys of one hash) do not fit one frame: they cannot be copied").as_bytes());
                 Status::Conflict
             }
@@ -1061,8 +1233,8 @@ impl Shard {
             if self.joining[&p].written.contains(key) {
                 continue;
             }
-            self.mutate(key, Some(value));
-            fx.log(&Mutation::Put { key, value }, true);
+            let at = fx.log(&Mutation::Put { key, value }, true);
+            self.mutate(key, Some((value, at)));
             stored += 1;
         }
         Ok(stored)
@@ -1135,7 +1307,7 @@ impl Shard {
         let (mut buckets, mut entries, mut next, mut i) = (Vec::new(), Vec::new(), from + count, 0);
         for bucket in (from..from + count).filter(|b| differ[(b - from) as usize]) {
             let end = i + found[i..].iter().take_while(|e| e.0 == bucket).count();
-            let size: usize = found[i..end].iter().map(|(_, k, v)| ENTRY_HEADER_LEN + k.len() + v.len()).sum();
+            let size: usize = found[i..end].iter().map(|(_, k, s)| ENTRY_HEADER_LEN + k.len() + self.value_len(s)).sum();
             if entries.len() >= CHUNK_BYTES_MAX || entries.len() + size > budget {
                 if buckets.is_empty() {
                     return Err((Status::Conflict, format!("bucket {bucket} of partition {p} holds {size} bytes, more than a frame: compare with more buckets")));
@@ -1144,8 +1316,11 @@ impl Shard {
                 break;
             }
             buckets.push(bucket);
-            for &(_, key, value) in &found[i..end] {
-                Chunk::push_entry(&mut entries, key, value);
+            for &(_, key, stored) in &found[i..end] {
+                let Some(value) = self.value_of(stored) else {
+                    return Err((Status::Unavailable, "a value could not be read from the log: the brick is stopping".into()));
+                };
+                Chunk::push_entry(&mut entries, key, &value);
             }
             i = end;
         }
@@ -1186,12 +1361,12 @@ impl Shard {
             changed += 1;
         }
         for (key, value) in msg.entries() {
-            let same = self.lookup(key).0 == Some(value);
+            let same = self.lookup(key).0.is_some_and(|v| *v == *value);
             if same || self.joining[&p].written.contains(key) {
                 continue;
             }
-            self.mutate(key, Some(value));
-            fx.log(&Mutation::Put { key, value }, true);
+            let at = fx.log(&Mutation::Put { key, value }, true);
+            self.mutate(key, Some((value, at)));
             changed += 1;
         }
         Ok(changed)
@@ -1409,19 +1584,19 @@ mod tests {
         Chunk::push_entry(&mut chunk, b"kept", b"v3");
         step(&mut shard, &mut |s, fx| assert_eq!(s.install(back.epoch(), &chunk, fx), Ok(1)));
         step(&mut shard, &mut |s, fx| s.install_map(Arc::clone(&readable), fx));
-        let live: BTreeMap<Vec<u8>, Vec<u8>> = shard.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let live: BTreeMap<Vec<u8>, Vec<u8>> = shard.entries().into_iter().collect();
 
         // The restart: replay every logged record, then the map the brick starts with.
         let mut again = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&readable));
         let mut lsn = 0;
         crate::log::record::scan(&log, |r| {
             lsn += 1;
-            again.replay(&r.mutation);
+            again.replay(&r.mutation, LogAt::default());
         })
         .unwrap();
         assert!(lsn > 0);
         again.install_map(Arc::clone(&readable), &mut Effects::new(1));
-        let replayed: BTreeMap<Vec<u8>, Vec<u8>> = again.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let replayed: BTreeMap<Vec<u8>, Vec<u8>> = again.entries().into_iter().collect();
         assert_eq!(replayed, live);
         assert_eq!(replayed, BTreeMap::from([(b"kept".to_vec(), b"v3".to_vec())]));
         assert_eq!(again.stats.keys, 1);
@@ -1439,7 +1614,7 @@ mod tests {
         let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&joining));
         let key = |i: usize| format!("key {i}").into_bytes();
         for i in 0..600 {
-            source.mutate(&key(i), Some(&[7u8; 1024]));
+            source.mutate(&key(i), Some((&[7u8; 1024], LogAt::default())));
         }
         // Removed during the copies, before either reached it: sent to neither.
         let last = (0..600).max_by_key(|&i| key_hash(&key(i))).unwrap();
@@ -1501,24 +1676,24 @@ mod tests {
         let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&joining));
         let mut target = Shard::new(0, 1, 0, BrickId(1), Arc::new(two.clone()));
         for i in 0..200 {
-            source.mutate(&key(i), Some(b"old"));
-            target.mutate(&key(i), Some(b"old"));
+            source.mutate(&key(i), Some((b"old", LogAt::default())));
+            target.mutate(&key(i), Some((b"old", LogAt::default())));
         }
         for i in 0..10 {
-            source.mutate(&key(i), Some(b"new"));
+            source.mutate(&key(i), Some((b"new", LogAt::default())));
         }
         for i in 10..15 {
             source.mutate(&key(i), None);
         }
         for i in 200..205 {
-            source.mutate(&key(i), Some(b"added"));
+            source.mutate(&key(i), Some((b"added", LogAt::default())));
         }
         let mut fx = Effects::new(1);
         target.install_map(Arc::clone(&joining), &mut fx);
         assert_eq!(target.stats.keys, 200, "a joining brick keeps its earlier data");
         // A write since the join: the repair must leave it, even where the source differs.
         let epoch_of_join = joining.epoch();
-        target.mutate(&key(0), Some(b"since the join"));
+        target.mutate(&key(0), Some((b"since the join", LogAt::default())));
         target.note_joining_write(&key(0), epoch_of_join);
         let epoch = joining.epoch();
         let mut out = Vec::new();
@@ -1540,8 +1715,8 @@ mod tests {
             from += count;
         }
         let want: BTreeMap<Vec<u8>, Vec<u8>> =
-            source.entries().map(|(k, v)| (k.to_vec(), if k == &key(0)[..] { b"since the join".to_vec() } else { v.to_vec() })).collect();
-        let got: BTreeMap<Vec<u8>, Vec<u8>> = target.entries().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            source.entries().into_iter().map(|(k, v)| (k.clone(), if k == key(0) { b"since the join".to_vec() } else { v })).collect();
+        let got: BTreeMap<Vec<u8>, Vec<u8>> = target.entries().into_iter().collect();
         assert_eq!(got, want);
         // 19 keys differ (key 0 among them, kept); with about one key a bucket, the
         // buckets that differ bring about as many others again.
@@ -1555,7 +1730,7 @@ mod tests {
         let p = *map.groups().keys().next().unwrap();
         let mut source = Shard::new(0, 1, 0, BrickId(0), Arc::clone(&map));
         for i in 0..3u8 {
-            source.mutate(&[b'k', i], Some(&vec![i; 3 << 20]));
+            source.mutate(&[b'k', i], Some((&vec![i; 3 << 20], LogAt::default())));
         }
         let mut fx = Effects::new(1);
         let whole = DiffRequest { partition: p.0, log2: 0, from: 0, digests: vec![0] };
@@ -1616,6 +1791,7 @@ mod tests {
             answers,
             answers_epoch: 1,
             asked_ms: None,
+            at: LogAt::default(),
         };
         let me = BrickId(0);
         assert_eq!(resolve_rule(&map, me, &p(vec![])), None);

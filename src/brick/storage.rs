@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::log::record::{self, Mutation, ScanEnd};
 use crate::log::{self, checkpoint, Disk, FsDisk, LogError, LogFile};
 
+use super::values::{LogAt, LogValues, SegmentReader, ValuesIn};
 use super::Shard;
 
 /// A core's durable state on `disk`: the active log segment and, while one is being
@@ -15,6 +16,11 @@ pub struct Storage<D: Disk = FsDisk> {
     dir: PathBuf,
     core: usize,
     active: LogFile<D::File>,
+    /// The first lsn of the active segment (its name).
+    active_first: u64,
+    /// Values are kept in the log: a segment a checkpoint covers stays while a value
+    /// anyone may read is in it.
+    values_in_log: bool,
     checkpoint: Option<checkpoint::Writer<D::File>>,
     /// Active segment size that starts a checkpoint (and a new segment), unless the
     /// core holds more bytes than this: then that many.
@@ -58,6 +64,7 @@ enum SegmentError {
 /// from `start_lsn` on (older ones are in the checkpoint). Returns the lsn after the
 /// last record, how many were replayed, and whether the segment ends in a torn tail.
 fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut Shard) -> Result<(u64, u64, ScanEnd), SegmentError> {
+    let base = contents.as_ptr() as usize;
     let mut expected = first_lsn;
     let mut replayed = 0;
     let mut out_of_order = None;
@@ -70,7 +77,9 @@ fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut S
         }
         expected = r.lsn + 1;
         if r.lsn >= start_lsn {
-            shard.replay(&r.mutation);
+            // Where the record's value is in the file (a subslice of `contents`).
+            let offset = r.mutation.value().map_or(0, |v| (v.as_ptr() as usize - base) as u64);
+            shard.replay(&r.mutation, LogAt { segment: first_lsn, offset });
             replayed += 1;
         }
     })
@@ -83,27 +92,46 @@ fn replay_segment(contents: &[u8], first_lsn: u64, start_lsn: u64, shard: &mut S
 
 /// Loads this core's checkpoint from `disk` and replays its log segments into `shard`:
 /// a torn tail of the last segment is cut off with a log line; a corrupt record, a
-/// defective checkpoint or a missing segment stops start-up. Returns the storage and
-/// the next lsn.
-pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard, checkpoint_log_bytes: u64, preallocate: bool) -> Result<(Storage<D>, u64), LogError> {
+/// defective checkpoint or a missing segment stops start-up. With values in the log,
+/// the checkpoint holds locations and the segments it covers stay (values are read from
+/// them), except those nothing points into. Returns the storage and the next lsn.
+pub fn recover<D: Disk + Clone + 'static>(
+    mut disk: D,
+    core: usize,
+    dir: &Path,
+    shard: &mut Shard,
+    checkpoint_log_bytes: u64,
+    preallocate: bool,
+    values: ValuesIn,
+) -> Result<(Storage<D>, u64), LogError> {
     let who = format_args!("core {core}").to_string();
+    let values_in_log = matches!(values, ValuesIn::Log { .. });
+    if let ValuesIn::Log { cache_bytes } = values {
+        shard.keep_values_in_log(LogValues::new(cache_bytes, Box::new(SegmentReader { disk: disk.clone(), dir: dir.to_path_buf(), core })));
+    }
     let ckpt_path = log::checkpoint_path(dir, core);
     let _ = disk.remove(&ckpt_path.with_extension("ckpt.tmp"));
     let mut start_lsn = 1;
     if let Some(bytes) = read(&mut disk, &ckpt_path)? {
         let mut keys = 0u64;
         let mut decided = Vec::new();
+        let mut bad = None;
         start_lsn = checkpoint::load(
             &bytes,
-            |key, value| {
-                shard.replay(&Mutation::Put { key, value });
+            |key, stored| {
+                if let Err(why) = shard.load_stored(key, stored) {
+                    bad.get_or_insert(why);
+                }
                 keys += 1;
             },
             |decision| decided.push(decision),
         )
         .map_err(|error| LogError::CorruptCheckpoint { path: ckpt_path.clone(), error })?;
+        if let Some(why) = bad {
+            return Err(LogError::CorruptCheckpoint { path: ckpt_path.clone(), error: checkpoint::CheckpointError::Header(why) });
+        }
         for decision in &decided {
-            shard.replay(decision);
+            shard.replay(decision, LogAt::default());
         }
         crate::log!(who, "{}: loaded {keys} keys, log from lsn {start_lsn}", ckpt_path.display());
     }
@@ -111,12 +139,14 @@ pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard,
     let mut next_lsn = start_lsn;
     let mut replayed = 0u64;
     let mut active = None;
+    let mut covered = Vec::new();
     for (i, (first_lsn, path)) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let next_first = segments.get(i + 1).map(|s| s.0);
         if next_first.is_some_and(|n| n <= start_lsn) {
-            // Wholly covered by the checkpoint: left over from a crash before its delete.
-            remove(&mut disk, path)?;
+            // Wholly covered by the checkpoint: not replayed. Its values are read from
+            // it (values in the log), or it was left over from a crash before its delete.
+            covered.push((*first_lsn, path));
             continue;
         }
         if *first_lsn > next_lsn {
@@ -153,21 +183,27 @@ pub fn recover<D: Disk>(mut disk: D, core: usize, dir: &Path, shard: &mut Shard,
             // later would take back values this brick had served (the simulator found
             // it: a read of a value that a later read found gone).
             file.append(&[], true)?;
-            active = Some(file);
+            active = Some((*first_lsn, file));
         }
     }
-    let active = match active {
-        Some(file) => file,
+    let in_use = shard.segments_in_use();
+    for (first_lsn, path) in covered {
+        if !values_in_log || !in_use.contains(&first_lsn) {
+            remove(&mut disk, path)?;
+        }
+    }
+    let (active_first, active) = match active {
+        Some(found) => found,
         None => {
             let (file, _) = open_segment(&mut disk, &log::segment_path(dir, core, next_lsn), preallocate, checkpoint_log_bytes)?;
             checkpoint::sync_dir(&mut disk, file.path())?;
-            file
+            (next_lsn, file)
         }
     };
     if replayed > 0 {
         crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
     }
-    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0 };
+    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, active_first, values_in_log, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0 };
     Ok((storage, next_lsn))
 }
 
@@ -175,6 +211,18 @@ impl<D: Disk> Storage<D> {
     /// One group commit.
     pub fn commit(&mut self, batch: &[u8], sync: bool) -> Result<(), LogError> {
         self.active.append(batch, sync)
+    }
+
+    /// The round's group commit of a batch encoded for `at` (`position` when the round
+    /// began): its values' locations hold only if it lands there.
+    pub fn commit_batch(&mut self, batch: &[u8], sync: bool, at: LogAt) -> Result<(), LogError> {
+        assert_eq!(at, self.position(), "core {}: a batch encoded for one place in the log is written at another", self.core);
+        self.commit(batch, sync)
+    }
+
+    /// Where the next batch goes: the active segment and its end.
+    pub fn position(&self) -> LogAt {
+        LogAt { segment: self.active_first, offset: self.active.len() }
     }
 
     /// Checkpoints finished (and older segments trimmed) since start.
@@ -190,7 +238,7 @@ impl<D: Disk> Storage<D> {
             // A checkpoint writes all the core holds: waiting until the log is as large
             // keeps its cost within one byte written per byte logged, however much is
             // held (a fixed bound made a full copy into a large brick quadratic).
-            if self.active.len() < self.checkpoint_log_bytes.max(shard.stats.bytes) {
+            if self.active.len() < self.checkpoint_log_bytes.max(shard.checkpoint_bytes()) {
                 return Ok(false);
             }
             // A new segment from `next_lsn`: everything before it is in memory now and
@@ -201,6 +249,7 @@ impl<D: Disk> Storage<D> {
             let (next, _) = open_segment(&mut self.disk, &path, self.preallocate, self.checkpoint_log_bytes)?;
             checkpoint::sync_dir(&mut self.disk, next.path())?;
             self.active = next;
+            self.active_first = start_lsn;
             // Undecided prepares go first into the new segment: the checkpoint holds
             // only applied state, and their decisions may come after it.
             let mut batch = Vec::new();
@@ -216,7 +265,7 @@ impl<D: Disk> Storage<D> {
         let writer = self.checkpoint.as_mut().expect("in progress");
         let mut copied = 0usize;
         while writer.next_partition < shard.partitions() && copied < CHECKPOINT_CHUNK_BYTES {
-            copied += writer.add(shard.partition_entries(writer.next_partition))?;
+            copied += writer.add(shard.partition_stored(writer.next_partition))?;
             writer.next_partition += 1;
         }
         if writer.next_partition < shard.partitions() {
@@ -228,8 +277,13 @@ impl<D: Disk> Storage<D> {
         }
         let started = writer.finish(&mut self.disk)?;
         let mut trimmed = 0;
+        let in_use = shard.segments_in_use();
         for (first_lsn, path) in log::segments(&mut self.disk, &self.dir, self.core)? {
-            if first_lsn < started {
+            // Before the checkpoint's start, and (values in the log) holding nothing
+            // anyone may read: a checkpoint entry that still points into it is of a key
+            // written since `started`, which the replay from there brings back.
+            let keep = self.values_in_log && in_use.contains(&first_lsn) && !crate::mutation::active(crate::mutation::Mutation::TrimLiveSegments);
+            if first_lsn < started && !keep {
                 remove(&mut self.disk, &path)?;
                 trimmed += 1;
             }

@@ -377,6 +377,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         partition_bits: DEFAULT_PARTITION_BITS,
         durability: Durability::Sync,
         checkpoint_log_mb: 64.0,
+        cache_mb: None,
         metrics: false,
         secret_file: None,
         meta_replicas: 3,

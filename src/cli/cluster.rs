@@ -170,6 +170,10 @@ pub struct UpArgs {
     /// starts a checkpoint.
     #[arg(long, default_value_t = 64.0)]
     pub checkpoint_log_mb: f64,
+    /// Every brick keeps its values in its log with a cache of this many MiB (`dds
+    /// brick --cache-mb`); without it, in memory.
+    #[arg(long)]
+    pub cache_mb: Option<f64>,
     /// Every brick and the map authority serve Prometheus metrics over HTTP, each on a
     /// free loopback port (`cluster status` lists them).
     #[arg(long)]
@@ -258,6 +262,8 @@ pub struct ClusterFile {
     pub replicas: usize,
     pub durability: Durability,
     pub checkpoint_log_mb: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_mb: Option<f64>,
     pub transport: TransportKind,
     #[serde(default)]
     pub busy_poll: bool,
@@ -504,6 +510,7 @@ struct BrickShape {
     partition_bits: u8,
     durability: Durability,
     checkpoint_log_mb: f64,
+    cache_mb: Option<f64>,
     /// The authority's members.
     meta: Vec<SocketAddr>,
     /// Serve RDMA beside TCP (`--transport rdma`).
@@ -682,6 +689,7 @@ fn spawn_brick(exe: &Path, bdir: &Path, index: usize, ask_id: bool, shape: &Bric
         .args(["--partition-bits", &shape.partition_bits.to_string()])
         .args(["--durability", &value_name(shape.durability)])
         .args(["--checkpoint-log-mb", &shape.checkpoint_log_mb.to_string()])
+        .args(shape.cache_mb.iter().flat_map(|mb| ["--cache-mb".to_string(), mb.to_string()]))
         .args(shape.meta.iter().flat_map(|a| ["--meta".to_string(), a.to_string()]))
         .args(secret_args(shape.secret_file.as_deref()));
     if ask_id {
@@ -751,6 +759,7 @@ fn start_brick(cluster: &ClusterFile, index: usize, ask_id: bool, bdir: &Path, c
         partition_bits: cluster.partition_bits,
         durability: cluster.durability,
         checkpoint_log_mb: cluster.checkpoint_log_mb,
+        cache_mb: cluster.cache_mb,
         meta: cluster.meta_addrs(),
         rdma: cluster.transport != TransportKind::Tcp,
         busy_poll: cluster.busy_poll,
@@ -858,6 +867,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
     }
     let cores = args.cores.unwrap_or_else(|| (super::available_cores() / args.bricks).max(1));
     super::mib_to_bytes(args.checkpoint_log_mb)?;
+    super::values_in(args.cache_mb)?;
     let exe = std::env::current_exe().context("locate the dds binary")?;
     let (secret_file, secret) = cluster_secret(&dir, args.secret_file.as_deref())?;
     if args.metrics {
@@ -900,6 +910,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
         partition_bits: args.partition_bits,
         durability: args.durability,
         checkpoint_log_mb: args.checkpoint_log_mb,
+        cache_mb: args.cache_mb,
         meta: metas.iter().map(|m| m.addr).collect(),
         rdma: transport != TransportKind::Tcp,
         busy_poll: args.busy_poll,
@@ -928,6 +939,7 @@ pub fn up(args: &UpArgs) -> anyhow::Result<ClusterFile> {
             replicas: args.replicas,
             durability: args.durability,
             checkpoint_log_mb: args.checkpoint_log_mb,
+            cache_mb: args.cache_mb,
             transport,
             busy_poll: args.busy_poll,
             placement: args.placement,

@@ -173,6 +173,12 @@ struct BrickArgs {
     /// starts a checkpoint, after which the log before it is deleted.
     #[arg(long, default_value_t = 64.0)]
     checkpoint_log_mb: f64,
+    /// Keep values in the log segments, not in memory: memory holds the keys, each
+    /// value's place in the log, and a cache of this many MiB of values; other values
+    /// are read back from disk. Without it every value is kept in memory. A directory
+    /// keeps the choice it was first started with.
+    #[arg(long)]
+    cache_mb: Option<f64>,
     /// Serve RDMA beside TCP (rdma, auto) when a verbs device opens; without one the
     /// brick logs why and serves TCP only.
     #[arg(long, value_enum, default_value_t = cluster::TransportKind::Tcp)]
@@ -243,6 +249,15 @@ fn parse_member(text: &str) -> Result<(u64, SocketAddr), String> {
 }
 
 /// MiB from the command line to bytes, at least one KiB.
+/// Where `--cache-mb` says values live.
+pub fn values_in(cache_mb: Option<f64>) -> anyhow::Result<brick::ValuesIn> {
+    match cache_mb {
+        None => Ok(brick::ValuesIn::Memory),
+        Some(mb) if mb.is_finite() && mb >= 0.0 => Ok(brick::ValuesIn::Log { cache_bytes: (mb * 1024.0 * 1024.0) as u64 }),
+        Some(mb) => anyhow::bail!("--cache-mb must be a size in MiB, 0 or more (got {mb})"),
+    }
+}
+
 pub fn mib_to_bytes(mib: f64) -> anyhow::Result<u64> {
     if !(mib.is_finite() && mib * 1024.0 >= 1.0) {
         anyhow::bail!("--checkpoint-log-mb must be at least 1/1024 (one KiB)");
@@ -482,6 +497,7 @@ fn run_brick(args: BrickArgs) -> anyhow::Result<()> {
         log_io: args.log_io,
         ports: args.ports,
         checkpoint_log_bytes: mib_to_bytes(args.checkpoint_log_mb)?,
+        values: values_in(args.cache_mb)?,
         meta: args.meta,
         id: args.id,
         rdma: args.transport != cluster::TransportKind::Tcp,

@@ -28,6 +28,9 @@ pub trait Disk {
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
     /// The names of the files in `dir`.
     fn list(&mut self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Fills `buf` from `path` at `offset` (a value in a log segment); fewer bytes there
+    /// is an error.
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
 /// One open file. Errors are final for the caller: a failed sync is never retried.
@@ -123,6 +126,11 @@ impl Disk for FsDisk {
             }
         }
         Ok(names)
+    }
+
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // `read_exact_at` continues after a short read and an EINTR.
+        File::open(path)?.read_exact_at(buf, offset)
     }
 }
 

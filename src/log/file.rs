@@ -24,6 +24,8 @@ pub enum LogError {
     CorruptCheckpoint { path: PathBuf, error: super::checkpoint::CheckpointError },
     #[error("log {path}: starts at lsn {found}, {expected} expected: a segment is missing; refusing to start")]
     Gap { path: PathBuf, found: u64, expected: u64 },
+    #[error("log {path}: the value of {len} bytes at offset {offset} does not match its hash; stopping (the log is left as it is)")]
+    ValueChecksum { path: PathBuf, offset: u64, len: u32 },
 }
 
 pub struct LogFile<F: DiskFile = FsFile> {

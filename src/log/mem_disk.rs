@@ -230,5 +230,14 @@ impl Disk for MemDisk {
         let files = &self.0.borrow().files;
         Ok(files.keys().filter(|p| p.parent() == Some(dir)).filter_map(|p| p.file_name()?.to_str().map(String::from)).collect())
     }
+
+    fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let dir = self.0.borrow();
+        let file = dir.files.get(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let from = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let bytes = file.bytes.get(from..from + buf.len()).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
 }
 

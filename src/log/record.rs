@@ -71,7 +71,16 @@ pub enum Mutation<'a> {
     Forget { partition: u32 },
 }
 
-impl Mutation<'_> {
+impl<'a> Mutation<'a> {
+    /// The value a put or a prepare carries: the last bytes of its record.
+    pub fn value(&self) -> Option<&'a [u8]> {
+        match *self {
+            Mutation::Put { value, .. } => Some(value),
+            Mutation::Prepare { body, .. } => Some(body.value),
+            _ => None,
+        }
+    }
+
     pub fn key(&self) -> &[u8] {
         match self {
             Mutation::Put { key, .. } | Mutation::Remove { key } | Mutation::Prepare { key, .. } | Mutation::Decide { key, .. } => key,

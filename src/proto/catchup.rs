@@ -26,9 +26,11 @@ pub fn bucket_of(hash: u64, log2: u8) -> u32 {
     }
 }
 
-/// One entry's share of its bucket's digest.
-pub fn entry_digest(key_hash: u64, value: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(value, key_hash)
+/// One entry's share of its bucket's digest, from its key's hash and its value's hash
+/// (xxh3 of the bytes: a replica that keeps its values in its log has it without reading
+/// them).
+pub fn entry_digest(key_hash: u64, value_hash: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&value_hash.to_le_bytes(), key_hash)
 }
 
 /// The bucket count for a replica holding `keys` keys of a partition: about one key a

@@ -192,12 +192,12 @@ impl SimBrick {
 
     /// Every entry this brick's cores hold whose key hashes into `p`.
     pub fn entries_of(&self, p: PartitionId) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-        self.cores.iter().flat_map(|c| c.round.shard().entries()).filter(|(k, _)| p.contains(key_hash(k))).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        self.cores.iter().flat_map(|c| c.round.shard().entries()).filter(|(k, _)| p.contains(key_hash(k))).collect()
     }
 
     /// `key`'s committed value on the core that owns it, and whether a write to it is
     /// prepared there (`None`: no core of this brick owns it).
-    pub fn lookup(&self, key: &[u8]) -> Option<(Option<&[u8]>, bool)> {
+    pub fn lookup(&self, key: &[u8]) -> Option<(Option<std::borrow::Cow<'_, [u8]>>, bool)> {
         let map = self.map.as_ref()?;
         self.cores.get(map.core_of(key_hash(key), self.cores.len().max(1))).map(|c| c.round.shard().lookup(key))
     }
@@ -215,7 +215,7 @@ impl SimBrick {
             if !map.bricks().contains_key(&me) {
                 continue;
             }
-            for (k, _) in shard.entries() {
+            for k in shard.keys() {
                 let (p, group) = map.route(key_hash(k));
                 // A short group's data is kept to catch up from (`Shard::keeps`).
                 if !group.contains(&me) && !map.is_short(p) {
@@ -229,7 +229,7 @@ impl SimBrick {
 
     /// Digest input: every entry, in key order.
     pub fn all_entries(&self) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-        self.cores.iter().flat_map(|c| c.round.shard().entries()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
+        self.cores.iter().flat_map(|c| c.round.shard().entries()).collect()
     }
 }
 
@@ -360,7 +360,7 @@ impl World {
             });
             let mut shard = Shard::new(c, brick.cores_n, map.base_bits(), me, Arc::clone(&map));
             shard.set_token_base(brick.life << 40);
-            let recovered = recover(brick.disk.clone(), c, Path::new(BRICK_DIR), &mut shard, self.shape.checkpoint_log_bytes, preallocate);
+            let recovered = recover(brick.disk.clone(), c, Path::new(BRICK_DIR), &mut shard, self.shape.checkpoint_log_bytes, preallocate, self.shape.values);
             let misread = brick.disk.take_misread();
             match recovered {
                 // Dropping a good record for a misread one (as a torn tail) would lose an
@@ -373,7 +373,7 @@ impl World {
                 }
                 Ok((storage, next_lsn)) => {
                     let info = BrickInfo { partition_bits: map.base_bits(), core: c as u16, ports: Vec::new() };
-                    let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn);
+                    let mut round = CoreRound::new(shard, info, self.shape.durability, next_lsn, storage.position());
                     round.begin(&SimControl { fenced: false, map: None });
                     cores.push(SimCore { round, storage, inbox: VecDeque::new(), busy: false, round_due: false, sync_pending: false, checkpoints: 0 });
                 }
@@ -626,6 +626,8 @@ impl World {
         core.inbox = later;
         let queries = core.round.tick(now_ms);
         let behind = core.round.take_behind();
+        let failure = core.round.take_failure();
+        let at = core.round.log_at();
         let batch = core.round.batch().map(|(bytes, sync)| (bytes.to_vec(), sync));
         for (link, bytes) in sent {
             self.send(link, Endpoint::Brick(b), bytes);
@@ -644,6 +646,11 @@ impl World {
             // A request from a newer epoch: ask the authority now.
             self.lease_step(b, true);
         }
+        if let Some(e) = failure {
+            // The simulated disk never fails a read: a value that does not read back was
+            // lost by the brick (a segment deleted under it, a wrong location).
+            return self.fail(format!("brick {b} core {c}: a value did not read back: {e}"));
+        }
         let Some((batch, must_sync)) = batch else { return self.end_round(b, c) };
         // Group commit: one write, and one sync if a record must be durable first.
         if self.faults_on && self.rng.random_bool(self.shape.disk_full_p) {
@@ -652,7 +659,7 @@ impl World {
         let (write_us, sync_us) = (self.shape.write_us, self.shape.sync_us);
         // Written now, synced when the disk is done: `Storage::commit(batch, true)` in two
         // calls, so a power loss meanwhile finds the batch written but not synced.
-        if let Err(e) = self.bricks[b].cores[c].storage.commit(&batch, false) {
+        if let Err(e) = self.bricks[b].cores[c].storage.commit_batch(&batch, false, at) {
             return self.storage_failed(b, c, e);
         }
         let core_busy_us = write_us + if must_sync { sync_us } else { 0 };
@@ -695,6 +702,7 @@ impl World {
         // progress the core keeps going round.
         let (shard, next_lsn) = core.round.shard_and_lsn();
         let checkpointing = core.storage.step(shard, next_lsn);
+        core.round.set_log_at(core.storage.position());
         core.round.begin(&control);
         let more = !core.inbox.is_empty() || checkpointing.as_ref().is_ok_and(|busy| *busy);
         let finished = core.storage.checkpoints() > core.checkpoints;

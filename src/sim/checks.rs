@@ -45,12 +45,12 @@ impl World {
         for k in 0..self.shape.keys {
             let key = key_name(k);
             let (p, group) = map.route(key_hash(&key));
-            let replicas: Vec<(crate::map::BrickId, &super::brick::SimBrick, Option<&[u8]>, bool)> =
+            let replicas: Vec<(crate::map::BrickId, &super::brick::SimBrick, Option<std::borrow::Cow<'_, [u8]>>, bool)> =
                 group.iter().filter_map(|&id| self.bricks.iter().find(|b| b.id == Some(id) && b.is_up()).and_then(|b| b.lookup(&key).map(|(v, prepared)| (id, b, v, prepared)))).collect();
             if replicas.iter().any(|r| r.3) {
                 continue;
             }
-            let mut first: Option<(crate::map::BrickId, Option<&[u8]>)> = None;
+            let mut first: Option<(crate::map::BrickId, Option<std::borrow::Cow<'_, [u8]>>)> = None;
             for (id, brick, value, _) in replicas {
                 let holds = map.is_readable(p, id) || copied.iter().any(|&(q, t, life)| q == p && t == id && life == brick.life);
                 if !brick.serving() || !holds {
@@ -58,9 +58,9 @@ impl World {
                 }
                 match first {
                     None => first = Some((id, value)),
-                    Some((other, v)) if v != value => {
-                        let show = |v: Option<&[u8]>| v.map(|v| String::from_utf8_lossy(v).into_owned());
-                        return self.fail(format!("{} of partition {p}: {other} holds {:?} and {id} holds {:?}, with no write prepared", String::from_utf8_lossy(&key), show(v), show(value)));
+                    Some((other, ref v)) if *v != value => {
+                        let show = |v: &Option<std::borrow::Cow<'_, [u8]>>| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
+                        return self.fail(format!("{} of partition {p}: {other} holds {:?} and {id} holds {:?}, with no write prepared", String::from_utf8_lossy(&key), show(v), show(&value)));
                     }
                     Some(_) => {}
                 }

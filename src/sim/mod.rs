@@ -155,6 +155,10 @@ pub struct Shape {
     /// that bricks return after a very long absence, as it were (drawn from a generator
     /// of its own, so that every other draw of a seed stays as it was).
     pub rereplicate_after_ms: u64,
+    /// Where the bricks keep values: in memory, or (a seed in two) in the log with a
+    /// cache of 0, 512 B or 1 MiB, so reads go to the simulated disk (drawn from a
+    /// generator of its own).
+    pub values: crate::brick::ValuesIn,
 }
 
 impl Shape {
@@ -198,18 +202,20 @@ impl Shape {
             same_ports: rng.random_bool(0.5),
             members: 1,
             rereplicate_after_ms: crate::meta::authority::REREPLICATE_AFTER_MS,
+            values: crate::brick::ValuesIn::Memory,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}; re-replication after {} ms",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}; re-replication after {} ms; values {:?}",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
             self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.same_ports, self.partition_p,
             self.durability,
             self.members,
-            self.rereplicate_after_ms
+            self.rereplicate_after_ms,
+            self.values
         )
     }
 }
@@ -608,6 +614,10 @@ pub fn run(seed: u64, options: &Options) -> Report {
     let mut absence_rng = SmallRng::seed_from_u64(seed ^ 0x6162_7365_6e63_6521);
     if absence_rng.random_bool(0.25) {
         shape.rereplicate_after_ms = absence_rng.random_range(200..=2000);
+    }
+    let mut values_rng = SmallRng::seed_from_u64(seed ^ 0x7661_6c75_6573_2121);
+    if values_rng.random_bool(0.5) {
+        shape.values = crate::brick::ValuesIn::Log { cache_bytes: [0, 512, 1 << 20][values_rng.random_range(0..3)] };
     }
     let mut world = World {
         now: 0,
