@@ -10,7 +10,7 @@
 #   ci/sim.sh --seeds N --twice         every seed twice: equal digests (determinism)
 #   ci/sim.sh --seeds N --durability memory   bricks that acknowledge before fdatasync
 #                                       (crashes are then process crashes, not power losses)
-#   ci/sim.sh --seeds N --mutation read-uncommitted|skip-sync|lost-commit|early-replies|stale-lease|skip-probe|read-past-prepared|checkpoint-forgets-decisions|uncommitted-map|keep-left-data|repair-keeps-removed|trim-live-segments --expect-failure
+#   ci/sim.sh --seeds N --mutation read-uncommitted|skip-sync|lost-commit|early-replies|stale-lease|skip-probe|read-past-prepared|checkpoint-forgets-decisions|uncommitted-map|keep-left-data|repair-keeps-removed|trim-live-segments|clean-moves-dead --expect-failure
 #                                       a planted bug the checkers must catch
 #   ci/sim.sh --seeds N --partitions    also network partitions, and the authority's
 #                                       leader cut off from the other members (beyond

@@ -50,7 +50,7 @@ bash ci/sim.sh --seeds 300 --partitions 2>&1 | tee -a "$LOG"
 bash ci/sim.sh --seeds 1000 --durability memory 2>&1 | tee -a "$LOG"
 
 step "simulator: each planted bug must fail the checkers within 500 seeds, and frames duplicated within a connection within 5,000"
-for mutation in read-uncommitted skip-sync lost-commit early-replies read-past-prepared stale-lease skip-probe checkpoint-forgets-decisions uncommitted-map keep-left-data repair-keeps-removed trim-live-segments; do
+for mutation in read-uncommitted skip-sync lost-commit early-replies read-past-prepared stale-lease skip-probe checkpoint-forgets-decisions uncommitted-map keep-left-data repair-keeps-removed trim-live-segments clean-moves-dead; do
   # skip-probe fails about one seed in 200 (ARCHITECTURE.md): 1,500 seeds, so that a
   # change of the draws cannot push its first failure past the bound by chance.
   seeds=500; [ "$mutation" = skip-probe ] && seeds=1500

@@ -38,10 +38,13 @@ pub enum Mutation {
     /// With values in the log, a finished checkpoint deletes every segment before its
     /// start, also those holding values that keys still point to.
     TrimLiveSegments = 13,
+    /// The cleaner writes again every value in the segment it cleans, not only those a
+    /// key still points to: an overwritten or removed value comes back.
+    CleanMovesDead = 14,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::ReadUncommitted,
         Mutation::SkipSync,
         Mutation::LostCommit,
@@ -54,6 +57,7 @@ impl Mutation {
         Mutation::KeepLeftData,
         Mutation::RepairKeepsRemoved,
         Mutation::TrimLiveSegments,
+        Mutation::CleanMovesDead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Mutation {
             Mutation::KeepLeftData => "keep-left-data",
             Mutation::RepairKeepsRemoved => "repair-keeps-removed",
             Mutation::TrimLiveSegments => "trim-live-segments",
+            Mutation::CleanMovesDead => "clean-moves-dead",
         }
     }
 

@@ -149,6 +149,17 @@ fn survive_sigkill(extra: &[&str], rounds: usize, segment_mb: &str, value_bytes:
     assert_eq!(cluster.brick_log(0).matches(log_io).count(), starts, "a restart changed the log I/O: {}", cluster.brick_log(0));
     if extra.contains(&"--cache-mb") {
         assert_eq!(cluster.brick_log(0).matches("values in the log").count(), starts, "a restart kept values elsewhere");
+        assert!(cluster.brick_log(0).contains("cleaned log segment"), "the cleaner never ran");
+        // Disk use under overwrite churn: the log segments against the live values.
+        let live: u64 = model.iter().filter_map(|(k, e)| e.acked.as_ref().map(|v| (k.len() + v.len()) as u64)).sum();
+        let logs: u64 = std::fs::read_dir(cluster.path().join("brick-0"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log") && e.file_name().to_string_lossy().starts_with("core-"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        println!("values in the log: {} MB of log segments for {} MB of live values ({:.2}x)", logs / 1_000_000, live / 1_000_000, logs as f64 / live as f64);
+        assert!(logs <= 4 * live + (64 << 20), "the log holds {logs} bytes for {live} live: the cleaner does not keep up");
     }
     println!("crash test ({extra:?}): {rounds} rounds of SIGKILL, {acked_total} acknowledged writes, {checked_total} key checks against the last acknowledged value");
     assert!(acked_total > 50 * rounds as u64, "too few writes were acknowledged to mean anything: {acked_total}");

@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{process_alive, text, wait_exit, TestCluster};
+use common::{process_alive, run_ok, text, wait_exit, TestCluster};
 use dds::map::key_hash;
 
 fn dds_with(failpoints: &str, args: &[&str]) -> std::process::Output {
@@ -85,6 +85,54 @@ fn a_failed_fsync_stops_the_brick_with_the_error() {
     assert!(wait_exit(pid, Duration::from_secs(5), Duration::from_millis(10)), "a brick whose fsync failed kept running");
     let log = cluster.brick_log(0);
     assert!(log.contains("fdatasync") && log.contains("failpoint log-fsync"), "the brick log names the failed fsync:\n{log}");
+}
+
+/// Values kept in the log: a value that cannot be read back, and a cleaner's read that
+/// fails, each stop the brick with the error in its log (never a wrong answer); started
+/// again unarmed, it reads back every value.
+#[test]
+fn a_failed_read_of_a_value_or_by_the_cleaner_stops_the_brick_and_loses_nothing() {
+    let cluster = TestCluster::up_with(1, 1, &["--cache-mb", "0", "--checkpoint-log-mb", "0.25"]);
+    let mut client = cluster.client();
+    let value = |k: u32, round: u32| format!("{k}:{round}:{}", ".".repeat(900)).into_bytes();
+    // Overwrites: old segments fall below half live, and the cleaner has work.
+    for round in 0..4 {
+        for k in 0..500u32 {
+            client.put(format!("k{k}").as_bytes(), &value(k, round)).expect("put");
+        }
+    }
+    drop(client);
+    for (failpoint, what) in [("value-read=return", "failpoint value-read"), ("cleaner-read=return", "failpoint cleaner-read")] {
+        let b = if failpoint.starts_with("value-read") {
+            restart_armed(&cluster, 0, failpoint)
+        } else {
+            // Stopped by the last failpoint already.
+            dds_with(failpoint, &["cluster", "restart", "--dir", &cluster.dir_arg(), "--brick", "0"]);
+            cluster.file().bricks[0].clone()
+        };
+        if failpoint.starts_with("value-read") {
+            let mut client = cluster.client();
+            let got = client.get(b"k7");
+            assert!(got.is_err(), "a value that could not be read was answered: {got:?}");
+        } else {
+            // The cleaner starts on its own; writes give it more to do.
+            let mut client = cluster.client();
+            for k in 0..500u32 {
+                if client.put(format!("k{k}").as_bytes(), &value(k, 4)).is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(wait_exit(b.pid, Duration::from_secs(10), Duration::from_millis(10)), "a brick whose read failed ({failpoint}) kept running");
+        let log = cluster.brick_log(0);
+        assert!(log.contains(what), "the brick log names the failed read:\n{log}");
+    }
+    run_ok(&["cluster", "restart", "--dir", &cluster.dir_arg(), "--brick", "0"]);
+    let mut client = cluster.client();
+    for k in 0..500u32 {
+        let got = client.get(format!("k{k}").as_bytes()).expect("get").expect("present");
+        assert!(got == value(k, 3) || got == value(k, 4), "k{k} holds {:?}", String::from_utf8_lossy(&got[..12]));
+    }
 }
 
 #[test]

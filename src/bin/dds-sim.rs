@@ -25,7 +25,8 @@ struct Args {
     seed: Option<u64>,
     /// Plant a protocol bug: read-uncommitted, skip-sync, lost-commit, stale-lease,
     /// early-replies, skip-probe, read-past-prepared, checkpoint-forgets-decisions,
-    /// uncommitted-map, keep-left-data, repair-keeps-removed or trim-live-segments.
+    /// uncommitted-map, keep-left-data, repair-keeps-removed, trim-live-segments or
+    /// clean-moves-dead.
     #[arg(long)]
     mutation: Option<String>,
     /// Allow network partitions (outside the design's assumptions).

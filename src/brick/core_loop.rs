@@ -149,9 +149,12 @@ pub fn run(
     while !shared.stop.load(Ordering::Relaxed) {
         shell.round.set_log_at(storage.position());
         shell.round.begin(shared);
+        // The cleaner's step: what it writes again joins this round's batch.
+        let (shard, fx) = shell.round.shard_and_effects();
+        let cleaning = storage.clean(shard, fx)?;
         // Adaptive polling: spin while requests keep coming, then sleep in the kernel
         // so bricks and clients sharing a small machine do not starve each other.
-        let busy = config.busy_poll || checkpointing || last_work.elapsed() < config.spin;
+        let busy = config.busy_poll || checkpointing || cleaning || last_work.elapsed() < config.spin;
         let timeout = if busy { Duration::ZERO } else { config.park.min(Duration::from_millis(TICK_MS)) };
         if transport.poll(Some(timeout), &mut shell)? > 0 {
             last_work = Instant::now();

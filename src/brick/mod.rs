@@ -28,7 +28,7 @@ use crate::proto::{BrickInfo, DdsFraming};
 
 pub use round::{Control, CoreRound};
 pub use storage::{recover, Storage};
-pub use shard::{Effects, Query, Shard};
+pub use shard::{Effects, Query, Relocated, Shard};
 pub use values::ValuesIn;
 
 /// When a write is acknowledged.

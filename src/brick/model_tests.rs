@@ -137,6 +137,12 @@ proptest! {
                             break;
                         }
                     }
+                    // The cleaner's step: the values it writes again go into the next
+                    // round's batch (they change no key's value).
+                    let mut fx = Effects { log_at: storage.position(), ..Effects::new(next_lsn) };
+                    storage.clean(&mut shard, &mut fx).expect("a memory disk does not fail");
+                    next_lsn = fx.next_lsn;
+                    batch.extend_from_slice(&fx.batch);
                 }
                 Step::Crash { power_loss, seed } => {
                     batch.clear();

@@ -102,6 +102,12 @@ impl CoreRound {
         &self.shard
     }
 
+    /// The shard and the round's effects, for the cleaner between rounds
+    /// (`Storage::clean`): what it writes goes into this round's batch.
+    pub fn shard_and_effects(&mut self) -> (&mut Shard, &mut Effects) {
+        (&mut self.shard, &mut self.fx)
+    }
+
     /// The next lsn this core will log (a checkpoint logs prepares at a new segment's
     /// head through it).
     pub fn shard_and_lsn(&mut self) -> (&Shard, &mut u64) {

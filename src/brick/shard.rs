@@ -103,6 +103,16 @@ impl Prepared {
     }
 }
 
+/// What one step of the cleaner did (`Shard::relocate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relocated {
+    /// Bytes of whole records looked at.
+    pub consumed: usize,
+    /// Values written again at the log's head, and their bytes.
+    pub moved: u64,
+    pub moved_bytes: u64,
+}
+
 /// What executing a request or a tick produced besides the immediate reply.
 #[derive(Default)]
 pub struct Effects {
@@ -388,6 +398,34 @@ impl Shard {
             None => self.stats.bytes,
             Some(lv) => self.stats.bytes - lv.live_bytes() + self.stats.keys * LOC_BYTES as u64,
         }
+    }
+
+    /// The cleaner's work on `bytes`, read from log segment `segment` at offset `base`:
+    /// every put or prepare record in it whose value a key still points to is written
+    /// again at the log's head (a put of the same value, so a replay gives the same
+    /// state), and the key points there. Stops at the first bytes that are not a whole
+    /// record (the caller tells a record cut by the end of its read from a segment's
+    /// end or corruption).
+    pub fn relocate(&mut self, segment: u64, base: u64, bytes: &[u8], fx: &mut Effects) -> Relocated {
+        let mut done = Relocated::default();
+        while done.consumed < bytes.len() {
+            let Ok((r, len)) = record::decode(&bytes[done.consumed..], base + done.consumed as u64) else {
+                return done;
+            };
+            if let Some(value) = r.mutation.value().filter(|_| matches!(r.mutation, Mutation::Put { .. }) || matches!(r.mutation, Mutation::Prepare { body, .. } if body.kind == WriteKind::Put)) {
+                let offset = base + (value.as_ptr() as usize - bytes.as_ptr() as usize) as u64;
+                let key = r.mutation.key();
+                let live = self.tables.get(self.base_of(key) as usize).and_then(|t| t.as_ref()).and_then(|t| t.get(key)).and_then(Loc::decode).is_some_and(|loc| loc.segment == segment && loc.offset == offset);
+                if live || crate::mutation::active(crate::mutation::Mutation::CleanMovesDead) {
+                    let at = fx.log(&Mutation::Put { key, value }, false);
+                    self.mutate(key, Some((value, at)));
+                    done.moved += 1;
+                    done.moved_bytes += value.len() as u64;
+                }
+            }
+            done.consumed += len;
+        }
+        done
     }
 
     /// Loads one checkpoint entry: a key and what its table stored.

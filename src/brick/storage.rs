@@ -1,13 +1,14 @@
 //! A core's durable state: its log segments and checkpoint, and recovery from them at
 //! start-up (checkpoint, then every record from its start lsn).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::log::record::{self, Mutation, ScanEnd};
 use crate::log::{self, checkpoint, Disk, FsDisk, LogError, LogFile};
 
 use super::values::{LogAt, LogValues, SegmentReader, ValuesIn};
-use super::Shard;
+use super::{Effects, Shard};
 
 /// A core's durable state on `disk`: the active log segment and, while one is being
 /// written, a checkpoint.
@@ -30,7 +31,28 @@ pub struct Storage<D: Disk = FsDisk> {
     preallocate: bool,
     /// Checkpoints finished since start.
     checkpoints: u64,
+    /// Segments before the active one (values in the log) and the bytes of each.
+    sealed: BTreeMap<u64, u64>,
+    /// The segment the cleaner is going through, if any.
+    cleaning: Option<Cleaning>,
 }
+
+/// The cleaner's pass over one segment.
+struct Cleaning {
+    segment: u64,
+    size: u64,
+    /// Where the next read starts (a record boundary).
+    offset: u64,
+    /// Bytes the next read asks for (more when a record did not fit the last one).
+    read_bytes: usize,
+    moved: u64,
+    moved_bytes: u64,
+}
+
+/// Bytes the cleaner reads between two rounds (more for one record that is larger).
+const CLEAN_READ_BYTES: usize = 256 << 10;
+/// A sealed segment whose live values are less than this share of its bytes is cleaned.
+pub const CLEAN_LIVE_FRACTION: f64 = 0.5;
 
 /// Bytes of entries a checkpoint copies per loop round (whole partitions, at least one).
 const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
@@ -140,6 +162,7 @@ pub fn recover<D: Disk + Clone + 'static>(
     let mut replayed = 0u64;
     let mut active = None;
     let mut covered = Vec::new();
+    let mut sealed = BTreeMap::new();
     for (i, (first_lsn, path)) in segments.iter().enumerate() {
         let last = i + 1 == segments.len();
         let next_first = segments.get(i + 1).map(|s| s.0);
@@ -159,6 +182,9 @@ pub fn recover<D: Disk + Clone + 'static>(
             let missing = || LogError::Io { op: "read", path: path.clone(), source: std::io::ErrorKind::NotFound.into() };
             (None, read(&mut disk, path)?.ok_or_else(missing)?)
         };
+        if !last {
+            sealed.insert(*first_lsn, contents.len() as u64);
+        }
         let (expected, n, end) = replay_segment(&contents, *first_lsn, start_lsn, shard).map_err(|e| match e {
             SegmentError::Corrupt { offset, error } => LogError::Corrupt { path: path.clone(), offset, error },
             SegmentError::Gap { found, expected } => LogError::Gap { path: path.clone(), found, expected },
@@ -190,7 +216,13 @@ pub fn recover<D: Disk + Clone + 'static>(
     for (first_lsn, path) in covered {
         if !values_in_log || !in_use.contains(&first_lsn) {
             remove(&mut disk, path)?;
+        } else {
+            let size = disk.size(path).map_err(|source| LogError::Io { op: "stat", path: path.clone(), source })?;
+            sealed.insert(first_lsn, size);
         }
+    }
+    if !values_in_log {
+        sealed.clear();
     }
     let (active_first, active) = match active {
         Some(found) => found,
@@ -203,7 +235,7 @@ pub fn recover<D: Disk + Clone + 'static>(
     if replayed > 0 {
         crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
     }
-    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, active_first, values_in_log, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0 };
+    let storage = Storage { disk, dir: dir.to_path_buf(), core, active, active_first, values_in_log, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0, sealed, cleaning: None };
     Ok((storage, next_lsn))
 }
 
@@ -248,7 +280,10 @@ impl<D: Disk> Storage<D> {
             let path = log::segment_path(&self.dir, self.core, start_lsn);
             let (next, _) = open_segment(&mut self.disk, &path, self.preallocate, self.checkpoint_log_bytes)?;
             checkpoint::sync_dir(&mut self.disk, next.path())?;
-            self.active = next;
+            let sealed = std::mem::replace(&mut self.active, next);
+            if self.values_in_log {
+                self.sealed.insert(self.active_first, sealed.len());
+            }
             self.active_first = start_lsn;
             // Undecided prepares go first into the new segment: the checkpoint holds
             // only applied state, and their decisions may come after it.
@@ -276,14 +311,20 @@ impl<D: Disk> Storage<D> {
             writer.add_decisions(shard.outcome_records())?;
         }
         let started = writer.finish(&mut self.disk)?;
+        // Every record a deleted segment's values were written again in (by the cleaner,
+        // by later writes) is durable first: a power loss must not bring back a
+        // checkpoint entry that points into a segment no longer there.
+        self.active.append(&[], true)?;
         let mut trimmed = 0;
         let in_use = shard.segments_in_use();
+        let cleaning = self.cleaning.as_ref().map(|c| c.segment);
         for (first_lsn, path) in log::segments(&mut self.disk, &self.dir, self.core)? {
             // Before the checkpoint's start, and (values in the log) holding nothing
             // anyone may read: a checkpoint entry that still points into it is of a key
             // written since `started`, which the replay from there brings back.
             let keep = self.values_in_log && in_use.contains(&first_lsn) && !crate::mutation::active(crate::mutation::Mutation::TrimLiveSegments);
-            if first_lsn < started && !keep {
+            if first_lsn < started && !keep && cleaning != Some(first_lsn) {
+                self.sealed.remove(&first_lsn);
                 remove(&mut self.disk, &path)?;
                 trimmed += 1;
             }
@@ -296,6 +337,72 @@ impl<D: Disk> Storage<D> {
             shard.stats.keys
         );
         Ok(false)
+    }
+
+    /// The cleaner's step between rounds (values in the log): picks the sealed segment
+    /// with the smallest share of live values, if below `CLEAN_LIVE_FRACTION`, reads
+    /// about `CLEAN_READ_BYTES` of it and has the shard write the live values in it
+    /// again into this round's batch (`Shard::relocate`). Once nothing points into it,
+    /// the next checkpoint deletes it. Returns whether a pass is in progress.
+    pub fn clean(&mut self, shard: &mut Shard, fx: &mut Effects) -> Result<bool, LogError> {
+        let Some(values) = shard.log_values().filter(|_| self.values_in_log) else { return Ok(false) };
+        if self.cleaning.is_none() {
+            let live = |segment: &u64| values.live.get(segment).copied().unwrap_or_default();
+            // Share of a segment's bytes that is live values, for segments with some.
+            let share = |(segment, size): (&u64, &u64)| (live(segment).values > 0).then(|| live(segment).bytes as f64 / (*size).max(1) as f64);
+            let victim = self
+                .sealed
+                .iter()
+                .filter_map(|s| share(s).filter(|&f| f < CLEAN_LIVE_FRACTION).map(|f| (f, s)))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, s)| s);
+            let Some((&segment, &size)) = victim else { return Ok(false) };
+            self.cleaning = Some(Cleaning { segment, size, offset: 0, read_bytes: CLEAN_READ_BYTES, moved: 0, moved_bytes: 0 });
+        }
+        let c = self.cleaning.as_mut().expect("a pass");
+        let path = log::segment_path(&self.dir, self.core, c.segment);
+        let len = (c.size - c.offset).min(c.read_bytes as u64) as usize;
+        let mut bytes = vec![0u8; len];
+        if crate::logging::failpoint_hit("cleaner-read") {
+            return Err(LogError::Io { op: "read for the cleaner", path, source: std::io::Error::other("failpoint cleaner-read") });
+        }
+        self.disk.read_at(&path, c.offset, &mut bytes).map_err(|source| LogError::Io { op: "read for the cleaner", path: path.clone(), source })?;
+        let done = shard.relocate(c.segment, c.offset, &bytes, fx);
+        c.offset += done.consumed as u64;
+        c.moved += done.moved;
+        c.moved_bytes += done.moved_bytes;
+        // Zeros where a record would start: a laid-out segment's end (a record's first
+        // bytes, its length, are never zero; the rest must be read whole to tell).
+        let rest = &bytes[done.consumed..];
+        let reached_end = c.offset + rest.len() as u64 >= c.size;
+        let at_end = c.offset >= c.size || (!rest.is_empty() && (rest.len() >= record::RECORD_HEADER_LEN || reached_end) && rest.iter().all(|&b| b == 0));
+        if !at_end && done.consumed == 0 {
+            // Not one whole record: one larger than the read, or corruption.
+            if reached_end || len >= record::RECORD_HEADER_LEN + record::PAYLOAD_LEN_MAX {
+                let error = record::decode(&bytes, c.offset).expect_err("relocate stops only where no record is");
+                return Err(LogError::Corrupt { path, offset: c.offset, error });
+            }
+            c.read_bytes = (c.read_bytes * 2).min(record::RECORD_HEADER_LEN + record::PAYLOAD_LEN_MAX);
+            return Ok(true);
+        }
+        c.read_bytes = CLEAN_READ_BYTES;
+        if at_end {
+            let c = self.cleaning.take().expect("a pass");
+            crate::log!(
+                format_args!("core {}", self.core),
+                "cleaned log segment {}: {} live values ({} KiB) of {} KiB written again; it goes at the next checkpoint",
+                path.display(),
+                c.moved,
+                c.moved_bytes >> 10,
+                c.size >> 10
+            );
+        }
+        Ok(true)
+    }
+
+    /// Bytes of the log segments on disk (values in the log: what the cleaner bounds).
+    pub fn log_bytes(&self) -> u64 {
+        self.sealed.values().sum::<u64>() + self.active.len()
     }
 }
 

@@ -116,6 +116,9 @@ impl<D: Disk> ReadValue for SegmentReader<D> {
     fn read(&mut self, loc: &Loc) -> Result<Vec<u8>, LogError> {
         let path = log::segment_path(&self.dir, self.core, loc.segment);
         let mut value = vec![0u8; loc.len as usize];
+        if crate::logging::failpoint_hit("value-read") {
+            return Err(LogError::Io { op: "read value", path, source: std::io::Error::other("failpoint value-read") });
+        }
         self.disk.read_at(&path, loc.offset, &mut value).map_err(|source| LogError::Io { op: "read value", path: path.clone(), source })?;
         if value_hash(&value) != loc.hash {
             return Err(LogError::ValueChecksum { path, offset: loc.offset, len: loc.len });
@@ -207,6 +210,13 @@ impl ValueCache {
     }
 }
 
+/// What the tables point to in one segment: values (some may be empty) and their bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    pub values: u64,
+    pub bytes: u64,
+}
+
 /// A core's values in the log: the cache, the door to read misses, and how many bytes
 /// of values each segment holds that a table entry points to.
 pub struct LogValues {
@@ -214,7 +224,7 @@ pub struct LogValues {
     reader: RefCell<Box<dyn ReadValue>>,
     /// Bytes of values the tables point to, by segment: a segment out of here (and out
     /// of every undecided prepare) holds nothing anyone will read.
-    pub live: BTreeMap<u64, u64>,
+    pub live: BTreeMap<u64, Live>,
     /// The sum of `live`.
     live_bytes: u64,
     /// The first read that failed: the core stops (fail-stop, never retried).
@@ -256,7 +266,9 @@ impl LogValues {
 
     /// A table entry now points to `loc` (loaded from a checkpoint: not cached).
     pub fn loaded(&mut self, loc: &Loc) {
-        *self.live.entry(loc.segment).or_default() += u64::from(loc.len);
+        let live = self.live.entry(loc.segment).or_default();
+        live.values += 1;
+        live.bytes += u64::from(loc.len);
         self.live_bytes += u64::from(loc.len);
     }
 
@@ -268,9 +280,10 @@ impl LogValues {
     /// A table entry pointed to `loc` and no longer does.
     pub fn dropped(&mut self, loc: &Loc) {
         let live = self.live.get_mut(&loc.segment).expect("a dropped location was live");
-        *live -= u64::from(loc.len);
+        live.values -= 1;
+        live.bytes -= u64::from(loc.len);
         self.live_bytes -= u64::from(loc.len);
-        if *live == 0 {
+        if live.values == 0 {
             self.live.remove(&loc.segment);
         }
         self.cache.get_mut().remove(loc);

@@ -31,6 +31,8 @@ pub trait Disk {
     /// Fills `buf` from `path` at `offset` (a value in a log segment); fewer bytes there
     /// is an error.
     fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// The size of `path` in bytes.
+    fn size(&mut self, path: &Path) -> io::Result<u64>;
 }
 
 /// One open file. Errors are final for the caller: a failed sync is never retried.
@@ -131,6 +133,10 @@ impl Disk for FsDisk {
     fn read_at(&mut self, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         // `read_exact_at` continues after a short read and an EINTR.
         File::open(path)?.read_exact_at(buf, offset)
+    }
+
+    fn size(&mut self, path: &Path) -> io::Result<u64> {
+        Ok(std::fs::metadata(path)?.len())
     }
 }
 

@@ -239,5 +239,10 @@ impl Disk for MemDisk {
         buf.copy_from_slice(bytes);
         Ok(())
     }
+
+    fn size(&mut self, path: &Path) -> io::Result<u64> {
+        let dir = self.0.borrow();
+        Ok(dir.files.get(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?.bytes.len() as u64)
+    }
 }
 

@@ -704,13 +704,16 @@ impl World {
         let checkpointing = core.storage.step(shard, next_lsn);
         core.round.set_log_at(core.storage.position());
         core.round.begin(&control);
-        let more = !core.inbox.is_empty() || checkpointing.as_ref().is_ok_and(|busy| *busy);
+        // The cleaner's step, as `core_loop::run` takes it: into the round's batch.
+        let (shard, fx) = core.round.shard_and_effects();
+        let cleaning = core.storage.clean(shard, fx);
+        let more = !core.inbox.is_empty() || checkpointing.as_ref().is_ok_and(|busy| *busy) || cleaning.as_ref().is_ok_and(|busy| *busy);
         let finished = core.storage.checkpoints() > core.checkpoints;
         core.checkpoints = core.storage.checkpoints();
         for (link, bytes) in released {
             self.send(link, Endpoint::Brick(b), bytes);
         }
-        if let Err(e) = checkpointing {
+        if let Err(e) = checkpointing.and(cleaning) {
             return self.storage_failed(b, c, e);
         }
         self.check_replicas();

@@ -33,6 +33,9 @@ pub(crate) struct Window {
     checked: bool,
 }
 
+
+/// A replica's committed value of a key, if it holds one.
+type Held<'a> = Option<std::borrow::Cow<'a, [u8]>>;
 impl World {
     /// Between rounds, on every key no up replica holds a prepared write for, the
     /// replicas that hold the partition (readable ones, and joining ones whose copy of
@@ -45,12 +48,12 @@ impl World {
         for k in 0..self.shape.keys {
             let key = key_name(k);
             let (p, group) = map.route(key_hash(&key));
-            let replicas: Vec<(crate::map::BrickId, &super::brick::SimBrick, Option<std::borrow::Cow<'_, [u8]>>, bool)> =
+            let replicas: Vec<(crate::map::BrickId, &super::brick::SimBrick, Held<'_>, bool)> =
                 group.iter().filter_map(|&id| self.bricks.iter().find(|b| b.id == Some(id) && b.is_up()).and_then(|b| b.lookup(&key).map(|(v, prepared)| (id, b, v, prepared)))).collect();
             if replicas.iter().any(|r| r.3) {
                 continue;
             }
-            let mut first: Option<(crate::map::BrickId, Option<std::borrow::Cow<'_, [u8]>>)> = None;
+            let mut first: Option<(crate::map::BrickId, Held<'_>)> = None;
             for (id, brick, value, _) in replicas {
                 let holds = map.is_readable(p, id) || copied.iter().any(|&(q, t, life)| q == p && t == id && life == brick.life);
                 if !brick.serving() || !holds {
@@ -59,7 +62,7 @@ impl World {
                 match first {
                     None => first = Some((id, value)),
                     Some((other, ref v)) if *v != value => {
-                        let show = |v: &Option<std::borrow::Cow<'_, [u8]>>| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
+                        let show = |v: &Held<'_>| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
                         return self.fail(format!("{} of partition {p}: {other} holds {:?} and {id} holds {:?}, with no write prepared", String::from_utf8_lossy(&key), show(v), show(&value)));
                     }
                     Some(_) => {}
