@@ -12,6 +12,7 @@ use crate::log::LogError;
 use crate::proto::{DdsFraming, Op};
 
 use super::control::Shared;
+use super::reads::UringReads;
 use super::round::{CoreRound, TICK_MS};
 use super::shard::Query;
 use super::storage::Storage;
@@ -146,6 +147,15 @@ pub fn run(
     let mut last_work = Instant::now();
     let started = Instant::now();
     let mut checkpointing = false;
+    let core = shell.round.core;
+    let dir = storage.dir().to_path_buf();
+    // Values in the log: gets that miss the cache read through a ring of their own.
+    let mut value_reads = match shell.round.shard().log_values() {
+        None => None,
+        Some(_) => Some(UringReads::new().map_err(|source| LogError::Io { op: "set up value reads", path: dir.clone(), source })?),
+    };
+    let mut refused = Vec::new();
+    let mut checkpoints = storage.checkpoints();
     while !shared.stop.load(Ordering::Relaxed) {
         shell.round.set_log_at(storage.position());
         shell.round.begin(shared);
@@ -154,11 +164,37 @@ pub fn run(
         let cleaning = storage.clean(shard, fx)?;
         // Adaptive polling: spin while requests keep coming, then sleep in the kernel
         // so bricks and clients sharing a small machine do not starve each other.
-        let busy = config.busy_poll || checkpointing || cleaning || last_work.elapsed() < config.spin;
+        let reading = value_reads.as_ref().is_some_and(|r| r.in_flight() > 0);
+        let busy = config.busy_poll || checkpointing || cleaning || reading || last_work.elapsed() < config.spin;
         let timeout = if busy { Duration::ZERO } else { config.park.min(Duration::from_millis(TICK_MS)) };
         if transport.poll(Some(timeout), &mut shell)? > 0 {
             last_work = Instant::now();
             shell.count_sent();
+        }
+        if let Some(reads) = value_reads.as_mut() {
+            // The reads this round's gets started go to the disk; those done reply.
+            reads.submit(&dir, core, shell.round.take_reads(), &mut refused);
+            let mut replied = false;
+            for (read, e) in refused.drain(..) {
+                if let Ok(out) = transport.outbox(read.conn) {
+                    shell.round.on_read(&read, Err(e), out);
+                    replied = true;
+                }
+            }
+            reads.reap(&dir, core, |read, result, read_started| {
+                // A connection that closed meanwhile just misses its reply.
+                let mut out = Vec::new();
+                shell.round.on_read(&read, result, &mut out);
+                if let Ok(outbox) = transport.outbox(read.conn) {
+                    outbox.extend_from_slice(&out);
+                    replied = true;
+                }
+                shell.round.stats_mut().latency[Op::Get.slot()].record(read_started.elapsed().as_micros() as u64, 1);
+            });
+            if replied {
+                last_work = Instant::now();
+                transport.flush(&mut shell);
+            }
         }
         let queries = shell.round.tick(started.elapsed().as_millis() as u64);
         if !queries.is_empty() {
@@ -205,6 +241,13 @@ pub fn run(
         }
         let (shard, next_lsn) = shell.round.shard_and_lsn();
         checkpointing = storage.step(shard, next_lsn)?;
+        if storage.checkpoints() != checkpoints {
+            checkpoints = storage.checkpoints();
+            // Segments the checkpoint deleted: their files close.
+            if let Some(reads) = value_reads.as_mut() {
+                reads.retain_files(|segment| storage.holds_segment(segment));
+            }
+        }
     }
     if shell.round.durability() == Durability::Memory {
         // A clean stop leaves nothing unsynced.

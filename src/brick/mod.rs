@@ -6,6 +6,7 @@ mod core_loop;
 pub mod lease;
 #[cfg(test)]
 mod model_tests;
+mod reads;
 pub mod round;
 mod scan;
 mod table;
@@ -28,7 +29,7 @@ use crate::proto::{BrickInfo, DdsFraming};
 
 pub use round::{Control, CoreRound};
 pub use storage::{recover, Storage};
-pub use shard::{Effects, Query, Relocated, Shard};
+pub use shard::{Effects, Query, Relocated, Shard, ValueRead};
 pub use values::ValuesIn;
 
 /// When a write is acknowledged.

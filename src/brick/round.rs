@@ -218,6 +218,19 @@ impl CoreRound {
         }
     }
 
+    /// The reads of values from the log that this round's gets started: the shell
+    /// hands them to the disk and each completion to `on_read`.
+    pub fn take_reads(&mut self) -> Vec<super::ValueRead> {
+        std::mem::take(&mut self.fx.reads)
+    }
+
+    /// A get's value came back from the log (or its read failed): its reply goes to
+    /// `out`, the outbox of its connection. It waits for no log write: the value's
+    /// record was written in an earlier round.
+    pub fn on_read(&mut self, read: &super::ValueRead, result: Result<Vec<u8>, crate::log::LogError>, out: &mut Vec<u8>) {
+        self.shard.read_done(read, result, out);
+    }
+
     /// The reply the last request produced (whether it went out or was held).
     pub fn last_reply(&self) -> &[u8] {
         &self.scratch

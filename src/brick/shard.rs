@@ -103,6 +103,19 @@ impl Prepared {
     }
 }
 
+/// A get whose value is read from the log: its connection, request and the map epoch
+/// it was executed at, and where the value is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueRead {
+    pub conn: ConnId,
+    pub request_id: u64,
+    pub epoch: u64,
+    pub loc: Loc,
+}
+
+/// Reads of values one round may start (a bound on what waits for the disk).
+pub const READS_PER_ROUND_MAX: usize = 1024;
+
 /// What one step of the cleaner did (`Shard::relocate`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Relocated {
@@ -129,6 +142,9 @@ pub struct Effects {
     pub queries: Vec<Query>,
     /// A request carried a newer epoch than this core knows.
     pub behind: bool,
+    /// Values to read from the log for gets (values in the log, not cached): each
+    /// reply comes with its read (`Shard::read_done`).
+    pub reads: Vec<ValueRead>,
     /// Where `batch` will be written (`Storage::position`): each value's place in the
     /// log is known as its record is encoded.
     pub log_at: LogAt,
@@ -365,7 +381,7 @@ impl Shard {
 
     /// The value a table entry stores: itself, or read back through the cache (`None`:
     /// the read failed and the core is stopping, `take_failure`).
-    fn value_of<'a>(&self, stored: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+    fn value_of<'a>(&'a self, stored: &'a [u8]) -> Option<Cow<'a, [u8]>> {
         match self.location(stored) {
             None => Some(Cow::Borrowed(stored)),
             Some(loc) => self.log_values.as_ref().expect("log values").read(&loc),
@@ -388,7 +404,7 @@ impl Shard {
     pub fn segments_in_use(&self) -> BTreeSet<u64> {
         let Some(lv) = self.log_values.as_ref() else { return BTreeSet::new() };
         let prepared = self.prepared.values().chain(self.foreign.values()).filter(|p| p.kind == WriteKind::Put).map(|p| p.at.segment);
-        lv.live.keys().copied().chain(prepared).collect()
+        lv.live.keys().chain(lv.reading.keys()).copied().chain(prepared).collect()
     }
 
     /// The bytes a checkpoint of this core writes: keys and values, or keys and
@@ -426,6 +442,24 @@ impl Shard {
             done.consumed += len;
         }
         done
+    }
+
+    /// A get's value came back from the log (or did not): its reply, to `out`. A value
+    /// whose hash does not match, or a failed read, answers `Unavailable` and stops the
+    /// core (`take_failure`).
+    pub fn read_done(&mut self, read: &ValueRead, result: Result<Vec<u8>, crate::log::LogError>, out: &mut Vec<u8>) {
+        let lv = self.log_values.as_mut().expect("values in the log");
+        let status = match lv.read_finished(&read.loc, result) {
+            Some(value) => {
+                reply_frame(out, Op::Get, read.request_id, read.epoch, Status::Ok, &value);
+                Status::Ok
+            }
+            None => {
+                reply_frame(out, Op::Get, read.request_id, read.epoch, Status::Unavailable, b"the value could not be read from the log: the brick is stopping");
+                Status::Unavailable
+            }
+        };
+        self.stats.statuses[status as usize] += 1;
     }
 
     /// Loads one checkpoint entry: a key and what its table stored.
@@ -854,11 +888,19 @@ impl Shard {
                             return;
                         }
                         let table = self.tables[self.base_of(request.key) as usize].as_ref().expect("admitted");
-                        match table.get(request.key).map(|stored| self.value_of(stored)) {
-                            Some(Some(value)) => reply(Status::Ok, &value),
-                            Some(None) => reply(Status::Unavailable, b"the value could not be read from the log: the brick is stopping"),
-                            None => reply(Status::NotFound, &[]),
+                        let Some(stored) = table.get(request.key) else { return reply(Status::NotFound, &[]) };
+                        let Some(loc) = self.location(stored) else { return reply(Status::Ok, stored) };
+                        let lv = self.log_values.as_mut().expect("values in the log");
+                        if let Some(value) = lv.cached(&loc) {
+                            return reply(Status::Ok, &value);
                         }
+                        if fx.reads.len() >= READS_PER_ROUND_MAX {
+                            return reply(Status::Unavailable, b"too many reads of values from the log at once");
+                        }
+                        // Read from the log while the core goes on (`read_done`): the value
+                        // is the key's as of now, whatever is written after.
+                        lv.read_started(&loc);
+                        fx.reads.push(ValueRead { conn, request_id: id, epoch, loc });
                     }
                     Op::Put | Op::Remove => {
                         // One phase: allowed only where this brick is the whole group.

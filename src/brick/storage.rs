@@ -129,7 +129,8 @@ pub fn recover<D: Disk + Clone + 'static>(
     let who = format_args!("core {core}").to_string();
     let values_in_log = matches!(values, ValuesIn::Log { .. });
     if let ValuesIn::Log { cache_bytes } = values {
-        shard.keep_values_in_log(LogValues::new(cache_bytes, Box::new(SegmentReader { disk: disk.clone(), dir: dir.to_path_buf(), core })));
+        let reader = Box::new(SegmentReader { disk: disk.clone(), dir: dir.to_path_buf(), core });
+        shard.keep_values_in_log(LogValues::new(cache_bytes, reader, dir.to_path_buf(), core));
     }
     let ckpt_path = log::checkpoint_path(dir, core);
     let _ = disk.remove(&ckpt_path.with_extension("ckpt.tmp"));
@@ -398,6 +399,16 @@ impl<D: Disk> Storage<D> {
             );
         }
         Ok(true)
+    }
+
+    /// The directory and core whose log this is.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether segment `first_lsn` is still on disk.
+    pub fn holds_segment(&self, first_lsn: u64) -> bool {
+        first_lsn == self.active_first || self.sealed.contains_key(&first_lsn)
     }
 
     /// Bytes of the log segments on disk (values in the log: what the cleaner bounds).

@@ -157,6 +157,12 @@ impl ValueCache {
         self.bytes
     }
 
+    /// The value at `loc`, without counting it as used (a copy's or a check's read:
+    /// a scan must not push out what gets use).
+    fn peek(&self, loc: &Loc) -> Option<&[u8]> {
+        self.by_loc.get(&loc.key()).map(|&i| &self.slots[i].value[..])
+    }
+
     fn get(&mut self, loc: &Loc) -> Option<&[u8]> {
         let &i = self.by_loc.get(&loc.key())?;
         let slot = &mut self.slots[i];
@@ -220,37 +226,90 @@ pub struct Live {
 /// A core's values in the log: the cache, the door to read misses, and how many bytes
 /// of values each segment holds that a table entry points to.
 pub struct LogValues {
-    cache: RefCell<ValueCache>,
+    cache: ValueCache,
     reader: RefCell<Box<dyn ReadValue>>,
     /// Bytes of values the tables point to, by segment: a segment out of here (and out
     /// of every undecided prepare) holds nothing anyone will read.
     pub live: BTreeMap<u64, Live>,
     /// The sum of `live`.
     live_bytes: u64,
+    /// Reads in flight (`cached` missed), by segment: a segment being read stays.
+    pub reading: BTreeMap<u64, u64>,
+    /// Where the core's segments are (for messages).
+    dir: PathBuf,
+    core: usize,
     /// The first read that failed: the core stops (fail-stop, never retried).
     failed: RefCell<Option<LogError>>,
 }
 
 impl LogValues {
-    pub fn new(cache_bytes: u64, reader: Box<dyn ReadValue>) -> LogValues {
-        LogValues { cache: RefCell::new(ValueCache::new(cache_bytes)), reader: RefCell::new(reader), live: BTreeMap::new(), live_bytes: 0, failed: RefCell::new(None) }
+    pub fn new(cache_bytes: u64, reader: Box<dyn ReadValue>, dir: PathBuf, core: usize) -> LogValues {
+        LogValues {
+            cache: ValueCache::new(cache_bytes),
+            reader: RefCell::new(reader),
+            live: BTreeMap::new(),
+            live_bytes: 0,
+            reading: BTreeMap::new(),
+            dir,
+            core,
+            failed: RefCell::new(None),
+        }
     }
 
-    /// The value at `loc`: from the cache, or read back (and cached). `None` if the read
-    /// failed: the error is kept for `take_failure`.
-    pub fn read(&self, loc: &Loc) -> Option<Cow<'static, [u8]>> {
-        let mut cache = self.cache.borrow_mut();
-        if let Some(v) = cache.get(loc) {
-            let v = v.to_vec();
-            cache.hits += 1;
-            return Some(Cow::Owned(v));
+    /// The value at `loc` if it is cached (a hit is counted; a miss is counted by
+    /// `read_finished`).
+    pub fn cached(&mut self, loc: &Loc) -> Option<Vec<u8>> {
+        let cache = &mut self.cache;
+        let value = cache.get(loc)?.to_vec();
+        cache.hits += 1;
+        Some(value)
+    }
+
+    /// A read of `loc` was handed to the disk.
+    pub fn read_started(&mut self, loc: &Loc) {
+        *self.reading.entry(loc.segment).or_default() += 1;
+    }
+
+    /// A read of `loc` came back: the value if it is whole and matches its hash (then
+    /// cached); otherwise the failure is kept (`take_failure`) and `None`.
+    pub fn read_finished(&mut self, loc: &Loc, result: Result<Vec<u8>, LogError>) -> Option<Vec<u8>> {
+        let n = self.reading.get_mut(&loc.segment).expect("a read in flight");
+        *n -= 1;
+        if *n == 0 {
+            self.reading.remove(&loc.segment);
         }
-        cache.misses += 1;
-        match self.reader.borrow_mut().read(loc) {
-            Ok(v) => {
-                cache.insert(loc, &v);
-                Some(Cow::Owned(v))
+        let path = || log::segment_path(&self.dir, self.core, loc.segment);
+        let checked = result.and_then(|v| {
+            if v.len() == loc.len as usize && value_hash(&v) == loc.hash {
+                Ok(v)
+            } else {
+                Err(LogError::ValueChecksum { path: path(), offset: loc.offset, len: loc.len })
             }
+        });
+        match checked {
+            Ok(v) => {
+                let cache = &mut self.cache;
+                cache.misses += 1;
+                cache.insert(loc, &v);
+                Some(v)
+            }
+            Err(e) => {
+                self.failed.get_mut().get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    /// The value at `loc`, from the cache or read back at once (copies, catch-ups,
+    /// reads parked on a decision: neither cached nor counted, so a scan of a partition
+    /// does not push out what gets use). `None` if the read failed: the error is kept
+    /// for `take_failure`.
+    pub fn read(&self, loc: &Loc) -> Option<Cow<'_, [u8]>> {
+        if let Some(v) = self.cache.peek(loc) {
+            return Some(Cow::Borrowed(v));
+        }
+        match self.reader.borrow_mut().read(loc) {
+            Ok(v) => Some(Cow::Owned(v)),
             Err(e) => {
                 self.failed.borrow_mut().get_or_insert(e);
                 None
@@ -261,7 +320,7 @@ impl LogValues {
     /// A table entry now points to `loc`, whose value is `value` (cached: just written).
     pub fn stored(&mut self, loc: &Loc, value: &[u8]) {
         self.loaded(loc);
-        self.cache.get_mut().insert(loc, value);
+        self.cache.insert(loc, value);
     }
 
     /// A table entry now points to `loc` (loaded from a checkpoint: not cached).
@@ -286,15 +345,15 @@ impl LogValues {
         if live.values == 0 {
             self.live.remove(&loc.segment);
         }
-        self.cache.get_mut().remove(loc);
+        self.cache.remove(loc);
     }
 
     pub fn trim(&mut self) {
-        self.cache.get_mut().trim();
+        self.cache.trim();
     }
 
-    pub fn cache(&self) -> std::cell::Ref<'_, ValueCache> {
-        self.cache.borrow()
+    pub fn cache(&self) -> &ValueCache {
+        &self.cache
     }
 
     pub fn take_failure(&mut self) -> Option<LogError> {

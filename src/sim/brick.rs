@@ -18,6 +18,7 @@ use crate::proto::LEASE_MS;
 use crate::brick::round::{lease_expired, TICK_MS};
 use crate::brick::{recover, Control, CoreRound, Durability, Shard, Storage};
 use crate::hash::HashMap;
+use crate::log::Disk as _;
 use crate::log::mem_disk::MemDisk;
 use crate::log::LogError;
 use crate::map::{key_hash, BrickAddr, BrickId, ClusterMap, PartitionId};
@@ -627,6 +628,7 @@ impl World {
         let queries = core.round.tick(now_ms);
         let behind = core.round.take_behind();
         let failure = core.round.take_failure();
+        let reads = core.round.take_reads();
         let at = core.round.log_at();
         let batch = core.round.batch().map(|(bytes, sync)| (bytes.to_vec(), sync));
         for (link, bytes) in sent {
@@ -651,6 +653,10 @@ impl World {
             // lost by the brick (a segment deleted under it, a wrong location).
             return self.fail(format!("brick {b} core {c}: a value did not read back: {e}"));
         }
+        for read in reads {
+            // The disk reads while the core goes on (`core_loop`'s ring of value reads).
+            self.after(self.shape.read_us, Event::ReadDone { brick: b, life, core: c, read });
+        }
         let Some((batch, must_sync)) = batch else { return self.end_round(b, c) };
         // Group commit: one write, and one sync if a record must be durable first.
         if self.faults_on && self.rng.random_bool(self.shape.disk_full_p) {
@@ -667,6 +673,27 @@ impl World {
         core.busy = true;
         core.sync_pending = must_sync;
         self.after(core_busy_us, Event::DiskDone { brick: b, life, core: c });
+    }
+
+    /// A get's read of its value from the log completed: the simulated disk gives the
+    /// bytes there now (a value's place is never written twice), and the reply leaves.
+    pub(crate) fn read_done(&mut self, b: usize, life: u64, c: usize, read: crate::brick::ValueRead) {
+        if self.bricks[b].life != life || self.bricks[b].state != State::Up {
+            return;
+        }
+        if let Some(at) = self.deferred(b, Waker::Timer) {
+            return self.schedule(at, Event::ReadDone { brick: b, life, core: c, read });
+        }
+        let path = crate::log::segment_path(Path::new(BRICK_DIR), c, read.loc.segment);
+        let mut value = vec![0u8; read.loc.len as usize];
+        let result = self.bricks[b].disk.read_at(&path, read.loc.offset, &mut value).map(|()| value).map_err(|source| LogError::Io { op: "read value", path, source });
+        let mut out = Vec::new();
+        let core = &mut self.bricks[b].cores[c];
+        core.round.on_read(&read, result, &mut out);
+        if let Some(e) = core.round.take_failure() {
+            return self.fail(format!("brick {b} core {c}: a value did not read back: {e}"));
+        }
+        self.send(link_of(read.conn), Endpoint::Brick(b), out);
     }
 
     /// The round's log write (and sync) completed: its replies may leave.

@@ -159,6 +159,8 @@ pub struct Shape {
     /// cache of 0, 512 B or 1 MiB, so reads go to the simulated disk (drawn from a
     /// generator of its own).
     pub values: crate::brick::ValuesIn,
+    /// How long a read of a value from the log takes (values in the log).
+    pub read_us: Micros,
 }
 
 impl Shape {
@@ -203,19 +205,21 @@ impl Shape {
             members: 1,
             rereplicate_after_ms: crate::meta::authority::REREPLICATE_AFTER_MS,
             values: crate::brick::ValuesIn::Memory,
+            read_us: 0,
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}; re-replication after {} ms; values {:?}",
+            "{} bricks x {} cores, {} replicas, base bits {}; {} clients x {} ops (depth {}) on {} keys; net {}+{} us, reset {}; faults every {} ms (pauses to {} ms, past removal {}, pauses only {}, power loss {}, outage {}); clients suspect after {} ms, idle reader {}; disk write {} us, sync {} us, sync error {}, full {}, corrupt read {}, checkpoint at {} B; same ports on restart {}; partitions {}; durability {:?}; authority members {}; re-replication after {} ms; values {:?}, read {} us",
             self.bricks, self.cores, self.replicas, self.base_bits, self.clients, self.ops_per_client, self.depth, self.keys,
             self.delay_us, self.jitter_us, self.reset_p, self.fault_every_ms, self.pause_max_ms, self.pause_past_removal_p, self.pauses_only, self.power_loss_p, self.outage_p, self.suspect_after_ms, self.idle_reader,
             self.write_us, self.sync_us, self.sync_error_p, self.disk_full_p, self.read_corrupt_p, self.checkpoint_log_bytes, self.same_ports, self.partition_p,
             self.durability,
             self.members,
             self.rereplicate_after_ms,
-            self.values
+            self.values,
+            self.read_us
         )
     }
 }
@@ -239,6 +243,8 @@ enum Event {
     CoreRound { brick: usize, life: u64, core: usize },
     CoreTick { brick: usize, life: u64, core: usize },
     DiskDone { brick: usize, life: u64, core: usize },
+    /// A read of a value from a core's log (a get that missed the cache) completes.
+    ReadDone { brick: usize, life: u64, core: usize, read: crate::brick::ValueRead },
     Restart { brick: usize },
     /// A brick's process dies (`crash_later`).
     Crash { brick: usize, life: u64 },
@@ -382,6 +388,7 @@ impl World {
             Event::CoreRound { brick, life, core } => self.core_round(brick, life, core),
             Event::CoreTick { brick, life, core } => self.core_tick(brick, life, core),
             Event::DiskDone { brick, life, core } => self.disk_done(brick, life, core),
+            Event::ReadDone { brick, life, core, read } => self.read_done(brick, life, core, read),
             Event::Restart { brick } => self.restart(brick),
             Event::Crash { brick, life } => self.crash_later(brick, life),
             Event::CrashBack { brick, life } => self.crash_back(brick, life),
@@ -618,6 +625,7 @@ pub fn run(seed: u64, options: &Options) -> Report {
     let mut values_rng = SmallRng::seed_from_u64(seed ^ 0x7661_6c75_6573_2121);
     if values_rng.random_bool(0.5) {
         shape.values = crate::brick::ValuesIn::Log { cache_bytes: [0, 512, 1 << 20][values_rng.random_range(0..3)] };
+        shape.read_us = [20, 200, 2000][values_rng.random_range(0..3)];
     }
     let mut world = World {
         now: 0,
