@@ -241,6 +241,7 @@ pub fn run(
         }
         let (shard, next_lsn) = shell.round.shard_and_lsn();
         checkpointing = storage.step(shard, next_lsn)?;
+        shell.round.stats_mut().log_disk_bytes = storage.log_bytes();
         if storage.checkpoints() != checkpoints {
             checkpoints = storage.checkpoints();
             // Segments the checkpoint deleted: their files close.

@@ -537,6 +537,11 @@ fn samples(shared: &control::Shared, cores: &[SocketAddr], secret: Option<&Secre
         Sample { name: "log_bytes", help: "Bytes written to the redo log", value: Value::Counter(per_core(|s| s.log_bytes)) },
         Sample { name: "log_sync_seconds", help: "Group commits that waited for fdatasync: the write and its sync", value: Value::Histogram(stats.iter().map(|(c, s)| (vec![("core", c.clone())], s.syncs)).collect()) },
         Sample { name: "log_batch_records", help: "Log records per group commit (how many writes share one log write and sync)", value: Value::Counts(stats.iter().map(|(c, s)| (vec![("core", c.clone())], s.batch_records)).collect()) },
+        Sample { name: "value_cache_hits", help: "Gets served from the value cache (values in the log)", value: Value::Counter(per_core(|s| s.cache_hits)) },
+        Sample { name: "value_cache_misses", help: "Gets whose value was read from the log (values in the log)", value: Value::Counter(per_core(|s| s.cache_misses)) },
+        Sample { name: "value_cache_bytes", help: "Bytes of values cached (values in the log)", value: Value::Gauge(gauge_per_core(|s| s.cache_bytes)) },
+        Sample { name: "values_moved", help: "Live values the cleaner wrote again at the log's head", value: Value::Counter(per_core(|s| s.values_moved)) },
+        Sample { name: "log_disk_bytes", help: "Bytes of log segments on disk (values in the log)", value: Value::Gauge(gauge_per_core(|s| s.log_disk_bytes)) },
         Sample { name: "in_doubt_resolved", help: "In-doubt transactions resolved with peers, by outcome", value: Value::Counter(in_doubt) },
     ]
 }

@@ -435,6 +435,7 @@ impl Shard {
                 if live || crate::mutation::active(crate::mutation::Mutation::CleanMovesDead) {
                     let at = fx.log(&Mutation::Put { key, value }, false);
                     self.mutate(key, Some((value, at)));
+                    self.stats.values_moved += 1;
                     done.moved += 1;
                     done.moved_bytes += value.len() as u64;
                 }
@@ -999,6 +1000,10 @@ impl Shard {
                 reply(Status::Ok, &payload);
             }
             Op::Stats => {
+                if let Some(lv) = self.log_values.as_ref() {
+                    let cache = lv.cache();
+                    (self.stats.cache_hits, self.stats.cache_misses, self.stats.cache_bytes) = (cache.hits, cache.misses, cache.bytes());
+                }
                 let mut payload = Vec::new();
                 self.stats.encode(&mut payload);
                 reply(Status::Ok, &payload);

@@ -127,6 +127,7 @@ pub fn recover<D: Disk + Clone + 'static>(
     values: ValuesIn,
 ) -> Result<(Storage<D>, u64), LogError> {
     let who = format_args!("core {core}").to_string();
+    let started = std::time::Instant::now();
     let values_in_log = matches!(values, ValuesIn::Log { .. });
     if let ValuesIn::Log { cache_bytes } = values {
         let reader = Box::new(SegmentReader { disk: disk.clone(), dir: dir.to_path_buf(), core });
@@ -233,8 +234,8 @@ pub fn recover<D: Disk + Clone + 'static>(
             (next_lsn, file)
         }
     };
-    if replayed > 0 {
-        crate::log!(who, "replayed {replayed} log records; {} keys", shard.stats.keys);
+    if replayed > 0 || shard.stats.keys > 0 {
+        crate::log!(who, "recovered {} keys in {} ms: {replayed} log records replayed{}", shard.stats.keys, started.elapsed().as_millis(), if values_in_log { ", values left in the log" } else { "" });
     }
     let storage = Storage { disk, dir: dir.to_path_buf(), core, active, active_first, values_in_log, checkpoint: None, checkpoint_log_bytes, preallocate, checkpoints: 0, sealed, cleaning: None };
     Ok((storage, next_lsn))
@@ -411,8 +412,12 @@ impl<D: Disk> Storage<D> {
         first_lsn == self.active_first || self.sealed.contains_key(&first_lsn)
     }
 
-    /// Bytes of the log segments on disk (values in the log: what the cleaner bounds).
+    /// Bytes of the log segments on disk with values in the log (what the cleaner
+    /// bounds); 0 with values in memory.
     pub fn log_bytes(&self) -> u64 {
+        if !self.values_in_log {
+            return 0;
+        }
         self.sealed.values().sum::<u64>() + self.active.len()
     }
 }

@@ -1211,6 +1211,18 @@ fn status(dir: &Path) -> anyhow::Result<()> {
                     "{:<6} {:<4} {:<8} {:<6} {:<5} {:<22} {:>5} {:>10} {:>8} {:>10} {:>12} {:>6} {:>10} {:>10}  {cpus}",
                     b.index, id.0, b.pid, state, net, b.addr, b.cores, held, copying, keys, bytes, conns, requests, rdma_requests
                 );
+                let (hits, misses, disk) = (sum(|s| s.cache_hits), sum(|s| s.cache_misses), sum(|s| s.log_disk_bytes));
+                if hits + misses > 0 || disk > 0 {
+                    out!(
+                        "         values in the log: {} of {} gets from the cache ({:.1}%), {} MiB cached, {} MiB of log on disk, {} values moved by the cleaner",
+                        hits,
+                        hits + misses,
+                        100.0 * hits as f64 / (hits + misses).max(1) as f64,
+                        sum(|s| s.cache_bytes) >> 20,
+                        disk >> 20,
+                        sum(|s| s.values_moved)
+                    );
+                }
             }
             Err(why) => {
                 down += 1;

@@ -90,6 +90,13 @@ pub struct CoreStats {
     /// In-doubt transactions this core resolved with its peers, by outcome.
     pub in_doubt_commits: u64,
     pub in_doubt_aborts: u64,
+    /// Values in the log: gets served from the value cache and read from the log, the
+    /// bytes cached, values the cleaner wrote again, and the bytes of the log on disk.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_bytes: u64,
+    pub values_moved: u64,
+    pub log_disk_bytes: u64,
 }
 
 /// Durations in microseconds (or counts), in power-of-two buckets: `buckets[i]` counts
@@ -131,7 +138,7 @@ impl Histogram {
 }
 
 impl CoreStats {
-    const FIELDS: usize = 6 + Op::ALL.len() + Status::ALL.len() + (Op::ALL.len() + 2) * (HISTOGRAM_BUCKETS + 1) + 4;
+    const FIELDS: usize = 6 + Op::ALL.len() + Status::ALL.len() + (Op::ALL.len() + 2) * (HISTOGRAM_BUCKETS + 1) + 4 + 5;
     const LEN: usize = Self::FIELDS * 8;
 
     fn fields(&self) -> Vec<u64> {
@@ -145,6 +152,7 @@ impl CoreStats {
         v.extend(self.syncs.fields());
         v.extend(self.batch_records.fields());
         v.extend([self.in_doubt_commits, self.in_doubt_aborts]);
+        v.extend([self.cache_hits, self.cache_misses, self.cache_bytes, self.values_moved, self.log_disk_bytes]);
         debug_assert_eq!(v.len(), Self::FIELDS);
         v
     }
@@ -184,6 +192,9 @@ impl CoreStats {
         s.batch_records = Histogram::read(&mut fields);
         s.in_doubt_commits = fields.next().unwrap_or(0);
         s.in_doubt_aborts = fields.next().unwrap_or(0);
+        for v in [&mut s.cache_hits, &mut s.cache_misses, &mut s.cache_bytes, &mut s.values_moved, &mut s.log_disk_bytes] {
+            *v = fields.next().unwrap_or(0);
+        }
         Ok(s)
     }
 }
