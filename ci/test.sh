@@ -33,10 +33,10 @@ cargo test --workspace --locked -- --skip acknowledged_writes_survive_sigkill \
 step "the authority group: its leader SIGKILLed 20 times (each kill's write and read stalls), a majority lost and regained, a brick killed with the leader, members added and removed under load"
 cargo test --locked --test authority --test authority_members -- --nocapture --test-threads 1 2>&1 | tee -a "$LOG"
 
-step "crash test: SIGKILL under a writer, 20 rounds, every acknowledged write checked"
+step "crash test: SIGKILL under a writer, 20 rounds, every acknowledged write checked (values in memory; in the log with a 1 MiB cache under the cleaner)"
 cargo test --locked --test durability acknowledged_writes_survive_sigkill -- --nocapture 2>&1 | tee -a "$LOG"
 
-step "failpoints in the real I/O paths: a core's panic ends its brick, a failed fsync stops it, lost heartbeats fence it"
+step "failpoints in the real I/O paths: a core's panic ends its brick, a failed fsync or value read stops it, lost heartbeats fence it"
 cargo test --locked --features failpoints --test failpoints -- --nocapture 2>&1 | tee -a "$LOG"
 
 step "linearizability: the broken build (replicas that lose commits) must fail the checker"

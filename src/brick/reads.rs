@@ -90,6 +90,9 @@ impl UringReads {
                 self.files.clear();
             }
             let file = File::open(&path).map_err(|source| LogError::Io { op: "open for value reads", path: path.clone(), source })?;
+            // Gets read values at random: read-ahead would fetch pages no one asked for
+            // (a hint; a kernel that ignores it only reads more).
+            let _ = nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
             self.files.insert(read.loc.segment, file);
         }
         let fd = types::Fd(self.files[&read.loc.segment].as_raw_fd());

@@ -131,15 +131,18 @@ impl<D: Disk> ReadValue for SegmentReader<D> {
 struct Cached {
     at: (u64, u64),
     value: Box<[u8]>,
-    /// Read or written since the clock hand last passed.
+    /// Read since the clock hand last passed.
     used: bool,
 }
 
-/// Values by location, at most `cap_bytes` of them between rounds (CLOCK eviction).
-/// Nothing is evicted within a round (`trim` runs between rounds), so a value written
-/// in a round is served from here until its record has been written.
+/// Values by location, at most `cap_bytes` of them between rounds: CLOCK eviction over a
+/// ring of slots (a value read since the hand last passed gets a second chance). Nothing is evicted within a round (`trim` runs between
+/// rounds), so a value written in a round is served from here until its record has
+/// been written.
 pub struct ValueCache {
-    slots: Vec<Cached>,
+    slots: Vec<Option<Cached>>,
+    /// Empty slots, reused before the ring grows.
+    free: Vec<usize>,
     by_loc: HashMap<(u64, u64), usize>,
     bytes: u64,
     cap_bytes: u64,
@@ -150,7 +153,7 @@ pub struct ValueCache {
 
 impl ValueCache {
     pub fn new(cap_bytes: u64) -> ValueCache {
-        ValueCache { slots: Vec::new(), by_loc: HashMap::default(), bytes: 0, cap_bytes, hand: 0, hits: 0, misses: 0 }
+        ValueCache { slots: Vec::new(), free: Vec::new(), by_loc: HashMap::default(), bytes: 0, cap_bytes, hand: 0, hits: 0, misses: 0 }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -160,12 +163,13 @@ impl ValueCache {
     /// The value at `loc`, without counting it as used (a copy's or a check's read:
     /// a scan must not push out what gets use).
     fn peek(&self, loc: &Loc) -> Option<&[u8]> {
-        self.by_loc.get(&loc.key()).map(|&i| &self.slots[i].value[..])
+        let &i = self.by_loc.get(&loc.key())?;
+        self.slots[i].as_ref().map(|c| &c.value[..])
     }
 
     fn get(&mut self, loc: &Loc) -> Option<&[u8]> {
         let &i = self.by_loc.get(&loc.key())?;
-        let slot = &mut self.slots[i];
+        let slot = self.slots[i].as_mut().expect("an indexed slot holds a value");
         slot.used = true;
         Some(&slot.value)
     }
@@ -174,44 +178,62 @@ impl ValueCache {
         if self.by_loc.contains_key(&loc.key()) {
             return;
         }
-        self.by_loc.insert(loc.key(), self.slots.len());
-        self.slots.push(Cached { at: loc.key(), value: value.into(), used: false });
+        // Unmarked: it lives until the hand comes round (an empty slot is behind the
+        // hand, where the last eviction was), and stays if used by then.
+        let cached = Cached { at: loc.key(), value: value.into(), used: false };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(cached);
+                i
+            }
+            None => {
+                self.slots.push(Some(cached));
+                self.slots.len() - 1
+            }
+        };
+        self.by_loc.insert(loc.key(), i);
         self.bytes += value.len() as u64;
     }
 
     fn remove(&mut self, loc: &Loc) {
         if let Some(i) = self.by_loc.remove(&loc.key()) {
-            self.evict_slot(i);
+            self.empty_slot(i);
         }
     }
 
-    /// Drops slot `i` (already out of `by_loc`), moving the last slot into its place.
-    fn evict_slot(&mut self, i: usize) {
-        let gone = self.slots.swap_remove(i);
+    /// Empties slot `i` (already out of `by_loc`).
+    fn empty_slot(&mut self, i: usize) {
+        let gone = self.slots[i].take().expect("a slot in use");
         self.bytes -= gone.value.len() as u64;
-        if let Some(moved) = self.slots.get(i) {
-            self.by_loc.insert(moved.at, i);
-        }
+        self.free.push(i);
     }
 
-    /// Evicts until at most `cap_bytes` are cached: values not used since the hand last
-    /// passed go first. Bounded: two sweeps clear every `used` bit.
+    /// Evicts until at most `cap_bytes` are cached: the hand clears the mark of a used
+    /// value and evicts one unused since it last passed. Bounded: two turns of the ring.
     pub fn trim(&mut self) {
         let mut steps = 2 * self.slots.len() + 1;
-        while self.bytes > self.cap_bytes && !self.slots.is_empty() && steps > 0 {
+        while self.bytes > self.cap_bytes && steps > 0 {
             steps -= 1;
             if self.hand >= self.slots.len() {
                 self.hand = 0;
             }
-            let slot = &mut self.slots[self.hand];
-            if slot.used {
-                slot.used = false;
-                self.hand += 1;
-            } else {
-                let at = slot.at;
-                self.by_loc.remove(&at);
-                self.evict_slot(self.hand);
+            let i = self.hand;
+            self.hand += 1;
+            match self.slots[i].as_mut() {
+                None => {}
+                Some(slot) if slot.used => slot.used = false,
+                Some(slot) => {
+                    let at = slot.at;
+                    self.by_loc.remove(&at);
+                    self.empty_slot(i);
+                }
             }
+        }
+        if self.by_loc.is_empty() {
+            // Nothing cached: the ring starts again small.
+            self.slots.clear();
+            self.free.clear();
+            self.hand = 0;
         }
     }
 }
@@ -390,6 +412,23 @@ mod tests {
         c.remove(&loc(900, &[9; 100]));
         assert!(c.get(&loc(900, &[9; 100])).is_none());
         c.trim();
-        assert_eq!(c.by_loc.len(), c.slots.len());
+        assert_eq!(c.by_loc.len(), c.slots.iter().flatten().count());
+    }
+
+    #[test]
+    fn a_value_read_every_round_stays_while_a_stream_of_others_passes_through() {
+        let mut c = ValueCache::new(1000);
+        let hot = loc(0, &[1; 100]);
+        c.insert(&hot, &[1; 100]);
+        for round in 1..1000u64 {
+            assert!(c.get(&hot).is_some(), "round {round}: the hot value was evicted");
+            for j in 0..3 {
+                let l = loc(round * 1000 + j * 100, &[2; 100]);
+                c.insert(&l, &[2; 100]);
+            }
+            c.trim();
+            assert!(c.bytes() <= 1000);
+        }
+        assert!(c.slots.len() <= 20, "the ring reuses its slots: {}", c.slots.len());
     }
 }
