@@ -3,20 +3,22 @@
 # loaded with --keys keys of 150 B by the load generator, its resident memory then, and
 # uniform gets and puts (2 clients x 100 in flight) on it; beside it Redis (one process,
 # no persistence) loaded and driven by the same generator, and, with --against COMMIT,
-# the same brick built from that commit. Repetitions interleaved; prints a markdown table
-# for PERF.md.
-#   ci/bench-memory.sh [--keys N] [--reps N] [--seconds S] [--against COMMIT]
+# the same brick built from that commit, and with --cache-mb M the same brick keeping its
+# values in the log with an M MiB cache (data that fits: is memory-only faster?).
+# Repetitions interleaved; prints a markdown table for PERF.md.
+#   ci/bench-memory.sh [--keys N] [--reps N] [--seconds S] [--against COMMIT] [--cache-mb M]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/against.sh
-keys=1000000; reps=3; seconds=3; against=""
+keys=1000000; reps=3; seconds=3; against=""; cache_mb=""
 while [ $# -gt 0 ]; do
   case "$1" in
+    --cache-mb) cache_mb="$2"; shift 2 ;;
     --keys) keys="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --seconds) seconds="$2"; shift 2 ;;
     --against) against="$2"; shift 2 ;;
-    *) echo "usage: ci/bench-memory.sh [--keys N] [--reps N] [--seconds S] [--against COMMIT]" >&2; exit 2 ;;
+    *) echo "usage: ci/bench-memory.sh [--keys N] [--reps N] [--seconds S] [--against COMMIT] [--cache-mb M]" >&2; exit 2 ;;
   esac
 done
 if ! command -v redis-server >/dev/null; then
@@ -27,6 +29,11 @@ fi
 cargo build --release --locked -q
 work="$(mktemp -d -t dds-bench-memory-XXXXXX)"
 declare -A bins=([new]="$PWD/target/release/dds")
+declare -A flags=([new]="" [old]="")
+if [ -n "$cache_mb" ]; then
+  bins[log]="$PWD/target/release/dds"
+  flags[log]="--cache-mb $cache_mb"
+fi
 if [ -n "$against" ]; then
   echo "ci/bench-memory.sh: building $against for comparison" >&2
   bins[old]="$(build_against "$against" "$work")"
@@ -63,7 +70,8 @@ for rep in $(seq "$reps"); do
   echo "rep $rep/$reps" >&2
   for v in "${!bins[@]}"; do
     dds="${bins[$v]}"
-    "$dds" cluster up --dir "$work/$v" --bricks 1 --replicas 1 --cores 1 >/dev/null
+    # shellcheck disable=SC2086 # the flags are words
+    "$dds" cluster up --dir "$work/$v" --bricks 1 --replicas 1 --cores 1 ${flags[$v]} >/dev/null
     brick_pid() { pgrep -f -- "--dir $work/$v/brick-0" | head -1; }
     measure "$v" brick_pid "$dds" bench --cluster "$work/$v"
     "$dds" cluster down --dir "$work/$v" >/dev/null
@@ -79,9 +87,9 @@ for rep in $(seq "$reps"); do
   wait "$redis_pid" 2>/dev/null || true
   redis_pid=""
 done
-python3 - "$work/results" "$keys" "$against" <<'PY'
+python3 - "$work/results" "$keys" "$against" "$cache_mb" <<'PY'
 import statistics, sys
-path, keys, against = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, keys, against, cache_mb = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 rows = {}
 for line in open(path):
     f = line.split()
@@ -89,7 +97,7 @@ for line in open(path):
 def fmt(xs, d=0):
     m = statistics.median(xs)
     return f"{m:,.{d}f}" if len(xs) == 1 else f"{m:,.{d}f} ({min(xs):,.{d}f}–{max(xs):,.{d}f})"
-names = [("new", "dds, this build"), ("old", f"dds at {against}"), ("redis", "Redis (1 process, no persistence)")]
+names = [("new", "dds, this build"), ("log", f"dds, values in the log (--cache-mb {cache_mb})"), ("old", f"dds at {against}"), ("redis", "Redis (1 process, no persistence)")]
 print(f"{keys:,} keys of 150 B; median (min–max) of {len(rows[('new', 'rss_kib')])} repetition(s)\n")
 print("| system | resident MiB after the load | bytes per key | gets/s | get p50 µs | get p99 µs | puts/s | put p50 µs | put p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|")
