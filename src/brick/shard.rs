@@ -893,7 +893,7 @@ impl Shard {
                         let Some(loc) = self.location(stored) else { return reply(Status::Ok, stored) };
                         let lv = self.log_values.as_mut().expect("values in the log");
                         if let Some(value) = lv.cached(&loc) {
-                            return reply(Status::Ok, &value);
+                            return reply(Status::Ok, value);
                         }
                         if fx.reads.len() >= READS_PER_ROUND_MAX {
                             return reply(Status::Unavailable, b"too many reads of values from the log at once");

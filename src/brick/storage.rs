@@ -152,7 +152,7 @@ pub fn recover<D: Disk + Clone + 'static>(
         )
         .map_err(|error| LogError::CorruptCheckpoint { path: ckpt_path.clone(), error })?;
         if let Some(why) = bad {
-            return Err(LogError::CorruptCheckpoint { path: ckpt_path.clone(), error: checkpoint::CheckpointError::Header(why) });
+            return Err(LogError::CorruptCheckpoint { path: ckpt_path.clone(), error: checkpoint::CheckpointError::Entry(why) });
         }
         for decision in &decided {
             shard.replay(decision, LogAt::default());

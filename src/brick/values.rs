@@ -8,8 +8,8 @@
 //!
 //! A location never changes its bytes (a log is only appended to), so the cache is
 //! keyed by location and never goes stale: a new write makes a new location. A segment
-//! may be deleted only once nothing points into it (`Values::live`, and the locations
-//! of undecided prepares) and a checkpoint covers it.
+//! may be deleted only once nothing points into it (`LogValues::live`, the locations of
+//! undecided prepares, `LogValues::reading`) and a checkpoint covers it.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -280,11 +280,11 @@ impl LogValues {
 
     /// The value at `loc` if it is cached (a hit is counted; a miss is counted by
     /// `read_finished`).
-    pub fn cached(&mut self, loc: &Loc) -> Option<Vec<u8>> {
+    pub fn cached(&mut self, loc: &Loc) -> Option<&[u8]> {
         let cache = &mut self.cache;
-        let value = cache.get(loc)?.to_vec();
+        cache.get(loc)?;
         cache.hits += 1;
-        Some(value)
+        cache.peek(loc)
     }
 
     /// A read of `loc` was handed to the disk.

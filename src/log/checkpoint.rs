@@ -42,6 +42,8 @@ pub enum CheckpointError {
     Record(#[from] record::RecordError),
     #[error("{found} entries where the header says {expected}")]
     Count { found: u64, expected: u64 },
+    #[error("an entry that cannot be loaded: {0}")]
+    Entry(&'static str),
 }
 
 /// Decodes a whole checkpoint, calling `put` for every entry and `decided` for every
