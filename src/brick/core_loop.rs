@@ -176,8 +176,11 @@ pub fn run(
             reads.submit(&dir, core, shell.round.take_reads(), &mut refused);
             let mut replied = false;
             for (read, e) in refused.drain(..) {
-                if let Ok(out) = transport.outbox(read.conn) {
-                    shell.round.on_read(&read, Err(e), out);
+                // Answered even when its connection closed: the read is let go either way.
+                let mut out = Vec::new();
+                shell.round.on_read_refused(&read, &e, &mut out);
+                if let Ok(outbox) = transport.outbox(read.conn) {
+                    outbox.extend_from_slice(&out);
                     replied = true;
                 }
             }

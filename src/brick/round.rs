@@ -117,7 +117,9 @@ impl CoreRound {
     /// Between rounds: where the next round's batch will be written
     /// (`Storage::position`, which a checkpoint moves to a new segment).
     pub fn set_log_at(&mut self, at: LogAt) {
-        assert!(self.fx.batch.is_empty(), "core {}: the log's place changed under a batch", self.core);
+        // A batch may already hold records (the first map's `Forget`s, logged when the
+        // round was made) as long as the place it was encoded for stays.
+        assert!(self.fx.batch.is_empty() || self.fx.log_at == at, "core {}: the log's place changed under a batch", self.core);
         self.fx.log_at = at;
     }
 
@@ -222,6 +224,11 @@ impl CoreRound {
     /// hands them to the disk and each completion to `on_read`.
     pub fn take_reads(&mut self) -> Vec<super::ValueRead> {
         std::mem::take(&mut self.fx.reads)
+    }
+
+    /// A read refused before it started: `Unavailable`, and the core goes on.
+    pub fn on_read_refused(&mut self, read: &super::ValueRead, why: &crate::log::LogError, out: &mut Vec<u8>) {
+        self.shard.read_refused(read, why, out);
     }
 
     /// A get's value came back from the log (or its read failed): its reply goes to

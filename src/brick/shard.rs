@@ -445,6 +445,14 @@ impl Shard {
         done
     }
 
+    /// A get's read could not start (too many wait for the disk, its segment could not be
+    /// opened): it answers `Unavailable` and the core goes on.
+    pub fn read_refused(&mut self, read: &ValueRead, why: &crate::log::LogError, out: &mut Vec<u8>) {
+        self.log_values.as_mut().expect("values in the log").read_abandoned(&read.loc);
+        reply_frame(out, Op::Get, read.request_id, read.epoch, Status::Unavailable, format!("the value's read could not start: {why}").as_bytes());
+        self.stats.statuses[Status::Unavailable as usize] += 1;
+    }
+
     /// A get's value came back from the log (or did not): its reply, to `out`. A value
     /// whose hash does not match, or a failed read, answers `Unavailable` and stops the
     /// core (`take_failure`).

@@ -312,11 +312,12 @@ impl<D: Disk> Storage<D> {
         if !crate::mutation::active(crate::mutation::Mutation::CheckpointForgetsDecisions) {
             writer.add_decisions(shard.outcome_records())?;
         }
-        let started = writer.finish(&mut self.disk)?;
-        // Every record a deleted segment's values were written again in (by the cleaner,
-        // by later writes) is durable first: a power loss must not bring back a
-        // checkpoint entry that points into a segment no longer there.
+        // Every record the checkpoint's entries point to (a write since its start, a
+        // value the cleaner wrote again) is durable before the checkpoint is: a power
+        // loss must not leave an entry pointing past the log's end (where later records
+        // would take its place) or into a segment deleted below.
         self.active.append(&[], true)?;
+        let started = writer.finish(&mut self.disk)?;
         let mut trimmed = 0;
         let in_use = shard.segments_in_use();
         let cleaning = self.cleaning.as_ref().map(|c| c.segment);

@@ -87,8 +87,10 @@ impl Loc {
         Some(Loc { segment: u64_at(0), offset: u64_at(8), len: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")), hash: u64_at(20) })
     }
 
-    fn key(&self) -> (u64, u64) {
-        (self.segment, self.offset)
+    /// The cache's key: the place and the value's hash, so a hit is of the very value
+    /// the location names.
+    fn key(&self) -> (u64, u64, u64) {
+        (self.segment, self.offset, self.hash)
     }
 }
 
@@ -129,7 +131,7 @@ impl<D: Disk> ReadValue for SegmentReader<D> {
 
 /// One cached value.
 struct Cached {
-    at: (u64, u64),
+    at: (u64, u64, u64),
     value: Box<[u8]>,
     /// Read since the clock hand last passed.
     used: bool,
@@ -143,7 +145,7 @@ pub struct ValueCache {
     slots: Vec<Option<Cached>>,
     /// Empty slots, reused before the ring grows.
     free: Vec<usize>,
-    by_loc: HashMap<(u64, u64), usize>,
+    by_loc: HashMap<(u64, u64, u64), usize>,
     bytes: u64,
     cap_bytes: u64,
     hand: usize,
@@ -292,14 +294,19 @@ impl LogValues {
         *self.reading.entry(loc.segment).or_default() += 1;
     }
 
-    /// A read of `loc` came back: the value if it is whole and matches its hash (then
-    /// cached); otherwise the failure is kept (`take_failure`) and `None`.
-    pub fn read_finished(&mut self, loc: &Loc, result: Result<Vec<u8>, LogError>) -> Option<Vec<u8>> {
+    /// A read of `loc` that was handed over never started.
+    pub fn read_abandoned(&mut self, loc: &Loc) {
         let n = self.reading.get_mut(&loc.segment).expect("a read in flight");
         *n -= 1;
         if *n == 0 {
             self.reading.remove(&loc.segment);
         }
+    }
+
+    /// A read of `loc` came back: the value if it is whole and matches its hash (then
+    /// cached); otherwise the failure is kept (`take_failure`) and `None`.
+    pub fn read_finished(&mut self, loc: &Loc, result: Result<Vec<u8>, LogError>) -> Option<Vec<u8>> {
+        self.read_abandoned(loc);
         let path = || log::segment_path(&self.dir, self.core, loc.segment);
         let checked = result.and_then(|v| {
             if v.len() == loc.len as usize && value_hash(&v) == loc.hash {
